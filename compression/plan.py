@@ -1,0 +1,129 @@
+"""Plans: ordered lists of compression steps, validated up front and applied in order.
+
+A plan is plain data (a YAML/JSON list of mappings, each with `op` and its parameters), the
+same schema in `evofuse compress --plan` and in a search candidate. Each op registers a
+pydantic model of its parameters and a function that applies it:
+
+    @register_op("remove_blocks", RemoveBlocksStep)
+    def remove_blocks(model, step, calibration): ...  -> the changed model
+
+A step model may define `check(self, config)` to reject parameters that do not fit the model
+(e.g. removing as many blocks as it has); it raises `PlanError` with a one-line message.
+"""
+from __future__ import annotations
+
+import importlib
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Callable, Sequence
+
+import torch.nn as nn
+import yaml
+from pydantic import BaseModel, ValidationError
+
+# Modules that register ops when imported; each is optional while it is being built.
+OP_MODULES = ("compression.depth", "compression.width", "compression.ttm")
+
+
+class PlanError(ValueError):
+    """A plan that cannot be applied; the message is one line naming the step and field."""
+
+
+@dataclass(frozen=True)
+class Op:
+    name: str
+    params: type[BaseModel]
+    apply: Callable[..., nn.Module]
+
+
+_OPS: dict[str, Op] = {}
+_ops_loaded = False
+
+
+def register_op(name: str, params: type[BaseModel]) -> Callable:
+    def decorate(fn: Callable[..., nn.Module]) -> Callable[..., nn.Module]:
+        _OPS[name] = Op(name, params, fn)
+        return fn
+
+    return decorate
+
+
+def registered_ops() -> dict[str, Op]:
+    global _ops_loaded
+    if not _ops_loaded:
+        for module in OP_MODULES:
+            try:
+                importlib.import_module(module)
+            except ModuleNotFoundError as exc:
+                if exc.name != module:
+                    raise
+        _ops_loaded = True
+    return _OPS
+
+
+def _first_error(exc: ValidationError, where: str) -> str:
+    err = exc.errors()[0]
+    field = ".".join(str(p) for p in err["loc"])
+    return f"{where}.{field}: {err['msg']}" if field else f"{where}: {err['msg']}"
+
+
+def parse_step(raw: Any, where: str = "step") -> BaseModel:
+    """Validate one step mapping into its op's parameter model."""
+    if isinstance(raw, BaseModel):
+        return raw
+    if not isinstance(raw, dict) or "op" not in raw:
+        raise PlanError(f"{where}: expected a mapping with an 'op' key, got {raw!r}")
+    ops = registered_ops()
+    if raw["op"] not in ops:
+        raise PlanError(f"{where}.op: unknown op {raw['op']!r} (valid: {', '.join(sorted(ops))})")
+    try:
+        return ops[raw["op"]].params.model_validate(raw)
+    except ValidationError as exc:
+        raise PlanError(_first_error(exc, where)) from None
+
+
+def parse_plan(raw: Any, where: str = "plan") -> list[BaseModel]:
+    if raw is None:
+        return []
+    if not isinstance(raw, list):
+        raise PlanError(f"{where}: expected a list of steps, got {type(raw).__name__}")
+    return [parse_step(step, f"{where}[{i}]") for i, step in enumerate(raw)]
+
+
+def load_plan_file(path: str | Path) -> list[BaseModel]:
+    path = Path(path)
+    if not path.is_file():
+        raise PlanError(f"{path}: no such plan file")
+    try:
+        raw = yaml.safe_load(path.read_text())
+    except yaml.YAMLError as exc:
+        raise PlanError(f"{path}: not valid YAML ({str(exc).splitlines()[0]})") from None
+    if isinstance(raw, dict) and "plan" in raw:
+        raw = raw["plan"]
+    return parse_plan(raw, where=str(path))
+
+
+def check_plan(plan: Sequence[BaseModel], config) -> None:
+    """Reject steps that cannot fit the model described by `config` before any work is done."""
+    for i, step in enumerate(plan):
+        check = getattr(step, "check", None)
+        if check is not None:
+            try:
+                check(config)
+            except PlanError as exc:
+                raise PlanError(f"plan[{i}].{exc}") from None
+
+
+def plan_to_data(plan: Sequence[BaseModel]) -> list[dict]:
+    """The plan as plain JSON-able data (the inverse of `parse_plan`)."""
+    return [step.model_dump(mode="json") for step in plan]
+
+
+def apply_plan(model: nn.Module, plan: Sequence[BaseModel], calibration, log: Callable[[str], None] | None = None) -> nn.Module:
+    """Apply each step in order and return the changed model (possibly a new object)."""
+    ops = registered_ops()
+    for i, step in enumerate(plan):
+        if log:
+            log(f"plan[{i}]: {step.model_dump(mode='json')}")
+        model = ops[step.op].apply(model, step, calibration)
+    return model
