@@ -15,7 +15,7 @@ from __future__ import annotations
 import json
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Iterator, Sequence
+from typing import Callable, Iterator, Sequence
 
 import torch
 
@@ -39,14 +39,22 @@ def pydoc_topics(split: str) -> list[str]:
     return texts[lo:hi]
 
 
+# Other named text sources, `NAME:SPLIT` -> documents. Packages that generate data register
+# here (search.datasets adds its generated task sets as solved examples), so every consumer of
+# text, calibration included, accepts them without compression importing those packages.
+TEXT_SOURCES: dict[str, Callable[[str], list[str]]] = {"pydoc": pydoc_topics}
+
+
 def load_texts(spec: str | Path) -> list[str]:
-    """Documents from `pydoc:SPLIT`, a JSONL file of {"text": ...} lines, or a plain text file.
+    """Documents from `NAME:SPLIT` (pydoc or a registered source), a JSONL file of
+    {"text": ...} lines, or a plain text file.
 
     A plain text file is one document; a JSONL file gives one document per line.
     """
     spec = str(spec)
-    if spec.startswith("pydoc:"):
-        return pydoc_topics(spec.split(":", 1)[1])
+    name, sep, split = spec.partition(":")
+    if sep and name in TEXT_SOURCES:
+        return TEXT_SOURCES[name](split)
     path = Path(spec)
     if not path.is_file():
         raise DataSpecError(f"{spec}: no such file (expected a text file, JSONL with \"text\", or pydoc:SPLIT)")

@@ -1,0 +1,89 @@
+"""Evolver (Du et al., 2024): offspring recipes and one-to-one greedy selection.
+
+One generation: for every population member i (the target), pick a reference member and make
+the offspring recipe `evolver(target=i, ref)`: mutation `x_new = (1 - F) x_i + F x_ref`, then
+binomial crossover with CR (the tensor math is in `evolve.operators`). The offspring replaces
+its target only if its dev score is strictly higher.
+
+Reference choice follows the paper's public code, not textbook DE: with probability
+`p = 0.5 / (G - g) + 0.5` a random other member, else the best other member, where g is the
+0-based generation and G the number of generations. Early generations lean on the best
+member; the last one is fully random. DE/rand/1 (`v = x_r1 + F (x_r2 - x_r3)`, three distinct
+members other than the target) is offered as the alternative strategy.
+
+Everything random here comes from a `random.Random` seeded by (run seed, generation), so a
+resumed run draws exactly what an uninterrupted one does, with no RNG state to persist.
+"""
+from __future__ import annotations
+
+import random
+from dataclasses import dataclass
+from typing import Sequence
+
+from .recipe import Recipe, derive_seed
+
+
+@dataclass(frozen=True)
+class Offspring:
+    id: str
+    target: str  # id of the member it competes with
+    recipe: Recipe
+
+
+def random_reference_probability(generation: int, generations: int) -> float:
+    """p = 0.5 / (G - g) + 0.5: the chance that x_ref is a random other member (g is 0-based)."""
+    return 0.5 / max(generations - generation, 1) + 0.5
+
+
+def choose_reference(target: int, scores: Sequence[float], generation: int, generations: int, mode: str, rng: random.Random) -> int:
+    others = [j for j in range(len(scores)) if j != target]
+    best_other = max(others, key=lambda j: (scores[j], -j))
+    if mode == "best":
+        return best_other
+    if mode == "random" or rng.random() < random_reference_probability(generation, generations):
+        return rng.choice(others)
+    return best_other
+
+
+def generation_rng(run_seed: int, generation: int) -> random.Random:
+    return random.Random(derive_seed(run_seed, "generation", generation))
+
+
+def offspring_id(generation: int, index: int) -> str:
+    return f"g{generation:03d}-{index:03d}"
+
+
+def make_offspring(
+    member_ids: Sequence[str],
+    scores: Sequence[float],
+    generation: int,
+    *,
+    run_seed: int,
+    generations: int,
+    F: float,
+    CR: float,
+    strategy: str = "evolver",
+    reference: str = "schedule",
+) -> list[Offspring]:
+    """One offspring recipe per population member, in member order (deterministic)."""
+    if len(member_ids) < 2 or (strategy == "de_rand_1" and len(member_ids) < 4):
+        need = 4 if strategy == "de_rand_1" else 2
+        raise ValueError(f"evolver.strategy {strategy}: needs a population of at least {need}, got {len(member_ids)}")
+    rng = generation_rng(run_seed, generation)
+    out = []
+    for i, target in enumerate(member_ids):
+        cid = offspring_id(generation, i)
+        seed = derive_seed(run_seed, cid)
+        if strategy == "evolver":
+            ref = member_ids[choose_reference(i, scores, generation, generations, reference, rng)]
+            recipe = Recipe(op="evolver", inputs=(target, ref), params={"F": F, "CR": CR}, seed=seed)
+        else:
+            r1, r2, r3 = rng.sample([m for m in member_ids if m != target], 3)
+            recipe = Recipe(op="de_rand_1", inputs=(target, r1, r2, r3), params={"F": F, "CR": CR}, seed=seed)
+        out.append(Offspring(cid, target, recipe))
+    return out
+
+
+def replaces(offspring_score: float, target_score: float) -> bool:
+    """One-to-one greedy selection: strictly better on the dev aggregate."""
+    return offspring_score > target_score

@@ -1,0 +1,99 @@
+"""Population bookkeeping on DEAP: individuals, the toolbox, the logbook and the hall of fame.
+
+An individual is a small dict (id, recipe, plan, metrics) carrying a DEAP fitness; its weights
+live elsewhere (the run store / Ray object store). Everything here serialises to JSON: a run
+directory is never read back with pickle.
+"""
+from __future__ import annotations
+
+import math
+from typing import Iterable, Sequence
+
+from deap import base, creator, tools
+
+from .evolver import make_offspring, replaces
+from .recipe import Recipe
+
+WORST = -1e30  # fitness of a failed or non-finite candidate: below every real score
+
+if not hasattr(creator, "EvofuseFitness"):
+    creator.create("EvofuseFitness", base.Fitness, weights=(1.0,))
+    creator.create("EvofuseMember", dict, fitness=creator.EvofuseFitness)
+
+
+def finite_or_worst(value: float | None) -> float:
+    return value if value is not None and math.isfinite(value) else WORST
+
+
+def make_member(id: str, recipe: Recipe | None, score: float, metrics: dict | None = None, plan: list | None = None):
+    member = creator.EvofuseMember(
+        id=id, recipe=recipe.to_dict() if recipe else None, plan=plan or [], metrics=metrics or {}
+    )
+    member.fitness.values = (finite_or_worst(score),)
+    return member
+
+
+def member_score(member) -> float:
+    return member.fitness.values[0]
+
+
+def member_to_json(member) -> dict:
+    return {**dict(member), "score": member_score(member)}
+
+
+def member_from_json(data: dict):
+    data = dict(data)
+    score = data.pop("score")
+    recipe = Recipe.from_dict(data["recipe"]) if data.get("recipe") else None
+    return make_member(data["id"], recipe, score, data.get("metrics"), data.get("plan"))
+
+
+def make_toolbox(run_seed: int, generations: int, F: float, CR: float, strategy: str, reference: str) -> base.Toolbox:
+    """`toolbox.offspring(population, generation)` and `toolbox.select(target, child) -> winner`."""
+    toolbox = base.Toolbox()
+
+    def offspring(population: Sequence, generation: int):
+        return make_offspring(
+            [m["id"] for m in population],
+            [member_score(m) for m in population],
+            generation,
+            run_seed=run_seed,
+            generations=generations,
+            F=F,
+            CR=CR,
+            strategy=strategy,
+            reference=reference,
+        )
+
+    toolbox.register("offspring", offspring)
+    toolbox.register("select", lambda target, child: child if replaces(member_score(child), member_score(target)) else target)
+    return toolbox
+
+
+def make_logbook() -> tools.Logbook:
+    logbook = tools.Logbook()
+    logbook.header = ["gen", "evals", "best", "mean", "replaced", "wall_s"]
+    return logbook
+
+
+def generation_record(generation: int, population: Sequence, evals: int, replaced: int, wall_s: float) -> dict:
+    scores = [member_score(m) for m in population if member_score(m) > WORST]
+    return {
+        "gen": generation,
+        "evals": evals,
+        "best": max(scores) if scores else None,
+        "mean": sum(scores) / len(scores) if scores else None,
+        "replaced": replaced,
+        "best_id": max(population, key=member_score)["id"],
+        "wall_s": round(wall_s, 3),
+    }
+
+
+def make_hall_of_fame(size: int) -> tools.HallOfFame:
+    return tools.HallOfFame(size, similar=lambda a, b: a["id"] == b["id"])
+
+
+def hall_of_fame_from(members: Iterable, size: int) -> tools.HallOfFame:
+    hof = make_hall_of_fame(size)
+    hof.update(list(members))
+    return hof

@@ -1,0 +1,254 @@
+"""The `evofuse` command line: one thin command per verb.
+
+Exit codes: 0 ok, 2 bad input (one line on stderr naming the field or file), 1 anything else.
+Long work shows progress bars on stderr; `--quiet` silences them.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+from pathlib import Path
+
+
+def user_errors() -> tuple[type[BaseException], ...]:
+    """Exceptions that mean bad input: reported as one line with exit code 2."""
+    from compression.arch import UnsupportedArchitecture
+    from compression.calibration import DataSpecError
+    from compression.plan import PlanError
+    from evolve.recipe import RecipeError
+
+    from .config import ConfigError
+    from .fitness import TaskError
+    from .sources import SourceError
+    from .store import CorruptRunError
+
+    errors = [ConfigError, SourceError, DataSpecError, PlanError, RecipeError, TaskError, CorruptRunError, UnsupportedArchitecture]
+    try:
+        from .merge import MergeConfigError
+
+        errors.append(MergeConfigError)
+    except ImportError:
+        pass
+    return tuple(errors)
+
+
+# ---- verbs --------------------------------------------------------------------------------
+def cmd_search(args) -> int:
+    from .driver import start_search
+
+    root = start_search(args.config, args.run_dir, address=args.address, workers=args.workers, quiet=args.quiet)
+    _print_summary(root, args.quiet)
+    return 0
+
+
+def cmd_resume(args) -> int:
+    from .driver import resume_search
+
+    root = resume_search(args.run_dir, config_path=args.config, address=args.address, quiet=args.quiet)
+    _print_summary(root, args.quiet)
+    return 0
+
+
+def cmd_status(args) -> int:
+    from .report import run_status, format_status
+
+    status = run_status(Path(args.run_dir))
+    print(json.dumps(status, indent=1) if args.json else format_status(status))
+    return 0
+
+
+def cmd_export(args) -> int:
+    from .export import export_member, export_top
+    from .store import RunStore
+
+    out = Path(args.out)
+    if args.id:
+        paths = [export_member(Path(args.run_dir), args.id, out, args.dtype)]
+    elif args.pareto:
+        from .report import pareto_ids
+
+        ids = pareto_ids(RunStore(args.run_dir))
+        paths = [export_member(Path(args.run_dir), i, out / i, args.dtype) for i in ids]
+    else:
+        paths = export_top(Path(args.run_dir), args.top, out, args.dtype)
+    for path in paths:
+        print(path)
+    return 0
+
+
+def cmd_report(args) -> int:
+    from .report import write_report
+
+    print(write_report(Path(args.run_dir)))
+    return 0
+
+
+def cmd_eval(args) -> int:
+    import torch
+
+    from .fitness import build_task, parse_task_arg
+    from .sources import load_model
+
+    specs = [parse_task_arg(t) for t in args.task]
+    device = "cuda" if torch.cuda.is_available() else "cpu"
+    dtype = torch.bfloat16 if device == "cuda" else torch.float32
+    model, tokenizer = load_model(args.source, dtype=dtype, device=device, allow_pickle=args.allow_pickle)
+    results = {}
+    for spec in specs:
+        task = build_task(spec, tokenizer)
+        results[spec.label] = task.evaluate(model, progress=not args.quiet and not args.json)
+    if args.json:
+        print(json.dumps(results))
+    else:
+        for label, metrics in results.items():
+            print(label)
+            for key, value in metrics.items():
+                print(f"  {key:>18}  {value:.6g}" if isinstance(value, float) else f"  {key:>18}  {value}")
+    return 0
+
+
+def cmd_compress(args) -> int:
+    from compression.calibration import calibration_windows
+    from compression.plan import apply_plan, check_plan, load_plan_file
+
+    from .sources import load_model
+
+    plan = load_plan_file(args.plan)
+    model, tokenizer = load_model(args.source, allow_pickle=args.allow_pickle)
+    check_plan(plan, model.config)
+    calibration = calibration_windows(tokenizer, args.calibration, args.seq_len, args.num_sequences)
+    log = None if args.quiet else (lambda m: print(m, file=sys.stderr))
+    model = apply_plan(model, plan, calibration, log=log)
+    _save_compressed(model, tokenizer, Path(args.out), args.plan)
+    print(args.out)
+    return 0
+
+
+def _save_compressed(model, tokenizer, out: Path, plan_path: str) -> None:
+    try:
+        from compression.loader import save_compressed
+    except ImportError:
+        save_compressed = None
+    if save_compressed is not None:
+        save_compressed(model, tokenizer, out)
+    else:
+        model.save_pretrained(out)
+        tokenizer.save_pretrained(out)
+    (out / "evofuse_plan.yaml").write_text(Path(plan_path).read_text())
+
+
+def cmd_merge(args) -> int:
+    from .merge import run_merge
+
+    run_merge(args.config, args.out, allow_pickle=args.allow_pickle, quiet=args.quiet)
+    return 0
+
+
+def cmd_demo(args) -> int:
+    from .demo import run_demo
+
+    return run_demo(run_dir=args.run_dir, address=args.address, quiet=args.quiet, fresh=args.fresh)
+
+
+# ---- parser -------------------------------------------------------------------------------
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="evofuse", description="Evolve, merge and compress language models.")
+    sub = parser.add_subparsers(dest="verb", required=True)
+
+    p = sub.add_parser("search", help="launch a population search")
+    p.add_argument("config")
+    p.add_argument("--run-dir")
+    p.add_argument("--address", help="join an existing Ray cluster (default: a local Ray)")
+    p.add_argument("--workers", type=int, help="number of evaluator actors (overrides workers.count)")
+    p.add_argument("--quiet", action="store_true")
+    p.set_defaults(func=cmd_search)
+
+    p = sub.add_parser("resume", help="continue a run from its last checkpoint and journal")
+    p.add_argument("run_dir")
+    p.add_argument("--config", help="refuse to resume if this config differs from the run's")
+    p.add_argument("--address")
+    p.add_argument("--quiet", action="store_true")
+    p.set_defaults(func=cmd_resume)
+
+    p = sub.add_parser("status", help="where a run stands")
+    p.add_argument("run_dir")
+    p.add_argument("--json", action="store_true")
+    p.set_defaults(func=cmd_status)
+
+    p = sub.add_parser("export", help="write candidates as Hugging Face model directories")
+    p.add_argument("run_dir")
+    which = p.add_mutually_exclusive_group(required=True)
+    which.add_argument("--top", type=int)
+    which.add_argument("--pareto", action="store_true")
+    which.add_argument("--id")
+    p.add_argument("--out", required=True, help="--id: the model directory; --top/--pareto: one subdirectory per candidate")
+    p.add_argument("--dtype", choices=["float32", "bfloat16"], default="float32")
+    p.set_defaults(func=cmd_export)
+
+    p = sub.add_parser("report", help="write plots and report.md into RUN_DIR/report")
+    p.add_argument("run_dir")
+    p.set_defaults(func=cmd_report)
+
+    p = sub.add_parser("eval", help="score a model on fitness tasks")
+    p.add_argument("source", help="Hugging Face directory or built-in name (smollm2-135m)")
+    p.add_argument("--task", action="append", required=True, metavar="KIND:DATA")
+    p.add_argument("--json", action="store_true")
+    p.add_argument("--allow-pickle", action="store_true")
+    p.add_argument("--quiet", action="store_true")
+    p.set_defaults(func=cmd_eval)
+
+    p = sub.add_parser("compress", help="apply a compression plan to a model")
+    p.add_argument("source")
+    p.add_argument("--plan", required=True)
+    p.add_argument("--out", required=True)
+    p.add_argument("--calibration", default="pydoc:train", help="calibration data (default pydoc:train)")
+    p.add_argument("--seq-len", type=int, default=128)
+    p.add_argument("--num-sequences", type=int, default=64)
+    p.add_argument("--allow-pickle", action="store_true")
+    p.add_argument("--quiet", action="store_true")
+    p.set_defaults(func=cmd_compress)
+
+    p = sub.add_parser("merge", help="one-shot merge from a mergekit-style YAML")
+    p.add_argument("config")
+    p.add_argument("out")
+    p.add_argument("--allow-pickle", action="store_true")
+    p.add_argument("--quiet", action="store_true")
+    p.set_defaults(func=cmd_merge)
+
+    p = sub.add_parser("demo", help="the demo search on SmolLM2-135M (configs/demo.yaml)")
+    p.add_argument("--run-dir")
+    p.add_argument("--address")
+    p.add_argument("--fresh", action="store_true", help="start over even if the demo run exists")
+    p.add_argument("--quiet", action="store_true")
+    p.set_defaults(func=cmd_demo)
+    return parser
+
+
+def _print_summary(root: Path, quiet: bool) -> None:
+    from .report import results_table
+
+    print(results_table(root))
+
+
+def main(argv: list[str] | None = None) -> int:
+    os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+    args = build_parser().parse_args(argv)
+    if getattr(args, "quiet", False) or getattr(args, "json", False):
+        from transformers.utils import logging as hf_logging
+
+        hf_logging.disable_progress_bar()
+        hf_logging.set_verbosity_error()
+    try:
+        return args.func(args)
+    except user_errors() as exc:
+        print(f"evofuse {args.verb}: {str(exc).splitlines()[0] if str(exc) else type(exc).__name__}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print(f"evofuse {args.verb}: interrupted (a run resumes with `evofuse resume`)", file=sys.stderr)
+        return 130
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,202 @@
+"""Run configuration: pydantic models loaded from YAML.
+
+Every model forbids unknown keys, so a typo is an error naming its field rather than a
+silently ignored option. `load_config` turns any problem into one `ConfigError` line:
+`tasks[1].dev: no such file 'data/dev.jsonl'`.
+"""
+from __future__ import annotations
+
+import hashlib
+import json
+import re
+from pathlib import Path
+from typing import Any, Literal, Optional
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+
+from compression.calibration import DataSpecError
+
+
+class ConfigError(ValueError):
+    """A bad config; the message is one line naming the field or file."""
+
+
+class Strict(BaseModel):
+    model_config = ConfigDict(extra="forbid", frozen=False)
+
+
+class FineTune(Strict):
+    """A short fine-tune that turns a source into an expert (LoRA merged back, or full)."""
+
+    data: str  # training data: a built-in split (pydoc:train, arithmetic:train) or a file
+    steps: int = Field(60, ge=1)
+    lr: float = Field(2e-4, gt=0)
+    batch_size: int = Field(8, ge=1)
+    seq_len: int = Field(128, ge=8)
+    lora_rank: int = Field(16, ge=0)  # 0: train every weight matrix directly
+    lora_alpha: float = Field(32.0, gt=0)
+    seed: int = 0
+
+
+class ParentSpec(Strict):
+    name: str
+    source: str  # HF directory, built-in name, or the name of another parent (fine-tuned from it)
+    finetune: Optional[FineTune] = None
+
+    @field_validator("name")
+    @classmethod
+    def _identifier(cls, value: str) -> str:
+        if not re.fullmatch(r"[A-Za-z0-9_.-]+", value):
+            raise ValueError("use letters, digits, '_', '.', '-' only")
+        return value
+
+
+class Parents(Strict):
+    base: ParentSpec
+    experts: list[ParentSpec] = Field(min_length=2)
+
+    @model_validator(mode="after")
+    def _unique(self) -> "Parents":
+        names = [self.base.name] + [e.name for e in self.experts]
+        dupes = sorted({n for n in names if names.count(n) > 1})
+        if dupes:
+            raise ValueError(f"parent names must be unique, repeated: {', '.join(dupes)}")
+        return self
+
+    def all(self) -> list[ParentSpec]:
+        return [self.base, *self.experts]
+
+
+class TaskConfig(Strict):
+    name: str
+    kind: Literal["perplexity", "multiple_choice", "generate", "lm_eval"]
+    dev: str
+    test: str
+    weight: float = Field(1.0, ge=0)
+    options: dict[str, Any] = Field(default_factory=dict)
+
+
+class EvolverConfig(Strict):
+    F: float = Field(0.5, ge=0, le=2)
+    CR: float = Field(0.5, ge=0, le=1)
+    generations: int = Field(15, ge=0)
+    strategy: Literal["evolver", "de_rand_1"] = "evolver"
+    # How the mutation picks x_ref: the paper's code uses "schedule", a random other member with
+    # probability p = 0.5 / (generations - g) + 0.5, else the best other member.
+    reference: Literal["schedule", "random", "best"] = "schedule"
+    exclude: list[str] = Field(default_factory=list)  # tensor-name patterns (fnmatch) never evolved
+    include_base: bool = False  # put the base model in the population too
+    # Dev-set subsampling per generation (rows or fraction); 0/None scores the full dev sets.
+    subsample: Optional[float] = Field(None, gt=0)
+
+
+class WorkersConfig(Strict):
+    count: int = Field(1, ge=1)
+    num_cpus: float = Field(1, gt=0)
+    num_gpus: float = Field(0, ge=0)
+    address: Optional[str] = None  # join an existing Ray cluster; default: start a local one
+    dtype: Literal["auto", "float32", "bfloat16"] = "auto"  # auto: bf16 on CUDA, fp32 on CPU
+    max_retries: int = Field(2, ge=0)
+
+
+class RunConfig(Strict):
+    name: str
+    seed: int = 0
+    run_dir: Optional[str] = None
+    parents: Parents
+    tasks: list[TaskConfig] = Field(min_length=1)
+    evolver: EvolverConfig = Field(default_factory=EvolverConfig)
+    workers: WorkersConfig = Field(default_factory=WorkersConfig)
+    export_top: int = Field(1, ge=0)  # candidates exported when the run finishes
+
+    @model_validator(mode="after")
+    def _unique_tasks(self) -> "RunConfig":
+        names = [t.name for t in self.tasks]
+        if len(set(names)) != len(names):
+            raise ValueError("task names must be unique")
+        return self
+
+    def fingerprint(self) -> str:
+        """Hash of everything that changes results (not where they are written or who runs them)."""
+        data = self.model_dump(mode="json", exclude={"run_dir": True, "workers": {"address", "count"}})
+        return hashlib.sha256(json.dumps(data, sort_keys=True).encode()).hexdigest()[:16]
+
+
+def _first_error(exc: ValidationError) -> str:
+    err = exc.errors()[0]
+    loc = ""
+    for part in err["loc"]:
+        loc += f"[{part}]" if isinstance(part, int) else (f".{part}" if loc else str(part))
+    msg = err["msg"].removeprefix("Value error, ")
+    if err["type"] == "extra_forbidden":
+        msg = "unknown key"
+    return f"{loc}: {msg}" if loc else msg
+
+
+def parse_config(raw: Any, origin: str = "config") -> RunConfig:
+    if not isinstance(raw, dict):
+        raise ConfigError(f"{origin}: expected a mapping at the top level")
+    try:
+        return RunConfig.model_validate(raw)
+    except ValidationError as exc:
+        raise ConfigError(f"{origin}: {_first_error(exc)}") from None
+
+
+def load_config(path: str | Path) -> RunConfig:
+    path = Path(path)
+    if not path.is_file():
+        raise ConfigError(f"{path}: no such config file")
+    try:
+        raw = yaml.safe_load(path.read_text())
+    except yaml.YAMLError as exc:
+        raise ConfigError(f"{path}: not valid YAML ({str(exc).splitlines()[0]})") from None
+    config = parse_config(raw, str(path))
+    check_data(config, base_dir=path.parent)
+    return config
+
+
+def check_data(config: RunConfig, base_dir: Path | None = None) -> None:
+    """Every data spec names a built-in split or an existing file (paths may be relative to the config)."""
+    from .datasets import builtin_name
+
+    def check(spec: str, where: str) -> str:
+        try:
+            if builtin_name(spec) is not None or spec.startswith("pydoc:"):
+                return spec
+        except DataSpecError as exc:
+            raise ConfigError(f"{where}: {exc}") from None
+        path = Path(spec)
+        if not path.is_absolute() and base_dir is not None and not path.exists() and (base_dir / path).exists():
+            path = base_dir / path
+        if not path.is_file():
+            raise ConfigError(f"{where}: no such file {spec!r}")
+        return str(path)
+
+    for i, task in enumerate(config.tasks):
+        if task.kind == "lm_eval":
+            continue
+        task.dev = check(task.dev, f"tasks[{i}].dev")
+        task.test = check(task.test, f"tasks[{i}].test")
+    from .sources import BUILTINS
+
+    earlier: list[str] = []
+    for i, parent in enumerate(config.parents.all()):
+        where = "parents.base" if i == 0 else f"parents.experts[{i - 1}]"
+        if parent.source not in BUILTINS and parent.source not in earlier:
+            path = Path(parent.source)
+            if not path.is_absolute() and base_dir is not None and not path.exists() and (base_dir / path).is_dir():
+                path = base_dir / path
+            if not path.is_dir():
+                raise ConfigError(
+                    f"{where}.source: {parent.source!r} is not a directory, a built-in ({', '.join(BUILTINS)}) "
+                    f"or an earlier parent"
+                )
+            parent.source = str(path)
+        if parent.finetune is not None:
+            parent.finetune.data = check(parent.finetune.data, f"{where}.finetune.data")
+        earlier.append(parent.name)
+
+
+def dump_config(config: RunConfig) -> str:
+    return yaml.safe_dump(config.model_dump(mode="json"), sort_keys=False)

@@ -1,0 +1,132 @@
+"""Task data: JSONL files and built-in sets generated deterministically from a seed.
+
+Built-in sets, each with `train`, `dev` and `test` splits (`NAME:SPLIT`):
+
+- `pydoc`      text: the Python language reference topics (see compression.calibration).
+- `arithmetic` generate: two-digit addition, `{"prompt": "Q: What is 23 + 58?\\nA:", "answer": "81"}`.
+- `compare`    multiple_choice: pick the largest of four two-digit numbers.
+
+The splits of a generated set never share an item: every item's split is fixed by a hash of the
+item itself (so adding rows to one split cannot move an item into another), and each split's
+rows are drawn in a fixed order from a generator seeded by the set's name and split.
+"""
+from __future__ import annotations
+
+import hashlib
+import json
+import random
+from pathlib import Path
+from typing import Callable
+
+from compression.calibration import DataSpecError, load_texts, pydoc_topics
+
+SPLITS = ("train", "dev", "test")
+SPLIT_SIZES = {"train": 512, "dev": 64, "test": 128}
+
+
+def _split_of(item: tuple) -> str:
+    """Assign an item to a split by a stable hash: 50% train, 25% dev, 25% test."""
+    bucket = hashlib.blake2b(repr(item).encode(), digest_size=2).digest()[0] % 4
+    return ("train", "train", "dev", "test")[bucket]
+
+
+def _draw(name: str, split: str, make_item: Callable[[random.Random], tuple]) -> list[tuple]:
+    rng = random.Random(f"evofuse:{name}:{split}")
+    items, seen = [], set()
+    while len(items) < SPLIT_SIZES[split]:
+        item = make_item(rng)
+        if item not in seen and _split_of(item) == split:
+            seen.add(item)
+            items.append(item)
+    return items
+
+
+def arithmetic_rows(split: str) -> list[dict]:
+    pairs = _draw("arithmetic", split, lambda rng: (rng.randint(10, 99), rng.randint(10, 99)))
+    return [{"prompt": f"Q: What is {a} + {b}?\nA:", "answer": str(a + b)} for a, b in pairs]
+
+
+def compare_rows(split: str) -> list[dict]:
+    quads = _draw("compare", split, lambda rng: tuple(rng.sample(range(10, 100), 4)))
+    rows = []
+    for quad in quads:
+        listed = ", ".join(map(str, quad))
+        rows.append(
+            {
+                "context": f"Q: Which number is the largest: {listed}?\nA:",
+                "choices": [str(n) for n in quad],
+                "label": quad.index(max(quad)),
+            }
+        )
+    return rows
+
+
+GENERATED: dict[str, Callable[[str], list[dict]]] = {"arithmetic": arithmetic_rows, "compare": compare_rows}
+BUILTIN_KIND = {"pydoc": "perplexity", "arithmetic": "generate", "compare": "multiple_choice"}
+
+
+def builtin_name(spec: str) -> str | None:
+    """`NAME` when spec is a built-in `NAME:SPLIT`, else None (a file path)."""
+    name, sep, split = str(spec).partition(":")
+    if sep and name in BUILTIN_KIND:
+        if split not in SPLITS:
+            raise DataSpecError(f"{spec}: unknown split {split!r} (valid: {', '.join(SPLITS)})")
+        return name
+    return None
+
+
+def load_rows(spec: str | Path) -> list[dict]:
+    """Rows of a JSONL file or a built-in generated set; errors name the file and line."""
+    spec = str(spec)
+    name = builtin_name(spec)
+    if name is not None:
+        if name not in GENERATED:
+            raise DataSpecError(f"{spec}: built-in {name!r} is text, not JSONL rows")
+        return GENERATED[name](spec.split(":", 1)[1])
+    path = Path(spec)
+    if not path.is_file():
+        raise DataSpecError(f"{spec}: no such file")
+    rows = []
+    for lineno, line in enumerate(path.read_text(encoding="utf-8").splitlines(), 1):
+        if not line.strip():
+            continue
+        try:
+            row = json.loads(line)
+        except json.JSONDecodeError as exc:
+            raise DataSpecError(f"{path}:{lineno}: not JSON ({exc.msg})") from None
+        if not isinstance(row, dict):
+            raise DataSpecError(f"{path}:{lineno}: expected a JSON object")
+        rows.append(row)
+    if not rows:
+        raise DataSpecError(f"{path}: no rows")
+    return rows
+
+
+def training_texts(spec: str | Path) -> list[str]:
+    """Texts to fine-tune on: documents for text data, the solved example for task rows."""
+    spec = str(spec)
+    name = builtin_name(spec)
+    if name == "pydoc" or (name is None and not spec.endswith(".jsonl")):
+        return load_texts(spec)
+    if name is not None and spec.split(":", 1)[1] not in SPLITS:
+        raise DataSpecError(f"{spec}: unknown split (valid: {', '.join(SPLITS)})")
+    rows = load_rows(spec)
+    if "text" in rows[0]:
+        return [row["text"] for row in rows]
+    if "prompt" in rows[0]:
+        return [f"{row['prompt']} {row['answer']}" for row in rows]
+    if "context" in rows[0]:
+        return [f"{row['context']} {row['choices'][row['label']]}" for row in rows]
+    raise DataSpecError(f"{spec}: rows have none of text / prompt+answer / context+choices+label")
+
+
+def _register_text_sources() -> None:
+    from compression.calibration import TEXT_SOURCES
+
+    for name in GENERATED:
+        TEXT_SOURCES.setdefault(name, lambda split, name=name: training_texts(f"{name}:{split}"))
+
+
+_register_text_sources()
+
+__all__ = ["DataSpecError", "load_rows", "load_texts", "training_texts", "builtin_name", "pydoc_topics"]

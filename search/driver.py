@@ -1,0 +1,331 @@
+"""The search driver: one process that owns the population, the journal and the checkpoints.
+
+Flow of a run (see DESIGN.md): resolve parents (fine-tuning experts once, cached) and check
+they share every tensor; start Ray and an actor pool; put parent weights in the object store;
+score the parents (generation "init"); then for each generation ask the DEAP toolbox for one
+Evolver offspring per member, score them on the dev sets, apply one-to-one greedy selection,
+and checkpoint. At the end, score the parents and the best candidates on the test splits
+(reported, never used to select) and export the best.
+
+Resume: every finished evaluation is in the journal before anything else happens; offspring
+ids and recipes are a pure function of (seed, generation, population), so a resumed run
+re-derives the same candidates, takes the finished ones from the journal and scores only the
+rest. The population changes only in the checkpoint written at the end of a generation.
+"""
+from __future__ import annotations
+
+import json
+import sys
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Callable
+
+import torch
+from tqdm.auto import tqdm
+
+from evolve.operators import materialize
+from evolve.population import (
+    WORST,
+    finite_or_worst,
+    generation_record,
+    hall_of_fame_from,
+    make_member,
+    make_toolbox,
+    member_from_json,
+    member_score,
+    member_to_json,
+)
+from evolve.recipe import Recipe
+
+from .config import ConfigError, RunConfig, dump_config, load_config, parse_config
+from .experts import resolve_parents
+from .fitness import aggregate
+from .sources import load_state, tensor_index
+from .store import RunStore
+from .workers import EvaluatorPool, WorkerSpec, from_numpy_state, init_ray, put_weights
+
+HALL_OF_FAME_SIZE = 10  # best members ever seen; their weights stay in the run for export
+
+
+def default_run_dir(config: RunConfig) -> Path:
+    return Path(config.run_dir) if config.run_dir else Path("runs") / config.name
+
+
+def check_parent_tensors(dirs: dict[str, Path]) -> list[str]:
+    """All parents must share tensor names and shapes; return the names, or say which differs."""
+    (base_name, base_dir), *others = dirs.items()
+    reference = tensor_index(base_dir)
+    for name, path in others:
+        index = tensor_index(path)
+        for tensor in sorted(set(reference) | set(index)):
+            if tensor not in index:
+                raise ConfigError(f"parents.{name}: tensor {tensor} is missing (present in {base_name})")
+            if tensor not in reference:
+                raise ConfigError(f"parents.{name}: tensor {tensor} is not in {base_name}")
+            if index[tensor][0] != reference[tensor][0]:
+                raise ConfigError(
+                    f"parents.{name}: tensor {tensor} has shape {list(index[tensor][0])}, "
+                    f"{base_name} has {list(reference[tensor][0])}"
+                )
+    return sorted(reference)
+
+
+def task_scores(metrics: dict) -> dict[str, float]:
+    return {task: m["score"] for task, m in metrics.items()}
+
+
+def result_score(result: dict, weights: dict[str, float]) -> float:
+    if result.get("status") != "ok":
+        return WORST
+    return finite_or_worst(aggregate(task_scores(result["metrics"]), weights))
+
+
+class Log:
+    """Progress bars and log lines on stderr that do not break each other."""
+
+    def __init__(self, quiet: bool):
+        self.quiet = quiet
+
+    def __call__(self, message: str) -> None:
+        if not self.quiet:
+            tqdm.write(message, file=sys.stderr)
+
+    def bar(self, total: int, desc: str) -> tqdm:
+        return tqdm(total=total, desc=desc, disable=self.quiet, file=sys.stderr, leave=False)
+
+
+@dataclass
+class Search:
+    config: RunConfig
+    store: RunStore
+    address: str | None = None
+    quiet: bool = False
+
+    def __post_init__(self) -> None:
+        self.log = Log(self.quiet)
+        self.weights = {t.name: t.weight for t in self.config.tasks}
+        self.journal = {(e["id"], e["split"]): e for e in self.store.read_journal() if "split" in e}
+        self.refs: dict = {}  # weight-set id -> object ref
+
+    # ---- set-up --------------------------------------------------------------------------
+    def start(self) -> None:
+        self.parent_dirs = resolve_parents(self.config, quiet=self.quiet)
+        self.names = check_parent_tensors(self.parent_dirs)
+        workers = self.config.workers
+        init_ray(self.address or workers.address, quiet=self.quiet)
+        spec = WorkerSpec(
+            template_dir=str(self.parent_dirs[self.config.parents.base.name]),
+            tasks=[t.model_dump(mode="json") for t in self.config.tasks],
+            names=self.names,
+            exclude=list(self.config.evolver.exclude),
+            dtype=workers.dtype,
+            threads=max(1, int(workers.num_cpus)),
+        )
+        self.pool = EvaluatorPool(spec, workers.count, workers.num_cpus, workers.num_gpus, workers.max_retries)
+        for name, path in self.parent_dirs.items():
+            self.refs[name] = put_weights(load_state(path))
+
+    def population_names(self) -> list[str]:
+        names = [e.name for e in self.config.parents.experts]
+        return ([self.config.parents.base.name] + names) if self.config.evolver.include_base else names
+
+    # ---- evaluation ----------------------------------------------------------------------
+    def evaluate(self, jobs: list[dict], desc: str) -> dict[str, dict]:
+        """Results by id: from the journal when finished before, else scored now and journalled."""
+        results = {j["id"]: self.journal[(j["id"], j["split"])] for j in jobs if (j["id"], j["split"]) in self.journal}
+        todo = [j for j in jobs if j["id"] not in results]
+        bar = self.log.bar(len(jobs), desc)
+        bar.update(len(results))
+
+        def on_result(result: dict) -> None:
+            result["score"] = result_score(result, self.weights)
+            result["recipe"] = next(j["recipe"] for j in todo if j["id"] == result["id"])
+            result["time"] = round(time.time(), 3)
+            self.store.append_journal(result)
+            self.journal[(result["id"], result["split"])] = result
+            results[result["id"]] = result
+            if result["status"] != "ok":
+                self.log(f"{result['id']}: {result['status']} ({result.get('reason', '')}), worst fitness")
+            elif result.get("attempts", 1) > 1:
+                self.log(f"{result['id']}: scored after {result['attempts']} attempts (worker replaced)")
+            bar.update(1)
+            bar.set_postfix(best=f"{max(r['score'] for r in results.values()):.4f}")
+
+        jobs_with_refs = [(job, {wid: self.refs[wid] for wid in Recipe.from_dict(job["recipe"]).input_ids()}) for job in todo]
+        self.pool.run(jobs_with_refs, on_result)
+        bar.close()
+        return results
+
+    def job(self, cid: str, recipe: Recipe, split: str = "dev", generation: int | None = None) -> dict:
+        job = {"id": cid, "recipe": recipe.to_dict(), "split": split}
+        subsample = self.config.evolver.subsample
+        if split == "dev" and subsample and generation is not None:
+            job.update(subsample=subsample, subsample_seed=generation)
+        return job
+
+    # ---- the run -------------------------------------------------------------------------
+    def run(self) -> dict:
+        state = self.store.read_state()
+        if state is None:
+            state = self.initial_state()
+        else:
+            self.store.verify_weights(state["weight_checksums"])
+        self.restore_population(state)
+        if state["status"] == "finished":
+            self.log(f"{self.store.root}: already finished")
+            return state
+        evo = self.config.evolver
+        toolbox = make_toolbox(self.config.seed, evo.generations, evo.F, evo.CR, evo.strategy, evo.reference)
+        for generation in range(state["generation"], evo.generations):
+            state = self.run_generation(toolbox, generation, state)
+        state = self.finish(state)
+        return state
+
+    def initial_state(self) -> dict:
+        names = [self.config.parents.base.name] + [e.name for e in self.config.parents.experts]
+        jobs = [self.job(n, Recipe(op="copy", inputs=(n,))) for n in names]
+        results = self.evaluate(jobs, "parents")
+        members = [make_member(n, Recipe(op="copy", inputs=(n,)), results[n]["score"], task_scores(results[n].get("metrics", {})))
+                   for n in self.population_names()]
+        state = {
+            "generation": 0,
+            "status": "running",
+            "population": [member_to_json(m) for m in members],
+            "hall_of_fame": [member_to_json(m) for m in members],
+            "parents": {n: {"score": results[n]["score"]} for n in names},
+            "weight_checksums": {},
+            "evaluations": len(results),
+            "fingerprint": self.config.fingerprint(),
+            "started": time.time(),
+        }
+        self.store.write_state(state)
+        return state
+
+    def restore_population(self, state: dict) -> None:
+        self.population = [member_from_json(m) for m in state["population"]]
+        for member_id, checksum in state["weight_checksums"].items():
+            if member_id not in self.refs:
+                self.refs[member_id] = put_weights(self.store.load_weights(member_id, checksum))
+
+    def run_generation(self, toolbox, generation: int, state: dict) -> dict:
+        started = time.perf_counter()
+        offspring = toolbox.offspring(self.population, generation)
+        results = self.evaluate(
+            [self.job(o.id, o.recipe, generation=generation) for o in offspring], f"generation {generation + 1}/{self.config.evolver.generations}"
+        )
+        next_population, checksums, replaced = [], dict(state["weight_checksums"]), 0
+        for target, child in zip(self.population, offspring):
+            result = results[child.id]
+            candidate = make_member(child.id, child.recipe, result["score"], task_scores(result.get("metrics", {})))
+            winner = toolbox.select(target, candidate)
+            if winner is candidate:
+                replaced += 1
+                checksums[child.id] = self.keep_weights(child.recipe, child.id)
+            next_population.append(winner)
+        self.population = next_population
+        hof = hall_of_fame_from([member_from_json(m) for m in state["hall_of_fame"]] + next_population, HALL_OF_FAME_SIZE)
+        live = {m["id"] for m in next_population} | {m["id"] for m in hof}
+        checksums = {k: v for k, v in checksums.items() if k in live}
+        record = generation_record(generation, next_population, len(offspring), replaced, time.perf_counter() - started)
+        self.store.append_logbook(record)
+        self.log(
+            f"generation {generation + 1}: best {record['best']:.4f} mean {record['mean']:.4f}, "
+            f"{replaced}/{len(offspring)} replaced"
+        )
+        state = {
+            **state,
+            "generation": generation + 1,
+            "population": [member_to_json(m) for m in next_population],
+            "hall_of_fame": [member_to_json(m) for m in hof],
+            "weight_checksums": checksums,
+            "evaluations": state["evaluations"] + len(offspring),
+        }
+        self.store.write_state(state)
+        self.store.prune_weights(checksums)
+        return state
+
+    def keep_weights(self, recipe: Recipe, member_id: str) -> str:
+        """Replay an accepted offspring on the driver (CPU, fp32), store it and publish it."""
+        import ray
+
+        inputs = {wid: from_numpy_state(ray.get(self.refs[wid])) for wid in recipe.input_ids()}
+        weights = materialize(recipe, inputs, self.names, list(self.config.evolver.exclude))
+        checksum = self.store.save_weights(member_id, weights)
+        self.refs[member_id] = put_weights(weights)
+        return checksum
+
+    def finish(self, state: dict) -> dict:
+        """Score parents and the best members on the test splits; export the top candidates."""
+        best = sorted(self.population, key=member_score, reverse=True)
+        names = [self.config.parents.base.name] + [e.name for e in self.config.parents.experts]
+        ids = list(dict.fromkeys(names + [m["id"] for m in best[: max(1, self.config.export_top)]]))
+        jobs = [self.job(i, Recipe(op="copy", inputs=(i,)), split="test") for i in ids]
+        self.evaluate(jobs, "test splits")
+        state = {**state, "status": "finished", "finished": time.time()}
+        self.store.write_state(state)
+        return state
+
+    def shutdown(self) -> None:
+        pool = getattr(self, "pool", None)
+        if pool is not None:
+            pool.shutdown()
+
+
+def start_search(config_path: str | Path, run_dir: str | Path | None = None, *, address=None, workers=None, quiet=False) -> Path:
+    config = load_config(config_path)
+    if workers:
+        config.workers.count = workers
+    root = Path(run_dir) if run_dir else default_run_dir(config)
+    store = RunStore(root)
+    if store.exists():
+        raise ConfigError(f"{root}: a run is already there (use `evofuse resume {root}`, or another --run-dir)")
+    root.mkdir(parents=True, exist_ok=True)
+    config.run_dir = str(root)
+    (root / "config.yaml").write_text(dump_config(config))
+    return _run(config, store, address, quiet)
+
+
+def resume_search(run_dir: str | Path, *, config_path: str | Path | None = None, address=None, quiet=False) -> Path:
+    store = RunStore(run_dir)
+    if not store.config_path.is_file():
+        raise ConfigError(f"{run_dir}: not a run directory (no config.yaml)")
+    config = load_config(store.config_path)
+    if config_path is not None:
+        given = load_config(config_path)
+        if given.fingerprint() != config.fingerprint():
+            raise ConfigError(f"{config_path}: differs from the config {run_dir} was started with ({changed_field(config, given)})")
+    state = store.read_state()
+    if state is not None and state.get("fingerprint") != config.fingerprint():
+        raise ConfigError(f"{store.config_path}: changed since the run started; restore it or start a new run")
+    store.repair_logs()
+    return _run(config, store, address, quiet)
+
+
+def changed_field(old: RunConfig, new: RunConfig) -> str:
+    a, b = old.model_dump(mode="json"), new.model_dump(mode="json")
+
+    def walk(x, y, path):
+        if isinstance(x, dict) and isinstance(y, dict):
+            for k in sorted(set(x) | set(y)):
+                found = walk(x.get(k), y.get(k), f"{path}.{k}" if path else k)
+                if found:
+                    return found
+            return None
+        return None if x == y else f"{path}: {x!r} -> {y!r}"
+
+    return walk(a, b, "") or "unknown field"
+
+
+def _run(config: RunConfig, store: RunStore, address, quiet: bool) -> Path:
+    search = Search(config, store, address=address, quiet=quiet)
+    try:
+        search.start()
+        search.run()
+    finally:
+        search.shutdown()
+    if config.export_top:
+        from .export import export_top
+
+        export_top(store.root, config.export_top, store.exports_dir, quiet=quiet)
+    return store.root

@@ -1,0 +1,156 @@
+"""Reading a run back: status, the parents-vs-best table, plots and report.md."""
+from __future__ import annotations
+
+import json
+import time
+from pathlib import Path
+
+from .config import ConfigError, load_config
+from .store import RunStore
+
+# The metric a person reads for each kind (the search itself aggregates each task's "score").
+DISPLAY_METRIC = {"perplexity": "token_perplexity", "multiple_choice": "acc_norm", "generate": "exact_match", "lm_eval": "score"}
+
+
+def display_metric(task) -> str:
+    return task.options.get("metric") or DISPLAY_METRIC[task.kind]
+
+
+def _load(run_dir: Path):
+    store = RunStore(run_dir)
+    if not store.config_path.is_file():
+        raise ConfigError(f"{run_dir}: not a run directory (no config.yaml)")
+    return store, load_config(store.config_path), store.read_state()
+
+
+def run_status(run_dir: Path) -> dict:
+    store, config, state = _load(run_dir)
+    journal = store.read_journal()
+    logbook = store.read_logbook()
+    dev = [e for e in journal if e["split"] == "dev"]
+    best_per_task = {}
+    for task in config.tasks:
+        scored = [e for e in dev if e.get("status") == "ok" and task.name in e["metrics"]]
+        if scored:
+            top = max(scored, key=lambda e: e["metrics"][task.name]["score"])
+            metric = display_metric(task)
+            best_per_task[task.name] = {"id": top["id"], metric: top["metrics"][task.name].get(metric), "score": top["metrics"][task.name]["score"]}
+    generations = config.evolver.generations
+    done = state["generation"] if state else 0
+    per_generation = [r["wall_s"] for r in logbook]
+    eta = None
+    if state and state["status"] != "finished" and per_generation:
+        eta = round(sum(per_generation) / len(per_generation) * (generations - done))
+    best = max(state["population"], key=lambda m: m["score"]) if state else None
+    return {
+        "run": str(run_dir),
+        "status": state["status"] if state else "starting",
+        "generation": done,
+        "generations": generations,
+        "evaluations": len(dev),
+        "failed": sum(1 for e in dev if e.get("status") != "ok"),
+        "best": {"id": best["id"], "score": best["score"]} if best else None,
+        "best_per_task": best_per_task,
+        "eta_s": eta,
+        "updated": time.strftime("%Y-%m-%d %H:%M:%S", time.localtime(store.journal_path.stat().st_mtime)) if store.journal_path.exists() else None,
+    }
+
+
+def format_status(status: dict) -> str:
+    lines = [
+        f"run          {status['run']} ({status['status']})",
+        f"generation   {status['generation']}/{status['generations']}",
+        f"evaluations  {status['evaluations']} ({status['failed']} failed)",
+    ]
+    if status["best"]:
+        lines.append(f"best         {status['best']['id']}  dev score {status['best']['score']:.6g}")
+    for task, best in status["best_per_task"].items():
+        shown = ", ".join(f"{k} {v:.4g}" for k, v in best.items() if k != "id" and isinstance(v, float))
+        lines.append(f"  {task:<10} {best['id']}: {shown}")
+    if status["eta_s"] is not None:
+        lines.append(f"eta          {status['eta_s'] // 60} min {status['eta_s'] % 60} s")
+    return "\n".join(lines)
+
+
+def _metric(journal: dict, member_id: str, split: str, task) -> float | None:
+    entry = journal.get((member_id, split))
+    if not entry or entry.get("status") != "ok":
+        return None
+    return entry["metrics"].get(task.name, {}).get(display_metric(task))
+
+
+def results_table(run_dir: Path) -> str:
+    """Markdown: every parent and the best candidate on each task's dev and test split."""
+    store, config, state = _load(run_dir)
+    if state is None:
+        return f"{run_dir}: no results yet"
+    journal = {(e["id"], e["split"]): e for e in store.read_journal()}
+    best = max(state["population"], key=lambda m: m["score"])
+    rows = [(p.name, "base" if p is config.parents.base else "expert") for p in config.parents.all()]
+    rows.append((best["id"], "best candidate"))
+    header = ["model", "role", "dev score"] + [f"{t.name} {split} ({display_metric(t)})" for t in config.tasks for split in ("dev", "test")]
+    lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
+    for member_id, role in rows:
+        entry = journal.get((member_id, "dev"))
+        cells = [member_id, role, f"{entry['score']:.4f}" if entry else "-"]
+        for task in config.tasks:
+            for split in ("dev", "test"):
+                value = _metric(journal, member_id, split, task)
+                cells.append("-" if value is None else f"{value:.4f}")
+        lines.append("| " + " | ".join(cells) + " |")
+    experts = [e.name for e in config.parents.experts]
+    mean_expert = sum(journal[(e, "dev")]["score"] for e in experts) / len(experts)
+    verdict = "beats" if best["score"] > mean_expert else "does NOT beat"
+    lines.append("")
+    lines.append(
+        f"The best candidate ({best['id']}, dev score {best['score']:.4f}) {verdict} the experts' average dev score "
+        f"({mean_expert:.4f}); best single expert: {max(journal[(e, 'dev')]['score'] for e in experts):.4f}."
+    )
+    return "\n".join(lines)
+
+
+def pareto_ids(store: RunStore) -> list[str]:
+    """Non-dominated members on (dev score up, parameters down); without sizes, the best score."""
+    state = store.read_state()
+    if state is None:
+        raise ConfigError(f"{store.root}: no state.json")
+    members = {m["id"]: m for m in state["hall_of_fame"] + state["population"]}.values()
+    pts = [(m["id"], m["score"], m.get("metrics", {}).get("num_params", 0)) for m in members]
+    front = [a for a in pts if not any(b[1] >= a[1] and b[2] <= a[2] and (b[1] > a[1] or b[2] < a[2]) for b in pts)]
+    return [p[0] for p in sorted(front, key=lambda p: -p[1])]
+
+
+def write_report(run_dir: Path) -> Path:
+    """report/score_per_generation.png and report/report.md."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    store, config, state = _load(run_dir)
+    out = Path(run_dir) / "report"
+    out.mkdir(exist_ok=True)
+    logbook = store.read_logbook()
+    fig, ax = plt.subplots(figsize=(6, 4))
+    if logbook:
+        gens = [r["gen"] + 1 for r in logbook]
+        ax.plot(gens, [r["best"] for r in logbook], marker="o", label="best")
+        ax.plot(gens, [r["mean"] for r in logbook], marker=".", label="mean")
+    if state:
+        for name, parent in state["parents"].items():
+            ax.axhline(parent["score"], linestyle=":", linewidth=1)
+            ax.annotate(name, (0.2, parent["score"]), fontsize=7)
+    ax.set_xlabel("generation")
+    ax.set_ylabel("dev aggregate score")
+    ax.set_title(f"{config.name}: score per generation")
+    ax.legend()
+    fig.tight_layout()
+    fig.savefig(out / "score_per_generation.png", dpi=120)
+    plt.close(fig)
+    text = [f"# Report: {config.name}", "", results_table(run_dir), "", "## Logbook", ""]
+    text += ["| gen | evals | best | mean | replaced | wall s |", "|---|---|---|---|---|---|"]
+    text += [f"| {r['gen'] + 1} | {r['evals']} | {r['best']:.4f} | {r['mean']:.4f} | {r['replaced']} | {r['wall_s']:.1f} |" for r in logbook]
+    text += ["", "![score per generation](score_per_generation.png)", ""]
+    (out / "report.md").write_text("\n".join(text))
+    (out / "status.json").write_text(json.dumps(run_status(run_dir), indent=1))
+    return out / "report.md"

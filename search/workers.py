@@ -1,0 +1,239 @@
+"""Ray workers: an actor pool that materialises candidates in place and scores them.
+
+Weights travel once. The driver puts every weight set it needs (parents, accepted offspring)
+into the Ray object store as `{name: numpy array}`; actors on the same node read them
+zero-copy (the arrays are views of shared memory, never written). Each actor keeps ONE
+working model and, per candidate, overwrites its parameters in place with the candidate's
+tensors, one tensor at a time: no reload, no disk round trip, no second model in memory.
+
+An actor that dies (OOM, segfault, a lost node) is replaced by a fresh one and its candidate
+is retried, up to `max_retries`; an exception inside scoring is a failed candidate with its
+reason (failure is data, as in Optuna), not a crashed run. A candidate whose weights are not
+finite gets the worst fitness and the status `nonfinite`.
+"""
+from __future__ import annotations
+
+import copy
+import os
+import socket
+import time
+import warnings
+from collections import deque
+from dataclasses import dataclass, field
+from typing import Any, Callable
+
+import numpy as np
+import torch
+
+from evolve.operators import materialize
+from evolve.recipe import Recipe
+
+FAULT_CRASH_ENV = "EVOFUSE_FAULT_CRASH"  # "<candidate id>@<marker path>": die once on that candidate (tests)
+FAULT_NAN_ENV = "EVOFUSE_FAULT_NAN"  # "<candidate id>": poison that candidate's weights (tests)
+
+
+def to_numpy_state(state: dict[str, torch.Tensor]) -> dict[str, np.ndarray]:
+    return {k: v.detach().to(torch.float32).contiguous().cpu().numpy() for k, v in state.items()}
+
+
+def from_numpy_state(state: dict[str, np.ndarray]) -> dict[str, torch.Tensor]:
+    with warnings.catch_warnings():  # object-store arrays are read-only views; we only read them
+        warnings.simplefilter("ignore", UserWarning)
+        return {k: torch.from_numpy(v) for k, v in state.items()}
+
+
+@dataclass
+class WorkerSpec:
+    """Everything an actor needs to build its working model and tasks."""
+
+    template_dir: str  # a parent directory: architecture, tokenizer, tensor names
+    tasks: list[dict]  # [{name, kind, dev, test, options}]
+    names: list[str]  # tensor names that recipes produce
+    exclude: list[str] = field(default_factory=list)
+    dtype: str = "auto"
+    threads: int = 1
+    calibration: dict | None = None  # {data, seq_len, num_sequences} for plans (joint search)
+
+
+def resolve_dtype(dtype: str, device: torch.device) -> torch.dtype:
+    if dtype == "auto":
+        return torch.bfloat16 if device.type == "cuda" else torch.float32
+    return getattr(torch, dtype)
+
+
+class Evaluator:
+    """One working model; `evaluate(job, refs)` scores one candidate (run as a Ray actor)."""
+
+    def __init__(self, spec: WorkerSpec):
+        from transformers.utils import logging as hf_logging
+
+        from .fitness import TaskSpec, build_task
+        from .sources import load_model
+
+        hf_logging.disable_progress_bar()
+        torch.set_num_threads(max(1, spec.threads))
+        self.spec = spec
+        self.device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+        self.dtype = resolve_dtype(spec.dtype, self.device)
+        self.model, self.tokenizer = load_model(spec.template_dir, dtype=self.dtype, device=self.device)
+        state = self.model.state_dict(keep_vars=True)
+        self.params = {name: state[name].data for name in spec.names}
+        self._task_specs = {t["name"]: t for t in spec.tasks}
+        self._tasks: dict[tuple[str, str], Any] = {}
+        self._build_task = lambda t, split: build_task(
+            TaskSpec(kind=t["kind"], data=t[split], name=t["name"], options=t.get("options") or {}), self.tokenizer
+        )
+        self._calibration = None
+
+    def task(self, name: str, split: str):
+        key = (name, split)
+        if key not in self._tasks:  # tokenised once per worker, on first use
+            self._tasks[key] = self._build_task(self._task_specs[name], split)
+        return self._tasks[key]
+
+    def info(self) -> dict:
+        return {"host": socket.gethostname(), "pid": os.getpid(), "device": str(self.device), "dtype": str(self.dtype)}
+
+    def evaluate(self, job: dict, refs: dict) -> dict:
+        import ray
+
+        start = time.perf_counter()
+        _maybe_crash(job["id"])
+        recipe = Recipe.from_dict(job["recipe"])
+        weights = {wid: from_numpy_state(ray.get(ref)) for wid, ref in refs.items()}
+        materialize(recipe, weights, self.spec.names, self.spec.exclude, out=self.params)
+        del weights
+        if os.environ.get(FAULT_NAN_ENV) == job["id"]:
+            next(iter(self.params.values())).fill_(float("nan"))
+        model = self.model
+        if job.get("plan"):
+            model = self._apply_plan(job["plan"])
+        materialized = time.perf_counter()
+        result = {"id": job["id"], "split": job["split"], "worker": f"{socket.gethostname()}:{os.getpid()}"}
+        if not all(bool(torch.isfinite(p).all()) for p in model.parameters()):
+            result.update(status="nonfinite", metrics={}, reason="non-finite weights")
+        else:
+            metrics = {}
+            for name in self._task_specs:
+                metrics[name] = self.task(name, job["split"]).evaluate(
+                    model, subsample=job.get("subsample"), seed=job.get("subsample_seed", 0)
+                )
+            result.update(status="ok", metrics=metrics)
+            if job.get("plan"):
+                result["num_params"] = sum(p.numel() for p in model.parameters())
+        scored = time.perf_counter()
+        result["timing"] = {"materialize_s": round(materialized - start, 4), "score_s": round(scored - materialized, 4)}
+        return result
+
+    def _apply_plan(self, plan_data: list):
+        """Apply a plan to a copy of the working model (the working model keeps its shape)."""
+        from compression.calibration import calibration_windows
+        from compression.plan import apply_plan, parse_plan
+
+        if self._calibration is None:
+            c = self.spec.calibration or {}
+            self._calibration = calibration_windows(
+                self.tokenizer, c.get("data", "pydoc:train"), c.get("seq_len", 128), c.get("num_sequences", 32)
+            )
+        model = copy.deepcopy(self.model)
+        return apply_plan(model, parse_plan(plan_data), self._calibration).eval()
+
+
+def _maybe_crash(candidate_id: str) -> None:
+    spec = os.environ.get(FAULT_CRASH_ENV, "")
+    if "@" not in spec:
+        return
+    target, marker = spec.split("@", 1)
+    if target == candidate_id and not os.path.exists(marker):
+        open(marker, "w").close()
+        os._exit(1)
+
+
+def init_ray(address: str | None, num_cpus: int | None = None, quiet: bool = True) -> None:
+    import logging
+
+    import ray
+
+    if ray.is_initialized():
+        return
+    env = {k: v for k, v in os.environ.items() if k in (FAULT_CRASH_ENV, FAULT_NAN_ENV, "EVOFUSE_CACHE")}
+    kwargs: dict = dict(
+        include_dashboard=False,
+        logging_level=logging.WARNING if quiet else logging.INFO,
+        log_to_driver=not quiet,
+        runtime_env={"env_vars": env} if env else None,
+    )
+    if address:
+        ray.init(address=address, **kwargs)
+    else:
+        ray.init(num_cpus=num_cpus, **kwargs)
+
+
+def put_weights(state: dict[str, torch.Tensor]):
+    import ray
+
+    return ray.put(to_numpy_state(state))
+
+
+class EvaluatorPool:
+    """A fixed number of Evaluator actors fed from a queue; results come back as they finish."""
+
+    def __init__(self, spec: WorkerSpec, count: int, num_cpus: float, num_gpus: float, max_retries: int):
+        import ray
+
+        gpus = num_gpus if num_gpus > 0 and _cluster_has_gpus() else 0
+        self._actor_cls = ray.remote(num_cpus=num_cpus, num_gpus=gpus, max_restarts=0)(Evaluator)
+        self.spec = spec
+        self.max_retries = max_retries
+        self.actors = [self._actor_cls.remote(spec) for _ in range(count)]
+        self.replaced = 0
+
+    def run(self, jobs: list[tuple[dict, dict]], on_result: Callable[[dict], None]) -> None:
+        """Score every (job, refs); call on_result for each result the moment it arrives."""
+        import ray
+        from ray.exceptions import RayActorError, RayTaskError
+
+        queue = deque((job, refs, 0) for job, refs in jobs)
+        running: dict = {}  # future -> (actor index, job, refs, attempt)
+        idle = list(range(len(self.actors)))
+        while queue or running:
+            while queue and idle:
+                job, refs, attempt = queue.popleft()
+                index = idle.pop()
+                future = self.actors[index].evaluate.remote(job, refs)
+                running[future] = (index, job, refs, attempt)
+            done, _ = ray.wait(list(running), num_returns=1)
+            future = done[0]
+            index, job, refs, attempt = running.pop(future)
+            try:
+                result = ray.get(future)
+                result["attempts"] = attempt + 1
+            except RayActorError as exc:
+                self.actors[index] = self._actor_cls.remote(self.spec)  # a fresh actor
+                self.replaced += 1
+                if attempt < self.max_retries:
+                    queue.appendleft((job, refs, attempt + 1))
+                    idle.append(index)
+                    continue
+                result = _failed(job, f"worker died {attempt + 1} times: {type(exc).__name__}", attempt + 1)
+            except RayTaskError as exc:
+                cause = exc.cause if getattr(exc, "cause", None) is not None else exc
+                result = _failed(job, f"{type(cause).__name__}: {str(cause).strip().splitlines()[-1][:300]}", attempt + 1)
+            idle.append(index)
+            on_result(result)
+
+    def shutdown(self) -> None:
+        import ray
+
+        for actor in self.actors:
+            ray.kill(actor)
+
+
+def _failed(job: dict, reason: str, attempts: int) -> dict:
+    return {"id": job["id"], "split": job["split"], "status": "failed", "metrics": {}, "reason": reason, "attempts": attempts}
+
+
+def _cluster_has_gpus() -> bool:
+    import ray
+
+    return ray.cluster_resources().get("GPU", 0) > 0

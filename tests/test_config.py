@@ -1,0 +1,71 @@
+"""Bad configs: each exits 2 with one line naming the field or file."""
+from __future__ import annotations
+
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import yaml
+
+from search.config import ConfigError, load_config
+
+TINY = Path(__file__).resolve().parent.parent / "configs" / "tiny.yaml"
+
+
+def tiny_raw() -> dict:
+    return yaml.safe_load(TINY.read_text())
+
+
+def write(tmp_path: Path, raw: dict) -> Path:
+    path = tmp_path / "config.yaml"
+    path.write_text(yaml.safe_dump(raw))
+    return path
+
+
+def test_shipped_configs_load():
+    for path in sorted((TINY.parent).glob("*.yaml")):
+        load_config(path)
+
+
+@pytest.mark.parametrize(
+    "mutate, expected",
+    [
+        (lambda r: r.update(colour="red"), "colour: unknown key"),
+        (lambda r: r["evolver"].update(F="big"), "evolver.F: Input should be a valid number"),
+        (lambda r: r["evolver"].update(CR=1.5), "evolver.CR: Input should be less than or equal to 1"),
+        (lambda r: r["evolver"].update(generatons=3), "evolver.generatons: unknown key"),
+        (lambda r: r["tasks"][1].update(dev="missing/dev.jsonl"), "tasks[1].dev: no such file 'missing/dev.jsonl'"),
+        (lambda r: r["tasks"][0].update(kind="bleu"), "tasks[0].kind: Input should be"),
+        (lambda r: r["tasks"][0].update(dev="pydoc:validation"), "tasks[0].dev: pydoc:validation: unknown split"),
+        (lambda r: r["parents"]["experts"].pop(), "parents.experts: List should have at least 2 items"),
+        (lambda r: r["parents"]["experts"][0].update(source="no/such/dir"), "parents.experts[0].source: 'no/such/dir' is not a directory"),
+        (lambda r: r["workers"].update(count=0), "workers.count: Input should be greater than or equal to 1"),
+    ],
+)
+def test_bad_config_names_the_field(tmp_path, mutate, expected):
+    raw = tiny_raw()
+    mutate(raw)
+    with pytest.raises(ConfigError) as info:
+        load_config(write(tmp_path, raw))
+    message = str(info.value)
+    assert expected in message, message
+    assert "\n" not in message
+
+
+def test_cli_exit_code_2_and_one_line(tmp_path):
+    raw = tiny_raw()
+    raw["evolver"]["F"] = -1
+    proc = subprocess.run(
+        [sys.executable, "-m", "search.cli", "search", str(write(tmp_path, raw)), "--run-dir", str(tmp_path / "run")],
+        capture_output=True, text=True,
+    )
+    assert proc.returncode == 2
+    lines = proc.stderr.strip().splitlines()
+    assert len(lines) == 1 and "evolver.F" in lines[0], proc.stderr
+    assert not (tmp_path / "run").exists()
+
+
+def test_missing_config_file(tmp_path):
+    proc = subprocess.run([sys.executable, "-m", "search.cli", "search", str(tmp_path / "nope.yaml")], capture_output=True, text=True)
+    assert proc.returncode == 2 and "nope.yaml: no such config file" in proc.stderr

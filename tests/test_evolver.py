@@ -1,0 +1,65 @@
+"""Evolver's population logic: reference schedule, deterministic offspring, greedy selection."""
+from __future__ import annotations
+
+import random
+
+import pytest
+
+from evolve.evolver import choose_reference, make_offspring, random_reference_probability, replaces
+from evolve.population import WORST, make_member, make_toolbox, member_from_json, member_to_json
+from evolve.recipe import Recipe
+
+
+def test_reference_probability_schedule_matches_the_paper_code():
+    # p = 0.5 / (G - g) + 0.5: 0.5 + 0.5/15 at the start of 15 generations, 1.0 at the last one
+    assert random_reference_probability(0, 15) == pytest.approx(0.5 + 0.5 / 15)
+    assert random_reference_probability(14, 15) == 1.0
+    assert random_reference_probability(13, 15) == 0.75
+
+
+def test_best_reference_is_the_best_other_member():
+    scores = [0.1, 0.9, 0.5]
+    rng = random.Random(0)
+    assert choose_reference(0, scores, 0, 10, "best", rng) == 1
+    assert choose_reference(1, scores, 0, 10, "best", rng) == 2  # never itself
+    assert all(choose_reference(2, scores, 0, 10, "random", rng) != 2 for _ in range(50))
+
+
+def test_schedule_uses_random_references_at_the_predicted_rate():
+    rng = random.Random(1)
+    scores = [0.0, 1.0, 0.5, 0.2]
+    picks = [choose_reference(0, scores, 0, 2, "schedule", rng) for _ in range(4000)]
+    # best other (1) comes with prob (1 - p) + p/3, p = 0.75
+    assert picks.count(1) / len(picks) == pytest.approx(0.25 + 0.75 / 3, abs=0.03)
+
+
+def test_offspring_are_a_pure_function_of_seed_and_generation():
+    kw = dict(run_seed=7, generations=5, F=0.5, CR=0.5)
+    a = make_offspring(["x", "y", "z"], [0.1, 0.2, 0.3], 2, **kw)
+    b = make_offspring(["x", "y", "z"], [0.1, 0.2, 0.3], 2, **kw)
+    assert a == b
+    assert [o.id for o in a] == ["g002-000", "g002-001", "g002-002"]
+    assert [o.recipe.inputs[0] for o in a] == ["x", "y", "z"]
+    assert all(o.recipe.inputs[1] != o.recipe.inputs[0] for o in a)
+    c = make_offspring(["x", "y", "z"], [0.1, 0.2, 0.3], 3, **kw)
+    assert [o.recipe.seed for o in a] != [o.recipe.seed for o in c]
+
+
+def test_de_rand_1_needs_four_members_and_uses_distinct_others():
+    with pytest.raises(ValueError, match="at least 4"):
+        make_offspring(["a", "b", "c"], [0, 0, 0], 0, run_seed=0, generations=3, F=0.5, CR=0.5, strategy="de_rand_1")
+    out = make_offspring(list("abcd"), [0] * 4, 0, run_seed=0, generations=3, F=0.5, CR=0.5, strategy="de_rand_1")
+    for o in out:
+        assert len(set(o.recipe.inputs)) == 4 and o.recipe.op == "de_rand_1"
+
+
+def test_one_to_one_greedy_selection_and_json_round_trip():
+    assert replaces(0.6, 0.5) and not replaces(0.5, 0.5) and not replaces(0.4, 0.5)
+    toolbox = make_toolbox(0, 3, 0.5, 0.5, "evolver", "schedule")
+    parent = make_member("a", Recipe(op="copy", inputs=("a",)), 0.5)
+    better = make_member("g000-000", Recipe(op="copy", inputs=("a",)), 0.7)
+    nan_child = make_member("g000-001", Recipe(op="copy", inputs=("a",)), float("nan"))
+    assert toolbox.select(parent, better) is better
+    assert toolbox.select(parent, nan_child) is parent and nan_child.fitness.values[0] == WORST
+    back = member_from_json(member_to_json(better))
+    assert back == better and back.fitness.values == better.fitness.values
