@@ -235,10 +235,10 @@ def _print_summary(root: Path, quiet: bool) -> None:
 def main(argv: list[str] | None = None) -> int:
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
     args = build_parser().parse_args(argv)
-    if getattr(args, "quiet", False) or getattr(args, "json", False):
-        from transformers.utils import logging as hf_logging
+    from transformers.utils import logging as hf_logging
 
-        hf_logging.disable_progress_bar()
+    hf_logging.disable_progress_bar()  # our own bars say what is happening; loading bars are noise
+    if getattr(args, "quiet", False) or getattr(args, "json", False):
         hf_logging.set_verbosity_error()
     try:
         return args.func(args)

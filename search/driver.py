@@ -14,7 +14,7 @@ rest. The population changes only in the checkpoint written at the end of a gene
 """
 from __future__ import annotations
 
-import json
+import os
 import sys
 import time
 from dataclasses import dataclass
@@ -46,6 +46,14 @@ from .store import RunStore
 from .workers import EvaluatorPool, WorkerSpec, from_numpy_state, init_ray, put_weights
 
 HALL_OF_FAME_SIZE = 10  # best members ever seen; their weights stay in the run for export
+
+
+STALL_ENV = "EVOFUSE_FAULT_STALL"  # "<candidate id>": hang right after journalling it (kill tests)
+
+
+def _maybe_stall(candidate_id: str) -> None:
+    if os.environ.get(STALL_ENV) == candidate_id:
+        time.sleep(3600)
 
 
 def default_run_dir(config: RunConfig) -> Path:
@@ -143,6 +151,7 @@ class Search:
             result["recipe"] = next(j["recipe"] for j in todo if j["id"] == result["id"])
             result["time"] = round(time.time(), 3)
             self.store.append_journal(result)
+            _maybe_stall(result["id"])
             self.journal[(result["id"], result["split"])] = result
             results[result["id"]] = result
             if result["status"] != "ok":
