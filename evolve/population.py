@@ -19,17 +19,26 @@ WORST = -1e30  # fitness of a failed or non-finite candidate: below every real s
 if not hasattr(creator, "EvofuseFitness"):
     creator.create("EvofuseFitness", base.Fitness, weights=(1.0,))
     creator.create("EvofuseMember", dict, fitness=creator.EvofuseFitness)
+    # Two objectives for compressing searches: dev score up, parameter count down.
+    creator.create("EvofuseParetoFitness", base.Fitness, weights=(1.0, -1.0))
+    creator.create("EvofuseParetoMember", dict, fitness=creator.EvofuseParetoFitness)
 
 
 def finite_or_worst(value: float | None) -> float:
     return value if value is not None and math.isfinite(value) else WORST
 
 
-def make_member(id: str, recipe: Recipe | None, score: float, metrics: dict | None = None, plan: list | None = None):
-    member = creator.EvofuseMember(
-        id=id, recipe=recipe.to_dict() if recipe else None, plan=plan or [], metrics=metrics or {}
-    )
-    member.fitness.values = (finite_or_worst(score),)
+def make_member(
+    id: str, recipe: Recipe | None, score: float, metrics: dict | None = None, plan: list | None = None, params: int | None = None
+):
+    """A DEAP individual; with `params` it has two objectives (score up, parameters down)."""
+    fields = dict(id=id, recipe=recipe.to_dict() if recipe else None, plan=plan or [], metrics=metrics or {})
+    if params is None:
+        member = creator.EvofuseMember(**fields)
+        member.fitness.values = (finite_or_worst(score),)
+    else:
+        member = creator.EvofuseParetoMember(**fields, params=int(params))
+        member.fitness.values = (finite_or_worst(score), float(params))
     return member
 
 
@@ -45,7 +54,18 @@ def member_from_json(data: dict):
     data = dict(data)
     score = data.pop("score")
     recipe = Recipe.from_dict(data["recipe"]) if data.get("recipe") else None
-    return make_member(data["id"], recipe, score, data.get("metrics"), data.get("plan"))
+    return make_member(data["id"], recipe, score, data.get("metrics"), data.get("plan"), data.get("params"))
+
+
+def select_pareto(members: Sequence, size: int) -> list:
+    """NSGA-II survivor selection (non-dominated sorting, then crowding distance)."""
+    return list(tools.selNSGA2(list(members), size))
+
+
+def pareto_front_of(members: Iterable) -> list:
+    front = tools.ParetoFront(similar=lambda a, b: a["id"] == b["id"])
+    front.update([m for m in members if m.fitness.values[0] > WORST])
+    return list(front)
 
 
 def make_toolbox(run_seed: int, generations: int, F: float, CR: float, strategy: str, reference: str) -> base.Toolbox:

@@ -121,22 +121,13 @@ def cmd_compress(args) -> int:
     calibration = calibration_windows(tokenizer, args.calibration, args.seq_len, args.num_sequences)
     log = None if args.quiet else (lambda m: print(m, file=sys.stderr))
     model = apply_plan(model, plan, calibration, log=log)
-    _save_compressed(model, tokenizer, Path(args.out), args.plan)
-    print(args.out)
+    from .export import save_model
+
+    out = Path(args.out)
+    save_model(model, tokenizer, out)
+    (out / "evofuse_plan.yaml").write_text(Path(args.plan).read_text())
+    print(out)
     return 0
-
-
-def _save_compressed(model, tokenizer, out: Path, plan_path: str) -> None:
-    try:
-        from compression.loader import save_compressed
-    except ImportError:
-        save_compressed = None
-    if save_compressed is not None:
-        save_compressed(model, tokenizer, out)
-    else:
-        model.save_pretrained(out)
-        tokenizer.save_pretrained(out)
-    (out / "evofuse_plan.yaml").write_text(Path(plan_path).read_text())
 
 
 def cmd_merge(args) -> int:

@@ -17,6 +17,8 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_valida
 
 from compression.calibration import DataSpecError
 
+from .space import SpaceConfig
+
 
 class ConfigError(ValueError):
     """A bad config; the message is one line naming the field or file."""
@@ -100,21 +102,40 @@ class WorkersConfig(Strict):
     max_retries: int = Field(2, ge=0)
 
 
+class CompressConfig(Strict):
+    """Plans for `compress` and `joint` runs: the space Optuna searches and the budget."""
+
+    space: SpaceConfig = Field(default_factory=SpaceConfig)
+    sampler: Literal["nsga2", "tpe", "random"] = "nsga2"
+    candidates: int = Field(4, ge=1)  # compress mode: trials asked per generation
+    weights: Optional[str] = None  # compress mode: the parent whose weights are compressed (default: base)
+    # Size budget: a parameter count, or a fraction of the dense model when <= 1. With NSGA-II /
+    # TPE it is a constraint; DEAP's selection ranks over-budget candidates below all others.
+    max_params: Optional[float] = Field(None, gt=0)
+
+
 class RunConfig(Strict):
     name: str
     seed: int = 0
     run_dir: Optional[str] = None
+    # merge: Evolver on weights only; compress: Optuna over plans for fixed weights;
+    # joint: each candidate is an Evolver recipe plus a plan from Optuna.
+    mode: Literal["merge", "compress", "joint"] = "merge"
     parents: Parents
     tasks: list[TaskConfig] = Field(min_length=1)
     evolver: EvolverConfig = Field(default_factory=EvolverConfig)
+    compress: CompressConfig = Field(default_factory=CompressConfig)
     workers: WorkersConfig = Field(default_factory=WorkersConfig)
     export_top: int = Field(1, ge=0)  # candidates exported when the run finishes
 
     @model_validator(mode="after")
-    def _unique_tasks(self) -> "RunConfig":
+    def _cross_fields(self) -> "RunConfig":
         names = [t.name for t in self.tasks]
         if len(set(names)) != len(names):
             raise ValueError("task names must be unique")
+        parents = [p.name for p in self.parents.all()]
+        if self.compress.weights is not None and self.compress.weights not in parents:
+            raise ValueError(f"compress.weights: {self.compress.weights!r} is not a parent ({', '.join(parents)})")
         return self
 
     def fingerprint(self) -> str:

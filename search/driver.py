@@ -25,6 +25,8 @@ import torch
 from tqdm.auto import tqdm
 
 from evolve.operators import materialize
+from compression.arch import num_blocks
+from compression.plan import PlanError, check_plan, parse_plan
 from evolve.population import (
     WORST,
     finite_or_worst,
@@ -35,6 +37,8 @@ from evolve.population import (
     member_from_json,
     member_score,
     member_to_json,
+    pareto_front_of,
+    select_pareto,
 )
 from evolve.recipe import Recipe
 
@@ -42,10 +46,13 @@ from .config import ConfigError, RunConfig, dump_config, load_config, parse_conf
 from .experts import resolve_parents
 from .fitness import aggregate
 from .sources import load_state, tensor_index
+from .space import suggest_plan
+from .study import tell_result
 from .store import RunStore
 from .workers import EvaluatorPool, WorkerSpec, from_numpy_state, init_ray, put_weights
 
 HALL_OF_FAME_SIZE = 10  # best members ever seen; their weights stay in the run for export
+FAILED_PARAMS = 2**62  # parameter count recorded for a failed candidate (JSON has no infinity)
 
 
 STALL_ENV = "EVOFUSE_FAULT_STALL"  # "<candidate id>": hang right after journalling it (kill tests)
@@ -129,7 +136,12 @@ class Search:
             exclude=list(self.config.evolver.exclude),
             dtype=workers.dtype,
             threads=max(1, int(workers.num_cpus)),
+            calibration=self.config.compress.space.calibration.model_dump() if self.pareto else None,
         )
+        from transformers import AutoConfig
+
+        self.base_config = AutoConfig.from_pretrained(spec.template_dir)
+        self.num_layers = num_blocks(self.base_config)
         self.pool = EvaluatorPool(spec, workers.count, workers.num_cpus, workers.num_gpus, workers.max_retries)
         for name, path in self.parent_dirs.items():
             self.refs[name] = put_weights(load_state(path))
@@ -148,7 +160,10 @@ class Search:
 
         def on_result(result: dict) -> None:
             result["score"] = result_score(result, self.weights)
-            result["recipe"] = next(j["recipe"] for j in todo if j["id"] == result["id"])
+            job = next(j for j in todo if j["id"] == result["id"])
+            result["recipe"], result["plan"] = job["recipe"], job["plan"]
+            if "trial" in job:
+                result["trial"] = job["trial"]
             result["time"] = round(time.time(), 3)
             self.store.append_journal(result)
             _maybe_stall(result["id"])
@@ -161,19 +176,44 @@ class Search:
             bar.update(1)
             bar.set_postfix(best=f"{max(r['score'] for r in results.values()):.4f}")
 
-        jobs_with_refs = [(job, {wid: self.refs[wid] for wid in Recipe.from_dict(job["recipe"]).input_ids()}) for job in todo]
-        self.pool.run(jobs_with_refs, on_result)
+        runnable = []
+        for job in todo:
+            reason = self.plan_error(job["plan"])
+            if reason is None:
+                runnable.append((job, {wid: self.refs[wid] for wid in Recipe.from_dict(job["recipe"]).input_ids()}))
+            else:
+                on_result({"id": job["id"], "split": job["split"], "status": "failed", "metrics": {}, "reason": reason, "attempts": 0})
+        self.pool.run(runnable, on_result)
         bar.close()
         return results
 
-    def job(self, cid: str, recipe: Recipe, split: str = "dev", generation: int | None = None) -> dict:
-        job = {"id": cid, "recipe": recipe.to_dict(), "split": split}
+    def job(
+        self, cid: str, recipe: Recipe, split: str = "dev", generation: int | None = None, plan: list | None = None, trial: int | None = None
+    ) -> dict:
+        job = {"id": cid, "recipe": recipe.to_dict(), "split": split, "plan": plan or []}
+        if trial is not None:
+            job["trial"] = trial
         subsample = self.config.evolver.subsample
         if split == "dev" and subsample and generation is not None:
             job.update(subsample=subsample, subsample_seed=generation)
         return job
 
+    def plan_error(self, plan: list) -> str | None:
+        """Why a plan cannot apply to the base architecture (checked before any work), or None."""
+        if not plan:
+            return None
+        try:
+            check_plan(parse_plan(plan), self.base_config)
+        except PlanError as exc:
+            return f"PlanError: {exc}"
+        return None
+
     # ---- the run -------------------------------------------------------------------------
+    @property
+    def pareto(self) -> bool:
+        """compress / joint runs have two objectives (score up, parameters down)."""
+        return self.config.mode != "merge"
+
     def run(self) -> dict:
         state = self.store.read_state()
         if state is None:
@@ -186,69 +226,132 @@ class Search:
             return state
         evo = self.config.evolver
         toolbox = make_toolbox(self.config.seed, evo.generations, evo.F, evo.CR, evo.strategy, evo.reference)
+        self.study = self.open_study() if self.pareto else None
         for generation in range(state["generation"], evo.generations):
             state = self.run_generation(toolbox, generation, state)
-        state = self.finish(state)
-        return state
+        return self.finish(state)
+
+    def member(self, cid: str, recipe: Recipe, result: dict, plan: list | None = None):
+        params = result.get("num_params") if self.pareto else None
+        score = result["score"]
+        if self.pareto and params is None:
+            score, params = WORST, FAILED_PARAMS  # failed: dominated by everything
+        elif self.pareto and self.max_params is not None and params > self.max_params:
+            score = WORST  # over budget: ranked below every feasible candidate
+        return make_member(cid, recipe, score, task_scores(result.get("metrics", {})), plan, params)
 
     def initial_state(self) -> dict:
-        names = [self.config.parents.base.name] + [e.name for e in self.config.parents.experts]
-        jobs = [self.job(n, Recipe(op="copy", inputs=(n,))) for n in names]
-        results = self.evaluate(jobs, "parents")
-        members = [make_member(n, Recipe(op="copy", inputs=(n,)), results[n]["score"], task_scores(results[n].get("metrics", {})))
-                   for n in self.population_names()]
+        names = [p.name for p in self.config.parents.all()]
+        copies = {n: Recipe(op="copy", inputs=(n,)) for n in names}
+        results = self.evaluate([self.job(n, copies[n]) for n in names], "parents")
+        base_params = results[names[0]].get("num_params")
         state = {
             "generation": 0,
             "status": "running",
-            "population": [member_to_json(m) for m in members],
-            "hall_of_fame": [member_to_json(m) for m in members],
-            "parents": {n: {"score": results[n]["score"]} for n in names},
+            "parents": {n: {"score": results[n]["score"], "num_params": results[n].get("num_params")} for n in names},
+            "dense_params": base_params,
             "weight_checksums": {},
             "evaluations": len(results),
             "fingerprint": self.config.fingerprint(),
             "started": time.time(),
         }
+        self.max_params = self.resolve_budget(state)
+        members = [self.member(n, copies[n], results[n]) for n in self.population_names()]
+        state["population"] = [member_to_json(m) for m in members]
+        state["hall_of_fame"] = [member_to_json(m) for m in self.best_of(members)]
         self.store.write_state(state)
         return state
 
+    def population_names(self) -> list[str]:
+        if self.config.mode == "compress":
+            return [self.config.compress.weights or self.config.parents.base.name]
+        names = [e.name for e in self.config.parents.experts]
+        return ([self.config.parents.base.name] + names) if self.config.evolver.include_base else names
+
+    def resolve_budget(self, state: dict) -> float | None:
+        budget = self.config.compress.max_params
+        if budget is None or not self.pareto:
+            return None
+        return budget * state["dense_params"] if budget <= 1 else budget
+
+    def best_of(self, members) -> list:
+        if self.pareto:
+            return pareto_front_of(members)
+        return list(hall_of_fame_from(members, HALL_OF_FAME_SIZE))
+
     def restore_population(self, state: dict) -> None:
+        self.max_params = self.resolve_budget(state)
         self.population = [member_from_json(m) for m in state["population"]]
         for member_id, checksum in state["weight_checksums"].items():
             if member_id not in self.refs:
                 self.refs[member_id] = put_weights(self.store.load_weights(member_id, checksum))
 
+    # ---- one generation ------------------------------------------------------------------
+    def children(self, toolbox, generation: int, state: dict) -> list[dict]:
+        """This generation's candidates: {id, target, recipe, plan, trial} (persisted before scoring)."""
+        pending = state.get("pending")
+        if pending and pending["generation"] == generation:
+            return pending["children"]  # asked before a kill: the same trials, not new ones
+        if self.config.mode == "compress":
+            weights = self.population_names()[0]
+            recipes = [(f"g{generation:03d}-{i:03d}", weights, Recipe(op="copy", inputs=(weights,)))
+                       for i in range(self.config.compress.candidates)]
+        else:
+            recipes = [(o.id, o.target, o.recipe) for o in toolbox.offspring(self.population, generation)]
+        children = []
+        for cid, target, recipe in recipes:
+            child = {"id": cid, "target": target, "recipe": recipe.to_dict(), "plan": [], "trial": None}
+            if self.study is not None:
+                trial = self.study.ask()
+                child["plan"], child["trial"] = suggest_plan(trial, self.config.compress.space, self.num_layers), trial.number
+            children.append(child)
+        if self.study is not None:
+            state["pending"] = {"generation": generation, "children": children}
+            self.store.write_state(state)
+        return children
+
     def run_generation(self, toolbox, generation: int, state: dict) -> dict:
         started = time.perf_counter()
-        offspring = toolbox.offspring(self.population, generation)
-        results = self.evaluate(
-            [self.job(o.id, o.recipe, generation=generation) for o in offspring], f"generation {generation + 1}/{self.config.evolver.generations}"
-        )
-        next_population, checksums, replaced = [], dict(state["weight_checksums"]), 0
-        for target, child in zip(self.population, offspring):
-            result = results[child.id]
-            candidate = make_member(child.id, child.recipe, result["score"], task_scores(result.get("metrics", {})))
-            winner = toolbox.select(target, candidate)
-            if winner is candidate:
-                replaced += 1
-                checksums[child.id] = self.keep_weights(child.recipe, child.id)
-            next_population.append(winner)
+        children = self.children(toolbox, generation, state)
+        jobs = [self.job(c["id"], Recipe.from_dict(c["recipe"]), generation=generation, plan=c["plan"], trial=c["trial"]) for c in children]
+        results = self.evaluate(jobs, f"generation {generation + 1}/{self.config.evolver.generations}")
+        candidates = []
+        for child in children:
+            result = results[child["id"]]
+            if self.study is not None:
+                tell_result(self.study, child["trial"], result, self.max_params)
+            candidates.append(self.member(child["id"], Recipe.from_dict(child["recipe"]), result, child["plan"]))
+        if self.pareto:
+            next_population = select_pareto(self.population + candidates, len(self.population))
+        else:
+            next_population = [toolbox.select(target, child) for target, child in zip(self.population, candidates)]
+        previous = {m["id"] for m in self.population}
+        accepted = [m for m in next_population if m["id"] not in previous]
+        checksums = dict(state["weight_checksums"])
+        for member in accepted:
+            recipe = Recipe.from_dict(member["recipe"])
+            if recipe.op != "copy":  # new weights (a compress run only re-plans its parent's)
+                checksums[member["id"]] = self.keep_weights(recipe, member["id"])
         self.population = next_population
-        hof = hall_of_fame_from([member_from_json(m) for m in state["hall_of_fame"]] + next_population, HALL_OF_FAME_SIZE)
-        live = {m["id"] for m in next_population} | {m["id"] for m in hof}
+        best = self.best_of([member_from_json(m) for m in state["hall_of_fame"]] + next_population)
+        live = {m["id"] for m in next_population} | {m["id"] for m in best}
         checksums = {k: v for k, v in checksums.items() if k in live}
-        record = generation_record(generation, next_population, len(offspring), replaced, time.perf_counter() - started)
+        record = generation_record(generation, next_population, len(children), len(accepted), time.perf_counter() - started)
+        if self.pareto:
+            record["pareto_size"] = len(best)
         self.store.append_logbook(record)
         self.log(
             f"generation {generation + 1}: best {record['best']:.4f} mean {record['mean']:.4f}, "
-            f"{replaced}/{len(offspring)} replaced"
+            f"{len(accepted)}/{len(children)} new members" + (f", Pareto front {len(best)}" if self.pareto else "")
         )
         state = {
             **state,
             "generation": generation + 1,
             "population": [member_to_json(m) for m in next_population],
-            "hall_of_fame": [member_to_json(m) for m in hof],
+            "hall_of_fame": [member_to_json(m) for m in best],
             "weight_checksums": checksums,
-            "evaluations": state["evaluations"] + len(offspring),
+            "evaluations": state["evaluations"] + len(children),
+            "pending": None,
         }
         self.store.write_state(state)
         self.store.prune_weights(checksums)
@@ -266,14 +369,24 @@ class Search:
 
     def finish(self, state: dict) -> dict:
         """Score parents and the best members on the test splits; export the top candidates."""
-        best = sorted(self.population, key=member_score, reverse=True)
-        names = [self.config.parents.base.name] + [e.name for e in self.config.parents.experts]
-        ids = list(dict.fromkeys(names + [m["id"] for m in best[: max(1, self.config.export_top)]]))
-        jobs = [self.job(i, Recipe(op="copy", inputs=(i,)), split="test") for i in ids]
+        names = [p.name for p in self.config.parents.all()]
+        if self.pareto:  # the whole Pareto front found so far
+            chosen = [member_from_json(m) for m in state["hall_of_fame"]]
+        else:
+            chosen = sorted(self.population, key=member_score, reverse=True)[: max(1, self.config.export_top)]
+        jobs = [self.job(n, Recipe(op="copy", inputs=(n,)), split="test") for n in names]
+        jobs += [self.job(m["id"], Recipe.from_dict(m["recipe"]), split="test", plan=m.get("plan")) for m in chosen if m["id"] not in names]
         self.evaluate(jobs, "test splits")
         state = {**state, "status": "finished", "finished": time.time()}
         self.store.write_state(state)
         return state
+
+    def open_study(self):
+        from .study import open_study
+
+        compress = self.config.compress
+        size = compress.candidates if self.config.mode == "compress" else len(self.population)
+        return open_study(self.store.root, self.config.name, compress.sampler, self.config.seed, size, self.max_params is not None)
 
     def shutdown(self) -> None:
         pool = getattr(self, "pool", None)

@@ -114,11 +114,16 @@ def export_member(run_dir: Path, member_id: str, out: Path, dtype: str = "float3
         params[name].data.copy_(tensor)
     journal = _journal_by_id(store)
     ancestry = lineage(member_id, journal, set(parent_dirs))
+    tokenizer = AutoTokenizer.from_pretrained(str(base_dir))
     if out.exists():
         shutil.rmtree(out)
-    out.mkdir(parents=True)
-    model.to(getattr(torch, dtype)).save_pretrained(out)
-    AutoTokenizer.from_pretrained(str(base_dir)).save_pretrained(out)
+    if member.get("plan"):
+        model = apply_member_plan(model, tokenizer, member["plan"], config)
+        save_model(model.to(getattr(torch, dtype)), tokenizer, out)
+    else:
+        out.mkdir(parents=True)
+        model.to(getattr(torch, dtype)).save_pretrained(out)
+        tokenizer.save_pretrained(out)
     entries = journal.get(member_id, {})
     recipe = {
         "id": member_id,
@@ -136,6 +141,28 @@ def export_member(run_dir: Path, member_id: str, out: Path, dtype: str = "float3
     (out / "evofuse_recipe.json").write_text(json.dumps(recipe, indent=1))
     (out / "README.md").write_text(model_card(member, entries, config, ancestry))
     return out
+
+
+def apply_member_plan(model, tokenizer, plan: list, config):
+    """The candidate's structure: its plan applied with the run's calibration data, as scored."""
+    from compression.calibration import calibration_windows
+    from compression.plan import apply_plan, parse_plan
+
+    c = config.compress.space.calibration
+    calibration = calibration_windows(tokenizer, c.data, c.seq_len, c.num_sequences)
+    return apply_plan(model, parse_plan(plan), calibration).eval()
+
+
+def save_model(model, tokenizer, out: Path) -> None:
+    """Plain save_pretrained when the structure allows it, else compression's loader format."""
+    try:
+        from compression.loader import save_compressed
+    except ImportError:
+        out.mkdir(parents=True, exist_ok=True)
+        model.save_pretrained(out)
+        tokenizer.save_pretrained(out)
+        return
+    save_compressed(model, tokenizer, out)
 
 
 def export_top(run_dir: Path, top: int, out: Path, dtype: str = "float32", quiet: bool = True) -> list[Path]:

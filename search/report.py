@@ -8,6 +8,8 @@ from pathlib import Path
 from .config import ConfigError, load_config
 from .store import RunStore
 
+WORST = -1e30  # evolve.population.WORST: failed or over-budget candidates
+
 # The metric a person reads for each kind (the search itself aggregates each task's "score").
 DISPLAY_METRIC = {"perplexity": "token_perplexity", "multiple_choice": "acc_norm", "generate": "exact_match", "lm_eval": "score"}
 
@@ -115,9 +117,16 @@ def pareto_ids(store: RunStore) -> list[str]:
     if state is None:
         raise ConfigError(f"{store.root}: no state.json")
     members = {m["id"]: m for m in state["hall_of_fame"] + state["population"]}.values()
-    pts = [(m["id"], m["score"], m.get("metrics", {}).get("num_params", 0)) for m in members]
-    front = [a for a in pts if not any(b[1] >= a[1] and b[2] <= a[2] and (b[1] > a[1] or b[2] < a[2]) for b in pts)]
-    return [p[0] for p in sorted(front, key=lambda p: -p[1])]
+    pts = [(m["id"], m["score"], m.get("params", 0)) for m in members if m["score"] > WORST]
+    return [p[0] for p in sorted(non_dominated(pts), key=lambda p: -p[1])]
+
+
+def non_dominated(points: list[tuple]) -> list[tuple]:
+    """(id, score, params) points no other point beats on both (score up, params down)."""
+    def dominates(b, a):
+        return b[1] >= a[1] and b[2] <= a[2] and (b[1] > a[1] or b[2] < a[2])
+
+    return [a for a in points if not any(dominates(b, a) for b in points)]
 
 
 def write_report(run_dir: Path) -> Path:

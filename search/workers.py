@@ -118,9 +118,7 @@ class Evaluator:
                 metrics[name] = self.task(name, job["split"]).evaluate(
                     model, subsample=job.get("subsample"), seed=job.get("subsample_seed", 0)
                 )
-            result.update(status="ok", metrics=metrics)
-            if job.get("plan"):
-                result["num_params"] = sum(p.numel() for p in model.parameters())
+            result.update(status="ok", metrics=metrics, num_params=sum(p.numel() for p in model.parameters()))
         scored = time.perf_counter()
         result["timing"] = {"materialize_s": round(materialized - start, 4), "score_s": round(scored - materialized, 4)}
         return result

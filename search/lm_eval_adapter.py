@@ -1,0 +1,163 @@
+"""The `lm_eval` fitness kind: lm-evaluation-harness tasks run on the in-memory candidate model.
+
+DATA is a comma-separated list of lm-eval task names (`hellaswag,arc_easy`) and/or task YAML
+files (`tasks/my_mc.yaml`, whose directory is added to lm-eval's include path, so YAMLs that
+point `dataset_path: json` at local files work offline). Option `include_path` adds further
+directories of task YAMLs. The model is wrapped in lm-eval's `HFLM(pretrained=model)` for each
+evaluation: nothing is written to disk. Groups are expanded to their leaf tasks once at build
+time, and the task objects (their data) are reused for every candidate.
+
+Metrics come back as `"{task}/{metric}"` (lm-eval's filter suffix `,none` dropped). `score` is the
+mean over leaf tasks of one metric (option `metric`; by default the first of acc_norm, acc,
+exact_match, word_perplexity, ... that the task reports), turned "higher is better": a
+perplexity p counts as -log p, any other lower-is-better metric as its negative.
+
+Subsampling draws `subsample` documents of each task with `random.Random(seed)` and passes them
+as lm-eval's `samples`; option `limit` is lm-eval's own (the first N documents).
+
+lm-eval is an optional dependency (tested with lm-eval==0.4.13); without it building an
+`lm_eval` task raises one TaskError line saying how to install it.
+"""
+from __future__ import annotations
+
+import copy
+import difflib
+import math
+import os
+from pathlib import Path
+
+from search.fitness import FitnessTask, TaskError, TaskSpec, subsample_indices
+
+LM_EVAL_PIN = "lm-eval==0.4.13"
+DEFAULT_METRICS = ("acc_norm", "acc", "exact_match", "word_perplexity", "byte_perplexity", "bits_per_byte", "perplexity")
+
+
+def require_lm_eval():
+    try:
+        import lm_eval  # noqa: F401
+    except ImportError:
+        raise TaskError(
+            f"task kind lm_eval needs lm-evaluation-harness, which is not installed: pip install '{LM_EVAL_PIN}'"
+        ) from None
+
+
+def _yaml_task_name(path: Path) -> str:
+    """The `task:` name in an lm-eval task YAML (its `!function` tags are skipped, not run)."""
+    import yaml
+
+    class Loader(yaml.SafeLoader):
+        pass
+
+    Loader.add_multi_constructor("!", lambda loader, suffix, node: None)
+    try:
+        config = yaml.load(path.read_text(encoding="utf-8"), Loader=Loader)  # noqa: S506 (SafeLoader subclass)
+    except yaml.YAMLError as exc:
+        raise TaskError(f"{path}: not valid YAML ({str(exc).splitlines()[0]})") from None
+    name = config.get("task") if isinstance(config, dict) else None
+    if not isinstance(name, str):
+        raise TaskError(f"{path}: an lm-eval task YAML needs a string `task:` name")
+    return name
+
+
+def parse_lm_eval_data(data: str, include_path=None) -> tuple[list[str], list[str]]:
+    """(task names, include directories) from `name,name,file.yaml` plus the include_path option."""
+    names, include = [], []
+    for extra in [include_path] if isinstance(include_path, str) else list(include_path or []):
+        if not Path(extra).is_dir():
+            raise TaskError(f"lm_eval option include_path: {extra}: no such directory")
+        include.append(str(Path(extra).resolve()))
+    for item in (part.strip() for part in data.split(",")):
+        if not item:
+            continue
+        if item.endswith((".yaml", ".yml")):
+            path = Path(item)
+            if not path.is_file():
+                raise TaskError(f"{item}: no such lm-eval task YAML")
+            names.append(_yaml_task_name(path))
+            include.append(str(path.parent.resolve()))
+        else:
+            names.append(item)
+    if not names:
+        raise TaskError(f"lm_eval:{data}: no task names")
+    return names, sorted(set(include))
+
+
+def _leaf_tasks(task_dict) -> list:
+    """Task objects of a (possibly nested, group-keyed) lm-eval task dict."""
+    leaves = []
+    for value in task_dict.values():
+        leaves.extend(_leaf_tasks(value) if isinstance(value, dict) else [value])
+    return leaves
+
+
+class LmEvalTask(FitnessTask):
+    kind = "lm_eval"
+
+    def __init__(self, spec: TaskSpec, tokenizer):
+        require_lm_eval()
+        os.environ.setdefault("HF_DATASETS_OFFLINE", "1")  # local files only: never reach a hub
+        os.environ.setdefault("HF_HUB_OFFLINE", "1")
+        super().__init__(spec, copy.deepcopy(tokenizer))  # HFLM may set a pad token on it
+        from lm_eval.tasks import TaskManager, get_task_dict
+
+        self.names, include = parse_lm_eval_data(spec.data, self.option("include_path"))
+        from_files = spec.data.replace(" ", "").split(",")
+        only_files = all(item.endswith((".yaml", ".yml")) for item in from_files) and not self.option("include_path")
+        self.manager = manager = TaskManager(include_path=include or None, include_defaults=not only_files)
+        for name in self.names:
+            if name not in manager.all_tasks:
+                close = difflib.get_close_matches(name, manager.all_tasks, n=3)
+                hint = f" Did you mean {', '.join(close)}?" if close else ""
+                raise TaskError(f"lm_eval: unknown lm-eval task {name!r}.{hint}")
+        self.tasks = _leaf_tasks(get_task_dict(self.names, manager))
+        self.items = self.tasks  # len(task) = number of leaf tasks
+
+    def evaluate(self, model, *, subsample=None, seed: int = 0, progress: bool = False) -> dict[str, float]:
+        from lm_eval import simple_evaluate
+        from lm_eval.models.huggingface import HFLM
+
+        was_training = model.training
+        model.eval()
+        try:
+            lm = HFLM(
+                pretrained=model,
+                tokenizer=self.tokenizer,
+                batch_size=self._int_option("batch_size", 8),
+                max_length=self._int_option("context_length", None),
+            )
+            subsample = subsample if subsample is not None else self.option("subsample")
+            samples = None
+            if subsample is not None:
+                samples = {t.config.task: subsample_indices(len(t.eval_docs), subsample, seed) for t in self.tasks}
+            out = simple_evaluate(
+                model=lm, tasks=list(self.tasks), num_fewshot=self.option("num_fewshot"), limit=self.option("limit"),
+                samples=samples, task_manager=self.manager, log_samples=False, bootstrap_iters=0, random_seed=seed, verbosity="ERROR",
+            )
+        finally:
+            model.train(was_training)
+        return self.summarise(out["results"])
+
+    def summarise(self, results: dict) -> dict[str, float]:
+        metrics: dict[str, float] = {}
+        scores = []
+        for task in self.tasks:
+            name = task.config.task
+            values = {
+                key.split(",")[0]: float(value)
+                for key, value in results.get(name, {}).items()
+                if "," in key and "_stderr" not in key and isinstance(value, (int, float))
+            }
+            metrics.update({f"{name}/{key}": value for key, value in values.items()})
+            scores.append(self.task_score(name, values, task.higher_is_better()))
+        metrics["score"] = sum(scores) / len(scores)
+        return metrics
+
+    def task_score(self, name: str, values: dict[str, float], higher_is_better: dict) -> float:
+        wanted = self.option("metric")
+        metric = wanted if wanted else next((m for m in DEFAULT_METRICS if m in values), None)
+        if metric not in values:
+            raise TaskError(f"lm_eval: task {name!r} reports no metric {metric!r} (has: {', '.join(values) or 'none'})")
+        value = values[metric]
+        if higher_is_better.get(metric, True):
+            return value
+        return -math.log(value) if "perplexity" in metric else -value

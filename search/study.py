@@ -1,0 +1,68 @@
+"""The Optuna study of a run: stored in the run directory, asked and told by the driver only.
+
+Storage is Optuna's JournalFileBackend (`runs/<name>/optuna.journal`): an append-only log
+that survives a kill at any moment and opens as it is in `optuna-dashboard`. Objectives are
+(dev aggregate score: maximise, parameter count: minimise). With NSGA-II a parameter budget
+becomes a constraint (`constraint` user attribute, feasible when <= 0); a plan that fails is a
+FAIL trial carrying its reason, and the search goes on.
+"""
+from __future__ import annotations
+
+from pathlib import Path
+
+import optuna
+
+DIRECTIONS = ["maximize", "minimize"]
+
+
+def _constraint(trial) -> list[float]:
+    return trial.user_attrs.get("constraint", [0.0])
+
+
+def make_sampler(kind: str, seed: int, population_size: int, constrained: bool):
+    if kind == "nsga2":
+        return optuna.samplers.NSGAIISampler(
+            seed=seed, population_size=max(2, population_size), constraints_func=_constraint if constrained else None
+        )
+    if kind == "tpe":
+        return optuna.samplers.TPESampler(seed=seed, constraints_func=_constraint if constrained else None)
+    return optuna.samplers.RandomSampler(seed=seed)
+
+
+def journal_path(run_dir: Path) -> Path:
+    return Path(run_dir) / "optuna.journal"
+
+
+def open_study(run_dir: Path, name: str, sampler: str, seed: int, population_size: int, constrained: bool) -> optuna.Study:
+    from optuna.storages import JournalStorage
+    from optuna.storages.journal import JournalFileBackend
+
+    optuna.logging.set_verbosity(optuna.logging.WARNING)
+    storage = JournalStorage(JournalFileBackend(str(journal_path(run_dir))))
+    return optuna.create_study(
+        study_name=name,
+        storage=storage,
+        directions=DIRECTIONS,
+        sampler=make_sampler(sampler, seed, population_size, constrained),
+        load_if_exists=True,
+    )
+
+
+def tell_result(study: optuna.Study, trial_number: int, result: dict, max_params: float | None) -> None:
+    """COMPLETE with (score, params) for a scored candidate, FAIL with its reason otherwise.
+
+    Idempotent: a trial told before a kill is left as it is, so a resumed run can tell every
+    result of the interrupted generation again and the study still agrees with the journal.
+    """
+    frozen = study.get_trials(deepcopy=False)[trial_number]  # trials are numbered in ask order
+    if frozen.state.is_finished():
+        return
+    trial = optuna.trial.Trial(study, frozen._trial_id)  # a live handle on an asked trial
+    if result.get("status") != "ok":
+        trial.set_user_attr("fail_reason", str(result.get("reason") or result.get("status")))
+        study.tell(trial, state=optuna.trial.TrialState.FAIL)
+        return
+    params = float(result["num_params"])
+    if max_params is not None:
+        trial.set_user_attr("constraint", [params - max_params])
+    study.tell(trial, [float(result["score"]), params])

@@ -1,0 +1,149 @@
+"""Joint search: Evolver recipes + Optuna plans, NSGA-II selection, resume, failures, clusters."""
+from __future__ import annotations
+
+import os
+import shutil
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import optuna
+import pytest
+import yaml
+
+from search.report import non_dominated, pareto_ids
+from search.store import RunStore
+from search.study import journal_path
+
+ROOT = Path(__file__).resolve().parent.parent
+pytestmark = pytest.mark.slow
+
+
+def joint_config(tmp_path: Path, **space) -> Path:
+    raw = yaml.safe_load((ROOT / "configs" / "tiny-joint.yaml").read_text())
+    raw["compress"]["space"].update(space)
+    path = tmp_path / "joint.yaml"
+    path.write_text(yaml.safe_dump(raw))
+    return path
+
+
+def load_study(run_dir: Path) -> optuna.Study:
+    from optuna.storages import JournalStorage
+    from optuna.storages.journal import JournalFileBackend
+
+    return optuna.load_study(study_name="tiny-joint", storage=JournalStorage(JournalFileBackend(str(journal_path(run_dir)))))
+
+
+def evofuse(*args, env=None):
+    return subprocess.run([sys.executable, "-m", "search.cli", *args], capture_output=True, text=True, env={**os.environ, **(env or {})})
+
+
+def test_joint_search_resumes_with_study_and_population_in_agreement(tmp_path):
+    run_dir = tmp_path / "run"
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "search.cli", "search", str(joint_config(tmp_path)), "--run-dir", str(run_dir), "--quiet"],
+        env={**os.environ, "EVOFUSE_FAULT_STALL": "g001-000"}, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+        start_new_session=True,
+    )
+    try:
+        deadline = time.time() + 300
+        while time.time() < deadline and not any(e["id"] == "g001-000" for e in RunStore(run_dir).read_journal()):
+            assert proc.poll() is None, "the run ended before it could be killed"
+            time.sleep(0.2)
+    finally:
+        os.killpg(proc.pid, signal.SIGKILL)
+        proc.wait()
+    asked_before = len(load_study(run_dir).trials)
+    resumed = evofuse("resume", str(run_dir), "--quiet")
+    assert resumed.returncode == 0, resumed.stderr[-3000:]
+
+    store = RunStore(run_dir)
+    dev = [e for e in store.read_journal() if e["split"] == "dev" and "trial" in e]
+    keys = [e["id"] for e in dev]
+    assert len(keys) == len(set(keys)) == 6  # 2 generations x 3 children, none scored twice
+    study = load_study(run_dir)
+    assert len(study.trials) == asked_before == 6  # the interrupted generation's trials were reused
+    for entry in dev:
+        trial = study.trials[entry["trial"]]
+        if entry["status"] == "ok":
+            assert trial.state == optuna.trial.TrialState.COMPLETE
+            assert trial.values == [pytest.approx(entry["score"]), entry["num_params"]]
+        else:
+            assert trial.state == optuna.trial.TrialState.FAIL
+    state = store.read_state()
+    assert state["status"] == "finished" and state["pending"] is None
+    # the population's members are journalled candidates with the plan they were scored with
+    by_id = {e["id"]: e for e in store.read_journal() if e["split"] == "dev"}
+    for member in state["population"]:
+        assert by_id[member["id"]]["plan"] == member["plan"]
+    # the Pareto set is non-dominated among every feasible candidate scored
+    points = [(e["id"], e["score"], e["num_params"]) for e in by_id.values() if e["status"] == "ok"]
+    front = set(pareto_ids(store))
+    assert front and front == {p[0] for p in non_dominated(points)}
+
+
+def test_failing_plans_become_fail_trials_and_the_run_goes_on(tmp_path):
+    config = joint_config(tmp_path, depth=["none"], width=["prune_width"], width_ratio={"low": 0.8, "high": 0.95})
+    proc = evofuse("search", str(config), "--run-dir", str(tmp_path / "run"), "--quiet")
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    study = load_study(tmp_path / "run")
+    assert [t.state for t in study.trials] == [optuna.trial.TrialState.FAIL] * 6
+    assert all("no attention head" in t.user_attrs["fail_reason"] for t in study.trials)
+    state = RunStore(tmp_path / "run").read_state()
+    assert {m["id"] for m in state["population"]} == {"base", "arith", "compare"}  # nothing replaced them
+
+
+def _kill_session_processes(marker: str) -> None:
+    import psutil
+
+    for proc in psutil.process_iter(["cmdline"]):
+        try:
+            if any(marker in part for part in proc.info["cmdline"] or []):
+                proc.kill()
+        except (psutil.NoSuchProcess, psutil.AccessDenied):
+            pass
+
+
+def test_two_node_ray_cluster(tmp_path):
+    """`ray start --head` plus a second `ray start --address` node, then a search with --address."""
+    ray_bin = Path(sys.executable).parent / "ray"
+    temp_dir = Path("/tmp") / f"evofuse-ray-{os.getpid()}"  # short: Ray's socket paths have a length limit
+    port = 6390 + os.getpid() % 400
+    address = f"127.0.0.1:{port}"
+    env = {**os.environ, "RAY_AUTH_MODE": "disabled"}  # a throwaway local cluster: no token files
+    try:
+        head = subprocess.run(
+            [str(ray_bin), "start", "--head", f"--port={port}", "--num-cpus=1", f"--temp-dir={temp_dir}",
+             "--include-dashboard=false", "--disable-usage-stats"], capture_output=True, text=True, env=env,
+        )
+        assert head.returncode == 0, head.stderr[-2000:]
+        worker = subprocess.run(
+            [str(ray_bin), "start", f"--address={address}", "--num-cpus=1", "--disable-usage-stats"],
+            capture_output=True, text=True, env=env,
+        )
+        assert worker.returncode == 0, worker.stderr[-2000:]
+        import json
+
+        nodes = subprocess.run(
+            [sys.executable, "-c", f"import ray, json; ray.init(address='{address}', log_to_driver=False); "
+             "print(json.dumps(len([n for n in ray.nodes() if n['Alive']])))"],
+            capture_output=True, text=True, env=env,
+        )
+        assert json.loads(nodes.stdout.strip().splitlines()[-1]) == 2, nodes.stderr[-2000:]
+        raw = yaml.safe_load((ROOT / "configs" / "tiny.yaml").read_text())
+        raw["evolver"]["generations"] = 1
+        raw["export_top"] = 0
+        raw["workers"]["count"] = 2  # one actor per node: each node has one CPU
+        config = tmp_path / "cluster.yaml"
+        config.write_text(yaml.safe_dump(raw))
+        proc = evofuse("search", str(config), "--run-dir", str(tmp_path / "run"), "--address", address, "--quiet", env=env)
+        assert proc.returncode == 0, proc.stderr[-3000:]
+        workers = {e["worker"] for e in RunStore(tmp_path / "run").read_journal()}
+        assert len(workers) == 2  # both actors (one per node) scored candidates
+    finally:
+        _kill_session_processes(str(temp_dir))
+        _kill_session_processes(f"--address={address}")
+        _kill_session_processes(f"{address}")
+        shutil.rmtree(temp_dir, ignore_errors=True)
