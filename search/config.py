@@ -79,6 +79,15 @@ class TaskConfig(Strict):
     options: dict[str, Any] = Field(default_factory=dict)
 
 
+class SeedMerge(Strict):
+    """An extra initial member made by a classic merge (mergekit-style parameters)."""
+
+    name: str
+    op: str  # a registered method: linear, task_arithmetic, ties, dare_linear, dare_ties, slerp
+    params: dict[str, Any] = Field(default_factory=dict)
+    inputs: Optional[list[str]] = None  # parents merged (default: the experts); the base is the base
+
+
 class EvolverConfig(Strict):
     F: float = Field(0.5, ge=0, le=2)
     CR: float = Field(0.5, ge=0, le=1)
@@ -91,6 +100,11 @@ class EvolverConfig(Strict):
     include_base: bool = False  # put the base model in the population too
     # Dev-set subsampling per generation (rows or fraction); 0/None scores the full dev sets.
     subsample: Optional[float] = Field(None, gt=0)
+    seeds: list[SeedMerge] = Field(default_factory=list)  # classic merges added to the population
+    # The paper's "merge the population" mode: after each generation, this merge of the whole
+    # population is scored too (a hall-of-fame candidate, never a population member).
+    merge_population: Optional[str] = None
+    merge_params: dict[str, Any] = Field(default_factory=dict)
 
 
 class WorkersConfig(Strict):
@@ -136,12 +150,52 @@ class RunConfig(Strict):
         parents = [p.name for p in self.parents.all()]
         if self.compress.weights is not None and self.compress.weights not in parents:
             raise ValueError(f"compress.weights: {self.compress.weights!r} is not a parent ({', '.join(parents)})")
+        for i, seed in enumerate(self.evolver.seeds):
+            if seed.name in parents:
+                raise ValueError(f"evolver.seeds[{i}].name: {seed.name!r} is already a parent's name")
+            unknown = [n for n in seed.inputs or [] if n not in parents]
+            if unknown:
+                raise ValueError(f"evolver.seeds[{i}].inputs: {unknown[0]!r} is not a parent")
+            _check_recipe(seed_recipe(self, seed), f"evolver.seeds[{i}]")
+        if self.evolver.merge_population:
+            members = [e.name for e in self.parents.experts]
+            recipe = population_merge_recipe(self, members, 0)
+            _check_recipe(recipe, "evolver.merge_population")
         return self
 
     def fingerprint(self) -> str:
         """Hash of everything that changes results (not where they are written or who runs them)."""
         data = self.model_dump(mode="json", exclude={"run_dir": True, "workers": {"address", "count"}})
         return hashlib.sha256(json.dumps(data, sort_keys=True).encode()).hexdigest()[:16]
+
+
+def seed_recipe(config: "RunConfig", seed: SeedMerge):
+    from evolve.recipe import Recipe, derive_seed
+
+    inputs = tuple(seed.inputs or [e.name for e in config.parents.experts])
+    return Recipe(op=seed.op, inputs=inputs, params=dict(seed.params), seed=derive_seed(config.seed, seed.name), base=config.parents.base.name)
+
+
+def population_merge_recipe(config: "RunConfig", member_ids: list[str], generation: int):
+    from evolve.recipe import Recipe, derive_seed
+
+    params = dict(config.evolver.merge_params)
+    if config.evolver.merge_population in ("linear", "task_arithmetic", "ties", "dare_linear", "dare_ties"):
+        params.setdefault("weight", 1.0)
+    return Recipe(
+        op=config.evolver.merge_population, inputs=tuple(member_ids), params=params,
+        seed=derive_seed(config.seed, "merge", generation), base=config.parents.base.name,
+    )
+
+
+def _check_recipe(recipe, where: str) -> None:
+    from evolve.operators import validate_recipe
+    from evolve.recipe import RecipeError
+
+    try:
+        validate_recipe(recipe)
+    except RecipeError as exc:
+        raise ValueError(f"{where}: {exc}") from None
 
 
 def _first_error(exc: ValidationError) -> str:

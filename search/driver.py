@@ -42,7 +42,7 @@ from evolve.population import (
 )
 from evolve.recipe import Recipe
 
-from .config import ConfigError, RunConfig, dump_config, load_config, parse_config
+from .config import ConfigError, RunConfig, dump_config, load_config, population_merge_recipe, seed_recipe
 from .experts import resolve_parents
 from .fitness import aggregate
 from .sources import load_state, tensor_index
@@ -242,21 +242,23 @@ class Search:
 
     def initial_state(self) -> dict:
         names = [p.name for p in self.config.parents.all()]
-        copies = {n: Recipe(op="copy", inputs=(n,)) for n in names}
-        results = self.evaluate([self.job(n, copies[n]) for n in names], "parents")
-        base_params = results[names[0]].get("num_params")
+        recipes = {n: Recipe(op="copy", inputs=(n,)) for n in names}
+        seeds = {seed.name: seed_recipe(self.config, seed) for seed in self.config.evolver.seeds}
+        checksums = {name: self.keep_weights(recipe, name) for name, recipe in seeds.items()}
+        recipes.update(seeds)
+        results = self.evaluate([self.job(n, r) for n, r in recipes.items()], "parents")
         state = {
             "generation": 0,
             "status": "running",
             "parents": {n: {"score": results[n]["score"], "num_params": results[n].get("num_params")} for n in names},
-            "dense_params": base_params,
-            "weight_checksums": {},
+            "dense_params": results[names[0]].get("num_params"),
+            "weight_checksums": checksums,
             "evaluations": len(results),
             "fingerprint": self.config.fingerprint(),
             "started": time.time(),
         }
         self.max_params = self.resolve_budget(state)
-        members = [self.member(n, copies[n], results[n]) for n in self.population_names()]
+        members = [self.member(n, recipes[n], results[n]) for n in self.population_names() + list(seeds)]
         state["population"] = [member_to_json(m) for m in members]
         state["hall_of_fame"] = [member_to_json(m) for m in self.best_of(members)]
         self.store.write_state(state)
@@ -333,7 +335,12 @@ class Search:
             if recipe.op != "copy":  # new weights (a compress run only re-plans its parent's)
                 checksums[member["id"]] = self.keep_weights(recipe, member["id"])
         self.population = next_population
-        best = self.best_of([member_from_json(m) for m in state["hall_of_fame"]] + next_population)
+        merged = self.score_population_merge(generation)
+        best = self.best_of([member_from_json(m) for m in state["hall_of_fame"]] + next_population + merged)
+        kept = {m["id"] for m in best}
+        for member in merged:
+            if member["id"] in kept:
+                checksums[member["id"]] = self.keep_weights(Recipe.from_dict(member["recipe"]), member["id"])
         live = {m["id"] for m in next_population} | {m["id"] for m in best}
         checksums = {k: v for k, v in checksums.items() if k in live}
         record = generation_record(generation, next_population, len(children), len(accepted), time.perf_counter() - started)
@@ -356,6 +363,16 @@ class Search:
         self.store.write_state(state)
         self.store.prune_weights(checksums)
         return state
+
+    def score_population_merge(self, generation: int) -> list:
+        """The paper's population merge: scored and offered to the hall of fame, never selected."""
+        if not self.config.evolver.merge_population or self.pareto:
+            return []
+        recipe = population_merge_recipe(self.config, [m["id"] for m in self.population], generation)
+        merge_id = f"m{generation:03d}"
+        result = self.evaluate([self.job(merge_id, recipe)], "population merge")[merge_id]
+        self.log(f"generation {generation + 1}: population merge ({recipe.op}) dev score {result['score']:.4f}")
+        return [self.member(merge_id, recipe, result)]
 
     def keep_weights(self, recipe: Recipe, member_id: str) -> str:
         """Replay an accepted offspring on the driver (CPU, fp32), store it and publish it."""

@@ -194,3 +194,24 @@ def test_pickle_weights_are_refused_without_allow_pickle(tmp_path):
         torch.save(tiny_llama().state_dict(), path / "pytorch_model.bin")
     proc = evofuse("eval", str(path), "--task", "perplexity:pydoc:dev")
     assert proc.returncode == 2 and "pass --allow-pickle" in proc.stderr
+
+
+def test_population_seeded_with_classic_merges_and_population_merge_scored(tmp_path):
+    raw = yaml.safe_load((ROOT / "configs" / "tiny.yaml").read_text())
+    raw["evolver"].update(
+        generations=1,
+        seeds=[{"name": "ties", "op": "ties", "params": {"density": 0.5, "weight": 1.0}}],
+        merge_population="linear",
+    )
+    raw["export_top"] = 0
+    config = tmp_path / "seeded.yaml"
+    config.write_text(yaml.safe_dump(raw))
+    proc = evofuse("search", str(config), "--run-dir", str(tmp_path / "run"), "--quiet")
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    store = RunStore(tmp_path / "run")
+    journal = {e["id"]: e for e in store.read_journal() if e["split"] == "dev"}
+    assert journal["ties"]["recipe"]["op"] == "ties" and journal["ties"]["recipe"]["base"] == "base"
+    assert journal["m000"]["recipe"]["op"] == "linear" and len(journal["m000"]["recipe"]["inputs"]) == 4
+    state = store.read_state()
+    assert len(state["population"]) == 4  # base, two experts and the TIES seed
+    assert len([e for e in journal if e.startswith("g000-")]) == 4
