@@ -111,6 +111,40 @@ def results_table(run_dir: Path) -> str:
     return "\n".join(lines)
 
 
+def pareto_section(store: RunStore, state: dict, out: Path) -> list[str]:
+    """pareto_front.png (every scored candidate, the front, the parents and any baselines) and
+    the table of the front's plans. Baselines come from report/baselines.json when a benchmark
+    wrote one: [{"label", "params", "score"}]."""
+    import matplotlib.pyplot as plt
+
+    dev = [e for e in store.read_journal() if e["split"] == "dev" and e.get("status") == "ok" and "num_params" in e]
+    front_ids = set(pareto_ids(store))
+    front = sorted((e for e in dev if e["id"] in front_ids), key=lambda e: e["num_params"])
+    fig, ax = plt.subplots(figsize=(6, 4))
+    ax.scatter([e["num_params"] / 1e6 for e in dev], [e["score"] for e in dev], s=12, alpha=0.4, label="candidates")
+    ax.plot([e["num_params"] / 1e6 for e in front], [e["score"] for e in front], "o-", color="C3", label="Pareto front")
+    for name, parent in state["parents"].items():
+        if parent.get("num_params"):
+            ax.scatter([parent["num_params"] / 1e6], [parent["score"]], marker="s", color="k")
+            ax.annotate(name, (parent["num_params"] / 1e6, parent["score"]), fontsize=7)
+    baselines_path = out / "baselines.json"
+    if baselines_path.is_file():
+        for b in json.loads(baselines_path.read_text()):
+            ax.scatter([b["params"] / 1e6], [b["score"]], marker="x", color="C2")
+            ax.annotate(b["label"], (b["params"] / 1e6, b["score"]), fontsize=7)
+    ax.set_xlabel("parameters (M)")
+    ax.set_ylabel("dev aggregate score")
+    ax.legend(fontsize=8)
+    fig.tight_layout()
+    fig.savefig(out / "pareto_front.png", dpi=120)
+    plt.close(fig)
+    rows = ["## Pareto front (dev)", "", "| id | params | dev score | plan |", "|---|---|---|---|"]
+    for e in front:
+        plan = "; ".join(", ".join(f"{k}={v}" for k, v in step.items()) for step in e.get("plan") or []) or "(dense)"
+        rows.append(f"| {e['id']} | {e['num_params']:,} | {e['score']:.4f} | {plan} |")
+    return rows + ["", "![Pareto front](pareto_front.png)", ""]
+
+
 def pareto_ids(store: RunStore) -> list[str]:
     """Non-dominated members on (dev score up, parameters down); without sizes, the best score."""
     state = store.read_state()
@@ -156,7 +190,10 @@ def write_report(run_dir: Path) -> Path:
     fig.tight_layout()
     fig.savefig(out / "score_per_generation.png", dpi=120)
     plt.close(fig)
-    text = [f"# Report: {config.name}", "", results_table(run_dir), "", "## Logbook", ""]
+    text = [f"# Report: {config.name}", "", results_table(run_dir), ""]
+    if config.mode != "merge":
+        text += pareto_section(store, state, out)
+    text += ["## Logbook", ""]
     text += ["| gen | evals | best | mean | replaced | wall s |", "|---|---|---|---|---|---|"]
     text += [f"| {r['gen'] + 1} | {r['evals']} | {r['best']:.4f} | {r['mean']:.4f} | {r['replaced']} | {r['wall_s']:.1f} |" for r in logbook]
     text += ["", "![score per generation](score_per_generation.png)", ""]
