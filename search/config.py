@@ -56,7 +56,7 @@ class ParentSpec(Strict):
 
 class Parents(Strict):
     base: ParentSpec
-    experts: list[ParentSpec] = Field(min_length=2)
+    experts: list[ParentSpec] = Field(default_factory=list)  # 2+ unless the run only compresses
 
     @model_validator(mode="after")
     def _unique(self) -> "Parents":
@@ -144,6 +144,8 @@ class RunConfig(Strict):
 
     @model_validator(mode="after")
     def _cross_fields(self) -> "RunConfig":
+        if self.mode != "compress" and len(self.parents.experts) < 2:
+            raise ValueError(f"parents.experts: {self.mode} runs need at least 2 experts, got {len(self.parents.experts)}")
         names = [t.name for t in self.tasks]
         if len(set(names)) != len(names):
             raise ValueError("task names must be unique")

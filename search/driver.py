@@ -324,25 +324,26 @@ class Search:
                 tell_result(self.study, child["trial"], result, self.max_params)
             candidates.append(self.member(child["id"], Recipe.from_dict(child["recipe"]), result, child["plan"]))
         if self.pareto:
-            next_population = select_pareto(self.population + candidates, len(self.population))
+            size = self.config.compress.candidates if self.config.mode == "compress" else len(self.population)
+            next_population = select_pareto(self.population + candidates, max(size, len(self.population)))
         else:
             next_population = [toolbox.select(target, child) for target, child in zip(self.population, candidates)]
-        previous = {m["id"] for m in self.population}
-        accepted = [m for m in next_population if m["id"] not in previous]
+        merged = self.score_population_merge(generation, next_population)
+        # The Pareto front is over every candidate scored; a merge run's hall of fame only over
+        # members (a rejected offspring is worse than the member it challenged).
+        seen = candidates if self.pareto else []
+        best = self.best_of([member_from_json(m) for m in state["hall_of_fame"]] + next_population + seen + merged)
         checksums = dict(state["weight_checksums"])
-        for member in accepted:
+        previous = {m["id"] for m in self.population}
+        kept = {m["id"]: m for m in next_population + best}
+        accepted = [m for m in next_population if m["id"] not in previous]
+        for member_id, member in kept.items():
             recipe = Recipe.from_dict(member["recipe"])
-            if recipe.op != "copy":  # new weights (a compress run only re-plans its parent's)
-                checksums[member["id"]] = self.keep_weights(recipe, member["id"])
+            # new weights (a compress run only re-plans its parent's, a copy)
+            if member_id not in checksums and member_id not in previous and recipe.op != "copy":
+                checksums[member_id] = self.keep_weights(recipe, member_id)
+        checksums = {k: v for k, v in checksums.items() if k in kept}
         self.population = next_population
-        merged = self.score_population_merge(generation)
-        best = self.best_of([member_from_json(m) for m in state["hall_of_fame"]] + next_population + merged)
-        kept = {m["id"] for m in best}
-        for member in merged:
-            if member["id"] in kept:
-                checksums[member["id"]] = self.keep_weights(Recipe.from_dict(member["recipe"]), member["id"])
-        live = {m["id"] for m in next_population} | {m["id"] for m in best}
-        checksums = {k: v for k, v in checksums.items() if k in live}
         record = generation_record(generation, next_population, len(children), len(accepted), time.perf_counter() - started)
         if self.pareto:
             record["pareto_size"] = len(best)
@@ -364,11 +365,11 @@ class Search:
         self.store.prune_weights(checksums)
         return state
 
-    def score_population_merge(self, generation: int) -> list:
+    def score_population_merge(self, generation: int, population: list) -> list:
         """The paper's population merge: scored and offered to the hall of fame, never selected."""
         if not self.config.evolver.merge_population or self.pareto:
             return []
-        recipe = population_merge_recipe(self.config, [m["id"] for m in self.population], generation)
+        recipe = population_merge_recipe(self.config, [m["id"] for m in population], generation)
         merge_id = f"m{generation:03d}"
         result = self.evaluate([self.job(merge_id, recipe)], "population merge")[merge_id]
         self.log(f"generation {generation + 1}: population merge ({recipe.op}) dev score {result['score']:.4f}")
@@ -403,7 +404,7 @@ class Search:
 
         compress = self.config.compress
         size = compress.candidates if self.config.mode == "compress" else len(self.population)
-        return open_study(self.store.root, self.config.name, compress.sampler, self.config.seed, size, self.max_params is not None)
+        return open_study(self.store.root, self.config.name, compress.sampler, self.config.seed, size)
 
     def shutdown(self) -> None:
         pool = getattr(self, "pool", None)

@@ -49,6 +49,10 @@ def member_weights(store: RunStore, state: dict, member_id: str, parent_dirs: di
 
     if member_id in parent_dirs:
         return load_state(parent_dirs[member_id])
+    member = next((m for m in ranked_members(state) if m["id"] == member_id), None)
+    recipe = (member or {}).get("recipe") or {}
+    if recipe.get("op") == "copy" and recipe["inputs"][0] in parent_dirs:  # a plan over a parent's weights
+        return load_state(parent_dirs[recipe["inputs"][0]])
     checksum = state["weight_checksums"].get(member_id)
     if checksum is None:
         raise ConfigError(f"{store.root}: no stored weights for candidate {member_id!r} (only population and hall-of-fame members are kept)")

@@ -91,7 +91,7 @@ KIND_OPTIONS = {
     "perplexity": _COMMON_OPTIONS,
     "multiple_choice": _COMMON_OPTIONS | {"delimiter", "metric", "share_prefix"},
     "generate": _COMMON_OPTIONS | {"max_new_tokens", "match", "stop"},
-    "lm_eval": {"batch_size", "context_length", "num_fewshot", "limit", "metric", "include_path", "subsample"},
+    "lm_eval": {"batch_size", "context_length", "num_fewshot", "limit", "metric", "include_path", "subsample", "logits_cache"},
 }
 
 

@@ -12,6 +12,12 @@ mean over leaf tasks of one metric (option `metric`; by default the first of acc
 exact_match, word_perplexity, ... that the task reports), turned "higher is better": a
 perplexity p counts as -log p, any other lower-is-better metric as its negative.
 
+HFLM's `logits_cache` (reuse of one forward pass across one-token continuations) is turned off
+when any task scores rolling perplexity: in lm-eval 0.4.13 it returned a wrong log-likelihood when
+rolling windows of several documents shared a batch (SmolLM2-135M, pydoc:dev doc 0, max_length
+256, batch 8: -2142.29 where batch 1, logits_cache=False and a by-hand sum all give -1249.54).
+Option `logits_cache: true|false` overrides.
+
 Subsampling draws `subsample` documents of each task with `random.Random(seed)` and passes them
 as lm-eval's `samples`; option `limit` is lm-eval's own (the first N documents).
 
@@ -124,6 +130,7 @@ class LmEvalTask(FitnessTask):
                 tokenizer=self.tokenizer,
                 batch_size=self._int_option("batch_size", 8),
                 max_length=self._int_option("context_length", None),
+                logits_cache=self.option("logits_cache", not self.has_rolling_tasks()),
             )
             subsample = subsample if subsample is not None else self.option("subsample")
             samples = None
@@ -136,6 +143,9 @@ class LmEvalTask(FitnessTask):
         finally:
             model.train(was_training)
         return self.summarise(out["results"])
+
+    def has_rolling_tasks(self) -> bool:
+        return any(getattr(t, "OUTPUT_TYPE", None) == "loglikelihood_rolling" for t in self.tasks)
 
     def summarise(self, results: dict) -> dict[str, float]:
         metrics: dict[str, float] = {}

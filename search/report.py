@@ -101,6 +101,8 @@ def results_table(run_dir: Path) -> str:
                 cells.append("-" if value is None else f"{value:.4f}")
         lines.append("| " + " | ".join(cells) + " |")
     experts = [e.name for e in config.parents.experts]
+    if not experts:
+        return "\n".join(lines)
     mean_expert = sum(journal[(e, "dev")]["score"] for e in experts) / len(experts)
     verdict = "beats" if best["score"] > mean_expert else "does NOT beat"
     lines.append("")

@@ -2,8 +2,8 @@
 
 Storage is Optuna's JournalFileBackend (`runs/<name>/optuna.journal`): an append-only log
 that survives a kill at any moment and opens as it is in `optuna-dashboard`. Objectives are
-(dev aggregate score: maximise, parameter count: minimise). With NSGA-II a parameter budget
-becomes a constraint (`constraint` user attribute, feasible when <= 0); a plan that fails is a
+(dev aggregate score: maximise, parameter count: minimise). With NSGA-II / TPE a parameter budget
+becomes a trial constraint (`params - max_params`, feasible when <= 0); a plan that fails is a
 FAIL trial carrying its reason, and the search goes on.
 """
 from __future__ import annotations
@@ -15,17 +15,12 @@ import optuna
 DIRECTIONS = ["maximize", "minimize"]
 
 
-def _constraint(trial) -> list[float]:
-    return trial.user_attrs.get("constraint", [0.0])
-
-
-def make_sampler(kind: str, seed: int, population_size: int, constrained: bool):
+def make_sampler(kind: str, seed: int, population_size: int):
+    """Samplers read a trial's constraint from `Trial.set_constraint` (feasible when <= 0)."""
     if kind == "nsga2":
-        return optuna.samplers.NSGAIISampler(
-            seed=seed, population_size=max(2, population_size), constraints_func=_constraint if constrained else None
-        )
+        return optuna.samplers.NSGAIISampler(seed=seed, population_size=max(2, population_size))
     if kind == "tpe":
-        return optuna.samplers.TPESampler(seed=seed, constraints_func=_constraint if constrained else None)
+        return optuna.samplers.TPESampler(seed=seed)
     return optuna.samplers.RandomSampler(seed=seed)
 
 
@@ -33,7 +28,7 @@ def journal_path(run_dir: Path) -> Path:
     return Path(run_dir) / "optuna.journal"
 
 
-def open_study(run_dir: Path, name: str, sampler: str, seed: int, population_size: int, constrained: bool) -> optuna.Study:
+def open_study(run_dir: Path, name: str, sampler: str, seed: int, population_size: int) -> optuna.Study:
     from optuna.storages import JournalStorage
     from optuna.storages.journal import JournalFileBackend
 
@@ -43,7 +38,7 @@ def open_study(run_dir: Path, name: str, sampler: str, seed: int, population_siz
         study_name=name,
         storage=storage,
         directions=DIRECTIONS,
-        sampler=make_sampler(sampler, seed, population_size, constrained),
+        sampler=make_sampler(sampler, seed, population_size),
         load_if_exists=True,
     )
 
@@ -64,5 +59,5 @@ def tell_result(study: optuna.Study, trial_number: int, result: dict, max_params
         return
     params = float(result["num_params"])
     if max_params is not None:
-        trial.set_user_attr("constraint", [params - max_params])
+        trial.set_constraint("max_params", params - max_params)
     study.tell(trial, [float(result["score"]), params])

@@ -38,7 +38,7 @@ def test_shipped_configs_load():
         (lambda r: r["tasks"][1].update(dev="missing/dev.jsonl"), "tasks[1].dev: no such file 'missing/dev.jsonl'"),
         (lambda r: r["tasks"][0].update(kind="bleu"), "tasks[0].kind: Input should be"),
         (lambda r: r["tasks"][0].update(dev="pydoc:validation"), "tasks[0].dev: pydoc:validation: unknown split"),
-        (lambda r: r["parents"]["experts"].pop(), "parents.experts: List should have at least 2 items"),
+        (lambda r: r["parents"]["experts"].pop(), "parents.experts: merge runs need at least 2 experts, got 1"),
         (lambda r: r["parents"]["experts"][0].update(source="no/such/dir"), "parents.experts[0].source: 'no/such/dir' is not a directory"),
         (lambda r: r["workers"].update(count=0), "workers.count: Input should be greater than or equal to 1"),
     ],

@@ -147,3 +147,30 @@ def test_two_node_ray_cluster(tmp_path):
         _kill_session_processes(f"--address={address}")
         _kill_session_processes(f"{address}")
         shutil.rmtree(temp_dir, ignore_errors=True)
+
+
+def test_compress_mode_budget_and_pareto_export(tmp_path):
+    import json
+
+    from search.fitness import TaskSpec, build_task
+    from search.sources import load_model
+
+    run_dir = tmp_path / "run"
+    proc = evofuse("search", str(ROOT / "configs" / "tiny-compress.yaml"), "--run-dir", str(run_dir), "--quiet")
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    state = RunStore(run_dir).read_state()
+    budget = 0.9 * state["dense_params"]
+    assert state["hall_of_fame"] and all(m["params"] <= budget for m in state["hall_of_fame"])
+    out = tmp_path / "pareto"
+    exported = evofuse("export", str(run_dir), "--pareto", "--out", str(out))
+    assert exported.returncode == 0, exported.stderr[-2000:]
+    dirs = [Path(p) for p in exported.stdout.split()]
+    assert {d.name for d in dirs} == {m["id"] for m in state["hall_of_fame"]}
+    for model_dir in dirs:
+        recipe = json.loads((model_dir / "evofuse_recipe.json").read_text())
+        model, tokenizer = load_model(model_dir)
+        assert sum(p.numel() for p in model.parameters()) == next(
+            m["params"] for m in state["hall_of_fame"] if m["id"] == model_dir.name
+        )
+        task = build_task(TaskSpec("perplexity", "pydoc:dev", options={"context_length": 256}), tokenizer)
+        assert task.evaluate(model)["score"] == pytest.approx(recipe["dev"]["pydoc"]["score"], rel=1e-5)

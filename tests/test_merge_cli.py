@@ -1,0 +1,159 @@
+"""`evofuse merge CONFIG OUT` (search/merge.py): outputs, streaming shards, and bad input."""
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+import yaml
+from safetensors import safe_open
+from safetensors.torch import load_file
+
+from search.merge import MergeConfigError, run_merge
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+@pytest.fixture(scope="module")
+def models(tmp_path_factory) -> dict[str, Path]:
+    from search.tiny import byte_tokenizer, tiny_llama
+
+    root = tmp_path_factory.mktemp("cli_models")
+    tokenizer = byte_tokenizer()
+    paths = {}
+    for label, seed in (("base", None), ("a", 1), ("b", 2)):
+        model = tiny_llama(seed=0)
+        if seed is not None:
+            g = torch.Generator().manual_seed(seed)
+            with torch.no_grad():
+                for p in model.parameters():
+                    p.add_(0.02 * torch.randn(p.shape, generator=g))
+        paths[label] = root / label
+        model.save_pretrained(paths[label])
+        tokenizer.save_pretrained(paths[label])
+    return paths
+
+
+def _write(tmp_path: Path, config: dict | str) -> Path:
+    path = tmp_path / "merge.yml"
+    path.write_text(config if isinstance(config, str) else yaml.safe_dump(config))
+    return path
+
+
+def _ties(models) -> dict:
+    return {
+        "merge_method": "ties",
+        "base_model": str(models["base"]),
+        "models": [{"model": str(models["a"]), "parameters": {"weight": 0.6, "density": 0.5}},
+                   {"model": str(models["b"]), "parameters": {"weight": 0.4, "density": 0.5}}],
+        "dtype": "float32",
+    }
+
+
+def test_merge_writes_a_loadable_model_with_its_config(models, tmp_path):
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    config = _write(tmp_path, _ties(models))
+    out = run_merge(config, tmp_path / "out", quiet=True)
+    files = sorted(p.name for p in out.iterdir())
+    assert "model-00001-of-00001.safetensors" in files and "model.safetensors.index.json" in files
+    assert {"config.json", "tokenizer.json", "tokenizer_config.json", "mergekit_config.yml"} <= set(files)
+    assert not [f for f in files if f.endswith(".partial")]
+    assert (out / "mergekit_config.yml").read_text() == config.read_text()
+    merged = AutoModelForCausalLM.from_pretrained(out)
+    base_state = load_file(str(models["base"] / "model.safetensors"))
+    merged_state = merged.state_dict()
+    assert set(merged_state) == set(base_state)
+    assert all(torch.isfinite(t).all() for t in merged_state.values())
+    assert any(not torch.equal(merged_state[n], base_state[n]) for n in base_state)
+    tokens = AutoTokenizer.from_pretrained(out)("hello")["input_ids"]
+    with torch.no_grad():
+        assert torch.isfinite(merged(torch.tensor([tokens])).logits).all()
+
+
+def test_small_shards_and_index_give_the_same_weights(models, tmp_path):
+    config = _write(tmp_path, _ties(models))
+    whole = run_merge(config, tmp_path / "whole", quiet=True)
+    sharded = run_merge(config, tmp_path / "sharded", quiet=True, max_shard_bytes=100_000)
+    shards = sorted(sharded.glob("*.safetensors"))
+    assert len(shards) > 3 and shards[0].name.endswith(f"-of-{len(shards):05d}.safetensors")
+    index = json.loads((sharded / "model.safetensors.index.json").read_text())
+    state = {}
+    for shard in shards:
+        with safe_open(str(shard), framework="pt") as handle:  # the reference reader accepts our files
+            for name in handle.keys():
+                assert index["weight_map"][name] == shard.name
+                state[name] = handle.get_tensor(name)
+    reference = load_file(str(whole / "model-00001-of-00001.safetensors"))
+    assert set(state) == set(reference) and all(torch.equal(state[n], reference[n]) for n in state)
+    assert index["metadata"]["total_size"] == sum(t.numel() * t.element_size() for t in state.values())
+
+
+def test_out_dtype_and_relative_paths(models, tmp_path, monkeypatch):
+    config = _ties(models)
+    config["out_dtype"] = "bfloat16"
+    config["base_model"] = "base"  # relative to the config's directory
+    path = models["base"].parent / "rel.yml"
+    path.write_text(yaml.safe_dump(config))
+    monkeypatch.chdir(tmp_path)
+    out = run_merge(path, tmp_path / "bf16", quiet=True)
+    state = load_file(str(out / "model-00001-of-00001.safetensors"))
+    assert {t.dtype for t in state.values()} == {torch.bfloat16}
+    assert json.loads((out / "config.json").read_text())["dtype"] == "bfloat16"
+
+
+@pytest.mark.parametrize("mutate, message", [
+    (lambda c: c.update(merge_method="model_stock"), "field 'merge_method': unknown merge method 'model_stock'; valid: linear"),
+    (lambda c: c.update(slices=[]), "field 'slices' is not supported by evofuse merge"),
+    (lambda c: c.pop("base_model"), "needs recipe field 'base'"),
+    (lambda c: c["models"][0]["parameters"].pop("weight"), "needs parameter 'weight'"),
+    (lambda c: c["models"][0]["parameters"].update(wieght=1), "unknown parameter 'wieght' for op 'ties'"),
+    (lambda c: c.update(dtype="float8"), "field 'dtype'"),
+    (lambda c: c["models"][1].update(model="/nonexistent/model"), "field 'models.1.model': /nonexistent/model"),
+    (lambda c: c.update(tokenizer_source="union"), "'union' is not supported"),
+    (lambda c: c["models"].append(dict(c["models"][0])), "is listed twice"),
+])
+def test_bad_configs_raise_one_line_naming_the_field(models, tmp_path, mutate, message):
+    config = _ties(models)
+    mutate(config)
+    with pytest.raises(MergeConfigError) as info:
+        run_merge(_write(tmp_path, config), tmp_path / "out", quiet=True)
+    assert message in str(info.value) and "\n" not in str(info.value)
+
+
+def test_mismatched_tensors_and_pickles_are_refused(models, tmp_path):
+    from search.tiny import tiny_llama
+
+    odd = tmp_path / "odd"
+    tiny_llama(seed=0, intermediate_size=96).save_pretrained(odd)
+    config = _ties(models)
+    config["models"][1]["model"] = str(odd)
+    with pytest.raises(MergeConfigError, match="mlp.down_proj.weight' has shape"):
+        run_merge(_write(tmp_path, config), tmp_path / "out", quiet=True)
+
+    pickled = tmp_path / "pickled"  # the same weights as "b", as a .bin pickle
+    pickled.mkdir()
+    (pickled / "config.json").write_bytes((models["b"] / "config.json").read_bytes())
+    torch.save(load_file(str(models["b"] / "model.safetensors")), pickled / "pytorch_model.bin")
+    config["models"][1]["model"] = str(pickled)
+    path = _write(tmp_path, config)
+    with pytest.raises(MergeConfigError, match="pickle"):
+        run_merge(path, tmp_path / "out", quiet=True)
+    allowed = run_merge(path, tmp_path / "allowed", quiet=True, allow_pickle=True)
+    (tmp_path / "ref").mkdir()
+    reference = run_merge(_write(tmp_path / "ref", _ties(models)), tmp_path / "reference", quiet=True)
+    ours = load_file(str(allowed / "model-00001-of-00001.safetensors"))
+    theirs = load_file(str(reference / "model-00001-of-00001.safetensors"))
+    assert all(torch.equal(ours[n], theirs[n]) for n in theirs)
+
+
+def test_command_line_exit_code_on_bad_input(tmp_path):
+    bad = tmp_path / "bad.yml"
+    bad.write_text("merge_method: ties\nmodels: []\n")
+    done = subprocess.run([sys.executable, "-m", "search.merge", str(bad), str(tmp_path / "out2")],
+                          capture_output=True, text=True, cwd=ROOT)
+    assert done.returncode == 2
+    assert done.stderr.strip().count("\n") == 0 and "field 'models'" in done.stderr
