@@ -1,0 +1,164 @@
+"""Joint search vs two single-method baselines at equal evaluation budget (issue 7).
+
+1. joint:     `evofuse search configs/joint-demo.yaml` — Evolver recipes + Optuna plans.
+2. baselines: an Evolver merge run with the same number of evaluations split in two halves:
+              half for the merge (mode merge), half for compressing its best candidate with
+              one method (mode compress, fixed weights): (a) ShortGPT block removal only,
+              (b) uniform width pruning only (same criterion / reconstruction as the joint space).
+Every Pareto candidate is scored on the test splits by the runs themselves; the comparison is
+made at 75% of the dense parameter count ("25% fewer parameters"): the best test aggregate
+among each front's candidates at or under that size.
+
+    python -m benchmarks.bench_joint             # SmolLM2-135M experts (about 30 min per run on 2 cores)
+    python -m benchmarks.bench_joint --quick     # tiny models, a minute or two
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import yaml
+
+ROOT = Path(__file__).resolve().parent.parent
+RESULTS = ROOT / "benchmarks" / "results"
+WORK = ROOT / "benchmarks" / ".work" / "joint"
+
+
+def evofuse(*args: str) -> str:
+    proc = subprocess.run([sys.executable, "-m", "search.cli", *args], capture_output=True, text=True)
+    if proc.returncode != 0:
+        raise SystemExit(f"evofuse {' '.join(args)} failed:\n{proc.stderr[-3000:]}")
+    return proc.stdout
+
+
+def write_config(raw: dict, name: str) -> Path:
+    path = WORK / f"{name}.yaml"
+    path.write_text(yaml.safe_dump(raw, sort_keys=False))
+    return path
+
+
+def front_points(run_dir: Path) -> list[dict]:
+    """Pareto members with dev and test aggregates and parameter counts."""
+    from search.store import RunStore
+
+    store = RunStore(run_dir)
+    journal = {(e["id"], e["split"]): e for e in store.read_journal()}
+    points = []
+    for member in store.read_state()["hall_of_fame"]:
+        test = journal.get((member["id"], "test"))
+        points.append({"id": member["id"], "params": member["params"], "dev": member["score"], "test": test["score"] if test else None})
+    return sorted(points, key=lambda p: p["params"])
+
+
+def best_under(points: list[dict], limit: float, split: str) -> dict | None:
+    feasible = [p for p in points if p["params"] <= limit and p[split] is not None]
+    return max(feasible, key=lambda p: p[split]) if feasible else None
+
+
+def run(quick: bool) -> dict:
+    WORK.mkdir(parents=True, exist_ok=True)
+    joint_raw = yaml.safe_load((ROOT / "configs" / ("tiny-joint.yaml" if quick else "joint-demo.yaml")).read_text())
+    joint_raw["name"] = "bench-joint"
+    generations = joint_raw["evolver"]["generations"]
+    population = len(joint_raw["parents"]["experts"]) + int(joint_raw["evolver"].get("include_base", False))
+    budget = generations * population  # candidates the joint search scores
+    timings = {}
+
+    start = time.time()
+    joint_dir = WORK / "joint"
+    evofuse("search", str(write_config(joint_raw, "joint")), "--run-dir", str(joint_dir), "--quiet")
+    timings["joint_s"] = round(time.time() - start, 1)
+
+    merge_raw = {k: v for k, v in joint_raw.items() if k != "compress"}
+    merge_raw.update(name="bench-merge", mode="merge", export_top=1)
+    merge_raw["evolver"] = {**joint_raw["evolver"], "generations": max(1, generations // 2)}
+    start = time.time()
+    merge_dir = WORK / "merge"
+    evofuse("search", str(write_config(merge_raw, "merge")), "--run-dir", str(merge_dir), "--quiet")
+    merged = next((merge_dir / "exports").glob("*/config.json")).parent
+    timings["merge_s"] = round(time.time() - start, 1)
+
+    space = joint_raw["compress"]["space"]
+    remaining = max(1, budget - merge_raw["evolver"]["generations"] * population)
+    baselines = {
+        "merge+ShortGPT": {**space, "depth": ["remove_blocks"], "width": ["none"], "importance": ["block_influence"]},
+        "merge+width": {**space, "depth": ["none"], "width": ["prune_width"]},
+    }
+    fronts = {"joint": front_points(joint_dir)}
+    for label, baseline_space in baselines.items():
+        raw = {
+            "name": f"bench-{label.replace('+', '-')}",
+            "seed": joint_raw["seed"],
+            "mode": "compress",
+            "parents": {"base": {"name": "merged", "source": str(merged)}},
+            "tasks": joint_raw["tasks"],
+            "evolver": {"generations": 2},
+            "compress": {"sampler": "nsga2", "candidates": max(1, remaining // 2), "space": baseline_space},
+            "workers": joint_raw["workers"],
+            "export_top": 0,
+        }
+        start = time.time()
+        run_dir = WORK / label.replace("+", "-")
+        evofuse("search", str(write_config(raw, label.replace("+", "-"))), "--run-dir", str(run_dir), "--quiet")
+        timings[f"{label}_s"] = round(time.time() - start, 1)
+        fronts[label] = front_points(run_dir)
+
+    from search.store import RunStore
+
+    dense = RunStore(joint_dir).read_state()["dense_params"]
+    limit = 0.75 * dense
+    comparison = {name: {split: best_under(points, limit, split) for split in ("dev", "test")} for name, points in fronts.items()}
+    (joint_dir / "report").mkdir(exist_ok=True)
+    baseline_marks = [{"label": name, "params": p["params"], "score": p["dev"]} for name in baselines for p in fronts[name]]
+    (joint_dir / "report" / "baselines.json").write_text(json.dumps(baseline_marks, indent=1))
+    evofuse("report", str(joint_dir))
+    return {"quick": quick, "dense_params": dense, "limit_params": limit, "evaluation_budget": budget,
+            "fronts": fronts, "at_75_percent": comparison, "timings_s": timings}
+
+
+def to_markdown(result: dict) -> str:
+    lines = [
+        f"# Joint search vs single-method baselines ({'quick, tiny models' if result['quick'] else 'SmolLM2-135M experts'})",
+        "",
+        f"Dense model: {result['dense_params']:,} parameters; comparison at <= {result['limit_params']:,.0f} (25% fewer).",
+        f"Evaluation budget per approach: {result['evaluation_budget']} candidates. Wall times: {result['timings_s']}.",
+        "",
+        "| approach | best dev score <= 75% size | its params | best test score <= 75% size | its params |",
+        "|---|---|---|---|---|",
+    ]
+    for name, row in result["at_75_percent"].items():
+        dev, test = row["dev"], row["test"]
+        lines.append(
+            f"| {name} | {dev['dev']:.4f} | {dev['params']:,} | {test['test']:.4f} | {test['params']:,} |"
+            if dev and test else f"| {name} | - | - | - | - |"
+        )
+    lines += ["", "Pareto fronts (params, dev, test):", ""]
+    for name, points in result["fronts"].items():
+        shown = ", ".join(f"({p['params']:,}, {p['dev']:.3f}, {p['test'] if p['test'] is None else round(p['test'], 3)})" for p in points)
+        lines.append(f"- {name}: {shown}")
+    return "\n".join(lines) + "\n"
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--quick", action="store_true")
+    args = parser.parse_args()
+    if WORK.exists():
+        import shutil
+
+        shutil.rmtree(WORK)
+    result = run(args.quick)
+    name = "joint_quick" if args.quick else "joint"
+    RESULTS.mkdir(parents=True, exist_ok=True)
+    (RESULTS / f"{name}.json").write_text(json.dumps(result, indent=1))
+    text = to_markdown(result)
+    (RESULTS / f"{name}.md").write_text(text)
+    print(text)
+
+
+if __name__ == "__main__":
+    main()
