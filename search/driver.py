@@ -215,15 +215,10 @@ class Search:
         return self.config.mode != "merge"
 
     def run(self) -> dict:
-        state = self.store.read_state()
+        state = self.store.read_state()  # verified by _run before any worker started
         if state is None:
             state = self.initial_state()
-        else:
-            self.store.verify_weights(state["weight_checksums"])
         self.restore_population(state)
-        if state["status"] == "finished":
-            self.log(f"{self.store.root}: already finished")
-            return state
         evo = self.config.evolver
         toolbox = make_toolbox(self.config.seed, evo.generations, evo.F, evo.CR, evo.strategy, evo.reference)
         self.study = self.open_study() if self.pareto else None
@@ -458,6 +453,12 @@ def changed_field(old: RunConfig, new: RunConfig) -> str:
 
 
 def _run(config: RunConfig, store: RunStore, address, quiet: bool) -> Path:
+    state = store.read_state()  # a corrupt checkpoint is refused before anything starts
+    if state is not None:
+        store.verify_weights(state["weight_checksums"])
+        if state["status"] == "finished":
+            tqdm.write(f"{store.root}: already finished", file=sys.stderr)
+            return store.root
     search = Search(config, store, address=address, quiet=quiet)
     try:
         search.start()
