@@ -453,8 +453,8 @@ def mc_rows(spec: str) -> list[tuple[str, list[str], int]]:
     for n, row in enumerate(load_rows(spec), 1):
         _check_row(spec, n, row, {"context": str, "choices": list, "label": int})
         choices, label = row["choices"], row["label"]
-        if len(choices) < 2 or not all(isinstance(c, str) for c in choices):
-            raise TaskError(f"{spec}: row {n}: \"choices\" must be a list of at least 2 strings")
+        if len(choices) < 2 or not all(isinstance(c, str) and c for c in choices):
+            raise TaskError(f"{spec}: row {n}: \"choices\" must be a list of at least 2 non-empty strings")
         if not 0 <= label < len(choices):
             raise TaskError(f"{spec}: row {n}: \"label\" {label} is not an index into {len(choices)} choices")
         rows.append((row["context"], list(choices), label))

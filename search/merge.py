@@ -327,6 +327,9 @@ class ShardWriter:
 
     def finish(self) -> None:
         self._close_shard()
+        for stale in self.out_dir.glob("model*.safetensors"):  # from an earlier run into this directory:
+            if stale.name not in self.file_names:  # transformers would load a stale model.safetensors
+                stale.unlink()
         weight_map = {name: self.file_names[s] for s, (name, *_rest) in self.order}
         index = {"metadata": {"total_size": self.total_bytes}, "weight_map": weight_map}
         _write_text(self.out_dir / "model.safetensors.index.json", json.dumps(index, indent=2) + "\n")

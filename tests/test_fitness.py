@@ -215,6 +215,7 @@ def test_multiple_choice_delimiter_and_builtin(tokenizer, tiny_model, mc_file):
         ({"choices": ["a", "b"], "label": 0}, "row 1: missing field 'context'"),
         ({"context": "c", "choices": "ab", "label": 0}, "row 1: field 'choices' must be list"),
         ({"context": "c", "choices": ["a"], "label": 0}, "at least 2"),
+        ({"context": "c", "choices": ["a", ""], "label": 0}, "non-empty"),
         ({"context": "c", "choices": ["a", "b"], "label": 2}, "row 1: \"label\" 2"),
         ({"context": "c", "choices": ["a", "b"], "label": True}, "must be int"),
     ],

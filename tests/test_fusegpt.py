@@ -183,3 +183,23 @@ def test_layers_of_another_width_are_not_fused(calibration):
     narrow = arch.decoder_blocks(model)[1]  # the old block 2
     assert isinstance(narrow.self_attn.q_proj, FusedLinear)
     assert not isinstance(narrow.mlp.down_proj, FusedLinear)
+
+
+def test_fold_each_freezes_earlier_fusions(calibration, monkeypatch):
+    import compression.depth as depth
+
+    seen = []
+    real = depth.fuse_block
+
+    def spy(model, *args, **kwargs):
+        seen.append(max((layer.num_sources for layer in fused_layers(model)), default=0))
+        return real(model, *args, **kwargs)
+
+    monkeypatch.setattr(depth, "fuse_block", spy)
+    model = tiny_llama(seed=0, num_hidden_layers=5)
+    shrink(model, FuseBlocksStep(count=2, rank=4, steps=2, group_size=3, importance_samples=4, fold_each=True), calibration.take(4))
+    assert seen == [0, 0]  # the second fusion starts from plain (folded) layers
+    seen.clear()
+    model = tiny_llama(seed=0, num_hidden_layers=5)
+    shrink(model, FuseBlocksStep(count=2, rank=4, steps=2, group_size=3, importance_samples=4), calibration.take(4))
+    assert seen == [0, 1] and not fused_layers(model)

@@ -77,7 +77,10 @@ def test_merge_writes_a_loadable_model_with_its_config(models, tmp_path):
 def test_small_shards_and_index_give_the_same_weights(models, tmp_path):
     config = _write(tmp_path, _ties(models))
     whole = run_merge(config, tmp_path / "whole", quiet=True)
+    (tmp_path / "sharded").mkdir()
+    (tmp_path / "sharded" / "model.safetensors").write_bytes(b"stale")  # an earlier run's weights
     sharded = run_merge(config, tmp_path / "sharded", quiet=True, max_shard_bytes=100_000)
+    assert not (sharded / "model.safetensors").exists()
     shards = sorted(sharded.glob("*.safetensors"))
     assert len(shards) > 3 and shards[0].name.endswith(f"-of-{len(shards):05d}.safetensors")
     index = json.loads((sharded / "model.safetensors.index.json").read_text())

@@ -203,6 +203,8 @@ def test_recipe_round_trip_and_input_ids():
     (Recipe("evolver", ("a", "b"), {"F": 0.5, "G": 1}), "unknown parameter 'G' for op 'evolver'; valid: CR, F"),
     (Recipe("ties", ("a", "b"), {"weight": 1, "per_input": {"a": {"lambda": 2}}}, base="c"), "shared by all inputs"),
     (Recipe("linear", ("a", "b"), {"weight": 1, "per_input": {"z": {"weight": 2}}}), "not an input"),
+    (Recipe("evolver", ("a", "b"), {"F": 0.5, "CR": 1.5}), "parameter 'CR' in params of op 'evolver': must be in [0, 1]"),
+    (Recipe("linear", ("a", "b"), {"weight": 1, "normalize": "maybe"}), "parameter 'normalize' in params"),
 ])
 def test_bad_recipes_raise_one_line(recipe, message):
     with pytest.raises(RecipeError) as info:

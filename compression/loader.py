@@ -1,0 +1,238 @@
+"""Save and load compressed models whose modules no longer match what their config builds.
+
+A model pruned with the same widths in every block saves as an ordinary Hugging Face directory
+(`save_pretrained`; the config carries the new intermediate_size / head counts / head_dim) and
+loads with plain `AutoModelForCausalLM.from_pretrained`. A model whose blocks differ (per-layer
+ratios, TTM layers, ...) saves the same way plus a small `evofuse_structure.json` beside the
+safetensors weights; plain transformers then refuses it with a shape-mismatch error, and
+`load_compressed(dir)` rebuilds it: the model from its config, then every module listed in the
+structure file replaced by one of the recorded kind and shape, then the weights.
+
+    {"format": "evofuse-structure", "version": 1,
+     "modules": {"model.layers.3.mlp.down_proj": {"kind": "linear", "in_features": 1100,
+                                                  "out_features": 576, "bias": false}},
+     "attributes": {"model.layers.3.self_attn": {"num_key_value_groups": 2}}}
+
+Module kinds are a small registry. A kind says which module type it covers, how to describe a
+module as JSON-able constructor arguments, and how to build an empty module from them (weights
+are loaded afterwards by state-dict name). Another compression method registers its own, e.g.
+
+    register_kind("ttm", TTMLinear, describe=lambda m: {...}, build=lambda spec: TTMLinear(**spec))
+
+Saving records every module whose description differs from the one in a reference model built
+from the config on the meta device (or that the reference lacks); loading replaces parents
+before children. Plain integer attributes that transformers reads at run time and that pruning
+changes (WIDTH_ATTRIBUTES) are recorded the same way.
+"""
+from __future__ import annotations
+
+import json
+import os
+import tempfile
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Callable
+
+import torch
+import torch.nn as nn
+
+STRUCTURE_FILE = "evofuse_structure.json"
+STRUCTURE_FORMAT = "evofuse-structure"
+STRUCTURE_VERSION = 1
+WIDTH_ATTRIBUTES = ("num_key_value_groups", "num_heads", "num_key_value_heads", "intermediate_size", "head_dim")
+
+
+class StructureError(ValueError):
+    """A structure file that cannot be applied; the message is one line naming the file."""
+
+
+@dataclass(frozen=True)
+class ModuleKind:
+    name: str
+    module_type: type[nn.Module]
+    describe: Callable[[nn.Module], dict[str, Any]]  # module -> JSON-able constructor arguments
+    build: Callable[[dict[str, Any]], nn.Module]  # arguments -> module (weights loaded later)
+
+
+_KINDS: dict[str, ModuleKind] = {}
+
+
+def register_kind(name: str, module_type: type[nn.Module], describe, build) -> None:
+    """Register (or replace) a module kind. The most specific registered type wins."""
+    _KINDS[name] = ModuleKind(name, module_type, describe, build)
+
+
+def registered_kinds() -> dict[str, ModuleKind]:
+    return dict(_KINDS)
+
+
+def kind_of(module: nn.Module) -> ModuleKind | None:
+    """The registered kind for `module`: exact type first, else the nearest base class."""
+    for cls in type(module).__mro__:
+        for kind in _KINDS.values():
+            if kind.module_type is cls:
+                return kind
+    return None
+
+
+register_kind(
+    "linear",
+    nn.Linear,
+    describe=lambda m: {"in_features": m.in_features, "out_features": m.out_features, "bias": m.bias is not None},
+    build=lambda spec: nn.Linear(spec["in_features"], spec["out_features"], bias=spec["bias"]),
+)
+
+
+def _reference_model(config) -> nn.Module:
+    from transformers import AutoModelForCausalLM
+
+    with torch.device("meta"):
+        return AutoModelForCausalLM.from_config(config)
+
+
+def describe_structure(model: nn.Module) -> dict[str, Any]:
+    """The structure entries of `model` that differ from what `model.config` builds."""
+    reference = dict(_reference_model(model.config).named_modules())
+    modules: dict[str, dict] = {}
+    attributes: dict[str, dict] = {}
+    for name, module in model.named_modules():
+        kind = kind_of(module)
+        ref = reference.get(name)
+        if kind is not None:
+            spec = {"kind": kind.name, **kind.describe(module)}
+            ref_kind = kind_of(ref) if ref is not None else None
+            ref_spec = {"kind": ref_kind.name, **ref_kind.describe(ref)} if ref_kind is not None else None
+            if spec != ref_spec:
+                modules[name] = spec
+        changed = {
+            attr: getattr(module, attr)
+            for attr in WIDTH_ATTRIBUTES
+            if isinstance(getattr(module, attr, None), int)
+            and (ref is None or getattr(ref, attr, None) != getattr(module, attr))
+        }
+        if changed:
+            attributes[name] = changed
+    return {"format": STRUCTURE_FORMAT, "version": STRUCTURE_VERSION, "modules": modules, "attributes": attributes}
+
+
+def apply_structure(model: nn.Module, structure: dict[str, Any], source: str = STRUCTURE_FILE) -> None:
+    """Replace the recorded modules (parents before children) and set the recorded attributes."""
+    if structure.get("format") != STRUCTURE_FORMAT or structure.get("version") != STRUCTURE_VERSION:
+        raise StructureError(f"{source}: not an {STRUCTURE_FORMAT} v{STRUCTURE_VERSION} file")
+    for name in sorted(structure.get("modules", {}), key=lambda n: n.count(".")):
+        spec = dict(structure["modules"][name])
+        kind_name = spec.pop("kind", None)
+        if kind_name not in _KINDS:
+            raise StructureError(
+                f"{source}: module {name}: unknown kind {kind_name!r} (registered: {', '.join(sorted(_KINDS))}; "
+                "import the module that registers it)"
+            )
+        parent_name, _, child = name.rpartition(".")
+        try:
+            parent = model.get_submodule(parent_name)
+        except AttributeError:
+            raise StructureError(f"{source}: module {name}: no parent {parent_name!r} in the model") from None
+        setattr(parent, child, _KINDS[kind_name].build(spec))
+    for name, attrs in structure.get("attributes", {}).items():
+        try:
+            module = model.get_submodule(name)
+        except AttributeError:
+            raise StructureError(f"{source}: attributes of {name}: no such module") from None
+        for attr, value in attrs.items():
+            setattr(module, attr, value)
+
+
+def _atomic_write_text(path: Path, text: str) -> None:
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    try:
+        with os.fdopen(fd, "w", encoding="utf-8") as handle:
+            handle.write(text)
+            handle.flush()
+            os.fsync(handle.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+
+
+def save_compressed(model: nn.Module, tokenizer, out_dir: str | Path) -> Path:
+    """Write `model` (and `tokenizer`, if given) to `out_dir`.
+
+    Uniform widths: a plain `save_pretrained` directory. Otherwise the same plus
+    evofuse_structure.json, which `load_compressed` needs. Returns the directory.
+    """
+    out = Path(out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    try:  # keep config widths in step with the blocks where they agree
+        from compression.width import sync_config_widths
+
+        sync_config_widths(model)
+    except (ValueError, AttributeError):
+        pass  # not a Llama-family model: nothing width-specific to sync
+    structure = describe_structure(model)
+    model.save_pretrained(out)
+    target = out / STRUCTURE_FILE
+    if structure["modules"] or structure["attributes"]:
+        _atomic_write_text(target, json.dumps(structure, indent=1, sort_keys=True) + "\n")
+    else:
+        target.unlink(missing_ok=True)
+    if tokenizer is not None:
+        tokenizer.save_pretrained(out)
+    return out
+
+
+def _read_state_dict(directory: Path) -> dict[str, torch.Tensor]:
+    from safetensors.torch import load_file
+
+    index = directory / "model.safetensors.index.json"
+    if index.is_file():
+        shards = sorted(set(json.loads(index.read_text())["weight_map"].values()))
+    else:
+        shards = ["model.safetensors"]
+    state: dict[str, torch.Tensor] = {}
+    for shard in shards:
+        if not (directory / shard).is_file():
+            raise StructureError(f"{directory / shard}: missing weights file")
+        state.update(load_file(str(directory / shard)))
+    return state
+
+
+def load_compressed(directory: str | Path, dtype: torch.dtype | None = None) -> nn.Module:
+    """Load a directory written by `save_compressed` (or any plain HF causal-LM directory)."""
+    from transformers import AutoConfig, AutoModelForCausalLM
+
+    from compression.plan import registered_ops
+
+    registered_ops()  # importing the op modules registers their module kinds (e.g. "ttm")
+    directory = Path(directory)
+    if not (directory / "config.json").is_file():
+        raise StructureError(f"{directory}: no config.json (not a saved model directory)")
+    structure_path = directory / STRUCTURE_FILE
+    if not structure_path.is_file():
+        return AutoModelForCausalLM.from_pretrained(str(directory), dtype=dtype).eval()
+    try:
+        structure = json.loads(structure_path.read_text())
+    except json.JSONDecodeError as exc:
+        raise StructureError(f"{structure_path}: not JSON ({exc.msg})") from None
+    config = AutoConfig.from_pretrained(str(directory))
+    model = AutoModelForCausalLM.from_config(config)
+    apply_structure(model, structure, str(structure_path))
+    if dtype is not None:
+        model.to(dtype)
+    state = _read_state_dict(directory)
+    try:
+        missing, unexpected = model.load_state_dict(state, strict=False)
+    except RuntimeError as exc:
+        raise StructureError(f"{directory}: weights do not match the structure ({str(exc).splitlines()[-1].strip()})") from None
+    tied = {k for k in missing if _is_tied(model, k)}
+    if unexpected or set(missing) - tied:
+        bad = sorted(unexpected) or sorted(set(missing) - tied)
+        raise StructureError(f"{directory}: weights do not match the structure (e.g. {bad[0]!r})")
+    if tied:
+        model.tie_weights()
+    return model.eval()
+
+
+def _is_tied(model: nn.Module, key: str) -> bool:
+    """True for a parameter that save_pretrained leaves out because it is tied to another."""
+    return bool(getattr(model.config, "tie_word_embeddings", False)) and key.endswith("lm_head.weight")

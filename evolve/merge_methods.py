@@ -1,0 +1,363 @@
+"""Classic weight merges as small pure functions over tensors, registered by name.
+
+Each function takes the tensors of ONE name (never a whole model) in a floating compute dtype
+and returns a new tensor; inputs are never written to (they may be read-only views of the Ray
+object store or of a memory-mapped file). Numerics follow mergekit 0.1.5, the reference users
+know, and `tests/test_mergekit_parity.py` checks agreement to 1e-6 in fp32:
+
+* `linear`: `sum_i w_i x_i`, divided by `sum_i w_i` when `normalize` (default true).
+* `task_arithmetic`: `base + lambda * sum_i w_i tau_i`, `tau_i = x_i - base`; `normalize`
+  (default false) divides by `sum_i w_i` (a sum below 1e-8 in magnitude divides by 1).
+* `ties`: each `tau_i` trimmed to its `k = max(1, int(density * numel))` largest magnitudes,
+  weighted, a sign elected per coordinate from the SUM of the weighted trimmed vectors (>= 0 is
+  positive: mergekit's "sum" consensus, the TIES paper's), entries agreeing with it kept;
+  `normalize` (default true) divides by the sum of the agreeing entries' weights (0 -> 1).
+  Where several entries have exactly the k-th largest magnitude we keep the lowest indices;
+  mergekit keeps whichever its unstable `torch.argsort` puts first, so the two can differ
+  there and only there (quantised weights make such ties common: 114 of 134.5M coordinates
+  in `benchmarks/results/merge.md`).
+* `dare_linear` / `dare_ties`: each `tau_i` entry dropped with probability `1 - density`, the
+  kept ones scaled by `1 / density` when `rescale` (default true), then task arithmetic / TIES
+  consensus (`normalize` default false). The drop mask is seeded from (recipe seed, tensor
+  name, input id), see `evolve.rng`. Choice: mergekit 0.1.5 rescales to match the L1 norm of
+  the unpruned vector instead of the paper's `1 / density`; we follow the paper (both have the
+  same expectation; they agree exactly at density 1, which is what the parity test checks).
+* `slerp`: spherical interpolation of the whole tensor between `v0` (t = 0, the base) and
+  `v1`, on copies normalised by their L2 norms (norms <= 1e-8 taken as 1); when
+  `|cos| > 0.9995` it falls back to `(1 - t) v0 + t v1`.
+
+Computation is in float32 (float64 when an input is float64), also for bf16 inputs: mergekit
+computes task-vector methods in the input dtype, we prefer fp32 accumulation there.
+
+Speed (the 2-core CPU, SmolLM2-135M, `benchmarks/bench_merge.py`): the task-vector merges run
+in chunks of 2^16 coordinates so that every temporary stays in cache; TIES finds each
+threshold in O(n) (`magnitude_cut`) instead of sorting, and selects agreeing entries with
+arithmetic rather than boolean masks (`torch.where` / masked ops with random masks cost
+~10 ns a coordinate here, branch mispredictions; float and numpy compare/multiply ~0.3-1 ns).
+"""
+from __future__ import annotations
+
+import math
+from typing import Sequence
+
+import numpy as np
+import torch
+
+from evolve.recipe import RecipeError
+from evolve.registry import Operator, ParamSpec, TensorCall, as_bool, as_float, register_operator
+from evolve.rng import derive_seed, keep_mask_chunks
+
+SLERP_DOT_THRESHOLD = 0.9995  # mergekit's: above it the inputs count as colinear -> lerp
+SLERP_NORM_EPS = 1e-8  # norms at or below this are treated as 1 (mergekit's eps)
+SAMPLE_STRIDE = 64  # TIES threshold search: every 64th magnitude brackets the k-th largest
+MERGE_CHUNK = 1 << 16  # coordinates per chunk of a task-vector merge: temporaries stay in cache
+
+
+# --- the pure tensor functions ------------------------------------------------------------
+
+
+def linear(tensors: Sequence[torch.Tensor], weights: Sequence[float], normalize: bool = True) -> torch.Tensor:
+    """`sum_i w_i x_i`, optionally divided by `sum_i w_i`."""
+    coefficients = torch.tensor(weights, dtype=tensors[0].dtype)  # (N,) as mergekit: in compute dtype
+    result = tensors[0] * coefficients[0]
+    for tensor, coefficient in zip(tensors[1:], coefficients[1:]):
+        result.addcmul_(tensor, coefficient)  # result += x_i * w_i
+    if normalize:
+        total = coefficients.sum()
+        if total == 0:
+            raise RecipeError("linear weights sum to 0; set normalize: false or change 'weight'")
+        result.div_(total)
+    return result
+
+
+def task_vector(tensor: torch.Tensor, base: torch.Tensor) -> torch.Tensor:
+    return tensor - base  # tau = x - base, a new tensor
+
+
+# TIES trimming. The k-th largest |tau| of a whole tensor is found first (one streaming pass,
+# `magnitude_cut`); the merge then runs chunk by chunk with that threshold (`MagnitudeCut.trim`).
+
+
+class MagnitudeCut:
+    """Keep |tau| > threshold, plus the first `ties` entries equal to it (lowest index first).
+
+    That keeps exactly k entries, as mergekit's argsort does (which of several entries tied at
+    the threshold it keeps is unspecified there; it only matters for equal magnitudes of
+    different value). Stateful: `trim` must see the chunks in order, once.
+    """
+
+    def __init__(self, threshold: float, ties: int):
+        self.threshold = threshold
+        self.ties = ties  # entries equal to the threshold still to keep
+
+    def trim(self, delta: torch.Tensor, scratch: np.ndarray | None, keep: np.ndarray | None) -> None:
+        """Zero the trimmed entries of a flat chunk in place (CPU: scratch/keep of its length)."""
+        if delta.device.type != "cpu":
+            magnitude = delta.abs()
+            kept = magnitude > self.threshold
+            if self.ties > 0:
+                tied = (magnitude == self.threshold).nonzero().reshape(-1)[: self.ties]
+                kept[tied] = True
+                self.ties -= tied.numel()
+            delta.mul_(kept)
+            return
+        delta = delta.numpy()  # numpy's compare/multiply by a mask are ~3x torch's on CPU
+        magnitude = np.abs(delta, out=scratch)
+        np.greater(magnitude, self.threshold, out=keep)
+        if self.ties > 0:
+            tied = np.flatnonzero(magnitude == self.threshold)[: self.ties]
+            keep[tied] = True
+            self.ties -= tied.shape[0]
+        np.multiply(delta, keep, out=delta)
+
+
+def magnitude_cut(tensor: torch.Tensor, base: torch.Tensor, density: float, chunk: int) -> MagnitudeCut | None:
+    """The cut keeping the `k = max(1, int(density * numel))` largest |tensor - base|; None: all.
+
+    Found in O(n) without materialising |tau|: the k-th largest is bracketed from a strided
+    1/64 sample (its rank +- 6 standard deviations), then one chunked pass counts the values
+    above the bracket and gathers the few inside it, and `np.partition` (introselect, ~3.5 ns
+    a value here where torch's `kthvalue` takes ~35) finds the exact value among those.
+    """
+    count = tensor.numel()
+    if density >= 1:
+        return None
+    if density <= 0 or count == 0:
+        return MagnitudeCut(float("inf"), 0)
+    k = max(1, int(density * count))
+    flat_x, flat_b = tensor.reshape(-1), base.reshape(-1)
+    if tensor.device.type != "cpu":  # on an accelerator: one exact selection on the device
+        magnitude = (flat_x - flat_b).abs_()
+        threshold = magnitude.kthvalue(count - k + 1).values
+        return MagnitudeCut(float(threshold), k - int((magnitude > threshold).sum()))
+    if count > 64 * SAMPLE_STRIDE:
+        sample = (flat_x[::SAMPLE_STRIDE] - flat_b[::SAMPLE_STRIDE]).abs_().numpy()  # (m,)
+        m = sample.shape[0]
+        centre = (k / count) * m  # the target's expected rank in the sample, from the top
+        margin = 6.0 * math.sqrt(max(centre * (1 - k / count), 1.0)) + 4
+        high_rank, low_rank = max(1, int(centre - margin)), min(m, int(centre + margin) + 1)
+        bounds = np.partition(sample, [m - low_rank, m - high_rank])
+        lower, upper = bounds[m - low_rank], bounds[m - high_rank]
+        above, inside = 0, []
+        scratch = torch.empty(min(chunk, count), dtype=tensor.dtype)
+        for start in range(0, count, chunk):
+            stop = min(start + chunk, count)
+            magnitude = torch.sub(flat_x[start:stop], flat_b[start:stop], out=scratch[: stop - start]).abs_().numpy()
+            above += int(np.count_nonzero(magnitude > upper))
+            inside.append(magnitude[(magnitude >= lower) & (magnitude <= upper)])
+        inside = np.concatenate(inside)
+        rank = k - above  # the target's rank among the bracketed values, from the top
+        if 1 <= rank <= inside.shape[0]:
+            threshold = np.partition(inside, inside.shape[0] - rank)[inside.shape[0] - rank]
+            return MagnitudeCut(float(threshold), k - above - int(np.count_nonzero(inside > threshold)))
+    magnitude = (flat_x - flat_b).abs_().numpy()  # small tensor, or the bracket missed
+    threshold = kth_largest(magnitude, k)
+    return MagnitudeCut(threshold, k - int(np.count_nonzero(magnitude > threshold)))
+
+
+def kth_largest(values: np.ndarray, k: int) -> float:
+    """The k-th largest of a 1-D array (1 <= k <= n), by introselect."""
+    count = values.shape[0]
+    return float(np.partition(values, count - k)[count - k])
+
+
+def trim_to_top_magnitude(delta: torch.Tensor, density: float) -> torch.Tensor:
+    """Zero all but the `max(1, int(density * numel))` largest-magnitude entries, in place."""
+    cut = magnitude_cut(delta, torch.zeros_like(delta), density, chunk=delta.numel() or 1)
+    if cut is not None:
+        flat = delta.reshape(-1)
+        cut.trim(flat, np.empty(flat.shape, dtype=np.float64 if flat.dtype == torch.float64 else np.float32),
+                 np.empty(flat.shape, dtype=bool))
+    return delta
+
+
+def sign_consensus_combine(deltas: Sequence[torch.Tensor], weights: Sequence[float], normalize: bool,
+                           out: torch.Tensor | None = None) -> torch.Tensor:
+    """TIES merge of weighted task vectors: elect a sign by their sum, keep agreeing entries.
+
+    `deltas[i]` is already weighted (`w_i tau_i`); an entry agrees when it has the elected
+    sign strictly (zeros agree with nothing). The divisor is `sum_i w_i [agrees_i]`, 0 -> 1.
+    Branch-free: with `s = +-1` the elected sign, `max(s d, 0) * s` is `d` where it agrees and 0
+    elsewhere (exact: multiplying by +-1 loses nothing), and `sign(max(s d, 0))` its indicator.
+    The sums run over the inputs in order, as mergekit's do.
+    """
+    vote = deltas[0].clone()  # (shape) sum of weighted task vectors
+    for delta in deltas[1:]:
+        vote.add_(delta)
+    # s = +1 where vote >= 0 (-0 only when every entry is a zero, where nothing agrees anyway)
+    elected = torch.copysign(torch.ones((), dtype=vote.dtype), vote, out=vote)  # (shape)
+    mixed = torch.zeros_like(deltas[0]) if out is None else out.zero_()
+    divisor = torch.zeros_like(deltas[0]) if normalize else None
+    agreeing = torch.empty_like(deltas[0])
+    for delta, weight in zip(deltas, weights):
+        torch.mul(delta, elected, out=agreeing).clamp_min_(0)  # |d| where it agrees, else 0
+        if divisor is not None:
+            divisor.add_(torch.sign(agreeing), alpha=weight)  # w_i [agrees_i]
+        mixed.addcmul_(agreeing, elected)  # d where it agrees
+    if divisor is not None:
+        divisor.add_(divisor == 0)  # 0 -> 1, others unchanged
+        mixed.div_(divisor)
+    return mixed
+
+
+def task_vector_merge(
+    base: torch.Tensor,
+    tensors: Sequence[torch.Tensor],
+    weights: Sequence[float],
+    *,
+    densities: Sequence[float] | None = None,
+    sparsify: str | None = None,  # None | "magnitude" (TIES) | "random" (DARE)
+    consensus: bool = False,  # TIES sign election
+    normalize: bool = False,
+    scale: float = 1.0,  # lambda
+    rescale: bool = True,  # DARE only
+    seeds: Sequence[int] | None = None,  # DARE only: one per input
+    out: torch.Tensor | None = None,  # contiguous, base's dtype and shape
+    chunk: int = MERGE_CHUNK,
+) -> torch.Tensor:
+    """mergekit's generalised task arithmetic: the engine of task_arithmetic, TIES and DARE.
+
+    Chunk by chunk (all temporaries of a chunk stay in cache) after the TIES thresholds have
+    been found on the whole tensors: for each chunk, `d_i = w_i sparsify(x_i - base)`, then
+    the sign consensus or the plain sum, the normalisation, lambda, and `+ base`.
+    """
+    out = torch.empty_like(base) if out is None else out
+    if not tensors:
+        return out.copy_(base)
+    count = base.numel()
+    chunk = chunk if base.device.type == "cpu" else max(count, 1)
+    # weights as mergekit holds them: in the compute dtype
+    coefficients = [float(w) for w in torch.tensor(weights, dtype=base.dtype)]
+    total = float(torch.tensor(coefficients, dtype=base.dtype).sum())
+    cuts = [magnitude_cut(t, base, d, chunk) for t, d in zip(tensors, densities)] \
+        if sparsify == "magnitude" else [None] * len(tensors)
+    masks = [keep_mask_chunks(seed, count, d, chunk) for seed, d in zip(seeds, densities)] \
+        if sparsify == "random" else [None] * len(tensors)
+    flat_b, flat_out = base.reshape(-1), out.view(-1)
+    flat_x = [t.reshape(-1) for t in tensors]
+    buffers = [torch.empty(min(chunk, count), dtype=base.dtype, device=base.device) for _ in tensors]
+    scratch = np.empty(min(chunk, count), dtype=np.float64 if base.dtype == torch.float64 else np.float32)
+    keep = np.empty(min(chunk, count), dtype=bool)
+    for start in range(0, count, chunk):
+        stop = min(start + chunk, count)
+        size = stop - start
+        deltas = []
+        for i, x in enumerate(flat_x):
+            delta = torch.sub(x[start:stop], flat_b[start:stop], out=buffers[i][:size])  # tau_i
+            if cuts[i] is not None:
+                cuts[i].trim(delta, scratch[:size], keep[:size])
+            if masks[i] is not None:
+                drop_chunk(delta, next(masks[i]).to(delta.device), densities[i], rescale)
+            deltas.append(delta.mul_(coefficients[i]))  # w_i tau_i
+        target = flat_out[start:stop]
+        if consensus:
+            mixed = sign_consensus_combine(deltas, coefficients, normalize, out=target)
+        else:
+            mixed = target.copy_(deltas[0])
+            for delta in deltas[1:]:
+                mixed.add_(delta)
+            if normalize:
+                mixed.div_(total if abs(total) >= 1e-8 else 1.0)
+        if scale != 1:
+            mixed.mul_(scale)
+        mixed.add_(flat_b[start:stop])
+    return out
+
+
+def drop_chunk(delta: torch.Tensor, keep: torch.Tensor, density: float, rescale: bool) -> torch.Tensor:
+    """DARE on one chunk: zero the dropped entries, scale the kept ones by 1/density."""
+    if density >= 1:
+        return delta
+    delta.mul_(keep)
+    if rescale and density > 0:
+        delta.div_(density)
+    return delta
+
+
+def slerp(v0: torch.Tensor, v1: torch.Tensor, t: float) -> torch.Tensor:
+    """Spherical interpolation of two tensors as whole vectors; lerp when nearly colinear."""
+    t_ = torch.tensor(t, dtype=v0.dtype, device=v0.device)
+    norm0 = torch.linalg.vector_norm(v0)
+    norm1 = torch.linalg.vector_norm(v1)
+    norm0 = torch.where(norm0 > SLERP_NORM_EPS, norm0, 1)
+    norm1 = torch.where(norm1 > SLERP_NORM_EPS, norm1, 1)
+    dot = ((v0 / norm0) * (v1 / norm1)).sum().clamp(-1, 1)  # cos of the angle between them
+    if dot.abs() > SLERP_DOT_THRESHOLD:
+        coef0, coef1 = 1 - t_, t_
+    else:
+        theta = torch.acos(dot)
+        sin_theta = torch.sin(theta)
+        coef0 = torch.sin((1 - t_) * theta) / sin_theta
+        coef1 = torch.sin(t_ * theta) / sin_theta
+    return coef0 * v0 + coef1 * v1
+
+
+# --- registration: parameter specs and the adapters from a TensorCall ----------------------
+
+WEIGHT = ParamSpec("weight", as_float, per_input=True, doc="coefficient of each input")
+DENSITY = ParamSpec("density", as_float, 1.0, per_input=True, doc="fraction of each task vector kept")
+LAMBDA = ParamSpec("lambda", as_float, 1.0, doc="scale of the combined task vector")
+INT8_MASK = ParamSpec("int8_mask", as_bool, False, doc="accepted for mergekit files; no effect")
+
+
+def _values(call: TensorCall, name: str) -> list:
+    return [p[name] for p in call.per_input]
+
+
+def _apply_linear(call: TensorCall) -> torch.Tensor:
+    return linear(call.inputs, _values(call, "weight"), call.shared["normalize"])
+
+
+def _gta_adapter(sparsify: str | None, consensus: bool):
+    def apply(call: TensorCall) -> torch.Tensor:
+        seeds = [derive_seed(call.seed, input_id) for input_id in call.input_ids]
+        return task_vector_merge(
+            call.base,
+            call.inputs,
+            _values(call, "weight"),
+            densities=_values(call, "density") if sparsify else None,
+            sparsify=sparsify,
+            consensus=consensus,
+            normalize=call.shared["normalize"],
+            scale=call.shared["lambda"],
+            rescale=call.shared.get("rescale", True),
+            seeds=seeds,
+        )
+
+    return apply
+
+
+def _apply_slerp(call: TensorCall) -> torch.Tensor:
+    if call.base is not None:
+        return slerp(call.base, call.inputs[0], call.shared["t"])
+    return slerp(call.inputs[0], call.inputs[1], call.shared["t"])
+
+
+register_operator(Operator(
+    "linear", _apply_linear,
+    (WEIGHT, ParamSpec("normalize", as_bool, True)),
+    inputs_doc="the models to average (base ignored)",
+))
+register_operator(Operator(
+    "task_arithmetic", _gta_adapter(None, False),
+    (WEIGHT, LAMBDA, ParamSpec("normalize", as_bool, False), INT8_MASK),
+    base="required", inputs_doc="the fine-tuned models; base = their common base",
+))
+register_operator(Operator(
+    "ties", _gta_adapter("magnitude", True),
+    (WEIGHT, DENSITY, LAMBDA, ParamSpec("normalize", as_bool, True), INT8_MASK),
+    base="required", inputs_doc="the fine-tuned models; base = their common base",
+))
+for _name, _consensus in (("dare_linear", False), ("dare_ties", True)):
+    register_operator(Operator(
+        _name, _gta_adapter("random", _consensus),
+        (WEIGHT, DENSITY, LAMBDA, ParamSpec("normalize", as_bool, False),
+         ParamSpec("rescale", as_bool, True, doc="scale kept entries by 1/density"), INT8_MASK),
+        base="required", inputs_doc="the fine-tuned models; base = their common base",
+    ))
+register_operator(Operator(
+    "slerp", _apply_slerp,
+    (ParamSpec("t", as_float, doc="0 gives the base (or the first input), 1 the other"),),
+    base="optional", min_inputs=1, max_inputs=2,
+    inputs_doc="with a base: the one other model; without: the two endpoints",
+))
