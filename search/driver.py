@@ -7,10 +7,16 @@ Evolver offspring per member, score them on the dev sets, apply one-to-one greed
 and checkpoint. At the end, score the parents and the best candidates on the test splits
 (reported, never used to select) and export the best.
 
+`compress` and `joint` runs (two objectives: dev score up, parameters down) differ in two
+places: each candidate also carries a plan asked from the Optuna study (told back with its
+result, FAIL with the reason when it fails), and survivors are chosen by NSGA-II over members
+and candidates; the hall of fame is then the Pareto front of every candidate scored.
+
 Resume: every finished evaluation is in the journal before anything else happens; offspring
-ids and recipes are a pure function of (seed, generation, population), so a resumed run
-re-derives the same candidates, takes the finished ones from the journal and scores only the
-rest. The population changes only in the checkpoint written at the end of a generation.
+ids and recipes are a pure function of (seed, generation, population), and the trials asked for
+a generation are checkpointed before it is scored, so a resumed run re-derives the same
+candidates, takes the finished ones from the journal and scores only the rest. The population
+changes only in the checkpoint written at the end of a generation.
 """
 from __future__ import annotations
 
@@ -19,14 +25,12 @@ import sys
 import time
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Callable
 
-import torch
 from tqdm.auto import tqdm
 
-from evolve.operators import materialize
 from compression.arch import num_blocks
 from compression.plan import PlanError, check_plan, parse_plan
+from evolve.operators import materialize
 from evolve.population import (
     WORST,
     finite_or_worst,
@@ -53,8 +57,6 @@ from .workers import EvaluatorPool, WorkerSpec, from_numpy_state, init_ray, put_
 
 HALL_OF_FAME_SIZE = 10  # best members ever seen; their weights stay in the run for export
 FAILED_PARAMS = 2**62  # parameter count recorded for a failed candidate (JSON has no infinity)
-
-
 STALL_ENV = "EVOFUSE_FAULT_STALL"  # "<candidate id>": hang right after journalling it (kill tests)
 
 
@@ -145,10 +147,6 @@ class Search:
         self.pool = EvaluatorPool(spec, workers.count, workers.num_cpus, workers.num_gpus, workers.max_retries)
         for name, path in self.parent_dirs.items():
             self.refs[name] = put_weights(load_state(path))
-
-    def population_names(self) -> list[str]:
-        names = [e.name for e in self.config.parents.experts]
-        return ([self.config.parents.base.name] + names) if self.config.evolver.include_base else names
 
     # ---- evaluation ----------------------------------------------------------------------
     def evaluate(self, jobs: list[dict], desc: str) -> dict[str, dict]:
