@@ -9,6 +9,7 @@ import argparse
 import json
 import os
 import sys
+from dataclasses import replace
 from pathlib import Path
 
 
@@ -91,14 +92,16 @@ def cmd_eval(args) -> int:
     from .fitness import build_task, parse_task_arg
     from .sources import load_model
 
-    specs = [parse_task_arg(t) for t in args.task]
+    options = {k: v for k, v in (("context_length", args.context_length), ("batch_size", args.batch_size)) if v}
+    specs = [replace(parse_task_arg(t), options=options) for t in args.task]
     device = "cuda" if torch.cuda.is_available() else "cpu"
     dtype = torch.bfloat16 if device == "cuda" else torch.float32
     model, tokenizer = load_model(args.source, dtype=dtype, device=device, allow_pickle=args.allow_pickle)
     results = {}
     for spec in specs:
         task = build_task(spec, tokenizer)
-        results[spec.label] = task.evaluate(model, progress=not args.quiet and not args.json)
+        subsample = int(args.subsample) if args.subsample and args.subsample >= 1 else args.subsample
+        results[spec.label] = task.evaluate(model, subsample=subsample, progress=not args.quiet and not args.json)
     if args.json:
         print(json.dumps(results))
     else:
@@ -185,6 +188,9 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("eval", help="score a model on fitness tasks")
     p.add_argument("source", help="Hugging Face directory or built-in name (smollm2-135m)")
     p.add_argument("--task", action="append", required=True, metavar="KIND:DATA")
+    p.add_argument("--context-length", type=int, help="tokens per window / sequence (default: the model's maximum)")
+    p.add_argument("--batch-size", type=int)
+    p.add_argument("--subsample", type=float, help="score N items (or a fraction) drawn with seed 0")
     p.add_argument("--json", action="store_true")
     p.add_argument("--allow-pickle", action="store_true")
     p.add_argument("--quiet", action="store_true")
