@@ -160,9 +160,10 @@ class RunConfig(Strict):
                 raise ValueError(f"evolver.seeds[{i}].inputs: {unknown[0]!r} is not a parent")
             _check_recipe(seed_recipe(self, seed), f"evolver.seeds[{i}]")
         if self.evolver.merge_population:
-            members = [e.name for e in self.parents.experts]
-            recipe = population_merge_recipe(self, members, 0)
-            _check_recipe(recipe, "evolver.merge_population")
+            try:
+                population_merge_recipe(self, [e.name for e in self.parents.experts], 0)
+            except ValueError as exc:
+                raise ValueError(f"evolver.merge_population: {exc}") from None
         return self
 
     def fingerprint(self) -> str:
@@ -179,14 +180,12 @@ def seed_recipe(config: "RunConfig", seed: SeedMerge):
 
 
 def population_merge_recipe(config: "RunConfig", member_ids: list[str], generation: int):
-    from evolve.recipe import Recipe, derive_seed
+    from evolve.operators import population_merge_recipe as merge_recipe
+    from evolve.recipe import derive_seed
 
-    params = dict(config.evolver.merge_params)
-    if config.evolver.merge_population in ("linear", "task_arithmetic", "ties", "dare_linear", "dare_ties"):
-        params.setdefault("weight", 1.0)
-    return Recipe(
-        op=config.evolver.merge_population, inputs=tuple(member_ids), params=params,
-        seed=derive_seed(config.seed, "merge", generation), base=config.parents.base.name,
+    return merge_recipe(
+        member_ids, config.evolver.merge_population, base=config.parents.base.name,
+        params=config.evolver.merge_params, seed=derive_seed(config.seed, "merge", generation),
     )
 
 
