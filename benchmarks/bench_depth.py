@@ -111,6 +111,23 @@ def run_one(method: str, count: int, a) -> dict:
     }
 
 
+def _label(row: dict) -> str:
+    """Method name plus the recovery settings that tell variants apart."""
+    step = row["plan"][0] if row["plan"] else {}
+    if row["method"] == "fuse":
+        return f"fuse (lr {step['lr']:g}, {'fold each' if step.get('fold_each', False) else 'append'})"
+    if row["method"] == "remove_heal":
+        return f"remove_heal (lr {step['lr']:g})"
+    return row["method"]
+
+
+def _peaks(row: dict) -> str:
+    """'compress peak | eval peak'; rows from before the two were split only have the later."""
+    if "eval_peak_mb" not in row:
+        return f"- | {row['peak_mb']:.0f}"
+    return f"{row['peak_mb']:.0f} | {row['eval_peak_mb']:.0f}"
+
+
 def write_tables(rows: list[dict], a, name: str) -> None:
     RESULTS.mkdir(parents=True, exist_ok=True)
     settings = {k: getattr(a, k) for k in ("model", "device", "dtype", "threads", "counts", "eval_windows", "cal_windows",
@@ -127,13 +144,14 @@ def write_tables(rows: list[dict], a, name: str) -> None:
         "|---|---|---|---|---|---|---|---|---|---|---|---|",
     ]
     for r in rows:
+        label = _label(r)
         ratio = f"{r['perplexity'] / dense:.2f}" if dense else "-"
         order = ", ".join(str(s["removed"]) for s in r["steps_report"])
         lines.append(
-            f"| {r['method']} | {r['count']} | {r['blocks']} | {r['params'] / 1e6:.1f} | {r['perplexity']:.2f} | {ratio} | "
-            f"{r['compress_s']:.0f} | {r['eval_s']:.0f} | {r['loaded_mb']:.0f} | {r['peak_mb']:.0f} | {r.get('eval_peak_mb', float('nan')):.0f} | {order} |"
+            f"| {label} | {r['count']} | {r['blocks']} | {r['params'] / 1e6:.1f} | {r['perplexity']:.2f} | {ratio} | "
+            f"{r['compress_s']:.0f} | {r['eval_s']:.0f} | {r['loaded_mb']:.0f} | {_peaks(r)} | {order} |"
         )
-    losses = [(r["method"], r["count"], s) for r in rows for s in r["steps_report"] if "loss_before" in s]
+    losses = [(_label(r), r["count"], s) for r in rows for s in r["steps_report"] if "loss_before" in s]
     if losses:
         lines += ["", "Local distillation loss (per-token relative squared error, first 8 windows) before → after training:", ""]
         for method, count, s in losses:
@@ -160,7 +178,8 @@ def parse_args(argv=None):
     p.add_argument("--fuse-lr", type=float, default=1e-2)
     p.add_argument("--heal-lr", type=float, default=3e-4)
     p.add_argument("--loss", default="mse", choices=("mse", "kl"))
-    p.add_argument("--fold-each", action="store_true", help="fuse: fold after each block (freeze earlier coefficients)")
+    p.add_argument("--fold-each", type=lambda s: s.lower() in ("1", "true", "yes"), default=True,
+                   help="fuse: fold after each block, freezing earlier coefficients (default true; false = append as the public code)")
     p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     p.add_argument("--dtype", default="float32", choices=("float32", "bfloat16"))
     p.add_argument("--threads", type=int, default=1, help="torch intra-op threads (1: steady on a shared CPU)")

@@ -133,7 +133,7 @@ def main() -> None:
     ap.add_argument("--eval-windows", type=int, default=None)
     ap.add_argument("--recover-steps", type=int, default=None)
     ap.add_argument("--batch-size", type=int, default=4)
-    ap.add_argument("--lr", type=float, default=2e-3)
+    ap.add_argument("--lr", type=float, default=1e-4, help="2e-3 diverged (benchmarks/results/ttm.md); 1e-4 recovers")
     ap.add_argument("--threads", type=int, default=1, help="1 by default: the shared CPU is oversubscribed")
     ap.add_argument("--source", default="smollm2-135m")
     ap.add_argument("--stem", default=None, help="results file name (default ttm / ttm_quick)")

@@ -79,8 +79,10 @@ class FuseBlocksStep(_DepthStep):
     # The public code's 1e-3 goes with a far longer budget (20 epochs of 1024 sequences).
     lr: PositiveFloat = 1e-2
     # Fold the fused layers after each block's distillation: earlier coefficients are then frozen
-    # and later groups start from plain layers (the public code instead appends and retrains).
-    fold_each: bool = False
+    # and later groups start from plain layers. The public code instead appends triples and
+    # retrains earlier ones; on SmolLM2-135M, 8 of 30 blocks, 20 steps per block, test ppl:
+    # fold each 29.0 (lr 1e-2), append 38.7 (lr 1e-2) / 31.6 (lr 3e-3); see benchmarks/results.
+    fold_each: bool = True
 
     def is_iterative(self) -> bool:
         return self.iterative if self.iterative is not None else True

@@ -321,20 +321,17 @@ class Search:
             next_population = select_pareto(self.population + candidates, max(size, len(self.population)))
         else:
             next_population = [toolbox.select(target, child) for target, child in zip(self.population, candidates)]
+        previous = {m["id"] for m in self.population}
+        accepted = [m for m in next_population if m["id"] not in previous]
+        checksums = dict(state["weight_checksums"])
+        self.keep_new_weights(accepted, checksums)  # before the population merge reads them
         merged = self.score_population_merge(generation, next_population)
         # The Pareto front is over every candidate scored; a merge run's hall of fame only over
         # members (a rejected offspring is worse than the member it challenged).
         seen = candidates if self.pareto else []
         best = self.best_of([member_from_json(m) for m in state["hall_of_fame"]] + next_population + seen + merged)
-        checksums = dict(state["weight_checksums"])
-        previous = {m["id"] for m in self.population}
-        kept = {m["id"]: m for m in next_population + best}
-        accepted = [m for m in next_population if m["id"] not in previous]
-        for member_id, member in kept.items():
-            recipe = Recipe.from_dict(member["recipe"])
-            # new weights (a compress run only re-plans its parent's, a copy)
-            if member_id not in checksums and member_id not in previous and recipe.op != "copy":
-                checksums[member_id] = self.keep_weights(recipe, member_id)
+        self.keep_new_weights(best, checksums)
+        kept = {m["id"] for m in next_population + best}
         checksums = {k: v for k, v in checksums.items() if k in kept}
         self.population = next_population
         record = generation_record(generation, next_population, len(children), len(accepted), time.perf_counter() - started)
@@ -367,6 +364,14 @@ class Search:
         result = self.evaluate([self.job(merge_id, recipe)], "population merge")[merge_id]
         self.log(f"generation {generation + 1}: population merge ({recipe.op}) dev score {result['score']:.4f}")
         return [self.member(merge_id, recipe, result)]
+
+    def keep_new_weights(self, members, checksums: dict) -> None:
+        """Store members whose weights are new (not a parent's, not stored yet): a compress
+        run's candidates only re-plan a parent's weights (a copy recipe) and store nothing."""
+        for member in members:
+            recipe = Recipe.from_dict(member["recipe"])
+            if member["id"] not in checksums and member["id"] not in self.parent_dirs and recipe.op != "copy":
+                checksums[member["id"]] = self.keep_weights(recipe, member["id"])
 
     def keep_weights(self, recipe: Recipe, member_id: str) -> str:
         """Replay an accepted offspring on the driver (CPU, fp32), store it and publish it."""

@@ -201,5 +201,5 @@ def test_fold_each_freezes_earlier_fusions(calibration, monkeypatch):
     assert seen == [0, 0]  # the second fusion starts from plain (folded) layers
     seen.clear()
     model = tiny_llama(seed=0, num_hidden_layers=5)
-    shrink(model, FuseBlocksStep(count=2, rank=4, steps=2, group_size=3, importance_samples=4), calibration.take(4))
+    shrink(model, FuseBlocksStep(count=2, rank=4, steps=2, group_size=3, importance_samples=4, fold_each=False), calibration.take(4))
     assert seen == [0, 1] and not fused_layers(model)
