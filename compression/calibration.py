@@ -60,18 +60,28 @@ def load_texts(spec: str | Path) -> list[str]:
         raise DataSpecError(f"{spec}: no such file (expected a text file, JSONL with \"text\", or pydoc:SPLIT)")
     if path.suffix == ".jsonl":
         docs = []
-        for lineno, line in enumerate(path.read_text(encoding="utf-8").splitlines(), 1):
-            if not line.strip():
-                continue
-            try:
-                row = json.loads(line)
-            except json.JSONDecodeError as exc:
-                raise DataSpecError(f"{path}:{lineno}: not JSON ({exc.msg})") from None
-            if not isinstance(row, dict) or not isinstance(row.get("text"), str):
+        for lineno, row in read_jsonl(path):
+            if not isinstance(row.get("text"), str):
                 raise DataSpecError(f"{path}:{lineno}: expected an object with a string \"text\"")
             docs.append(row["text"])
         return docs
     return [path.read_text(encoding="utf-8")]
+
+
+def read_jsonl(path: Path) -> list[tuple[int, dict]]:
+    """(line number, object) for every non-blank line; errors name the file and line."""
+    rows = []
+    for lineno, line in enumerate(Path(path).read_text(encoding="utf-8").splitlines(), 1):
+        if not line.strip():
+            continue
+        try:
+            row = json.loads(line)
+        except json.JSONDecodeError as exc:
+            raise DataSpecError(f"{path}:{lineno}: not JSON ({exc.msg})") from None
+        if not isinstance(row, dict):
+            raise DataSpecError(f"{path}:{lineno}: expected a JSON object")
+        rows.append((lineno, row))
+    return rows
 
 
 def token_stream(tokenizer, texts: Sequence[str]) -> list[int]:

@@ -13,12 +13,11 @@ rows are drawn in a fixed order from a generator seeded by the set's name and sp
 from __future__ import annotations
 
 import hashlib
-import json
 import random
 from pathlib import Path
 from typing import Callable
 
-from compression.calibration import DataSpecError, load_texts, pydoc_topics
+from compression.calibration import DataSpecError, load_texts, pydoc_topics, read_jsonl
 
 SPLITS = ("train", "dev", "test")
 SPLIT_SIZES = {"train": 512, "dev": 64, "test": 128}
@@ -86,17 +85,7 @@ def load_rows(spec: str | Path) -> list[dict]:
     path = Path(spec)
     if not path.is_file():
         raise DataSpecError(f"{spec}: no such file")
-    rows = []
-    for lineno, line in enumerate(path.read_text(encoding="utf-8").splitlines(), 1):
-        if not line.strip():
-            continue
-        try:
-            row = json.loads(line)
-        except json.JSONDecodeError as exc:
-            raise DataSpecError(f"{path}:{lineno}: not JSON ({exc.msg})") from None
-        if not isinstance(row, dict):
-            raise DataSpecError(f"{path}:{lineno}: expected a JSON object")
-        rows.append(row)
+    rows = [row for _, row in read_jsonl(path)]
     if not rows:
         raise DataSpecError(f"{path}: no rows")
     return rows
