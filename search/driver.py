@@ -353,7 +353,13 @@ class Search:
         }
         self.store.write_state(state)
         self.store.prune_weights(checksums)
+        self.release_refs({m["id"] for m in next_population})
         return state
+
+    def release_refs(self, live: set[str]) -> None:
+        """Let Ray free weight sets no recipe can read any more (offspring read the population,
+        the final test scoring reads parents and population), so the object store never spills."""
+        self.refs = {k: v for k, v in self.refs.items() if k in live or k in self.parent_dirs}
 
     def score_population_merge(self, generation: int, population: list) -> list:
         """The paper's population merge: scored and offered to the hall of fame, never selected."""
