@@ -353,12 +353,13 @@ class Search:
         }
         self.store.write_state(state)
         self.store.prune_weights(checksums)
-        self.release_refs({m["id"] for m in next_population})
+        self.release_refs({m["id"] for m in next_population} | ({m["id"] for m in best} if self.pareto else set()))
         return state
 
     def release_refs(self, live: set[str]) -> None:
-        """Let Ray free weight sets no recipe can read any more (offspring read the population,
-        the final test scoring reads parents and population), so the object store never spills."""
+        """Let Ray free weight sets nothing will read again (offspring read the population; the
+        test scoring reads parents, the population and, with two objectives, the Pareto front),
+        so the object store does not fill and spill to disk."""
         self.refs = {k: v for k, v in self.refs.items() if k in live or k in self.parent_dirs}
 
     def score_population_merge(self, generation: int, population: list) -> list:
@@ -397,11 +398,17 @@ class Search:
         else:
             chosen = sorted(self.population, key=member_score, reverse=True)[: max(1, self.config.export_top)]
         jobs = [self.job(n, Recipe(op="copy", inputs=(n,)), split="test") for n in names]
-        jobs += [self.job(m["id"], Recipe.from_dict(m["recipe"]), split="test", plan=m.get("plan")) for m in chosen if m["id"] not in names]
+        jobs += [self.job(m["id"], self.stored_recipe(m), split="test", plan=m.get("plan")) for m in chosen if m["id"] not in names]
         self.evaluate(jobs, "test splits")
         state = {**state, "status": "finished", "finished": time.time()}
         self.store.write_state(state)
         return state
+
+    def stored_recipe(self, member) -> Recipe:
+        """Read a member's stored weights; a compress candidate re-plans its parent's weights."""
+        if member["id"] in self.refs:
+            return Recipe(op="copy", inputs=(member["id"],))
+        return Recipe.from_dict(member["recipe"])
 
     def open_study(self):
         from .study import open_study
