@@ -35,6 +35,14 @@ def evofuse(*args: str) -> str:
     return proc.stdout
 
 
+def search_or_resume(config: Path, run_dir: Path) -> None:
+    """Start the run, or (with --keep) resume it / reuse it when it already finished."""
+    if (run_dir / "config.yaml").is_file():
+        evofuse("resume", str(run_dir), "--quiet")
+    else:
+        evofuse("search", str(config), "--run-dir", str(run_dir), "--quiet")
+
+
 def write_config(raw: dict, name: str) -> Path:
     path = WORK / f"{name}.yaml"
     path.write_text(yaml.safe_dump(raw, sort_keys=False))
@@ -70,7 +78,7 @@ def run(quick: bool) -> dict:
 
     start = time.time()
     joint_dir = WORK / "joint"
-    evofuse("search", str(write_config(joint_raw, "joint")), "--run-dir", str(joint_dir), "--quiet")
+    search_or_resume(write_config(joint_raw, "joint"), joint_dir)
     timings["joint_s"] = round(time.time() - start, 1)
 
     merge_raw = {k: v for k, v in joint_raw.items() if k != "compress"}
@@ -78,7 +86,7 @@ def run(quick: bool) -> dict:
     merge_raw["evolver"] = {**joint_raw["evolver"], "generations": max(1, generations // 2)}
     start = time.time()
     merge_dir = WORK / "merge"
-    evofuse("search", str(write_config(merge_raw, "merge")), "--run-dir", str(merge_dir), "--quiet")
+    search_or_resume(write_config(merge_raw, "merge"), merge_dir)
     merged = next((merge_dir / "exports").glob("*/config.json")).parent
     timings["merge_s"] = round(time.time() - start, 1)
 
@@ -103,7 +111,7 @@ def run(quick: bool) -> dict:
         }
         start = time.time()
         run_dir = WORK / label.replace("+", "-")
-        evofuse("search", str(write_config(raw, label.replace("+", "-"))), "--run-dir", str(run_dir), "--quiet")
+        search_or_resume(write_config(raw, label.replace("+", "-")), run_dir)
         timings[f"{label}_s"] = round(time.time() - start, 1)
         fronts[label] = front_points(run_dir)
 
@@ -146,8 +154,9 @@ def to_markdown(result: dict) -> str:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--quick", action="store_true")
+    parser.add_argument("--keep", action="store_true", help="resume / reuse the runs of an earlier invocation")
     args = parser.parse_args()
-    if WORK.exists():
+    if WORK.exists() and not args.keep:
         import shutil
 
         shutil.rmtree(WORK)
