@@ -1,8 +1,9 @@
-"""Population bookkeeping on DEAP: individuals, the toolbox, the logbook and the hall of fame.
+"""Population bookkeeping on DEAP: individuals, the toolbox, selection and the hall of fame.
 
 An individual is a small dict (id, recipe, plan, metrics) carrying a DEAP fitness; its weights
-live elsewhere (the run store / Ray object store). Everything here serialises to JSON: a run
-directory is never read back with pickle.
+live elsewhere (the run store / Ray object store). Everything here serialises to JSON (the
+logbook is one JSON line per generation, `generation_record`): a run directory is never read
+back with pickle.
 """
 from __future__ import annotations
 
@@ -88,12 +89,6 @@ def make_toolbox(run_seed: int, generations: int, F: float, CR: float, strategy:
     toolbox.register("offspring", offspring)
     toolbox.register("select", lambda target, child: child if replaces(member_score(child), member_score(target)) else target)
     return toolbox
-
-
-def make_logbook() -> tools.Logbook:
-    logbook = tools.Logbook()
-    logbook.header = ["gen", "evals", "best", "mean", "replaced", "wall_s"]
-    return logbook
 
 
 def generation_record(generation: int, population: Sequence, evals: int, replaced: int, wall_s: float) -> dict:

@@ -6,9 +6,9 @@ import time
 from pathlib import Path
 
 from .config import ConfigError, load_config
-from .store import RunStore
+from evolve.population import WORST  # failed or over-budget candidates
 
-WORST = -1e30  # evolve.population.WORST: failed or over-budget candidates
+from .store import RunStore
 
 # The metric a person reads for each kind (the search itself aggregates each task's "score").
 DISPLAY_METRIC = {"perplexity": "token_perplexity", "multiple_choice": "acc_norm", "generate": "exact_match", "lm_eval": "score"}
