@@ -105,7 +105,8 @@ def run(quick: bool) -> dict:
             "parents": {"base": {"name": "merged", "source": str(merged)}},
             "tasks": joint_raw["tasks"],
             "evolver": {"generations": 2},
-            "compress": {"sampler": "nsga2", "candidates": max(1, remaining // 2), "space": baseline_space},
+            "compress": {"sampler": "nsga2", "candidates": max(1, remaining // 2), "space": baseline_space,
+                         "max_params": joint_raw["compress"].get("max_params")},  # the same size budget
             "workers": joint_raw["workers"],
             "export_top": 0,
         }
