@@ -23,6 +23,9 @@ if not hasattr(creator, "EvofuseFitness"):
     # Two objectives for compressing searches: dev score up, parameter count down.
     creator.create("EvofuseParetoFitness", base.Fitness, weights=(1.0, -1.0))
     creator.create("EvofuseParetoMember", dict, fitness=creator.EvofuseParetoFitness)
+    # Three, when latency is measured too: dev score up, parameters down, latency down.
+    creator.create("EvofuseLatencyFitness", base.Fitness, weights=(1.0, -1.0, -1.0))
+    creator.create("EvofuseLatencyMember", dict, fitness=creator.EvofuseLatencyFitness)
 
 
 def finite_or_worst(value: float | None) -> float:
@@ -30,16 +33,26 @@ def finite_or_worst(value: float | None) -> float:
 
 
 def make_member(
-    id: str, recipe: Recipe | None, score: float, metrics: dict | None = None, plan: list | None = None, params: int | None = None
+    id: str,
+    recipe: Recipe | None,
+    score: float,
+    metrics: dict | None = None,
+    plan: list | None = None,
+    params: int | None = None,
+    latency_ms: float | None = None,
 ):
-    """A DEAP individual; with `params` it has two objectives (score up, parameters down)."""
+    """A DEAP individual: one objective (score up); with `params` two (parameters down too);
+    with `latency_ms` as well, three (latency down too)."""
     fields = dict(id=id, recipe=recipe.to_dict() if recipe else None, plan=plan or [], metrics=metrics or {})
     if params is None:
         member = creator.EvofuseMember(**fields)
         member.fitness.values = (finite_or_worst(score),)
-    else:
+    elif latency_ms is None:
         member = creator.EvofuseParetoMember(**fields, params=int(params))
         member.fitness.values = (finite_or_worst(score), float(params))
+    else:
+        member = creator.EvofuseLatencyMember(**fields, params=int(params), latency_ms=float(latency_ms))
+        member.fitness.values = (finite_or_worst(score), float(params), float(latency_ms))
     return member
 
 
@@ -55,7 +68,7 @@ def member_from_json(data: dict):
     data = dict(data)
     score = data.pop("score")
     recipe = Recipe.from_dict(data["recipe"]) if data.get("recipe") else None
-    return make_member(data["id"], recipe, score, data.get("metrics"), data.get("plan"), data.get("params"))
+    return make_member(data["id"], recipe, score, data.get("metrics"), data.get("plan"), data.get("params"), data.get("latency_ms"))
 
 
 def select_pareto(members: Sequence, size: int) -> list:

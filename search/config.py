@@ -116,6 +116,20 @@ class WorkersConfig(Strict):
     max_retries: int = Field(2, ge=0)
 
 
+class LatencyConfig(Strict):
+    """A third objective: the compressed candidate's measured forward time (minimised).
+
+    Median over `repeats` timed forward passes (after `warmup` untimed ones) of a fixed batch of
+    `batch_size` x `seq_len` token ids, no KV cache, on the worker's device. Wall-clock time on
+    shared machines is noisy: use more repeats there, or leave latency out and use parameters.
+    """
+
+    batch_size: int = Field(1, ge=1)
+    seq_len: int = Field(128, ge=1)
+    repeats: int = Field(5, ge=1)
+    warmup: int = Field(1, ge=0)
+
+
 class CompressConfig(Strict):
     """Plans for `compress` and `joint` runs: the space Optuna searches and the budget."""
 
@@ -126,6 +140,7 @@ class CompressConfig(Strict):
     # Size budget: a parameter count, or a fraction of the dense model when <= 1. With NSGA-II /
     # TPE it is a constraint; DEAP's selection ranks over-budget candidates below all others.
     max_params: Optional[float] = Field(None, gt=0)
+    latency: Optional[LatencyConfig] = None  # measure and minimise latency too (three objectives)
 
 
 class RunConfig(Strict):

@@ -57,6 +57,7 @@ from .workers import EvaluatorPool, WorkerSpec, from_numpy_state, init_ray, put_
 
 HALL_OF_FAME_SIZE = 10  # best members ever seen; their weights stay in the run for export
 FAILED_PARAMS = 2**62  # parameter count recorded for a failed candidate (JSON has no infinity)
+FAILED_LATENCY_MS = 1e12  # and its latency, when latency is an objective
 STALL_ENV = "EVOFUSE_FAULT_STALL"  # "<candidate id>": hang right after journalling it (kill tests)
 
 
@@ -139,6 +140,7 @@ class Search:
             dtype=workers.dtype,
             threads=max(1, int(workers.num_cpus)),
             calibration=self.config.compress.space.calibration.model_dump() if self.pareto else None,
+            latency=self.config.compress.latency.model_dump() if self.pareto and self.config.compress.latency else None,
         )
         from transformers import AutoConfig
 
@@ -224,14 +226,21 @@ class Search:
             state = self.run_generation(toolbox, generation, state)
         return self.finish(state)
 
+    @property
+    def timed(self) -> bool:
+        """Latency is a third objective (compress / joint runs with `compress.latency`)."""
+        return self.pareto and self.config.compress.latency is not None
+
     def member(self, cid: str, recipe: Recipe, result: dict, plan: list | None = None):
         params = result.get("num_params") if self.pareto else None
+        latency = result.get("latency_ms") if self.timed else None
         score = result["score"]
         if self.pareto and params is None:
             score, params = WORST, FAILED_PARAMS  # failed: dominated by everything
+            latency = FAILED_LATENCY_MS if self.timed else None
         elif self.pareto and self.max_params is not None and params > self.max_params:
             score = WORST  # over budget: ranked below every feasible candidate
-        return make_member(cid, recipe, score, task_scores(result.get("metrics", {})), plan, params)
+        return make_member(cid, recipe, score, task_scores(result.get("metrics", {})), plan, params, latency)
 
     def initial_state(self) -> dict:
         names = [p.name for p in self.config.parents.all()]
@@ -243,7 +252,10 @@ class Search:
         state = {
             "generation": 0,
             "status": "running",
-            "parents": {n: {"score": results[n]["score"], "num_params": results[n].get("num_params")} for n in names},
+            "parents": {
+                n: {"score": results[n]["score"], "num_params": results[n].get("num_params"), "latency_ms": results[n].get("latency_ms")}
+                for n in names
+            },
             "dense_params": results[names[0]].get("num_params"),
             "weight_checksums": checksums,
             "evaluations": len(results),
@@ -415,7 +427,7 @@ class Search:
 
         compress = self.config.compress
         size = compress.candidates if self.config.mode == "compress" else len(self.population)
-        return open_study(self.store.root, self.config.name, compress.sampler, self.config.seed, size)
+        return open_study(self.store.root, self.config.name, compress.sampler, self.config.seed, size, latency=self.timed)
 
     def shutdown(self) -> None:
         pool = getattr(self, "pool", None)

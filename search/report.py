@@ -140,27 +140,62 @@ def pareto_section(store: RunStore, state: dict, out: Path) -> list[str]:
     fig.tight_layout()
     fig.savefig(out / "pareto_front.png", dpi=120)
     plt.close(fig)
-    rows = ["## Pareto front (dev)", "", "| id | params | dev score | plan |", "|---|---|---|---|"]
+    timed = all(e.get("latency_ms") is not None for e in front) and bool(front)
+    if timed:
+        latency_plot(dev, front, state, out)
+    columns = ["id", "params", "latency ms", "dev score", "plan"] if timed else ["id", "params", "dev score", "plan"]
+    rows = ["## Pareto front (dev)", "", "| " + " | ".join(columns) + " |", "|" + "---|" * len(columns)]
     for e in front:
         plan = "; ".join(", ".join(f"{k}={v}" for k, v in step.items()) for step in e.get("plan") or []) or "(dense)"
-        rows.append(f"| {e['id']} | {e['num_params']:,} | {e['score']:.4f} | {plan} |")
-    return rows + ["", "![Pareto front](pareto_front.png)", ""]
+        latency = f" {e['latency_ms']:.1f} |" if timed else ""
+        rows.append(f"| {e['id']} | {e['num_params']:,} |{latency} {e['score']:.4f} | {plan} |")
+    rows += ["", "![Pareto front](pareto_front.png)", ""]
+    return rows + (["![dev score against latency](pareto_latency.png)", ""] if timed else [])
+
+
+def latency_plot(dev: list[dict], front: list[dict], state: dict, out: Path) -> None:
+    """pareto_latency.png: dev score against measured latency; the front's members in red."""
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(6, 4))
+    timed = [e for e in dev if e.get("latency_ms") is not None]
+    ax.scatter([e["latency_ms"] for e in timed], [e["score"] for e in timed], s=12, alpha=0.4, label="candidates")
+    ax.scatter([e["latency_ms"] for e in front], [e["score"] for e in front], color="C3", label="Pareto front")
+    for name, parent in state["parents"].items():
+        if parent.get("latency_ms") is not None:
+            ax.scatter([parent["latency_ms"]], [parent["score"]], marker="s", color="k")
+            ax.annotate(name, (parent["latency_ms"], parent["score"]), fontsize=7)
+    ax.set_xlabel("forward latency (ms, median)")
+    ax.set_ylabel("dev aggregate score")
+    ax.legend(fontsize=8)
+    fig.tight_layout()
+    fig.savefig(out / "pareto_latency.png", dpi=120)
+    plt.close(fig)
 
 
 def pareto_ids(store: RunStore) -> list[str]:
-    """Non-dominated members on (dev score up, parameters down); without sizes, the best score."""
+    """Non-dominated members on (dev score up, parameters down[, latency down]); without sizes,
+    the best score."""
     state = store.read_state()
     if state is None:
         raise ConfigError(f"{store.root}: no state.json")
     members = {m["id"]: m for m in state["hall_of_fame"] + state["population"]}.values()
-    pts = [(m["id"], m["score"], m.get("params", 0)) for m in members if m["score"] > WORST]
+    pts = [objective_point(m) for m in members if m["score"] > WORST]
     return [p[0] for p in sorted(non_dominated(pts), key=lambda p: -p[1])]
 
 
+def objective_point(member: dict) -> tuple:
+    """(id, score, params) or, when latency was measured, (id, score, params, latency_ms)."""
+    point = (member["id"], member["score"], member.get("params", 0))
+    return point + (member["latency_ms"],) if member.get("latency_ms") is not None else point
+
+
 def non_dominated(points: list[tuple]) -> list[tuple]:
-    """(id, score, params) points no other point beats on both (score up, params down)."""
+    """(id, score, cost, ...) points no other point dominates: the score is maximised, every cost
+    (parameters, latency) minimised; b dominates a when it is no worse on all and better on one."""
     def dominates(b, a):
-        return b[1] >= a[1] and b[2] <= a[2] and (b[1] > a[1] or b[2] < a[2])
+        no_worse = b[1] >= a[1] and all(cb <= ca for cb, ca in zip(b[2:], a[2:]))
+        return no_worse and (b[1] > a[1] or any(cb < ca for cb, ca in zip(b[2:], a[2:])))
 
     return [a for a in points if not any(dominates(b, a) for b in points)]
 

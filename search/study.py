@@ -2,7 +2,8 @@
 
 Storage is Optuna's JournalFileBackend (`runs/<name>/optuna.journal`): an append-only log
 that survives a kill at any moment and opens as it is in `optuna-dashboard`. Objectives are
-(dev aggregate score: maximise, parameter count: minimise). With NSGA-II / TPE a parameter budget
+(dev aggregate score: maximise, parameter count: minimise), and measured forward latency
+(minimise) when the config asks for it. With NSGA-II / TPE a parameter budget
 becomes a trial constraint (`params - max_params`, feasible when <= 0); a plan that fails is a
 FAIL trial carrying its reason, and the search goes on.
 """
@@ -12,7 +13,11 @@ from pathlib import Path
 
 import optuna
 
-DIRECTIONS = ["maximize", "minimize"]
+
+
+def objective_directions(latency: bool) -> list[str]:
+    """Dev score up, parameters down, and latency down when it is measured."""
+    return ["maximize", "minimize"] + ["minimize"] * latency
 
 
 def make_sampler(kind: str, seed: int, population_size: int):
@@ -28,7 +33,7 @@ def journal_path(run_dir: Path) -> Path:
     return Path(run_dir) / "optuna.journal"
 
 
-def open_study(run_dir: Path, name: str, sampler: str, seed: int, population_size: int) -> optuna.Study:
+def open_study(run_dir: Path, name: str, sampler: str, seed: int, population_size: int, latency: bool = False) -> optuna.Study:
     from optuna.storages import JournalStorage
     from optuna.storages.journal import JournalFileBackend
 
@@ -37,14 +42,14 @@ def open_study(run_dir: Path, name: str, sampler: str, seed: int, population_siz
     return optuna.create_study(
         study_name=name,
         storage=storage,
-        directions=DIRECTIONS,
+        directions=objective_directions(latency),
         sampler=make_sampler(sampler, seed, population_size),
         load_if_exists=True,
     )
 
 
 def tell_result(study: optuna.Study, trial_number: int, result: dict, max_params: float | None) -> None:
-    """COMPLETE with (score, params) for a scored candidate, FAIL with its reason otherwise.
+    """COMPLETE with (score, params[, latency]) for a scored candidate, FAIL with its reason otherwise.
 
     Idempotent: a trial told before a kill is left as it is, so a resumed run can tell every
     result of the interrupted generation again and the study still agrees with the journal.
@@ -60,4 +65,7 @@ def tell_result(study: optuna.Study, trial_number: int, result: dict, max_params
     params = float(result["num_params"])
     if max_params is not None:
         trial.set_constraint("max_params", params - max_params)
-    study.tell(trial, [float(result["score"]), params])
+    values = [float(result["score"]), params]
+    if len(study.directions) == 3:
+        values.append(float(result["latency_ms"]))
+    study.tell(trial, values)

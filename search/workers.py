@@ -53,6 +53,7 @@ class WorkerSpec:
     dtype: str = "auto"
     threads: int = 1
     calibration: dict | None = None  # {data, seq_len, num_sequences} for plans (joint search)
+    latency: dict | None = None  # {batch_size, seq_len, repeats, warmup}: time each candidate too
 
 
 def resolve_dtype(dtype: str, device: torch.device) -> torch.dtype:
@@ -119,6 +120,10 @@ class Evaluator:
                     model, subsample=job.get("subsample"), seed=job.get("subsample_seed", 0)
                 )
             result.update(status="ok", metrics=metrics, num_params=sum(p.numel() for p in model.parameters()))
+            if self.spec.latency:
+                from .fitness import forward_latency_ms
+
+                result["latency_ms"] = round(forward_latency_ms(model, **self.spec.latency), 4)
         scored = time.perf_counter()
         result["timing"] = {"materialize_s": round(materialized - start, 4), "score_s": round(scored - materialized, 4)}
         return result

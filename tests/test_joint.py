@@ -174,3 +174,46 @@ def test_compress_mode_budget_and_pareto_export(tmp_path):
         )
         task = build_task(TaskSpec("perplexity", "pydoc:dev", options={"context_length": 256}), tokenizer)
         assert task.evaluate(model)["score"] == pytest.approx(recipe["dev"]["pydoc"]["score"], rel=1e-5)
+
+
+def test_latency_as_a_third_objective(tmp_path):
+    """compress.latency: every candidate is timed, the study has three objectives, and the Pareto
+    set is non-dominated on (score, parameters, latency) among the candidates within budget."""
+    raw = yaml.safe_load((ROOT / "configs" / "tiny-compress.yaml").read_text())
+    raw["compress"]["latency"] = {"batch_size": 1, "seq_len": 32, "repeats": 3}
+    config = tmp_path / "timed.yaml"
+    config.write_text(yaml.safe_dump(raw))
+    run_dir = tmp_path / "run"
+    proc = evofuse("search", str(config), "--run-dir", str(run_dir), "--quiet")
+    assert proc.returncode == 0, proc.stderr[-3000:]
+
+    store = RunStore(run_dir)
+    state = store.read_state()
+    scored = [e for e in store.read_journal() if e["split"] == "dev" and e["status"] == "ok"]
+    assert scored and all(e["latency_ms"] > 0 for e in scored)
+    assert all(p["latency_ms"] > 0 for p in state["parents"].values())
+
+    from optuna.storages import JournalStorage
+    from optuna.storages.journal import JournalFileBackend
+
+    study = optuna.load_study(study_name="tiny-compress", storage=JournalStorage(JournalFileBackend(str(journal_path(run_dir)))))
+    assert len(study.directions) == 3
+    for entry in (e for e in scored if "trial" in e):
+        assert study.trials[entry["trial"]].values == [pytest.approx(entry["score"]), entry["num_params"], pytest.approx(entry["latency_ms"])]
+
+    budget = 0.9 * state["dense_params"]
+    points = [(e["id"], e["score"], e["num_params"], e["latency_ms"]) for e in scored if e["num_params"] <= budget]
+    front = set(pareto_ids(store))
+    assert front and front == {p[0] for p in non_dominated(points)}
+    assert all(m["latency_ms"] > 0 for m in state["hall_of_fame"])
+
+    report = evofuse("report", str(run_dir))
+    assert report.returncode == 0, report.stderr[-2000:]
+    assert (run_dir / "report" / "pareto_latency.png").stat().st_size > 0
+    assert "latency ms" in (run_dir / "report" / "report.md").read_text()
+
+
+def test_non_dominated_with_two_costs():
+    points = [("a", 1.0, 10, 5.0), ("b", 1.0, 10, 4.0), ("c", 2.0, 20, 9.0), ("d", 0.5, 5, 9.0), ("e", 0.5, 20, 9.0)]
+    # b beats a on latency alone; e is beaten by c (better score, same size and latency)
+    assert {p[0] for p in non_dominated(points)} == {"b", "c", "d"}
