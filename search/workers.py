@@ -169,7 +169,9 @@ def init_ray(address: str | None, num_cpus: int | None = None, quiet: bool = Tru
     if address:
         ray.init(address=address, **kwargs)
     else:
-        ray.init(num_cpus=num_cpus, **kwargs)
+        # Ray starts its workers at niceness 15; here the actors do all the scoring while the
+        # driver waits, so on a shared machine a niced pool would starve behind anything else.
+        ray.init(num_cpus=num_cpus, _system_config={"worker_niceness": 0}, **kwargs)
 
 
 def put_weights(state: dict[str, torch.Tensor]):
