@@ -3,10 +3,8 @@ from __future__ import annotations
 
 import os
 import shutil
-import signal
 import subprocess
 import sys
-import time
 from pathlib import Path
 
 import optuna
@@ -40,21 +38,9 @@ def evofuse(*args, env=None):
     return subprocess.run([sys.executable, "-m", "search.cli", *args], capture_output=True, text=True, env={**os.environ, **(env or {})})
 
 
-def test_joint_search_resumes_with_study_and_population_in_agreement(tmp_path):
+def test_joint_search_resumes_with_study_and_population_in_agreement(tmp_path, search_killed_at):
     run_dir = tmp_path / "run"
-    proc = subprocess.Popen(
-        [sys.executable, "-m", "search.cli", "search", str(joint_config(tmp_path)), "--run-dir", str(run_dir), "--quiet"],
-        env={**os.environ, "EVOFUSE_FAULT_STALL": "g001-000"}, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
-        start_new_session=True,
-    )
-    try:
-        deadline = time.time() + 300
-        while time.time() < deadline and not any(e["id"] == "g001-000" for e in RunStore(run_dir).read_journal()):
-            assert proc.poll() is None, "the run ended before it could be killed"
-            time.sleep(0.2)
-    finally:
-        os.killpg(proc.pid, signal.SIGKILL)
-        proc.wait()
+    search_killed_at(joint_config(tmp_path), run_dir, "g001-000")
     asked_before = len(load_study(run_dir).trials)
     resumed = evofuse("resume", str(run_dir), "--quiet")
     assert resumed.returncode == 0, resumed.stderr[-3000:]

@@ -9,10 +9,8 @@ from __future__ import annotations
 
 import json
 import os
-import signal
 import subprocess
 import sys
-import time
 from pathlib import Path
 
 import pytest
@@ -78,21 +76,9 @@ def test_run_finishes_with_a_complete_run_directory(uninterrupted):
     assert summary["generation"] == 2 and summary["evaluations"] == 9 and set(summary["best_per_task"]) == {"arith", "compare"}
 
 
-def test_sigkill_mid_generation_then_resume_matches_uninterrupted(uninterrupted, tmp_path):
+def test_sigkill_mid_generation_then_resume_matches_uninterrupted(uninterrupted, tmp_path, search_killed_at):
     config, run_dir = tiny_config(tmp_path), tmp_path / "run"
-    proc = subprocess.Popen(
-        [sys.executable, "-m", "search.cli", "search", str(config), "--run-dir", str(run_dir), "--quiet"],
-        env={**os.environ, "EVOFUSE_FAULT_STALL": "g001-000"},  # hang right after journalling it
-        stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True,
-    )
-    try:
-        deadline = time.time() + 240
-        while time.time() < deadline and not any(e["id"] == "g001-000" for e in RunStore(run_dir).read_journal()):
-            assert proc.poll() is None, "the run ended before it could be killed"
-            time.sleep(0.2)
-    finally:
-        os.killpg(proc.pid, signal.SIGKILL)
-        proc.wait()
+    search_killed_at(config, run_dir, "g001-000")
     killed = RunStore(run_dir)
     assert killed.read_state()["generation"] == 1  # killed inside generation 2
     ids_before = [e["id"] for e in killed.read_journal()]
