@@ -13,8 +13,12 @@ collected once, from the dense model, and shared by every configuration (this is
 the `prune_width` op does internally, one pass per step); a configuration's wall time is
 reported as that pass plus its own pruning time. Peak memory is the peak resident set size
 above the loaded dense model while the configuration is pruned (sampled every 20 ms; the shared
-statistics are counted in the pass's own peak). The results file is rewritten after every
-configuration, and a re-run skips configurations already in it (the CPU is shared).
+statistics are counted in the pass's own peak). For that to see each configuration's own
+allocations the script runs with glibc's mmap threshold fixed at 128 KiB (it re-executes itself
+with MALLOC_MMAP_THRESHOLD_ set): every tensor larger than that is its own mapping, returned to
+the system when freed. With glibc's default dynamic threshold, freed tensors stay in the heap and
+are reused by the next configuration, whose RSS then barely moves. The results file is rewritten
+after every configuration, and a re-run skips configurations already in it (the CPU is shared).
 """
 from __future__ import annotations
 
@@ -136,7 +140,13 @@ def write_markdown(results: dict, path: Path) -> None:
     path.write_text("\n".join(lines) + "\n")
 
 
+MMAP_THRESHOLD = "131072"  # bytes; see the module docstring (peak memory per configuration)
+
+
 def main(argv=None) -> None:
+    if os.environ.get("MALLOC_MMAP_THRESHOLD_") != MMAP_THRESHOLD and argv is None:
+        # glibc reads the variable at start-up only: run again with it set
+        os.execve(sys.executable, [sys.executable, *sys.argv], {**os.environ, "MALLOC_MMAP_THRESHOLD_": MMAP_THRESHOLD})
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--quick", action="store_true", help="25%% only, 8 eval windows, 32 calibration windows")
     parser.add_argument("--ratios", type=float, nargs="+")
