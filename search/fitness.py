@@ -739,12 +739,6 @@ def build_task(spec: TaskSpec, tokenizer) -> FitnessTask:
     return TASK_CLASSES[spec.kind](spec, tokenizer)
 
 
-__all__ = [
-    "TASK_KINDS", "TaskError", "TaskSpec", "FitnessTask", "parse_task_arg", "build_task", "aggregate",
-    "DataSpecError", "rolling_windows", "encode_pair", "sequence_logprobs", "shared_prefix_logprobs",
-]
-
-
 @torch.inference_mode()
 def forward_latency_ms(model, batch_size: int = 1, seq_len: int = 128, repeats: int = 5, warmup: int = 1, seed: int = 0) -> float:
     """Median wall time (ms) of one forward pass over a fixed (batch_size, seq_len) batch.
@@ -771,3 +765,11 @@ def forward_latency_ms(model, batch_size: int = 1, seq_len: int = 128, repeats: 
     for _ in range(warmup):
         one_pass()
     return statistics.median(one_pass() for _ in range(repeats))
+
+
+__all__ = [
+    "TASK_KINDS", "TaskError", "TaskSpec", "FitnessTask", "parse_task_arg", "build_task", "aggregate",
+    "DataSpecError", "rolling_windows", "encode_pair", "sequence_logprobs", "shared_prefix_logprobs",
+    "forward_latency_ms",
+]
+
