@@ -134,12 +134,7 @@ def pareto_section(store: RunStore, state: dict, out: Path) -> list[str]:
         for b in json.loads(baselines_path.read_text()):
             ax.scatter([b["params"] / 1e6], [b["score"]], marker="x", color="C2")
             ax.annotate(b["label"], (b["params"] / 1e6, b["score"]), fontsize=7)
-    ax.set_xlabel("parameters (M)")
-    ax.set_ylabel("dev aggregate score")
-    ax.legend(fontsize=8)
-    fig.tight_layout()
-    fig.savefig(out / "pareto_front.png", dpi=120)
-    plt.close(fig)
+    save_score_plot(fig, ax, "parameters (M)", out / "pareto_front.png")
     timed = all(e.get("latency_ms") is not None for e in front) and bool(front)
     if timed:
         latency_plot(dev, front, state, out)
@@ -165,11 +160,18 @@ def latency_plot(dev: list[dict], front: list[dict], state: dict, out: Path) -> 
         if parent.get("latency_ms") is not None:
             ax.scatter([parent["latency_ms"]], [parent["score"]], marker="s", color="k")
             ax.annotate(name, (parent["latency_ms"], parent["score"]), fontsize=7)
-    ax.set_xlabel("forward latency (ms, median)")
+    save_score_plot(fig, ax, "forward latency (ms, median)", out / "pareto_latency.png")
+
+
+def save_score_plot(fig, ax, xlabel: str, path: Path) -> None:
+    """Label a dev-score scatter (y) against `xlabel`, write it as a PNG, free the figure."""
+    import matplotlib.pyplot as plt
+
+    ax.set_xlabel(xlabel)
     ax.set_ylabel("dev aggregate score")
     ax.legend(fontsize=8)
     fig.tight_layout()
-    fig.savefig(out / "pareto_latency.png", dpi=120)
+    fig.savefig(path, dpi=120)
     plt.close(fig)
 
 
