@@ -96,24 +96,28 @@ def block_influence(
     return _scores(totals, tokens, len(blocks), lambda mean_cos: 1.0 - mean_cos)
 
 
+def _without_each_block(model: nn.Module, calibration: CalibrationData, skip: Collection[int], batch_size: int):
+    """Per calibration batch and active block i: (ids, final hidden state, final hidden state
+    with block i skipped). Skipping block i sends its input straight to the blocks after it."""
+    device, _ = arch.model_device_dtype(model)
+    calls = arch.capture_block_calls(model, calibration.seq_len)
+    active = _active(model, skip)
+    for ids in calibration.batches(batch_size, device):
+        inputs, final = _chain_inputs(model, calls, ids, active)
+        for i in active:
+            yield i, ids, final, _suffix(model, calls, active, i, inputs[i])  # (B, T, H) each
+
+
 @torch.no_grad()
 def macro_influence(
     model: nn.Module, calibration: CalibrationData, skip: Collection[int] = (), batch_size: int = DEFAULT_BATCH_SIZE
 ) -> list[float]:
     """FuseGPT Macro Influence per block: 1 - mean token cosine of the final hidden state
     (last block output, before the final norm) with and without the block."""
-    device, _ = arch.model_device_dtype(model)
-    calls = arch.capture_block_calls(model, calibration.seq_len)
-    active = _active(model, skip)
-    totals = {i: 0.0 for i in active}
-    tokens = 0
-    for ids in calibration.batches(batch_size, device):
-        inputs, final = _chain_inputs(model, calls, ids, active)
-        for i in active:
-            # Skipping block i: its input goes straight to the blocks after it.
-            without = _suffix(model, calls, active, i, inputs[i])  # (B, T, H)
-            totals[i] += _token_cosines(final, without).sum().item()
-        tokens += ids.numel()
+    totals = {i: 0.0 for i in _active(model, skip)}
+    for i, _, final, without in _without_each_block(model, calibration, skip, batch_size):
+        totals[i] += _token_cosines(final, without).sum().item()
+    tokens = calibration.input_ids.numel()  # every window passes through each active block once
     return _scores(totals, tokens, len(arch.decoder_blocks(model)), lambda mean_cos: 1.0 - mean_cos)
 
 
@@ -122,17 +126,10 @@ def sleb_nll(
     model: nn.Module, calibration: CalibrationData, skip: Collection[int] = (), batch_size: int = DEFAULT_BATCH_SIZE
 ) -> list[float]:
     """SLEB criterion per block: mean next-token NLL of the model without that block."""
-    device, _ = arch.model_device_dtype(model)
-    calls = arch.capture_block_calls(model, calibration.seq_len)
-    active = _active(model, skip)
-    totals = {i: 0.0 for i in active}
-    predicted = 0
-    for ids in calibration.batches(batch_size, device):
-        inputs, _ = _chain_inputs(model, calls, ids, active)
-        for i in active:
-            without = _suffix(model, calls, active, i, inputs[i])
-            totals[i] += _next_token_nll_sum(arch.output_head(model, without), ids).item()
-        predicted += ids.shape[0] * (ids.shape[1] - 1)
+    totals = {i: 0.0 for i in _active(model, skip)}
+    for i, ids, _, without in _without_each_block(model, calibration, skip, batch_size):
+        totals[i] += _next_token_nll_sum(arch.output_head(model, without), ids).item()
+    predicted = calibration.num_sequences * (calibration.seq_len - 1)  # every token but each window's first
     return _scores(totals, predicted, len(arch.decoder_blocks(model)), lambda mean_nll: mean_nll)
 
 
