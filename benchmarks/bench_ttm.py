@@ -19,7 +19,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import math
 import statistics
 import sys
 import time
@@ -27,13 +26,13 @@ from pathlib import Path
 
 import torch
 import torch.nn as nn
-import torch.nn.functional as F
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
 from compression.calibration import calibration_windows  # noqa: E402
 from compression.ttm import TTMLinear, replace_module, recover, replace_with_ttm  # noqa: E402
+from benchmarks.common import window_perplexity  # noqa: E402
 
 RESULTS = ROOT / "benchmarks" / "results"
 
@@ -70,18 +69,6 @@ def layer_latency(shapes, ranks, row_counts, repeats: int) -> list[dict]:
                                  auto_vs_dense=round(timings["auto"] / timings["nn.Linear"], 2)))
                 print(json.dumps(rows[-1]), flush=True)
     return rows
-
-
-@torch.no_grad()
-def perplexity(model, windows: torch.Tensor, batch_size: int = 2) -> float:
-    model.eval()
-    nll, n = 0.0, 0
-    for start in range(0, windows.shape[0], batch_size):
-        batch = windows[start : start + batch_size]  # (b, T)
-        logits = model(input_ids=batch, use_cache=False).logits[:, :-1].float()  # (b, T-1, V)
-        nll += F.cross_entropy(logits.flatten(0, 1), batch[:, 1:].flatten(), reduction="sum").item()
-        n += batch[:, 1:].numel()
-    return math.exp(nll / n)
 
 
 def write(stem: str, meta: dict, latency: list[dict], quality: list[dict]) -> None:
@@ -158,7 +145,7 @@ def main() -> None:
     calib = calibration_windows(tok, "pydoc:train", seq_len=128, num_sequences=max(steps * args.batch_size, 8))
     total, mlp = count(model)
     t0 = time.perf_counter()
-    quality = [dict(variant="dense", rank=None, params=total, mlp_params=mlp, ppl=perplexity(model, test))]
+    quality = [dict(variant="dense", rank=None, params=total, mlp_params=mlp, ppl=window_perplexity(model, test))]
     meta["dense_eval_s"] = round(time.perf_counter() - t0, 1)
     print(json.dumps(quality[-1]), flush=True)
     write(stem, meta, latency, quality)
@@ -169,12 +156,12 @@ def main() -> None:
         svd_errors = [svd_error_at_equal_params(originals[r.name], r.ttm_params) for r in reports]
         row = dict(variant=f"ttm-r{rank}", rank=rank, params=total, mlp_params=mlp,
                    rel_error_mean=statistics.mean(errors), rel_error_max=max(errors),
-                   svd_rel_error_mean=statistics.mean(svd_errors), ppl=perplexity(model, test))
+                   svd_rel_error_mean=statistics.mean(svd_errors), ppl=window_perplexity(model, test))
         if steps:
             t0 = time.perf_counter()
             losses = recover(model, calib, steps, lr=args.lr, batch_size=args.batch_size, loss="kl", teachers=originals)
             row.update(recover_s=round(time.perf_counter() - t0, 1), kl_first=losses[0], kl_last=losses[-1],
-                       ppl_recovered=perplexity(model, test))
+                       ppl_recovered=window_perplexity(model, test))
         quality.append(row)
         print(json.dumps(row), flush=True)
         write(stem, meta, latency, quality)

@@ -36,6 +36,7 @@ sys.path.insert(0, str(ROOT))
 from compression.calibration import calibration_windows  # noqa: E402
 from compression.ttm import TTMLinear, matching_linears, replace_module  # noqa: E402
 from search.tiny import SPECIALS, byte_tokenizer  # noqa: E402
+from benchmarks.common import window_perplexity  # noqa: E402
 
 RESULTS = ROOT / "benchmarks" / "results"
 
@@ -66,18 +67,6 @@ def count(model) -> tuple[int, int]:
     total = sum(p.numel() for p in model.parameters())
     mlp = sum(p.numel() for n, p in model.named_parameters() if ".mlp." in n)
     return total, mlp
-
-
-@torch.no_grad()
-def perplexity(model, windows: torch.Tensor, batch_size: int = 8) -> float:
-    model.eval()
-    nll, n = 0.0, 0
-    for start in range(0, windows.shape[0], batch_size):
-        batch = windows[start : start + batch_size]  # (b, T)
-        logits = model(input_ids=batch, use_cache=False).logits[:, :-1].float()  # (b, T-1, V)
-        nll += F.cross_entropy(logits.flatten(0, 1), batch[:, 1:].flatten(), reduction="sum").item()
-        n += batch[:, 1:].numel()
-    return math.exp(nll / n)
 
 
 def train(model, windows: torch.Tensor, steps: int, batch_size: int, lr: float, seed: int) -> list[float]:
@@ -157,7 +146,7 @@ def main() -> None:
         t0 = time.perf_counter()
         losses = train(model, train_windows, steps, args.batch_size, args.lr, args.seed)
         train_s = time.perf_counter() - t0
-        ppl = perplexity(model, test_windows)
+        ppl = window_perplexity(model, test_windows, batch_size=8)
         row = dict(variant=name, rank=rank, params=total, mlp_params=mlp, test_ppl=ppl, bits_per_byte=math.log2(ppl),
                    final_train_loss=sum(losses[-20:]) / len(losses[-20:]), train_s=round(train_s, 1))
         rows.append(row)

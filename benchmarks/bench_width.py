@@ -40,6 +40,7 @@ sys.path.insert(0, str(ROOT))
 
 from compression.calibration import calibration_windows, pydoc_topics, token_stream  # noqa: E402
 from compression.width import PruneWidthStep, collect_width_stats, prune_with_stats  # noqa: E402
+from benchmarks.common import window_perplexity  # noqa: E402
 
 CRITERIA = ("magnitude", "wanda", "second_moment", "similarity")
 RECONSTRUCT = ("none", "liar", "greedy")
@@ -82,18 +83,6 @@ def eval_windows(tokenizer, n_windows: int | None, seq_len: int = 512) -> torch.
         pick = torch.linspace(0, total - 1, n_windows).round().long()
         windows = windows[pick]
     return windows
-
-
-@torch.no_grad()
-def perplexity(model, windows: torch.Tensor, batch_size: int = 2) -> float:
-    nll, count = 0.0, 0
-    for start in range(0, windows.shape[0], batch_size):
-        batch = windows[start : start + batch_size]
-        logits = model(input_ids=batch, use_cache=False).logits[:, :-1].float()  # (B, T-1, V)
-        targets = batch[:, 1:]
-        nll += torch.nn.functional.cross_entropy(logits.reshape(-1, logits.shape[-1]), targets.reshape(-1), reduction="sum").item()
-        count += targets.numel()
-    return math.exp(nll / count)
 
 
 def ffn_attn_params(model) -> int:
@@ -195,7 +184,7 @@ def main(argv=None) -> None:
                 step_defaults=f"ridge={args.ridge}, greedy_pool={pool}, greedy_rounds={args.greedy_rounds}")
     if "dense_ppl" not in meta:
         t0 = time.time()
-        meta["dense_ppl"] = perplexity(model, windows)
+        meta["dense_ppl"] = window_perplexity(model, windows)
         print(f"dense ppl {meta['dense_ppl']:.3f} ({time.time() - t0:.0f} s)", flush=True)
     dense_params = ffn_attn_params(model)
 
@@ -222,7 +211,7 @@ def main(argv=None) -> None:
                     t0 = time.time()
                     prune_with_stats(pruned, step, grams)
                     prune_seconds = time.time() - t0
-                ppl = perplexity(pruned, windows)
+                ppl = window_perplexity(pruned, windows)
                 results["rows"][key] = dict(
                     ratio=ratio, criterion=criterion, reconstruct=reconstruct, ppl=ppl, prune_seconds=prune_seconds,
                     stats_seconds=stats_seconds,
