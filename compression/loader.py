@@ -142,17 +142,29 @@ def apply_structure(model: nn.Module, structure: dict[str, Any], source: str = S
             setattr(module, attr, value)
 
 
-def _atomic_write_text(path: Path, text: str) -> None:
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+def atomic_write_bytes(path: Path, data: bytes) -> None:
+    """Write through a temporary file in the same directory, fsync it, rename it over `path` and
+    fsync the directory: after a crash `path` holds the old bytes or the new ones, never a part."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", dir=path.parent)
     try:
-        with os.fdopen(fd, "w", encoding="utf-8") as handle:
-            handle.write(text)
+        with os.fdopen(fd, "wb") as handle:
+            handle.write(data)
             handle.flush()
             os.fsync(handle.fileno())
         os.replace(tmp, path)
     except BaseException:
         Path(tmp).unlink(missing_ok=True)
         raise
+    dir_fd = os.open(path.parent, os.O_RDONLY)
+    try:
+        os.fsync(dir_fd)
+    finally:
+        os.close(dir_fd)
+
+
+def atomic_write_text(path: Path, text: str) -> None:
+    atomic_write_bytes(path, text.encode())
 
 
 def save_compressed(model: nn.Module, tokenizer, out_dir: str | Path) -> Path:
@@ -173,7 +185,7 @@ def save_compressed(model: nn.Module, tokenizer, out_dir: str | Path) -> Path:
     model.save_pretrained(out)
     target = out / STRUCTURE_FILE
     if structure["modules"] or structure["attributes"]:
-        _atomic_write_text(target, json.dumps(structure, indent=1, sort_keys=True) + "\n")
+        atomic_write_text(target, json.dumps(structure, indent=1, sort_keys=True) + "\n")
     else:
         target.unlink(missing_ok=True)
     if tokenizer is not None:
