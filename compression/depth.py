@@ -129,11 +129,23 @@ def shrink(model: nn.Module, step: _DepthStep, calibration: CalibrationData, rep
     return fold_fused(model) if fuse else model
 
 
-@register_op("remove_blocks", RemoveBlocksStep)
+def removed_shape(skeleton: nn.Module, step: _DepthStep) -> nn.Module | None:
+    """Shapes after taking `step.count` blocks out (fusion folds into the kept blocks, so it
+    leaves the same shapes as removal). Which blocks go depends on the data, so the count is
+    known only while every block has the same size (None otherwise, e.g. after per-layer widths)."""
+    _check_fits(skeleton, step)
+    blocks = arch.decoder_blocks(skeleton)
+    if len({sum(p.numel() for p in b.parameters()) for b in blocks}) > 1:
+        return None
+    n = len(blocks)
+    return arch.remove_blocks(skeleton, range(n - step.count, n))
+
+
+@register_op("remove_blocks", RemoveBlocksStep, reshape=removed_shape)
 def remove_blocks(model: nn.Module, step: RemoveBlocksStep, calibration: CalibrationData) -> nn.Module:
     return shrink(model, step, calibration)
 
 
-@register_op("fuse_blocks", FuseBlocksStep)
+@register_op("fuse_blocks", FuseBlocksStep, reshape=removed_shape)
 def fuse_blocks(model: nn.Module, step: FuseBlocksStep, calibration: CalibrationData) -> nn.Module:
     return shrink(model, step, calibration)

@@ -4,14 +4,20 @@ A plan is plain data (a YAML/JSON list of mappings, each with `op` and its param
 same schema in `evofuse compress --plan` and in a search candidate. Each op registers a
 pydantic model of its parameters and a function that applies it:
 
-    @register_op("remove_blocks", RemoveBlocksStep)
+    @register_op("remove_blocks", RemoveBlocksStep, reshape=removed_shape)
     def remove_blocks(model, step, calibration): ...  -> the changed model
 
 A step model may define `check(self, config)` to reject parameters that do not fit the model
 (e.g. removing as many blocks as it has); it raises `PlanError` with a one-line message.
+
+An op may also give `reshape(skeleton, step)`: the same change of shapes on a meta-device
+skeleton of the model (no weights, no data; None when the shapes depend on the data). With it,
+`predict_num_params` tells a plan's parameter count before any work, which is how a search
+skips plans that cannot meet its size budget.
 """
 from __future__ import annotations
 
+import copy
 import importlib
 from dataclasses import dataclass
 from pathlib import Path
@@ -34,15 +40,16 @@ class Op:
     name: str
     params: type[BaseModel]
     apply: Callable[..., nn.Module]
+    reshape: Callable[[nn.Module, BaseModel], nn.Module | None] | None = None
 
 
 _OPS: dict[str, Op] = {}
 _ops_loaded = False
 
 
-def register_op(name: str, params: type[BaseModel]) -> Callable:
+def register_op(name: str, params: type[BaseModel], reshape: Callable | None = None) -> Callable:
     def decorate(fn: Callable[..., nn.Module]) -> Callable[..., nn.Module]:
-        _OPS[name] = Op(name, params, fn)
+        _OPS[name] = Op(name, params, fn, reshape)
         return fn
 
     return decorate
@@ -127,3 +134,27 @@ def apply_plan(model: nn.Module, plan: Sequence[BaseModel], calibration, log: Ca
             log(f"plan[{i}]: {step.model_dump(mode='json')}")
         model = ops[step.op].apply(model, step, calibration)
     return model
+
+
+def skeleton(config) -> nn.Module:
+    """The model `config` describes with every tensor on the meta device: shapes, no memory."""
+    import torch
+    from transformers import AutoModelForCausalLM
+
+    with torch.device("meta"):
+        return AutoModelForCausalLM.from_config(copy.deepcopy(config))
+
+
+def predict_num_params(plan: Sequence[BaseModel], config) -> int | None:
+    """The parameter count `apply_plan` leaves (counted as the search counts it, tied tensors
+    once), from shapes alone; None when a step's op cannot tell its shapes without data.
+    Raises PlanError for a plan that does not fit the model."""
+    check_plan(plan, config)
+    ops = registered_ops()
+    model = skeleton(config)
+    for step in plan:
+        reshape = ops[step.op].reshape
+        model = reshape(model, step) if reshape is not None else None
+        if model is None:
+            return None
+    return sum(p.numel() for p in model.parameters())

@@ -358,7 +358,7 @@ class TTMLinear(nn.Module):
                    out_factors=s.pop("out_factors"), bias=s.pop("bias"), origin=s.pop("origin"), device=device, dtype=dtype)
 
     @classmethod
-    def from_linear(
+    def shaped_like(
         cls,
         linear: nn.Module,
         rank: int | None = None,
@@ -366,8 +366,8 @@ class TTMLinear(nn.Module):
         num_cores: int = 3,
         in_factors: Sequence[int] | None = None,
         out_factors: Sequence[int] | None = None,
-    ) -> tuple["TTMLinear", float]:
-        """TT-SVD of a pretrained nn.Linear / Conv1D at a max rank or a budget; returns (layer, rel. error)."""
+    ) -> "TTMLinear":
+        """A layer of the shape `from_linear` gives `linear`, with random cores, on its device and dtype."""
         if (rank is None) == (budget is None):
             raise TTMError("rank: give exactly one of rank or budget")
         in_features, out_features = _linear_shape(linear)
@@ -376,13 +376,19 @@ class TTMLinear(nn.Module):
         in_factors, out_factors = tuple(in_factors or auto_in), tuple(out_factors or auto_out)
         if budget is not None:
             rank = rank_for_budget(in_factors, out_factors, budget)
-        ranks = tt_ranks(in_factors, out_factors, rank)
+        weight = linear.weight
+        return cls(in_features, out_features, ranks=tt_ranks(in_factors, out_factors, rank), in_factors=in_factors,
+                   out_factors=out_factors, bias=linear.bias is not None, origin="conv1d" if _is_conv1d(linear) else "linear",
+                   device=weight.device, dtype=weight.dtype)
+
+    @classmethod
+    def from_linear(cls, linear: nn.Module, **shape) -> tuple["TTMLinear", float]:
+        """TT-SVD of a pretrained nn.Linear / Conv1D at a max rank or a budget (keyword arguments
+        of `shaped_like`); returns (layer, rel. error)."""
+        layer = cls.shaped_like(linear, **shape)
         weight = linear.weight.detach()
         dense = weight.T if _is_conv1d(linear) else weight  # (out, in)
-        layer = cls(in_features, out_features, ranks=ranks, in_factors=in_factors, out_factors=out_factors,
-                    bias=linear.bias is not None, origin="conv1d" if _is_conv1d(linear) else "linear",
-                    device=weight.device, dtype=weight.dtype)
-        cores = tt_svd(dense, in_factors, out_factors, ranks)
+        cores = tt_svd(dense, layer.in_factors, layer.out_factors, layer.ranks)
         with torch.no_grad():
             for param, core in zip(layer.cores, cores):
                 param.copy_(core)
@@ -649,7 +655,17 @@ class TTMStep(BaseModel):
                 raise PlanError(f"{exc} (layer {name})") from None
 
 
-@register_op("ttm", TTMStep)
+def ttm_shape(skeleton: nn.Module, step: TTMStep) -> nn.Module:
+    """Shapes after the swap: each matching linear becomes a TTM layer of the step's ranks."""
+    try:
+        for name, linear in matching_linears(skeleton, step.modules):
+            replace_module(skeleton, name, TTMLinear.shaped_like(linear, step.rank, step.budget, step.cores))
+    except TTMError as exc:
+        raise PlanError(str(exc)) from None
+    return skeleton
+
+
+@register_op("ttm", TTMStep, reshape=ttm_shape)
 def apply_ttm(model: nn.Module, step: TTMStep, calibration) -> nn.Module:
     try:
         originals, reports = replace_with_ttm(model, step.modules, step.rank, step.budget, step.cores)

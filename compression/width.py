@@ -412,7 +412,22 @@ def prune_with_stats(model: nn.Module, step: PruneWidthStep, grams: dict[str, Gr
     return model
 
 
-@register_op("prune_width", PruneWidthStep)
+def pruned_shape(skeleton: nn.Module, step: PruneWidthStep) -> nn.Module:
+    """Shapes after the cuts: which units go depends on the data, how many does not."""
+    blocks = decoder_blocks(skeleton)
+    for i, cut in layer_cuts(skeleton, step).items():
+        attn, mlp = blocks[i].self_attn, blocks[i].mlp
+        hd = attn.head_dim
+        heads, groups = torch.arange(cut.groups_kept * cut.heads_per_group * hd), torch.arange(cut.groups_kept * hd)
+        attn.q_proj, attn.o_proj = sliced_linear(attn.q_proj, rows=heads), sliced_linear(attn.o_proj, cols=heads)
+        attn.k_proj, attn.v_proj = sliced_linear(attn.k_proj, rows=groups), sliced_linear(attn.v_proj, rows=groups)
+        kept = torch.arange(mlp.down_proj.in_features - cut.ffn_remove)
+        mlp.gate_proj, mlp.up_proj = sliced_linear(mlp.gate_proj, rows=kept), sliced_linear(mlp.up_proj, rows=kept)
+        mlp.down_proj = sliced_linear(mlp.down_proj, cols=kept)
+    return skeleton
+
+
+@register_op("prune_width", PruneWidthStep, reshape=pruned_shape)
 def prune_width(model: nn.Module, step: PruneWidthStep, calibration: CalibrationData | None) -> nn.Module:
     layer_cuts(model, step)  # reject a step that does not fit before the calibration pass
     grams = collect_width_stats(model, step, calibration)

@@ -140,6 +140,9 @@ class CompressConfig(Strict):
     # Size budget: a parameter count, or a fraction of the dense model when <= 1. With NSGA-II /
     # TPE it is a constraint; DEAP's selection ranks over-budget candidates below all others.
     max_params: Optional[float] = Field(None, gt=0)
+    # With a budget: the first generation's plans are anchors sized to it (search/space.py),
+    # not random draws.
+    budget_anchors: bool = True
     latency: Optional[LatencyConfig] = None  # measure and minimise latency too (three objectives)
 
 

@@ -10,7 +10,10 @@ and checkpoint. At the end, score the parents and the best candidates on the tes
 `compress` and `joint` runs (two objectives: dev score up, parameters down) differ in two
 places: each candidate also carries a plan asked from the Optuna study (told back with its
 result, FAIL with the reason when it fails), and survivors are chosen by NSGA-II over members
-and candidates; the hall of fame is then the Pareto front of every candidate scored.
+and candidates; the hall of fame is then the Pareto front of every candidate scored. With a
+size budget, the first generation's plans are anchors sized to it (search/space.py), and a plan
+whose parameter count (predicted from shapes, before any work) is over it is told PRUNED and
+asked again, so every evaluation goes to a candidate that selection can keep.
 
 Resume: every finished evaluation is in the journal before anything else happens; offspring
 ids and recipes are a pure function of (seed, generation, population), and the trials asked for
@@ -29,7 +32,7 @@ from pathlib import Path
 from tqdm.auto import tqdm
 
 from compression.arch import num_blocks
-from compression.plan import PlanError, check_plan, parse_plan
+from compression.plan import PlanError, check_plan, parse_plan, predict_num_params
 from evolve.operators import materialize
 from evolve.population import (
     WORST,
@@ -50,14 +53,15 @@ from .config import ConfigError, RunConfig, dump_config, load_config, population
 from .experts import resolve_parents
 from .fitness import aggregate
 from .sources import load_state, tensor_index
-from .space import suggest_plan
-from .study import tell_result
+from .space import budget_anchors, suggest_plan
+from .study import prune_over_budget, tell_result
 from .store import RunStore
 from .workers import EvaluatorPool, WorkerSpec, from_numpy_state, init_ray, put_weights
 
 HALL_OF_FAME_SIZE = 10  # best members ever seen; their weights stay in the run for export
 FAILED_PARAMS = 2**62  # parameter count recorded for a failed candidate (JSON has no infinity)
 FAILED_LATENCY_MS = 1e12  # and its latency, when latency is an objective
+MAX_PLAN_ASKS = 100  # plans asked per candidate before one over the size budget is scored anyway
 STALL_ENV = "EVOFUSE_FAULT_STALL"  # "<candidate id>": hang right after journalling it (kill tests)
 
 
@@ -222,6 +226,8 @@ class Search:
         evo = self.config.evolver
         toolbox = make_toolbox(self.config.seed, evo.generations, evo.F, evo.CR, evo.strategy, evo.reference)
         self.study = self.open_study() if self.pareto else None
+        if self.study is not None and not self.study.trials:
+            self.enqueue_budget_anchors()
         for generation in range(state["generation"], evo.generations):
             state = self.run_generation(toolbox, generation, state)
         return self.finish(state)
@@ -305,17 +311,57 @@ class Search:
                        for i in range(self.config.compress.candidates)]
         else:
             recipes = [(o.id, o.target, o.recipe) for o in toolbox.offspring(self.population, generation)]
-        children = []
+        children, skipped = [], 0
         for cid, target, recipe in recipes:
             child = {"id": cid, "target": target, "recipe": recipe.to_dict(), "plan": [], "trial": None}
             if self.study is not None:
-                trial = self.study.ask()
-                child["plan"], child["trial"] = suggest_plan(trial, self.config.compress.space, self.num_layers), trial.number
+                child["plan"], child["trial"], over = self.ask_plan()
+                skipped += over
             children.append(child)
+        if skipped:
+            self.log(f"generation {generation + 1}: {skipped} plans predicted over the size budget, told PRUNED, not scored")
         if self.study is not None:
-            state["pending"] = {"generation": generation, "children": children}
+            state["pending"] = {"generation": generation, "children": children, "plans_over_budget": skipped}
             self.store.write_state(state)
         return children
+
+    def ask_plan(self) -> tuple[list, int, int]:
+        """(plan, trial number, plans skipped): ask until a plan is predicted to fit the budget.
+
+        Selection ranks every over-budget candidate below every feasible one, so scoring one
+        would only spend an evaluation; such a plan is told PRUNED with its predicted size. A
+        plan whose size cannot be predicted, or that does not fit the model (a FAIL trial once
+        scored), goes on as it is; after MAX_PLAN_ASKS the last plan is scored whatever its size.
+        """
+        for asked in range(1, MAX_PLAN_ASKS + 1):
+            trial = self.study.ask()
+            plan = suggest_plan(trial, self.config.compress.space, self.num_layers)
+            predicted = self.predicted_params(plan) if self.max_params is not None and asked < MAX_PLAN_ASKS else None
+            if predicted is None or predicted <= self.max_params:
+                return plan, trial.number, asked - 1
+            prune_over_budget(self.study, trial, predicted, self.max_params)
+
+    def enqueue_budget_anchors(self) -> None:
+        """Queue the first generation's plans: anchors sized to the budget (search/space.py)."""
+        if self.max_params is None or not self.config.compress.budget_anchors:
+            return
+
+        def fits(plan: list) -> bool:
+            predicted = self.predicted_params(plan)
+            return predicted is not None and predicted <= self.max_params
+
+        anchors = budget_anchors(self.config.compress.space, self.num_layers, fits, limit=self.generation_size())
+        for params in anchors:
+            self.study.enqueue_trial(params)
+        if anchors:
+            self.log(f"first generation: {len(anchors)} plans sized to the budget of {self.max_params:,.0f} parameters")
+
+    def predicted_params(self, plan: list) -> int | None:
+        """The candidate's parameter count from shapes alone; None if unknown before the work."""
+        try:
+            return predict_num_params(parse_plan(plan), self.base_config)
+        except PlanError:
+            return None
 
     def run_generation(self, toolbox, generation: int, state: dict) -> dict:
         started = time.perf_counter()
@@ -329,8 +375,7 @@ class Search:
                 tell_result(self.study, child["trial"], result, self.max_params)
             candidates.append(self.member(child["id"], Recipe.from_dict(child["recipe"]), result, child["plan"]))
         if self.pareto:
-            size = self.config.compress.candidates if self.config.mode == "compress" else len(self.population)
-            next_population = select_pareto(self.population + candidates, max(size, len(self.population)))
+            next_population = select_pareto(self.population + candidates, max(self.generation_size(), len(self.population)))
         else:
             next_population = [toolbox.select(target, child) for target, child in zip(self.population, candidates)]
         previous = {m["id"] for m in self.population}
@@ -349,6 +394,8 @@ class Search:
         record = generation_record(generation, next_population, len(children), len(accepted), time.perf_counter() - started)
         if self.pareto:
             record["pareto_size"] = len(best)
+        if state.get("pending"):
+            record["plans_over_budget"] = state["pending"].get("plans_over_budget", 0)
         self.store.append_logbook(record)
         self.log(
             f"generation {generation + 1}: best {record['best']:.4f} mean {record['mean']:.4f}, "
@@ -426,8 +473,11 @@ class Search:
         from .study import open_study
 
         compress = self.config.compress
-        size = compress.candidates if self.config.mode == "compress" else len(self.population)
-        return open_study(self.store.root, self.config.name, compress.sampler, self.config.seed, size, latency=self.timed)
+        return open_study(self.store.root, self.config.name, compress.sampler, self.config.seed, self.generation_size(), latency=self.timed)
+
+    def generation_size(self) -> int:
+        """Candidates per generation: compress runs ask `candidates`, the others one per member."""
+        return self.config.compress.candidates if self.config.mode == "compress" else len(self.population)
 
     def shutdown(self) -> None:
         pool = getattr(self, "pool", None)

@@ -2,13 +2,23 @@
 
 A plan has up to three steps, each chosen by a categorical parameter that may be "none":
 a depth step (remove or fuse blocks), a width step (prune heads / FFN neurons with a
-reconstruction) and a tensor-train step (TTM MLPs). Their parameters are suggested only when
-the step is chosen (define-by-run), so NSGA-II / TPE see a conditional space. Ranges are
-`[low, high]` pairs; integer ranges marked log are sampled on a log scale.
+reconstruction) and a tensor-train step (TTM MLPs). Every trial suggests every parameter, also
+those of steps it leaves out: NSGA-II breeds (crossover, mutation) only the parameters that all
+finished trials share, and samples the rest at random, so a parameter suggested only when its
+step is chosen (define-by-run) would never be evolved. Ranges are `[low, high]` pairs; integer
+ranges marked log are sampled on a log scale.
+
+With a size budget, the first generation can start from anchors instead of random draws (a
+population of three random plans rarely holds the good ones, and NSGA-II only recombines what it
+holds): for each combination of step kinds, single steps first, a plan with every chosen step at
+one common strength s in [0, 1] (block count and width ratio from the low to the high end of
+their range, TT rank from high to low), s the least that fits the budget.
 """
 from __future__ import annotations
 
-from typing import Literal
+import math
+from itertools import combinations
+from typing import Callable, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, model_validator
 
@@ -65,30 +75,91 @@ class SpaceConfig(Strict):
 
 def suggest_plan(trial, space: SpaceConfig, num_layers: int) -> list[dict]:
     """Ask the trial for one plan (a list of plan-step mappings, possibly empty)."""
-    plan: list[dict] = []
-    depth = trial.suggest_categorical("depth", space.depth)
-    if depth != "none":
+    high = min(space.block_count.high, num_layers - 1)
+    depth = {
+        "op": trial.suggest_categorical("depth", space.depth),
+        "count": trial.suggest_int("block_count", min(space.block_count.low, high), high),
+        "importance": trial.suggest_categorical("importance", space.importance),
+        "rank": trial.suggest_int("fuse_rank", space.fuse_rank.low, space.fuse_rank.high, log=space.fuse_rank.log),
+        "steps": trial.suggest_int("fuse_steps", space.fuse_steps.low, space.fuse_steps.high),
+    }
+    width = {
+        "op": trial.suggest_categorical("width", space.width),
+        "ratio": round(trial.suggest_float("width_ratio", space.width_ratio.low, space.width_ratio.high), 4),
+        "target": trial.suggest_categorical("width_target", space.width_target),
+        "criterion": trial.suggest_categorical("criterion", space.criterion),
+        "reconstruct": trial.suggest_categorical("reconstruct", space.reconstruct),
+    }
+    ttm = {
+        "op": trial.suggest_categorical("ttm", space.ttm),
+        "rank": trial.suggest_int("ttm_rank", space.ttm_rank.low, space.ttm_rank.high, log=space.ttm_rank.log),
+        "modules": space.ttm_modules,
+    }
+    if depth["op"] == "remove_blocks":  # fusion's rank and steps do not apply
+        depth = {k: v for k, v in depth.items() if k not in ("rank", "steps")}
+    return [step for step in (depth, width, ttm) if step["op"] != "none"]
+
+
+STRENGTH_STEPS = 12  # bisection steps on an anchor's strength (1/4096 of each range)
+
+
+def first_choices(space: SpaceConfig, num_layers: int) -> dict:
+    """Every parameter of the space at its first choice / low end (steps off where allowed)."""
+    high = min(space.block_count.high, num_layers - 1)
+    return {
+        "depth": space.depth[0], "block_count": min(space.block_count.low, high), "importance": space.importance[0],
+        "fuse_rank": space.fuse_rank.low, "fuse_steps": space.fuse_steps.low,
+        "width": space.width[0], "width_ratio": space.width_ratio.low, "width_target": space.width_target[0],
+        "criterion": space.criterion[0], "reconstruct": space.reconstruct[0],
+        "ttm": space.ttm[0], "ttm_rank": space.ttm_rank.high,
+    }
+
+
+def step_kinds(space: SpaceConfig) -> dict[str, str]:
+    """{kind: its first op} for each kind of step the space can switch on."""
+    choices = {"depth": space.depth, "width": space.width, "ttm": space.ttm}
+    return {kind: next(op for op in ops if op != "none") for kind, ops in choices.items() if any(op != "none" for op in ops)}
+
+
+def params_at_strength(space: SpaceConfig, num_layers: int, kinds: dict[str, str], strength: float) -> dict:
+    """Optuna parameters with the steps of `kinds` on, each at `strength` along its range, the rest off."""
+    params = first_choices(space, num_layers)
+    params.update({kind: "none" for kind in ("depth", "width", "ttm") if kind not in kinds and "none" in getattr(space, kind)})
+    params.update(kinds)
+    if "depth" in kinds:
         high = min(space.block_count.high, num_layers - 1)
-        step = {
-            "op": depth,
-            "count": trial.suggest_int("block_count", min(space.block_count.low, high), high),
-            "importance": trial.suggest_categorical("importance", space.importance),
-        }
-        if depth == "fuse_blocks":
-            step["rank"] = trial.suggest_int("fuse_rank", space.fuse_rank.low, space.fuse_rank.high, log=space.fuse_rank.log)
-            step["steps"] = trial.suggest_int("fuse_steps", space.fuse_steps.low, space.fuse_steps.high)
-        plan.append(step)
-    if trial.suggest_categorical("width", space.width) != "none":
-        plan.append(
-            {
-                "op": "prune_width",
-                "ratio": round(trial.suggest_float("width_ratio", space.width_ratio.low, space.width_ratio.high), 4),
-                "target": trial.suggest_categorical("width_target", space.width_target),
-                "criterion": trial.suggest_categorical("criterion", space.criterion),
-                "reconstruct": trial.suggest_categorical("reconstruct", space.reconstruct),
-            }
-        )
-    if trial.suggest_categorical("ttm", space.ttm) != "none":
-        rank = trial.suggest_int("ttm_rank", space.ttm_rank.low, space.ttm_rank.high, log=space.ttm_rank.log)
-        plan.append({"op": "ttm", "rank": rank, "modules": space.ttm_modules})
-    return plan
+        low = min(space.block_count.low, high)
+        params["block_count"] = round(low + strength * (high - low))
+    if "width" in kinds:
+        r = space.width_ratio
+        params["width_ratio"] = r.low + strength * (r.high - r.low)
+    if "ttm" in kinds:  # a lower rank is a stronger compression
+        r = space.ttm_rank
+        params["ttm_rank"] = round(math.exp(math.log(r.high) - strength * (math.log(r.high) - math.log(r.low)))
+                                   if r.log else r.high - strength * (r.high - r.low))
+    return params
+
+
+def budget_anchors(space: SpaceConfig, num_layers: int, fits: Callable[[list[dict]], bool], limit: int) -> list[dict]:
+    """Up to `limit` Optuna parameter sets for the first generation (see the module doc).
+    `fits(plan)` says whether a plan is known to be within the budget."""
+    import optuna
+
+    def plan_at(kinds: dict[str, str], strength: float) -> list[dict]:
+        return suggest_plan(optuna.trial.FixedTrial(params_at_strength(space, num_layers, kinds, strength)), space, num_layers)
+
+    kinds = step_kinds(space)
+    anchors = []
+    for size in range(1, len(kinds) + 1):
+        for chosen in combinations(kinds, size):
+            combo = {kind: kinds[kind] for kind in chosen}
+            if len(anchors) == limit or not fits(plan_at(combo, 1.0)):
+                continue
+            weak, strong = 0.0, 1.0  # the least fitting strength lies in (weak, strong]
+            if fits(plan_at(combo, 0.0)):
+                strong = 0.0
+            for _ in range(STRENGTH_STEPS if strong else 0):
+                middle = (weak + strong) / 2
+                weak, strong = (weak, middle) if fits(plan_at(combo, middle)) else (middle, strong)
+            anchors.append(params_at_strength(space, num_layers, combo, strong))
+    return anchors

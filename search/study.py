@@ -4,7 +4,8 @@ Storage is Optuna's JournalFileBackend (`runs/<name>/optuna.journal`): an append
 that survives a kill at any moment and opens as it is in `optuna-dashboard`. Objectives are
 (dev aggregate score: maximise, parameter count: minimise), and measured forward latency
 (minimise) when the config asks for it. With NSGA-II / TPE a parameter budget
-becomes a trial constraint (`params - max_params`, feasible when <= 0); a plan that fails is a
+becomes a trial constraint (`params - max_params`, feasible when <= 0); a plan predicted over the
+budget before any work is a PRUNED trial carrying its predicted size; a plan that fails is a
 FAIL trial carrying its reason, and the search goes on.
 """
 from __future__ import annotations
@@ -68,3 +69,11 @@ def tell_result(study: optuna.Study, trial_number: int, result: dict, max_params
     if len(study.directions) == 3:
         values.append(float(result["latency_ms"]))
     study.tell(trial, values)
+
+
+def prune_over_budget(study: optuna.Study, trial: optuna.Trial, predicted_params: int, max_params: float) -> None:
+    """Tell an asked trial PRUNED: its plan's predicted size is over the budget, so it is not scored.
+    NSGA-II builds generations from COMPLETE trials only, so the next ask fills the same slot."""
+    trial.set_user_attr("predicted_params", int(predicted_params))
+    trial.set_user_attr("pruned_reason", f"predicted {int(predicted_params):,} parameters > budget {max_params:,.0f}")
+    study.tell(trial, state=optuna.trial.TrialState.PRUNED)

@@ -27,11 +27,11 @@ def joint_config(tmp_path: Path, **space) -> Path:
     return path
 
 
-def load_study(run_dir: Path) -> optuna.Study:
+def load_study(run_dir: Path, name: str = "tiny-joint") -> optuna.Study:
     from optuna.storages import JournalStorage
     from optuna.storages.journal import JournalFileBackend
 
-    return optuna.load_study(study_name="tiny-joint", storage=JournalStorage(JournalFileBackend(str(journal_path(run_dir)))))
+    return optuna.load_study(study_name=name, storage=JournalStorage(JournalFileBackend(str(journal_path(run_dir)))))
 
 
 def evofuse(*args, env=None):
@@ -144,9 +144,22 @@ def test_compress_mode_budget_and_pareto_export(tmp_path):
     run_dir = tmp_path / "run"
     proc = evofuse("search", str(ROOT / "configs" / "tiny-compress.yaml"), "--run-dir", str(run_dir), "--quiet")
     assert proc.returncode == 0, proc.stderr[-3000:]
-    state = RunStore(run_dir).read_state()
+    store = RunStore(run_dir)
+    state = store.read_state()
     budget = 0.9 * state["dense_params"]
     assert state["hall_of_fame"] and all(m["params"] <= budget for m in state["hall_of_fame"])
+    # Plans predicted over the budget are PRUNED trials, never scored; every scored plan fits.
+    study = load_study(run_dir, "tiny-compress")
+    pruned = [t for t in study.trials if t.state == optuna.trial.TrialState.PRUNED]
+    assert pruned and all(t.user_attrs["predicted_params"] > budget for t in pruned)
+    # The first generation starts from anchors sized to the budget (depth only, width only, both).
+    first = study.trials[:3]
+    assert [(t.params["depth"], t.params["width"]) for t in first] == [
+        ("remove_blocks", "none"), ("none", "prune_width"), ("remove_blocks", "prune_width")]
+    assert all(t.state == optuna.trial.TrialState.COMPLETE and t.values[1] <= budget for t in first)
+    assert sum(r["plans_over_budget"] for r in store.read_logbook()) == len(pruned)
+    scored = [e for e in store.read_journal() if e["split"] == "dev" and "trial" in e]
+    assert len(scored) == 8 and all(e["status"] == "ok" and e["num_params"] <= budget for e in scored)
     out = tmp_path / "pareto"
     exported = evofuse("export", str(run_dir), "--pareto", "--out", str(out))
     assert exported.returncode == 0, exported.stderr[-2000:]
