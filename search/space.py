@@ -73,12 +73,17 @@ class SpaceConfig(Strict):
     calibration: CalibrationConfig = CalibrationConfig()
 
 
+def block_count_range(space: SpaceConfig, num_layers: int) -> tuple[int, int]:
+    """The configured block counts, capped so that at least one block remains."""
+    high = min(space.block_count.high, num_layers - 1)
+    return min(space.block_count.low, high), high
+
+
 def suggest_plan(trial, space: SpaceConfig, num_layers: int) -> list[dict]:
     """Ask the trial for one plan (a list of plan-step mappings, possibly empty)."""
-    high = min(space.block_count.high, num_layers - 1)
     depth = {
         "op": trial.suggest_categorical("depth", space.depth),
-        "count": trial.suggest_int("block_count", min(space.block_count.low, high), high),
+        "count": trial.suggest_int("block_count", *block_count_range(space, num_layers)),
         "importance": trial.suggest_categorical("importance", space.importance),
         "rank": trial.suggest_int("fuse_rank", space.fuse_rank.low, space.fuse_rank.high, log=space.fuse_rank.log),
         "steps": trial.suggest_int("fuse_steps", space.fuse_steps.low, space.fuse_steps.high),
@@ -105,9 +110,8 @@ STRENGTH_STEPS = 12  # bisection steps on an anchor's strength (1/4096 of each r
 
 def first_choices(space: SpaceConfig, num_layers: int) -> dict:
     """Every parameter of the space at its first choice / low end (steps off where allowed)."""
-    high = min(space.block_count.high, num_layers - 1)
     return {
-        "depth": space.depth[0], "block_count": min(space.block_count.low, high), "importance": space.importance[0],
+        "depth": space.depth[0], "block_count": block_count_range(space, num_layers)[0], "importance": space.importance[0],
         "fuse_rank": space.fuse_rank.low, "fuse_steps": space.fuse_steps.low,
         "width": space.width[0], "width_ratio": space.width_ratio.low, "width_target": space.width_target[0],
         "criterion": space.criterion[0], "reconstruct": space.reconstruct[0],
@@ -127,8 +131,7 @@ def params_at_strength(space: SpaceConfig, num_layers: int, kinds: dict[str, str
     params.update({kind: "none" for kind in ("depth", "width", "ttm") if kind not in kinds and "none" in getattr(space, kind)})
     params.update(kinds)
     if "depth" in kinds:
-        high = min(space.block_count.high, num_layers - 1)
-        low = min(space.block_count.low, high)
+        low, high = block_count_range(space, num_layers)
         params["block_count"] = round(low + strength * (high - low))
     if "width" in kinds:
         r = space.width_ratio
@@ -152,8 +155,10 @@ def budget_anchors(space: SpaceConfig, num_layers: int, fits: Callable[[list[dic
     anchors = []
     for size in range(1, len(kinds) + 1):
         for chosen in combinations(kinds, size):
+            if len(anchors) == limit:
+                return anchors
             combo = {kind: kinds[kind] for kind in chosen}
-            if len(anchors) == limit or not fits(plan_at(combo, 1.0)):
+            if not fits(plan_at(combo, 1.0)):
                 continue
             weak, strong = 0.0, 1.0  # the least fitting strength lies in (weak, strong]
             if fits(plan_at(combo, 0.0)):
