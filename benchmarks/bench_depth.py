@@ -84,7 +84,7 @@ def run_one(method: str, count: int, a) -> dict:
     from compression.calibration import calibration_windows
     from compression.depth import shrink
     from compression.plan import check_plan, parse_plan
-    from search.sources import load_model
+    from search.models.sources import load_model
 
     device = torch.device(a.device)
     dtype = {"float32": torch.float32, "bfloat16": torch.bfloat16}[a.dtype]

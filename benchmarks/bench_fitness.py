@@ -45,7 +45,7 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from compression.calibration import pydoc_topics  # noqa: E402
-from search.datasets import load_rows  # noqa: E402
+from search.models.datasets import load_rows  # noqa: E402
 from search.fitness import (  # noqa: E402
     TaskSpec,
     build_task,
@@ -203,7 +203,7 @@ def main(argv=None):
     n_docs, n_short, n_cloze = (3, 16, 8) if args.quick else (8, 48, 24)
     cloze_context = 128 if args.quick else 192
 
-    from search.sources import load_model
+    from search.models.sources import load_model
 
     device = "cuda" if torch.cuda.is_available() else "cpu"
     dtype = torch.bfloat16 if device == "cuda" else torch.float32

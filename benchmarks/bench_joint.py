@@ -68,7 +68,7 @@ def write_config(raw: dict, name: str) -> Path:
 
 def front_points(run_dir: Path) -> list[dict]:
     """Pareto members with dev and test aggregates and parameter counts."""
-    from search.store import RunStore
+    from search.run.store import RunStore
 
     store = RunStore(run_dir)
     journal = {(e["id"], e["split"]): e for e in store.read_journal()}
@@ -155,7 +155,7 @@ def run(quick: bool, earlier_timings: dict) -> dict:
     for label, baseline_space in baselines.items():
         fronts[label] = compress_merged(label, baseline_space, max(1, remaining // 2), 2)
 
-    from search.store import RunStore
+    from search.run.store import RunStore
 
     dense = RunStore(joint_dir).read_state()["dense_params"]
     limit = 0.75 * dense

@@ -96,7 +96,7 @@ def make_inputs() -> dict[str, Path]:
     """The base directory and three noisy copies (written once, reused)."""
     from safetensors.torch import load_file, save_file
 
-    from search.sources import resolve_source
+    from search.models.sources import resolve_source
 
     base = resolve_source("smollm2-135m")
     paths = {"base": base}

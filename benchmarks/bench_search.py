@@ -28,7 +28,7 @@ import torch
 
 from evolve.operators import materialize
 from evolve.recipe import Recipe
-from search.sources import load_model, load_state
+from search.models.sources import load_model, load_state
 
 RESULTS = Path(__file__).resolve().parent / "results"
 
@@ -75,7 +75,7 @@ def in_place_vs_reload(source: str, repeats: int) -> dict:
 
 def run_throughput(run_dir: Path) -> dict:
     from search.config import load_config
-    from search.store import RunStore
+    from search.run.store import RunStore
 
     store = RunStore(run_dir)
     config = load_config(store.config_path)

@@ -138,7 +138,7 @@ def main() -> None:
         [(576, 1536), (1536, 576)], [32, 64] if not args.quick else [32], [1, 128, 512], repeats=5 if args.quick else 15)
     write(stem, meta, latency, [])
 
-    from search.sources import load_model
+    from search.models.sources import load_model
 
     model, tok = load_model(args.source)
     test = calibration_windows(tok, "pydoc:test", seq_len=512).input_ids[:eval_windows]  # (N, 512)

@@ -35,7 +35,7 @@ sys.path.insert(0, str(ROOT))
 
 from compression.calibration import calibration_windows  # noqa: E402
 from compression.ttm import TTMLinear, matching_linears, replace_module  # noqa: E402
-from search.tiny import SPECIALS, byte_tokenizer  # noqa: E402
+from search.models.tiny import SPECIALS, byte_tokenizer  # noqa: E402
 from benchmarks.common import window_perplexity  # noqa: E402
 
 RESULTS = ROOT / "benchmarks" / "results"

@@ -156,7 +156,7 @@ def main(argv=None) -> None:
     out.parent.mkdir(parents=True, exist_ok=True)
     torch.manual_seed(0)
 
-    from search.sources import load_model
+    from search.models.sources import load_model
 
     model, tokenizer = load_model("smollm2-135m")
     windows = eval_windows(tokenizer, n_eval)

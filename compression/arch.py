@@ -22,6 +22,7 @@ from typing import Any, Iterable, Sequence
 
 import torch
 import torch.nn as nn
+from compression.errors import CompressionError
 
 
 @dataclass(frozen=True)
@@ -46,7 +47,7 @@ ARCHES = {
 }
 
 
-class UnsupportedArchitecture(ValueError):
+class UnsupportedArchitecture(CompressionError):
     pass
 
 

@@ -18,11 +18,12 @@ from pathlib import Path
 from typing import Callable, Iterator, Sequence
 
 import torch
+from compression.errors import CompressionError
 
 PYDOC_SPLITS = ("train", "dev", "test")
 
 
-class DataSpecError(ValueError):
+class DataSpecError(CompressionError):
     """A data spec (file or built-in split) that cannot be read; the message is one line."""
 
 
@@ -39,9 +40,8 @@ def pydoc_topics(split: str) -> list[str]:
     return texts[lo:hi]
 
 
-# Other named text sources, `NAME:SPLIT` -> documents. Packages that generate data register
-# here (search.datasets adds its generated task sets as solved examples), so every consumer of
-# text, calibration included, accepts them without compression importing those packages.
+# Named text sources, `NAME:SPLIT` -> documents. Callers with data sets of their own load the
+# documents themselves and cut windows with `windows_from_texts`.
 TEXT_SOURCES: dict[str, Callable[[str], list[str]]] = {"pydoc": pydoc_topics}
 
 
@@ -128,11 +128,18 @@ def calibration_windows(
     Deterministic: the windows are taken in corpus order, no sampling. A corpus too short for
     one window is an error naming the spec.
     """
-    ids = token_stream(tokenizer, load_texts(spec))
+    return windows_from_texts(tokenizer, load_texts(spec), seq_len, num_sequences, origin=str(spec))
+
+
+def windows_from_texts(
+    tokenizer, texts: Sequence[str], seq_len: int = 128, num_sequences: int | None = None, origin: str = "texts"
+) -> CalibrationData:
+    """The windows of `calibration_windows`, cut from documents the caller loaded."""
+    ids = token_stream(tokenizer, texts)
     n = len(ids) // seq_len
     if num_sequences is not None:
         n = min(n, num_sequences)
     if n == 0:
-        raise DataSpecError(f"{spec}: {len(ids)} tokens, fewer than one window of {seq_len}")
+        raise DataSpecError(f"{origin}: {len(ids)} tokens, fewer than one window of {seq_len}")
     windows = torch.tensor(ids[: n * seq_len], dtype=torch.long).view(n, seq_len)  # (N, T)
     return CalibrationData(windows)

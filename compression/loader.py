@@ -35,6 +35,7 @@ from typing import Any, Callable
 
 import torch
 import torch.nn as nn
+from compression.errors import CompressionError
 
 STRUCTURE_FILE = "evofuse_structure.json"
 STRUCTURE_FORMAT = "evofuse-structure"
@@ -42,7 +43,7 @@ STRUCTURE_VERSION = 1
 WIDTH_ATTRIBUTES = ("num_key_value_groups", "num_heads", "num_key_value_heads", "intermediate_size", "head_dim")
 
 
-class StructureError(ValueError):
+class StructureError(CompressionError):
     """A structure file that cannot be applied; the message is one line naming the file."""
 
 

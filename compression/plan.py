@@ -26,12 +26,15 @@ from typing import Any, Callable, Sequence
 import torch.nn as nn
 import yaml
 from pydantic import BaseModel, ValidationError
+from compression.errors import CompressionError, first_validation_error
+
+PYDANTIC_EXTRA = "Extra inputs are not permitted"  # how a plan step words an unknown key
 
 # Modules that register ops when imported; each is optional while it is being built.
 OP_MODULES = ("compression.depth", "compression.width", "compression.ttm")
 
 
-class PlanError(ValueError):
+class PlanError(CompressionError):
     """A plan that cannot be applied; the message is one line naming the step and field."""
 
 
@@ -68,12 +71,6 @@ def registered_ops() -> dict[str, Op]:
     return _OPS
 
 
-def _first_error(exc: ValidationError, where: str) -> str:
-    err = exc.errors()[0]
-    field = ".".join(str(p) for p in err["loc"])
-    return f"{where}.{field}: {err['msg']}" if field else f"{where}: {err['msg']}"
-
-
 def parse_step(raw: Any, where: str = "step") -> BaseModel:
     """Validate one step mapping into its op's parameter model."""
     if isinstance(raw, BaseModel):
@@ -86,7 +83,7 @@ def parse_step(raw: Any, where: str = "step") -> BaseModel:
     try:
         return ops[raw["op"]].params.model_validate(raw)
     except ValidationError as exc:
-        raise PlanError(_first_error(exc, where)) from None
+        raise PlanError(first_validation_error(exc, where, unknown_key=PYDANTIC_EXTRA)) from None
 
 
 def parse_plan(raw: Any, where: str = "plan") -> list[BaseModel]:

@@ -59,6 +59,7 @@ import torch.nn.functional as F
 from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 
 from compression.plan import PlanError, register_op
+from compression.errors import CompressionError
 
 log = logging.getLogger(__name__)
 
@@ -86,7 +87,7 @@ __all__ = [
     "load_ttm_model",
 ]
 
-class TTMError(ValueError):
+class TTMError(CompressionError):
     """A TTM shape, rank or budget that cannot work; the message is one line naming the field."""
 
 

@@ -12,32 +12,12 @@ import sys
 from dataclasses import replace
 from pathlib import Path
 
-
-def user_errors() -> tuple[type[BaseException], ...]:
-    """Exceptions that mean bad input: reported as one line with exit code 2."""
-    from compression.arch import UnsupportedArchitecture
-    from compression.calibration import DataSpecError
-    from compression.plan import PlanError
-    from evolve.recipe import RecipeError
-
-    from .config import ConfigError
-    from .fitness import TaskError
-    from .sources import SourceError
-    from .store import CorruptRunError
-
-    errors = [ConfigError, SourceError, DataSpecError, PlanError, RecipeError, TaskError, CorruptRunError, UnsupportedArchitecture]
-    try:
-        from .merge import MergeConfigError
-
-        errors.append(MergeConfigError)
-    except ImportError:
-        pass
-    return tuple(errors)
+from search.errors import BAD_INPUT, one_line
 
 
 # ---- verbs --------------------------------------------------------------------------------
 def cmd_search(args) -> int:
-    from .driver import start_search
+    from search.run.loop import start_search
 
     root = start_search(args.config, args.run_dir, address=args.address, workers=args.workers, quiet=args.quiet)
     _print_summary(root, args.quiet)
@@ -45,7 +25,7 @@ def cmd_search(args) -> int:
 
 
 def cmd_resume(args) -> int:
-    from .driver import resume_search
+    from search.run.loop import resume_search
 
     root = resume_search(args.run_dir, config_path=args.config, address=args.address, quiet=args.quiet)
     _print_summary(root, args.quiet)
@@ -53,7 +33,7 @@ def cmd_resume(args) -> int:
 
 
 def cmd_status(args) -> int:
-    from .report import run_status, format_status
+    from search.results.report import run_status, format_status
 
     status = run_status(Path(args.run_dir))
     print(json.dumps(status, indent=1) if args.json else format_status(status))
@@ -61,14 +41,14 @@ def cmd_status(args) -> int:
 
 
 def cmd_export(args) -> int:
-    from .export import export_member, export_top
-    from .store import RunStore
+    from search.results.export import export_member, export_top
+    from search.run.store import RunStore
 
     out = Path(args.out)
     if args.id:
         paths = [export_member(Path(args.run_dir), args.id, out, args.dtype)]
     elif args.pareto:
-        from .report import pareto_ids
+        from search.results.report import pareto_ids
 
         ids = pareto_ids(RunStore(args.run_dir))
         paths = [export_member(Path(args.run_dir), i, out / i, args.dtype) for i in ids]
@@ -80,7 +60,7 @@ def cmd_export(args) -> int:
 
 
 def cmd_report(args) -> int:
-    from .report import write_report
+    from search.results.report import write_report
 
     print(write_report(Path(args.run_dir)))
     return 0
@@ -89,8 +69,8 @@ def cmd_report(args) -> int:
 def cmd_eval(args) -> int:
     import torch
 
-    from .fitness import build_task, parse_task_arg
-    from .sources import load_model
+    from search.fitness.core import build_task, parse_task_arg
+    from search.models.sources import load_model
 
     options = {k: v for k, v in (("context_length", args.context_length), ("batch_size", args.batch_size)) if v}
     specs = [replace(parse_task_arg(t), options=options) for t in args.task]
@@ -113,10 +93,10 @@ def cmd_eval(args) -> int:
 
 
 def cmd_compress(args) -> int:
-    from compression.calibration import calibration_windows
+    from search.models.datasets import calibration_windows
     from compression.plan import apply_plan, check_plan, load_plan_file
 
-    from .sources import load_model
+    from search.models.sources import load_model
 
     plan = load_plan_file(args.plan)
     model, tokenizer = load_model(args.source, allow_pickle=args.allow_pickle)
@@ -124,7 +104,7 @@ def cmd_compress(args) -> int:
     calibration = calibration_windows(tokenizer, args.calibration, args.seq_len, args.num_sequences)
     log = None if args.quiet else (lambda m: print(m, file=sys.stderr))
     model = apply_plan(model, plan, calibration, log=log)
-    from .export import save_model
+    from search.results.export import save_model
 
     out = Path(args.out)
     save_model(model, tokenizer, out)
@@ -134,14 +114,14 @@ def cmd_compress(args) -> int:
 
 
 def cmd_merge(args) -> int:
-    from .merge import run_merge
+    from search.merge import run_merge
 
     run_merge(args.config, args.out, allow_pickle=args.allow_pickle, quiet=args.quiet)
     return 0
 
 
 def cmd_demo(args) -> int:
-    from .demo import run_demo
+    from search.demo import run_demo
 
     return run_demo(run_dir=args.run_dir, address=args.address, quiet=args.quiet, fresh=args.fresh)
 
@@ -224,7 +204,7 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def _print_summary(root: Path, quiet: bool) -> None:
-    from .report import results_table
+    from search.results.report import results_table
 
     print(results_table(root))
 
@@ -239,8 +219,8 @@ def main(argv: list[str] | None = None) -> int:
         hf_logging.set_verbosity_error()
     try:
         return args.func(args)
-    except user_errors() as exc:
-        print(f"evofuse {args.verb}: {str(exc).splitlines()[0] if str(exc) else type(exc).__name__}", file=sys.stderr)
+    except BAD_INPUT as exc:
+        print(f"evofuse {args.verb}: {one_line(exc)}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:
         print(f"evofuse {args.verb}: interrupted (a run resumes with `evofuse resume`)", file=sys.stderr)

@@ -13,19 +13,17 @@ from pathlib import Path
 from typing import Any, Literal, Optional
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+from pydantic import Field, field_validator, model_validator
 
 from compression.calibration import DataSpecError
 
-from .space import SpaceConfig
+from search.errors import EvofuseError
+from search.schema import Strict, read_yaml, validate
+from search.tuning.space import SpaceConfig
 
 
-class ConfigError(ValueError):
-    """A bad config; the message is one line naming the field or file."""
-
-
-class Strict(BaseModel):
-    model_config = ConfigDict(extra="forbid", frozen=False)
+class ConfigError(EvofuseError):
+    """A bad run config; the message is one line naming the field or file."""
 
 
 class FineTune(Strict):
@@ -217,42 +215,20 @@ def _check_recipe(recipe, where: str) -> None:
         raise ValueError(f"{where}: {exc}") from None
 
 
-def _first_error(exc: ValidationError) -> str:
-    err = exc.errors()[0]
-    loc = ""
-    for part in err["loc"]:
-        loc += f"[{part}]" if isinstance(part, int) else (f".{part}" if loc else str(part))
-    msg = err["msg"].removeprefix("Value error, ")
-    if err["type"] == "extra_forbidden":
-        msg = "unknown key"
-    return f"{loc}: {msg}" if loc else msg
-
-
 def parse_config(raw: Any, origin: str = "config") -> RunConfig:
-    if not isinstance(raw, dict):
-        raise ConfigError(f"{origin}: expected a mapping at the top level")
-    try:
-        return RunConfig.model_validate(raw)
-    except ValidationError as exc:
-        raise ConfigError(f"{origin}: {_first_error(exc)}") from None
+    return validate(RunConfig, raw, origin, ConfigError)
 
 
 def load_config(path: str | Path) -> RunConfig:
     path = Path(path)
-    if not path.is_file():
-        raise ConfigError(f"{path}: no such config file")
-    try:
-        raw = yaml.safe_load(path.read_text())
-    except yaml.YAMLError as exc:
-        raise ConfigError(f"{path}: not valid YAML ({str(exc).splitlines()[0]})") from None
-    config = parse_config(raw, str(path))
+    config = parse_config(read_yaml(path, ConfigError), str(path))
     check_data(config, base_dir=path.parent)
     return config
 
 
 def check_data(config: RunConfig, base_dir: Path | None = None) -> None:
     """Every data spec names a built-in split or an existing file (paths may be relative to the config)."""
-    from .datasets import builtin_name
+    from search.models.datasets import builtin_name
 
     def check(spec: str, where: str) -> str:
         try:
@@ -272,7 +248,7 @@ def check_data(config: RunConfig, base_dir: Path | None = None) -> None:
             continue
         task.dev = check(task.dev, f"tasks[{i}].dev")
         task.test = check(task.test, f"tasks[{i}].test")
-    from .sources import BUILTINS
+    from search.models.sources import BUILTINS
 
     earlier: list[str] = []
     for i, parent in enumerate(config.parents.all()):

@@ -16,10 +16,10 @@ DEMO_CONFIG = Path(__file__).resolve().parent.parent / "configs" / "demo.yaml"
 def run_demo(run_dir: str | None = None, address: str | None = None, quiet: bool = False, fresh: bool = False) -> int:
     import shutil
 
-    from .config import load_config
-    from .driver import default_run_dir, resume_search, start_search
-    from .report import results_table
-    from .store import RunStore
+    from search.config import load_config
+    from search.run.loop import default_run_dir, resume_search, start_search
+    from search.results.report import results_table
+    from search.run.store import RunStore
 
     root = Path(run_dir) if run_dir else default_run_dir(load_config(DEMO_CONFIG))
     if fresh and root.exists():

@@ -48,6 +48,8 @@ from pydantic import BaseModel, ConfigDict, ValidationError, field_validator
 from evolve.operators import materialize_tensor, validate_recipe
 from evolve.recipe import Recipe, RecipeError
 
+from search.errors import EvofuseError
+
 __all__ = ["MergeConfigError", "MergeConfig", "run_merge", "main"]
 
 MERGE_METHODS = ("linear", "task_arithmetic", "ties", "dare_linear", "dare_ties", "slerp")
@@ -65,7 +67,7 @@ ST_DTYPES = {"F64": torch.float64, "F32": torch.float32, "F16": torch.float16, "
 ST_CODES = {v: k for k, v in ST_DTYPES.items()}
 
 
-class MergeConfigError(ValueError):
+class MergeConfigError(EvofuseError):
     """Bad merge input; the message is one line naming the field or file."""
 
 
@@ -129,7 +131,7 @@ def load_config(config_path: str | Path) -> tuple[MergeConfig, str]:
 
 
 def resolve_model(reference: str, config_dir: Path, field: str, allow_pickle: bool) -> Path:
-    from search.sources import SourceError, resolve_source
+    from search.models.sources import SourceError, resolve_source
 
     candidates = [reference]
     if not Path(reference).is_absolute() and not Path(reference).exists():

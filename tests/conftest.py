@@ -14,7 +14,7 @@ import torch
 torch.set_num_threads(1)  # tiny models: threads only contend (with Ray actors, other jobs)
 
 from compression.calibration import calibration_windows  # noqa: E402
-from search.tiny import byte_tokenizer, tiny_llama  # noqa: E402
+from search.models.tiny import byte_tokenizer, tiny_llama  # noqa: E402
 
 
 @pytest.fixture(scope="session")
@@ -37,7 +37,7 @@ def search_killed_at():
     """`kill(config, run_dir, candidate_id)`: run `evofuse search` in its own process group, stall it
     right after `candidate_id` is journalled (EVOFUSE_FAULT_STALL), then SIGKILL the whole group
     (driver, raylet, actors) as a crash or an OOM killer would."""
-    from search.store import RunStore
+    from search.run.store import RunStore
 
     def kill(config: Path, run_dir: Path, candidate_id: str, timeout: float = 300) -> None:
         proc = subprocess.Popen(

@@ -17,7 +17,7 @@ from compression import arch
 from compression.depth import FuseBlocksStep, RemoveBlocksStep, shrink
 from compression.importance import block_influence, lowest
 from compression.plan import PlanError, apply_plan, check_plan, parse_plan
-from search.tiny import tiny_llama
+from search.models.tiny import tiny_llama
 
 
 @pytest.fixture(autouse=True, scope="module")

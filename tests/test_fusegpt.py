@@ -22,7 +22,7 @@ from compression.fusegpt import (
     group_window,
 )
 from compression.plan import apply_plan, parse_plan
-from search.tiny import tiny_llama
+from search.models.tiny import tiny_llama
 
 
 @pytest.fixture(autouse=True, scope="module")

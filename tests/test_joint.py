@@ -11,9 +11,9 @@ import optuna
 import pytest
 import yaml
 
-from search.report import non_dominated, pareto_ids
-from search.store import RunStore
-from search.study import journal_path
+from search.results.report import non_dominated, pareto_ids
+from search.run.store import RunStore
+from search.tuning.study import journal_path
 
 ROOT = Path(__file__).resolve().parent.parent
 pytestmark = pytest.mark.slow
@@ -139,7 +139,7 @@ def test_compress_mode_budget_and_pareto_export(tmp_path):
     import json
 
     from search.fitness import TaskSpec, build_task
-    from search.sources import load_model
+    from search.models.sources import load_model
 
     run_dir = tmp_path / "run"
     proc = evofuse("search", str(ROOT / "configs" / "tiny-compress.yaml"), "--run-dir", str(run_dir), "--quiet")

@@ -23,9 +23,9 @@ from lm_eval.models.huggingface import HFLM  # noqa: E402
 from lm_eval.utils import get_rolling_token_windows, make_disjoint_window  # noqa: E402
 
 from compression.calibration import pydoc_topics  # noqa: E402
-from search.datasets import load_rows  # noqa: E402
+from search.models.datasets import load_rows  # noqa: E402
 from search.fitness import TaskError, TaskSpec, build_task, rolling_windows, sequence_logprobs  # noqa: E402
-from search.tiny import tiny_llama  # noqa: E402
+from search.models.tiny import tiny_llama  # noqa: E402
 
 REL = 1e-4
 MAX_LEN = 48  # short, so documents span several rolling windows and long MC rows are cut
@@ -63,7 +63,7 @@ def bpe_tokenizer_with_bos():
 
 @pytest.fixture(scope="module", params=["bytes", "bpe+bos"])
 def setup(request):
-    from search.tiny import byte_tokenizer
+    from search.models.tiny import byte_tokenizer
 
     tok = byte_tokenizer() if request.param == "bytes" else bpe_tokenizer_with_bos()
     model = tiny_llama(seed=1, vocab_size=max(len(tok), 259))

@@ -19,7 +19,7 @@ ROOT = Path(__file__).resolve().parents[1]
 
 @pytest.fixture(scope="module")
 def models(tmp_path_factory) -> dict[str, Path]:
-    from search.tiny import byte_tokenizer, tiny_llama
+    from search.models.tiny import byte_tokenizer, tiny_llama
 
     root = tmp_path_factory.mktemp("cli_models")
     tokenizer = byte_tokenizer()
@@ -128,7 +128,7 @@ def test_bad_configs_raise_one_line_naming_the_field(models, tmp_path, mutate, m
 
 
 def test_mismatched_tensors_and_pickles_are_refused(models, tmp_path):
-    from search.tiny import tiny_llama
+    from search.models.tiny import tiny_llama
 
     odd = tmp_path / "odd"
     tiny_llama(seed=0, intermediate_size=96).save_pretrained(odd)

@@ -26,7 +26,7 @@ TOLERANCE = 1e-6
 @pytest.fixture(scope="session")
 def models(tmp_path_factory) -> dict[str, Path]:
     """A tiny base and three 'fine-tunes' (base + seeded noise), saved as HF directories."""
-    from search.tiny import byte_tokenizer, tiny_llama
+    from search.models.tiny import byte_tokenizer, tiny_llama
 
     root = tmp_path_factory.mktemp("parity_models")
     tokenizer = byte_tokenizer()

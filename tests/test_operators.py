@@ -129,7 +129,7 @@ def test_materialize_tensor_writes_into_out_of_another_dtype():
 
 @pytest.fixture()
 def parents():
-    from search.tiny import tiny_llama
+    from search.models.tiny import tiny_llama
 
     sets = {}
     for i, seed in enumerate((0, 1, 2, 3)):
@@ -155,13 +155,13 @@ def test_materialize_is_tensor_by_tensor_deterministic_and_respects_exclude(pare
     alone = materialize(recipe, parents, [one])
     assert torch.equal(alone[one], first[one])
     # parents untouched
-    from search.tiny import tiny_llama
+    from search.models.tiny import tiny_llama
 
     assert torch.equal(parents["p0"][one], tiny_llama(seed=0).state_dict()[one])
 
 
 def test_materialize_overwrites_a_model_in_place(parents):
-    from search.tiny import tiny_llama
+    from search.models.tiny import tiny_llama
 
     model = tiny_llama(seed=9)
     params = dict(model.named_parameters())

@@ -6,7 +6,7 @@ import torch
 from transformers import Qwen2Config, Qwen2ForCausalLM
 
 from compression.plan import PlanError, apply_plan, parse_plan, predict_num_params
-from search.tiny import tiny_llama, tiny_llama_config
+from search.models.tiny import tiny_llama, tiny_llama_config
 
 PLANS = {
     "remove": [{"op": "remove_blocks", "count": 2}],

@@ -18,7 +18,7 @@ import torch
 import yaml
 
 from evolve.population import WORST
-from search.store import RunStore
+from search.run.store import RunStore
 
 ROOT = Path(__file__).resolve().parent.parent
 pytestmark = pytest.mark.slow
@@ -149,7 +149,7 @@ def test_export_round_trip_reproduces_journalled_fitness(uninterrupted, tmp_path
 
 
 def test_parents_whose_tensors_differ_are_refused(tmp_path):
-    from search.tiny import byte_tokenizer, tiny_llama
+    from search.models.tiny import byte_tokenizer, tiny_llama
 
     dirs = []
     for i, width in enumerate((128, 128, 96)):
@@ -170,7 +170,7 @@ def test_parents_whose_tensors_differ_are_refused(tmp_path):
 
 
 def test_pickle_weights_are_refused_without_allow_pickle(tmp_path):
-    from search.tiny import tiny_llama
+    from search.models.tiny import tiny_llama
 
     path = tmp_path / "pickled"
     tiny_llama().save_pretrained(path, safe_serialization=False)

@@ -12,7 +12,7 @@ pytestmark = pytest.mark.slow
 
 def test_builtin_smollm2_loads_and_scores_a_tiny_dev_set():
     from search.fitness import TaskSpec, build_task
-    from search.sources import load_model, resolve_source, tensor_index
+    from search.models.sources import load_model, resolve_source, tensor_index
 
     model, tokenizer = load_model("smollm2-135m")
     assert model.config.num_hidden_layers == 30 and model.config.hidden_size == 576

@@ -5,8 +5,8 @@ import optuna
 from optuna.search_space import IntersectionSearchSpace
 
 from compression.plan import parse_plan, predict_num_params
-from search.space import SpaceConfig, budget_anchors, suggest_plan
-from search.tiny import tiny_llama_config
+from search.tuning.space import SpaceConfig, budget_anchors, suggest_plan
+from search.models.tiny import tiny_llama_config
 
 SPACE = SpaceConfig(
     depth=["none", "remove_blocks", "fuse_blocks"],

@@ -6,7 +6,7 @@ import json
 import pytest
 import torch
 
-from search.store import CorruptRunError, RunStore
+from search.run.store import CorruptRunError, RunStore
 
 
 def test_state_round_trip_and_checksum(tmp_path):

@@ -176,7 +176,7 @@ def test_gpt2_conv1d_layers_replace_and_fold_back():
 
 
 def test_save_load_round_trip_keeps_cores_and_logits(tokenizer, tmp_path):
-    from search.tiny import tiny_llama
+    from search.models.tiny import tiny_llama
 
     tiny_model = tiny_llama(seed=0, tie_word_embeddings=True)  # tied, like SmolLM2
     ids = torch.randint(3, 259, (2, 16))

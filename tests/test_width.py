@@ -12,7 +12,7 @@ from compression import loader
 from compression.loader import STRUCTURE_FILE, load_compressed, register_kind, save_compressed
 from compression.plan import PlanError, apply_plan, check_plan, parse_plan
 from compression.width import LayerDims, attention_shape, plan_layer
-from search.tiny import tiny_llama, tiny_llama_config
+from search.models.tiny import tiny_llama, tiny_llama_config
 
 
 def _step(**fields):

@@ -79,7 +79,10 @@ from typing import Any, Mapping, Sequence
 import torch
 import torch.nn.functional as F
 
-from compression.calibration import DataSpecError, load_texts
+from compression.calibration import DataSpecError
+from search.errors import EvofuseError
+from search.models.datasets import load_rows as load_jsonl_rows
+from search.models.datasets import load_texts
 
 TASK_KINDS = ("perplexity", "multiple_choice", "generate", "lm_eval")
 DEFAULT_MAX_LENGTH = 2048  # lm-eval's default when neither config nor tokenizer names one
@@ -95,7 +98,7 @@ KIND_OPTIONS = {
 }
 
 
-class TaskError(ValueError):
+class TaskError(EvofuseError):
     """A fitness task that cannot be built or run as asked; the message is one line."""
 
 
@@ -432,10 +435,8 @@ def _safe_exp(x: float) -> float:
 
 
 def load_rows(spec: str) -> list[dict]:
-    """Rows of a JSONL file or a built-in generated set (search.datasets); one-line errors."""
-    from search.datasets import load_rows as load
-
-    return load(spec)
+    """Rows of a JSONL file or a built-in generated set (search.models.datasets); one-line errors."""
+    return load_jsonl_rows(spec)
 
 
 def _check_row(spec: str, n: int, row: dict, fields: Mapping[str, type]) -> None:
@@ -733,7 +734,7 @@ def build_task(spec: TaskSpec, tokenizer) -> FitnessTask:
             f"task {spec.label!r}: unknown option {unknown[0]!r} for {spec.kind} (valid: {', '.join(sorted(KIND_OPTIONS[spec.kind]))})"
         )
     if spec.kind == "lm_eval":
-        from search.lm_eval_adapter import LmEvalTask
+        from search.fitness.lm_eval import LmEvalTask
 
         return LmEvalTask(spec, tokenizer)
     return TASK_CLASSES[spec.kind](spec, tokenizer)

@@ -19,9 +19,9 @@ from tqdm.auto import tqdm
 
 from compression.calibration import token_stream
 
-from .config import FineTune, ParentSpec, RunConfig
-from .datasets import training_texts
-from .sources import BUILTINS, SourceError, build_cached, load_model, resolve_source, safetensors_files
+from search.config import FineTune, ParentSpec, RunConfig
+from search.models.datasets import training_texts
+from search.models.sources import BUILTINS, SourceError, build_cached, load_model, resolve_source, safetensors_files
 
 LORA_TARGETS = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj", "c_attn", "c_proj", "c_fc")
 

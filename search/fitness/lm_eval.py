@@ -32,7 +32,7 @@ import math
 import os
 from pathlib import Path
 
-from search.fitness import FitnessTask, TaskError, TaskSpec, subsample_indices
+from search.fitness.core import FitnessTask, TaskError, TaskSpec, subsample_indices
 
 LM_EVAL_PIN = "lm-eval==0.4.13"
 DEFAULT_METRICS = ("acc_norm", "acc", "exact_match", "word_perplexity", "byte_perplexity", "bits_per_byte", "perplexity")

@@ -25,10 +25,12 @@ import torch
 
 from compression.loader import atomic_write_bytes, atomic_write_text
 
+from search.errors import EvofuseError
+
 FORMAT_VERSION = 1
 
 
-class CorruptRunError(ValueError):
+class CorruptRunError(EvofuseError):
     """A run directory whose files do not match their checksums; one line naming the file."""
 
 

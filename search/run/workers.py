@@ -68,8 +68,8 @@ class Evaluator:
     def __init__(self, spec: WorkerSpec):
         from transformers.utils import logging as hf_logging
 
-        from .fitness import TaskSpec, build_task
-        from .sources import load_model
+        from search.fitness.core import TaskSpec, build_task
+        from search.models.sources import load_model
 
         hf_logging.disable_progress_bar()
         torch.set_num_threads(max(1, spec.threads))
@@ -121,7 +121,7 @@ class Evaluator:
                 )
             result.update(status="ok", metrics=metrics, num_params=sum(p.numel() for p in model.parameters()))
             if self.spec.latency:
-                from .fitness import forward_latency_ms
+                from search.fitness.core import forward_latency_ms
 
                 result["latency_ms"] = round(forward_latency_ms(model, **self.spec.latency), 4)
         scored = time.perf_counter()
@@ -130,7 +130,7 @@ class Evaluator:
 
     def _apply_plan(self, plan_data: list):
         """Apply a plan to a copy of the working model (the working model keeps its shape)."""
-        from compression.calibration import calibration_windows
+        from search.models.datasets import calibration_windows
         from compression.plan import apply_plan, parse_plan
 
         if self._calibration is None:

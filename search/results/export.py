@@ -13,8 +13,8 @@ from pathlib import Path
 
 import torch
 
-from .config import ConfigError, load_config
-from .store import RunStore
+from search.config import ConfigError, load_config
+from search.run.store import RunStore
 
 
 def _journal_by_id(store: RunStore) -> dict[str, dict[str, dict]]:
@@ -45,7 +45,7 @@ def ranked_members(state: dict) -> list[dict]:
 
 
 def member_weights(store: RunStore, state: dict, member_id: str, parent_dirs: dict[str, Path]) -> dict[str, torch.Tensor]:
-    from .sources import load_state
+    from search.models.sources import load_state
 
     if member_id in parent_dirs:
         return load_state(parent_dirs[member_id])
@@ -98,7 +98,7 @@ def export_member(run_dir: Path, member_id: str, out: Path, dtype: str = "float3
     from transformers import AutoModelForCausalLM, AutoTokenizer
     from transformers.utils import logging as hf_logging
 
-    from .experts import resolve_parents
+    from search.models.experts import resolve_parents
 
     hf_logging.disable_progress_bar()
     store = RunStore(run_dir)
@@ -149,7 +149,7 @@ def export_member(run_dir: Path, member_id: str, out: Path, dtype: str = "float3
 
 def apply_member_plan(model, tokenizer, plan: list, config):
     """The candidate's structure: its plan applied with the run's calibration data, as scored."""
-    from compression.calibration import calibration_windows
+    from search.models.datasets import calibration_windows
     from compression.plan import apply_plan, parse_plan
 
     c = config.compress.space.calibration

@@ -24,11 +24,13 @@ from typing import Iterator
 
 import torch
 
+from search.errors import EvofuseError
+
 SMOLLM2_GGUF = "SmolLM2-135M-Instruct.Q4_1.gguf"
 BUILTINS = ("smollm2-135m", "tiny-llama")
 
 
-class SourceError(ValueError):
+class SourceError(EvofuseError):
     """A model source that cannot be used; the message is one line naming it."""
 
 
@@ -101,7 +103,7 @@ def _convert_smollm2(out: Path) -> None:
 
 
 def _build_tiny_llama(out: Path) -> None:
-    from .tiny import byte_tokenizer, tiny_llama
+    from search.models.tiny import byte_tokenizer, tiny_llama
 
     tiny_llama(seed=0).save_pretrained(out)
     byte_tokenizer().save_pretrained(out)

@@ -5,10 +5,10 @@ import json
 import time
 from pathlib import Path
 
-from .config import ConfigError, load_config
+from search.config import ConfigError, load_config
 from evolve.population import WORST  # failed or over-budget candidates
 
-from .store import RunStore
+from search.run.store import RunStore
 
 # The metric a person reads for each kind (the search itself aggregates each task's "score").
 DISPLAY_METRIC = {"perplexity": "token_perplexity", "multiple_choice": "acc_norm", "generate": "exact_match", "lm_eval": "score"}

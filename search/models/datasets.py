@@ -17,7 +17,8 @@ import random
 from pathlib import Path
 from typing import Callable
 
-from compression.calibration import DataSpecError, load_texts, pydoc_topics, read_jsonl
+from compression.calibration import CalibrationData, DataSpecError, pydoc_topics, read_jsonl, windows_from_texts
+from compression.calibration import load_texts as compression_texts
 
 SPLITS = ("train", "dev", "test")
 SPLIT_SIZES = {"train": 512, "dev": 64, "test": 128}
@@ -96,7 +97,7 @@ def training_texts(spec: str | Path) -> list[str]:
     spec = str(spec)
     name = builtin_name(spec)
     if name == "pydoc" or (name is None and not spec.endswith(".jsonl")):
-        return load_texts(spec)
+        return compression_texts(spec)
     if name is not None and spec.split(":", 1)[1] not in SPLITS:
         raise DataSpecError(f"{spec}: unknown split (valid: {', '.join(SPLITS)})")
     rows = load_rows(spec)
@@ -109,13 +110,17 @@ def training_texts(spec: str | Path) -> list[str]:
     raise DataSpecError(f"{spec}: rows have none of text / prompt+answer / context+choices+label")
 
 
-def _register_text_sources() -> None:
-    from compression.calibration import TEXT_SOURCES
+def load_texts(spec: str | Path) -> list[str]:
+    """Documents of a text spec: compression's (pydoc, text and JSONL files), or a generated
+    task set's solved examples (`arithmetic:train`)."""
+    if builtin_name(str(spec)) in GENERATED:
+        return training_texts(spec)
+    return compression_texts(spec)
 
-    for name in GENERATED:
-        TEXT_SOURCES.setdefault(name, lambda split, name=name: training_texts(f"{name}:{split}"))
+
+def calibration_windows(tokenizer, spec: str | Path, seq_len: int, num_sequences: int | None = None) -> CalibrationData:
+    """Fixed-length token windows of any text spec this package knows (see `load_texts`)."""
+    return windows_from_texts(tokenizer, load_texts(spec), seq_len, num_sequences, origin=str(spec))
 
 
-_register_text_sources()
-
-__all__ = ["DataSpecError", "load_rows", "load_texts", "training_texts", "builtin_name", "pydoc_topics"]
+__all__ = ["DataSpecError", "load_rows", "load_texts", "training_texts", "builtin_name", "pydoc_topics", "calibration_windows"]

@@ -49,14 +49,14 @@ from evolve.population import (
 )
 from evolve.recipe import Recipe
 
-from .config import ConfigError, RunConfig, dump_config, load_config, population_merge_recipe, seed_recipe
-from .experts import resolve_parents
-from .fitness import aggregate
-from .sources import load_state, tensor_index
-from .space import budget_anchors, suggest_plan
-from .study import prune_over_budget, tell_result
-from .store import RunStore
-from .workers import EvaluatorPool, WorkerSpec, from_numpy_state, init_ray, put_weights
+from search.config import ConfigError, RunConfig, dump_config, load_config, population_merge_recipe, seed_recipe
+from search.models.experts import resolve_parents
+from search.fitness.core import aggregate
+from search.models.sources import load_state, tensor_index
+from search.tuning.space import budget_anchors, suggest_plan
+from search.tuning.study import prune_over_budget, tell_result
+from search.run.store import RunStore
+from search.run.workers import EvaluatorPool, WorkerSpec, from_numpy_state, init_ray, put_weights
 
 HALL_OF_FAME_SIZE = 10  # best members ever seen; their weights stay in the run for export
 FAILED_PARAMS = 2**62  # parameter count recorded for a failed candidate (JSON has no infinity)
@@ -470,7 +470,7 @@ class Search:
         return Recipe.from_dict(member["recipe"])
 
     def open_study(self):
-        from .study import open_study
+        from search.tuning.study import open_study
 
         compress = self.config.compress
         return open_study(self.store.root, self.config.name, compress.sampler, self.config.seed, self.generation_size(), latency=self.timed)
@@ -544,7 +544,7 @@ def _run(config: RunConfig, store: RunStore, address, quiet: bool) -> Path:
     finally:
         search.shutdown()
     if config.export_top:
-        from .export import export_top
+        from search.results.export import export_top
 
         export_top(store.root, config.export_top, store.exports_dir, quiet=quiet)
     return store.root

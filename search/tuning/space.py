@@ -20,11 +20,9 @@ import math
 from itertools import combinations
 from typing import Callable, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, model_validator
+from pydantic import Field, model_validator
 
-
-class Strict(BaseModel):
-    model_config = ConfigDict(extra="forbid")
+from search.schema import Strict
 
 
 class IntRange(Strict):
