@@ -233,7 +233,7 @@ def bench_offspring(paths: dict[str, Path], repeats: int) -> dict:
     """One Evolver offspring of the whole model, in place into a preallocated model-sized set."""
     from safetensors.torch import load_file
 
-    from evolve.operators import materialize
+    from evolve.materialize import materialize
     from evolve.recipe import Recipe
     from evolve.rng import select_mask_chunks
 

@@ -26,7 +26,7 @@ from pathlib import Path
 
 import torch
 
-from evolve.operators import materialize
+from evolve.materialize import materialize
 from evolve.recipe import Recipe
 from search.models.sources import load_model, load_state
 

@@ -2,7 +2,7 @@
 
 One generation: for every population member i (the target), pick a reference member and make
 the offspring recipe `evolver(target=i, ref)`: mutation `x_new = (1 - F) x_i + F x_ref`, then
-binomial crossover with CR (the tensor math is in `evolve.operators`). The offspring replaces
+binomial crossover with CR (the tensor math is in `evolve.steps`). The offspring replaces
 its target only if its dev score is strictly higher.
 
 Reference choice follows the paper's public code, not textbook DE: with probability
@@ -21,6 +21,16 @@ from dataclasses import dataclass
 from typing import Sequence
 
 from .recipe import Recipe, derive_seed
+
+__all__ = [
+    "Offspring",
+    "random_reference_probability",
+    "choose_reference",
+    "generation_rng",
+    "offspring_id",
+    "make_offspring",
+    "replaces",
+]
 
 
 @dataclass(frozen=True)

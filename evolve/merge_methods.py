@@ -47,6 +47,19 @@ from evolve.recipe import RecipeError
 from evolve.registry import Operator, ParamSpec, TensorCall, as_bool, as_float, register_operator
 from evolve.rng import derive_seed, keep_mask_chunks
 
+__all__ = [
+    "linear",
+    "task_vector",
+    "task_vector_merge",
+    "MagnitudeCut",
+    "magnitude_cut",
+    "kth_largest",
+    "trim_to_top_magnitude",
+    "sign_consensus_combine",
+    "drop_chunk",
+    "slerp",
+]
+
 SLERP_DOT_THRESHOLD = 0.9995  # mergekit's: above it the inputs count as colinear -> lerp
 SLERP_NORM_EPS = 1e-8  # norms at or below this are treated as 1 (mergekit's eps)
 SAMPLE_STRIDE = 64  # TIES threshold search: every 64th magnitude brackets the k-th largest
@@ -328,36 +341,35 @@ def _gta_adapter(sparsify: str | None, consensus: bool):
 
 
 def _apply_slerp(call: TensorCall) -> torch.Tensor:
-    if call.base is not None:
-        return slerp(call.base, call.inputs[0], call.shared["t"])
-    return slerp(call.inputs[0], call.inputs[1], call.shared["t"])
+    v0, v1 = call.inputs  # with a base, the base is v0 (an "endpoint" base is the first input)
+    return slerp(v0, v1, call.shared["t"])
 
 
 register_operator(Operator(
     "linear", _apply_linear,
     (WEIGHT, ParamSpec("normalize", as_bool, True)),
-    inputs_doc="the models to average (base ignored)",
+    merge_method=True, inputs_doc="the models to average (base ignored)",
 ))
 register_operator(Operator(
     "task_arithmetic", _gta_adapter(None, False),
     (WEIGHT, LAMBDA, ParamSpec("normalize", as_bool, False), INT8_MASK),
-    base="required", inputs_doc="the fine-tuned models; base = their common base",
+    base="required", merge_method=True, inputs_doc="the fine-tuned models; base = their common base",
 ))
 register_operator(Operator(
     "ties", _gta_adapter("magnitude", True),
     (WEIGHT, DENSITY, LAMBDA, ParamSpec("normalize", as_bool, True), INT8_MASK),
-    base="required", inputs_doc="the fine-tuned models; base = their common base",
+    base="required", merge_method=True, inputs_doc="the fine-tuned models; base = their common base",
 ))
 for _name, _consensus in (("dare_linear", False), ("dare_ties", True)):
     register_operator(Operator(
         _name, _gta_adapter("random", _consensus),
         (WEIGHT, DENSITY, LAMBDA, ParamSpec("normalize", as_bool, False),
          ParamSpec("rescale", as_bool, True, doc="scale kept entries by 1/density"), INT8_MASK),
-        base="required", inputs_doc="the fine-tuned models; base = their common base",
+        base="required", merge_method=True, inputs_doc="the fine-tuned models; base = their common base",
     ))
 register_operator(Operator(
     "slerp", _apply_slerp,
     (ParamSpec("t", as_float, doc="0 gives the base (or the first input), 1 the other"),),
-    base="optional", min_inputs=1, max_inputs=2,
-    inputs_doc="with a base: the one other model; without: the two endpoints",
+    base="endpoint", min_inputs=2, max_inputs=2, merge_method=True,
+    inputs_doc="(v0, v1): the base and one other model, or two endpoints without a base",
 ))

@@ -1,5 +1,9 @@
 """Population bookkeeping on DEAP: individuals, the toolbox, selection and the hall of fame.
 
+Also the merges that join a population: classic merges of the parents that seed it
+(`seed_recipes`) and the paper's "merge the population and score the merge" candidate
+(`population_merge_recipe`).
+
 An individual is a small dict (id, recipe, plan, metrics) carrying a DEAP fitness; its weights
 live elsewhere (the run store / Ray object store). Everything here serialises to JSON (the
 logbook is one JSON line per generation, `generation_record`): a run directory is never read
@@ -8,12 +12,30 @@ back with pickle.
 from __future__ import annotations
 
 import math
-from typing import Iterable, Sequence
+from typing import Any, Iterable, Mapping, Sequence
 
 from deap import base, creator, tools
 
 from .evolver import make_offspring, replaces
 from .recipe import Recipe
+from .registry import validate_recipe
+
+__all__ = [
+    "WORST",
+    "finite_or_worst",
+    "make_member",
+    "member_score",
+    "member_to_json",
+    "member_from_json",
+    "select_pareto",
+    "pareto_front_of",
+    "make_toolbox",
+    "generation_record",
+    "make_hall_of_fame",
+    "hall_of_fame_from",
+    "population_merge_recipe",
+    "seed_recipes",
+]
 
 WORST = -1e30  # fitness of a failed or non-finite candidate: below every real score
 
@@ -125,3 +147,41 @@ def hall_of_fame_from(members: Iterable, size: int) -> tools.HallOfFame:
     hof = make_hall_of_fame(size)
     hof.update(list(members))
     return hof
+
+
+# --- merges as population members -------------------------------------------------------
+
+
+def population_merge_recipe(member_ids: Sequence[str], method: str = "linear", *, base: str | None = None,
+                            params: Mapping[str, Any] | None = None, seed: int = 0) -> Recipe:
+    """The paper's "merge the population" candidate.
+
+    Default: the simple average of the members (`linear`, equal weights, normalised). Another
+    registered merge may be named, with its parameters (`weight` defaults to 1 / members).
+    """
+    chosen = {"weight": 1.0 / len(member_ids), **(params or {})}
+    recipe = Recipe(method, tuple(member_ids), chosen, seed=seed, base=base)
+    validate_recipe(recipe)
+    return recipe
+
+
+def seed_recipes(parent_ids: Sequence[str], base: str, seed: int = 0) -> list[Recipe]:
+    """Classic merges of the parents, to seed a population beside the parents themselves.
+
+    Choices (mergekit's common settings, not tuned): average; task arithmetic of the mean task
+    vector; TIES and DARE-TIES at density 0.5 with unit weights, normalised; SLERP halfway
+    between the first two parents.
+    """
+    n = len(parent_ids)
+    ids = tuple(parent_ids)
+    recipes = [
+        Recipe("linear", ids, {"weight": 1.0}, seed=seed),
+        Recipe("task_arithmetic", ids, {"weight": 1.0 / n}, seed=seed, base=base),
+        Recipe("ties", ids, {"weight": 1.0, "density": 0.5, "normalize": True}, seed=seed, base=base),
+        Recipe("dare_ties", ids, {"weight": 1.0, "density": 0.5, "normalize": True}, seed=seed, base=base),
+    ]
+    if n >= 2:
+        recipes.append(Recipe("slerp", ids[:2], {"t": 0.5}, seed=seed))
+    for recipe in recipes:
+        validate_recipe(recipe)
+    return recipes

@@ -2,7 +2,7 @@
 
 A recipe names an operator (an Evolver step or a classic merge), the weight sets it reads,
 the operator's parameters and a seed. Replaying it from the same parents gives the same
-weights bit for bit on the same device and dtype (`evolve.operators.materialize`).
+weights bit for bit on the same device and dtype (`evolve.materialize.materialize`).
 
 Parameters follow mergekit's conventions so that a mergekit YAML maps onto a recipe unchanged:
 
@@ -46,7 +46,7 @@ class RecipeError(ValueError):
 
 @dataclass(frozen=True)
 class Recipe:
-    op: str  # registered operator, see evolve.operators.registered_operators()
+    op: str  # registered operator, see evolve.registry.registered_operators()
     inputs: tuple[str, ...]  # ids of the weight sets read, in the operator's order
     params: dict = field(default_factory=dict)  # operator parameters, JSON-able
     seed: int = 0  # root of every random draw (with the tensor name and input id)

@@ -27,6 +27,17 @@ from typing import Iterator
 import numpy as np
 import torch
 
+__all__ = [
+    "DRAW_LEVELS",
+    "CHUNK_DRAWS",
+    "derive_seed",
+    "draw_threshold",
+    "uniform16_chunks",
+    "keep_mask_chunks",
+    "select_mask_chunks",
+    "keep_mask",
+]
+
 DRAW_LEVELS = 1 << 16  # each draw is uniform on {0, ..., 65535}
 CHUNK_DRAWS = 1 << 20  # draws per chunk: 2 MiB of random words, stays in cache
 

@@ -17,17 +17,19 @@ from search.errors import BAD_INPUT, one_line
 
 # ---- verbs --------------------------------------------------------------------------------
 def cmd_search(args) -> int:
-    from search.run.loop import start_search
+    from search.run.session import export_after_run, start_search
 
     root = start_search(args.config, args.run_dir, address=args.address, workers=args.workers, quiet=args.quiet)
+    export_after_run(root, quiet=args.quiet)
     _print_summary(root, args.quiet)
     return 0
 
 
 def cmd_resume(args) -> int:
-    from search.run.loop import resume_search
+    from search.run.session import export_after_run, resume_search
 
     root = resume_search(args.run_dir, config_path=args.config, address=args.address, quiet=args.quiet)
+    export_after_run(root, quiet=args.quiet)
     _print_summary(root, args.quiet)
     return 0
 
@@ -69,7 +71,7 @@ def cmd_report(args) -> int:
 def cmd_eval(args) -> int:
     import torch
 
-    from search.fitness.core import build_task, parse_task_arg
+    from search.fitness import build_task, parse_task_arg
     from search.models.sources import load_model
 
     options = {k: v for k, v in (("context_length", args.context_length), ("batch_size", args.batch_size)) if v}
@@ -128,6 +130,8 @@ def cmd_demo(args) -> int:
 
 # ---- parser -------------------------------------------------------------------------------
 def build_parser() -> argparse.ArgumentParser:
+    from search.tuning.space import CalibrationConfig
+
     parser = argparse.ArgumentParser(prog="evofuse", description="Evolve, merge and compress language models.")
     sub = parser.add_subparsers(dest="verb", required=True)
 
@@ -180,9 +184,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("source")
     p.add_argument("--plan", required=True)
     p.add_argument("--out", required=True)
-    p.add_argument("--calibration", default="pydoc:train", help="calibration data (default pydoc:train)")
-    p.add_argument("--seq-len", type=int, default=128)
-    p.add_argument("--num-sequences", type=int, default=64)
+    calibration = CalibrationConfig()  # the same defaults as a search's plans
+    p.add_argument("--calibration", default=calibration.data, help=f"calibration data (default {calibration.data})")
+    p.add_argument("--seq-len", type=int, default=calibration.seq_len)
+    p.add_argument("--num-sequences", type=int, default=calibration.num_sequences)
     p.add_argument("--allow-pickle", action="store_true")
     p.add_argument("--quiet", action="store_true")
     p.set_defaults(func=cmd_compress)

@@ -196,7 +196,7 @@ def seed_recipe(config: "RunConfig", seed: SeedMerge):
 
 
 def population_merge_recipe(config: "RunConfig", member_ids: list[str], generation: int):
-    from evolve.operators import population_merge_recipe as merge_recipe
+    from evolve.population import population_merge_recipe as merge_recipe
     from evolve.recipe import derive_seed
 
     return merge_recipe(
@@ -206,7 +206,7 @@ def population_merge_recipe(config: "RunConfig", member_ids: list[str], generati
 
 
 def _check_recipe(recipe, where: str) -> None:
-    from evolve.operators import validate_recipe
+    from evolve.registry import validate_recipe
     from evolve.recipe import RecipeError
 
     try:

@@ -17,8 +17,8 @@ def run_demo(run_dir: str | None = None, address: str | None = None, quiet: bool
     import shutil
 
     from search.config import load_config
-    from search.run.loop import default_run_dir, resume_search, start_search
     from search.results.report import results_table
+    from search.run.session import default_run_dir, export_after_run, resume_search, start_search
     from search.run.store import RunStore
 
     root = Path(run_dir) if run_dir else default_run_dir(load_config(DEMO_CONFIG))
@@ -28,6 +28,7 @@ def run_demo(run_dir: str | None = None, address: str | None = None, quiet: bool
         resume_search(root, address=address, quiet=quiet)
     else:
         start_search(DEMO_CONFIG, root, address=address, quiet=quiet)
+    export_after_run(root, quiet=quiet)
     print(results_table(root))
     exports = sorted((root / "exports").glob("*/config.json"))
     if exports:

@@ -20,15 +20,6 @@ from compression.plan import PlanError, apply_plan, check_plan, parse_plan
 from search.models.tiny import tiny_llama
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    """Two intra-op threads on a shared 2-core machine spin against each other (measured up
-    to 40x slower on these tiny matrices); one thread per test process is faster and steady."""
-    previous = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(previous)
-
 SMALL = dict(vocab_size=259, hidden_size=32, intermediate_size=64, num_hidden_layers=4, num_attention_heads=4, num_key_value_heads=2)
 
 

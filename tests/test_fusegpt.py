@@ -25,16 +25,6 @@ from compression.plan import apply_plan, parse_plan
 from search.models.tiny import tiny_llama
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    """Two intra-op threads on a shared 2-core machine spin against each other (measured up
-    to 40x slower on these tiny matrices); one thread per test process is faster and steady."""
-    previous = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(previous)
-
-
 def _gpt2():
     torch.manual_seed(3)
     config = GPT2Config(vocab_size=259, n_embd=32, n_layer=4, n_head=4, n_positions=64, bos_token_id=1, eos_token_id=2)

@@ -13,16 +13,6 @@ from compression.calibration import CalibrationData
 from compression.importance import block_influence, lowest, macro_influence, select_blocks, sleb_nll
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    """Two intra-op threads on a shared 2-core machine spin against each other (measured up
-    to 40x slower on these tiny matrices); one thread per test process is faster and steady."""
-    previous = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(previous)
-
-
 @pytest.fixture()
 def windows(calibration) -> CalibrationData:
     return calibration.take(8)  # (8, 64)

@@ -11,7 +11,8 @@ import optuna
 import pytest
 import yaml
 
-from search.results.report import non_dominated, pareto_ids
+from evolve.population import make_member, pareto_front_of
+from search.results.report import pareto_ids
 from search.run.store import RunStore
 from search.tuning.study import journal_path
 
@@ -210,6 +211,22 @@ def test_latency_as_a_third_objective(tmp_path):
     assert report.returncode == 0, report.stderr[-2000:]
     assert (run_dir / "report" / "pareto_latency.png").stat().st_size > 0
     assert "latency ms" in (run_dir / "report" / "report.md").read_text()
+
+
+def non_dominated(points: list[tuple]) -> list[tuple]:
+    """The test's own reference: (id, score, cost, ...) points no other point dominates (score
+    up, every cost down; b dominates a when no worse on all and better on one)."""
+    def dominates(b, a):
+        no_worse = b[1] >= a[1] and all(cb <= ca for cb, ca in zip(b[2:], a[2:]))
+        return no_worse and (b[1] > a[1] or any(cb < ca for cb, ca in zip(b[2:], a[2:])))
+
+    return [a for a in points if not any(dominates(b, a) for b in points)]
+
+
+def test_the_run_front_agrees_with_the_reference():
+    points = [("a", 1.0, 10, 5.0), ("b", 1.0, 10, 4.0), ("c", 2.0, 20, 9.0), ("d", 0.5, 5, 9.0), ("e", 0.5, 20, 9.0)]
+    members = [make_member(i, None, score, params=params, latency_ms=latency) for i, score, params, latency in points]
+    assert {m["id"] for m in pareto_front_of(members)} == {p[0] for p in non_dominated(points)}
 
 
 def test_non_dominated_with_two_costs():

@@ -100,7 +100,7 @@ def test_loglikelihood_rolling_per_document(setup, tmp_path):
     task = build_task(TaskSpec("perplexity", path, options={"context_length": MAX_LEN, "batch_size": 2}), tok)
     reqs = [Instance("loglikelihood_rolling", {}, (d,), i) for i, d in enumerate(DOCS)]
     # logits_cache off: lm-eval 0.4.13's cache can mis-score rolling windows batched across
-    # documents (seen on SmolLM2, see search/lm_eval_adapter.py); it never helps rolling scoring.
+    # documents (seen on SmolLM2, see search/fitness/lm_eval.py); it never helps rolling scoring.
     theirs = hflm(model, tok, logits_cache=False).loglikelihood_rolling(reqs, disable_tqdm=True)
     with torch.inference_mode():
         ours = [sum(sequence_logprobs(model, rolling_windows(t, task.prefix, MAX_LEN))) for t in task.tokens]
@@ -177,6 +177,18 @@ def test_adapter_subsample_and_errors(tokenizer, tmp_path):
     bad_metric = build_task(TaskSpec("lm_eval", yamls[1], options={"metric": "f1", "context_length": MAX_LEN}), tok)
     with pytest.raises(TaskError, match="no metric 'f1'"):
         bad_metric.evaluate(model, subsample=2)
+
+
+def test_adapter_has_no_per_example_scores(tokenizer, tmp_path):
+    """lm-eval scores its own documents per leaf task: no per-example scores, no explicit indices."""
+    _, _, yamls = write_tasks(tmp_path)
+    task = build_task(TaskSpec("lm_eval", yamls[1], options={"context_length": MAX_LEN}), tokenizer)
+    model = tiny_llama(seed=1)
+    with pytest.raises(TaskError, match="per-example scores are not available for lm_eval tasks") as info:
+        task.evaluate(model, per_example=True)
+    assert "\n" not in str(info.value)
+    with pytest.raises(TaskError, match="explicit indices are not available for lm_eval tasks"):
+        task.evaluate(model, indices=[0, 1])
 
 
 def test_lm_eval_missing_is_one_clear_line(tokenizer, monkeypatch):

@@ -160,3 +160,94 @@ def test_command_line_exit_code_on_bad_input(tmp_path):
                           capture_output=True, text=True, cwd=ROOT)
     assert done.returncode == 2
     assert done.stderr.strip().count("\n") == 0 and "field 'models'" in done.stderr
+
+
+# --- search/models/tensors.py: the streaming writer and the same-tensors check --------------
+
+
+def _specs_and_tensors():
+    g = torch.Generator().manual_seed(0)
+    tensors = {
+        "a.weight": torch.randn(7, 5, generator=g),
+        "b.bf16": torch.randn(3, 4, generator=g).to(torch.bfloat16),
+        "c.ids": torch.arange(6, dtype=torch.int64).reshape(2, 3),
+        "d.mask": torch.tensor([True, False, True]),
+        "e.scalar": torch.tensor(2.5, dtype=torch.float64),
+        "f.empty": torch.empty(0, 4),
+    }
+    return [(n, t.dtype, tuple(t.shape)) for n, t in tensors.items()], tensors
+
+
+def test_streaming_writer_writes_one_loadable_file_and_its_sha256(tmp_path):
+    import hashlib
+
+    from search.models.tensors import write_safetensors_streaming
+
+    specs, tensors = _specs_and_tensors()
+    asked = []
+
+    def produce(name):
+        asked.append(name)
+        return tensors[name].clone()
+
+    path = tmp_path / "w.safetensors"
+    digest = write_safetensors_streaming(path, specs, produce)
+    assert asked == [s[0] for s in specs]  # once each, in spec order
+    assert digest == hashlib.sha256(path.read_bytes()).hexdigest()
+    loaded = load_file(str(path))
+    assert set(loaded) == set(tensors)
+    assert all(loaded[n].dtype == t.dtype and torch.equal(loaded[n], t) for n, t in tensors.items())
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["w.safetensors"]
+
+
+def test_streaming_in_safetensors_order_gives_the_bytes_of_safetensors_save(tmp_path):
+    from safetensors.torch import save
+
+    from search.models.tensors import safetensors_order, write_safetensors_streaming
+
+    specs, tensors = _specs_and_tensors()
+    tensors.update({"g.i8": torch.tensor([-1, 2], dtype=torch.int8), "h.u8": torch.tensor([3], dtype=torch.uint8),
+                    "i.i16": torch.tensor([7], dtype=torch.int16), "j.f16": torch.tensor([0.5], dtype=torch.float16),
+                    "k.i32": torch.tensor([9], dtype=torch.int32), "A.upper": torch.ones(2)})
+    specs = [(n, t.dtype, tuple(t.shape)) for n, t in tensors.items()]
+    path = tmp_path / "w.safetensors"
+    write_safetensors_streaming(path, safetensors_order(specs), lambda name: tensors[name])
+    assert path.read_bytes() == save(tensors, metadata={"format": "pt"})
+
+
+def test_streaming_writer_leaves_nothing_when_produce_fails(tmp_path):
+    from search.models.tensors import write_safetensors_streaming
+
+    specs, tensors = _specs_and_tensors()
+
+    def failing(name):
+        if name == "c.ids":
+            raise RuntimeError("offspring failed")
+        return tensors[name]
+
+    with pytest.raises(RuntimeError, match="offspring failed"):
+        write_safetensors_streaming(tmp_path / "w.safetensors", specs, failing)
+    assert list(tmp_path.iterdir()) == []
+    old = tmp_path / "old.safetensors"  # an existing file keeps its bytes
+    old.write_bytes(b"previous")
+    with pytest.raises(ValueError, match="the header says"):  # a tensor that does not match its spec
+        write_safetensors_streaming(old, specs, lambda name: tensors[name].double())
+    assert [p.name for p in tmp_path.iterdir()] == ["old.safetensors"] and old.read_bytes() == b"previous"
+
+
+def test_same_tensors_check_names_the_model_and_the_tensor():
+    from search.models.tensors import TensorFileError, check_same_tensors
+
+    base = {"w": ((64, 128), "F32"), "n": ((64,), "F32")}
+    assert check_same_tensors({"base": base, "b": dict(base)}) == ["n", "w"]
+    cases = [
+        ({"w": ((64, 96), "F32"), "n": ((64,), "F32")}, "parents.b: tensor w has shape [64, 96], base has [64, 128]"),
+        ({"w": ((64, 128), "F32")}, "parents.b: tensor n is missing (present in base)"),
+        ({**base, "x": ((1,), "F32")}, "parents.b: tensor x is not in base"),
+    ]
+    for other, message in cases:
+        with pytest.raises(TensorFileError) as info:
+            check_same_tensors({"base": base, "b": other})
+        assert str(info.value) == message
+    with pytest.raises(MergeConfigError, match=r"^/models/b: tensor 'w' has shape \[64, 96\], /models/base has"):
+        check_same_tensors({"/models/base": base, "/models/b": cases[0][0]}, "", quote=True, error=MergeConfigError)

@@ -7,7 +7,7 @@ import pytest
 import torch
 
 from evolve.merge_methods import kth_largest, linear, slerp, task_vector_merge, trim_to_top_magnitude
-from evolve.operators import materialize_tensor
+from evolve.materialize import materialize_tensor
 from evolve.recipe import Recipe, RecipeError, derive_seed
 from evolve.rng import keep_mask
 

@@ -1,4 +1,5 @@
-"""Evolver operators, recipes and seeded draws (evolve/recipe.py, evolve/rng.py, evolve/operators.py)."""
+"""Evolver operators, recipes and seeded draws (evolve/recipe.py, evolve/rng.py, evolve/steps.py,
+evolve/registry.py, evolve/materialize.py)."""
 from __future__ import annotations
 
 import json
@@ -7,7 +8,9 @@ import numpy as np
 import pytest
 import torch
 
-from evolve.operators import de_rand_1_step, evolver_step, is_excluded, materialize, materialize_tensor, validate_recipe
+from evolve.materialize import is_excluded, materialize, materialize_tensor
+from evolve.registry import validate_recipe
+from evolve.steps import de_rand_1_step, evolver_step
 from evolve.recipe import Recipe, RecipeError, derive_seed, layer_fraction, resolve_setting
 from evolve.rng import CHUNK_DRAWS, draw_threshold, keep_mask, uniform16_chunks
 
@@ -267,7 +270,7 @@ def test_offspring_can_overwrite_its_target_in_place():
 
 
 def test_population_merge_and_seed_recipes(parents):
-    from evolve.operators import population_merge_recipe, seed_recipes
+    from evolve.population import population_merge_recipe, seed_recipes
 
     names = sorted(parents["p0"])
     average = population_merge_recipe(["p1", "p2", "p3"])
@@ -280,3 +283,65 @@ def test_population_merge_and_seed_recipes(parents):
     for recipe in seeds:
         out = materialize(recipe, parents, names[:3])
         assert all(torch.isfinite(t).all() for t in out.values())
+
+
+# --- the registry: one-way imports, rules declared with each operator ----------------------
+
+
+def test_registry_imports_no_operator_module_and_evolve_has_no_import_cycle():
+    import ast
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    code = ("import sys, evolve.registry as r; "
+            "assert not {'evolve.merge_methods', 'evolve.steps'} & set(sys.modules); "
+            "print(','.join(r.registered_operators()))")
+    done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
+                          cwd=Path(__file__).resolve().parents[1])
+    assert done.returncode == 0, done.stderr
+    assert set(done.stdout.strip().split(",")) >= {"linear", "ties", "slerp", "evolver", "de_rand_1", "copy"}
+    package = Path(__file__).resolve().parents[1] / "evolve"
+    graph = {}
+    for path in package.glob("*.py"):
+        imported = set()
+        for node in ast.walk(ast.parse(path.read_text())):
+            if isinstance(node, ast.ImportFrom):
+                module = "evolve." + node.module if node.level else node.module
+                imported.add(module)
+                imported.update(f"{module}.{alias.name}" for alias in node.names)
+            elif isinstance(node, ast.Import):
+                imported.update(alias.name for alias in node.names)
+        graph[f"evolve.{path.stem}"] = {m for m in imported if m.startswith("evolve.")} - {f"evolve.{path.stem}"}
+
+    def reaches(start, goal, seen=()):
+        return any(m == goal or (m in graph and m not in seen and reaches(m, goal, seen + (m,)))
+                   for m in graph.get(start, ()))
+
+    assert not [m for m in graph if reaches(m, m)]
+
+
+@pytest.mark.parametrize("inputs, base, ok", [
+    (("b", "x"), "b", True),  # a base plus one other model (the base listed)
+    (("x",), "b", True),  # a base plus one other model (the base not listed)
+    (("x", "y"), None, True),  # two endpoints
+    (("x", "y"), "b", False),  # a base plus two others
+    (("x",), None, False),  # one endpoint
+])
+def test_slerp_input_rule_is_declared_with_the_operator(inputs, base, ok):
+    from evolve.registry import get_operator
+
+    op = get_operator("slerp")
+    assert (op.base, op.min_inputs, op.max_inputs) == ("endpoint", 2, 2)
+    recipe = Recipe("slerp", inputs, {"t": 0.5}, base=base)
+    if ok:
+        validate_recipe(recipe)
+    else:
+        with pytest.raises(RecipeError, match="op 'slerp' takes 2 inputs"):
+            validate_recipe(recipe)
+
+
+def test_merge_methods_come_from_the_registry():
+    from evolve.registry import merge_method_names
+
+    assert merge_method_names() == ("linear", "task_arithmetic", "ties", "dare_linear", "dare_ties", "slerp")

@@ -25,16 +25,6 @@ from compression.ttm import (
 )
 
 
-@pytest.fixture(autouse=True)
-def _one_thread():
-    """These tests run many tiny ops; on the shared, oversubscribed CI CPU two threads ran them ~10x
-    slower than one (the threads wait on each other at every op)."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
-
-
 def _linear(n_in, n_out, dtype=torch.float64, seed=0):
     torch.manual_seed(seed)
     return nn.Linear(n_in, n_out).to(dtype)

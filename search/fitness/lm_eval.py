@@ -21,6 +21,11 @@ Option `logits_cache: true|false` overrides.
 Subsampling draws `subsample` documents of each task with `random.Random(seed)` and passes them
 as lm-eval's `samples`; option `limit` is lm-eval's own (the first N documents).
 
+Per-example scores and explicit `indices` are not available for this kind: lm-eval scores its
+own documents of several leaf tasks, and `score` is a mean over tasks, not a ratio over items.
+`evaluate(..., per_example=True)` or `indices=[...]` raises one TaskError line; staged
+evaluation (search/fitness/staged.py) must score lm_eval tasks whole, or with `subsample`.
+
 lm-eval is an optional dependency (tested with lm-eval==0.4.13); without it building an
 `lm_eval` task raises one TaskError line saying how to install it.
 """
@@ -32,9 +37,14 @@ import math
 import os
 from pathlib import Path
 
-from search.fitness.core import FitnessTask, TaskError, TaskSpec, subsample_indices
+from search.fitness.base import FitnessTask
+from search.fitness.kernels import subsample_indices
+from search.fitness.spec import TaskError, TaskSpec, register_task_kind
 
 LM_EVAL_PIN = "lm-eval==0.4.13"
+OPTIONS = {
+    "batch_size", "context_length", "num_fewshot", "limit", "metric", "include_path", "subsample", "logits_cache",
+}
 DEFAULT_METRICS = ("acc_norm", "acc", "exact_match", "word_perplexity", "byte_perplexity", "bits_per_byte", "perplexity")
 
 
@@ -96,8 +106,9 @@ def _leaf_tasks(task_dict) -> list:
     return leaves
 
 
+@register_task_kind("lm_eval", OPTIONS)
 class LmEvalTask(FitnessTask):
-    kind = "lm_eval"
+    """lm-eval's own tasks, run through `simple_evaluate` on an `HFLM` around the model."""
 
     def __init__(self, spec: TaskSpec, tokenizer):
         require_lm_eval()
@@ -118,7 +129,15 @@ class LmEvalTask(FitnessTask):
         self.tasks = _leaf_tasks(get_task_dict(self.names, manager))
         self.items = self.tasks  # len(task) = number of leaf tasks
 
-    def evaluate(self, model, *, subsample=None, seed: int = 0, progress: bool = False) -> dict[str, float]:
+    def evaluate(
+        self, model, *, subsample=None, seed: int = 0, progress: bool = False, indices=None, per_example: bool = False
+    ) -> dict[str, float]:
+        if per_example or indices is not None:
+            asked = "per-example scores" if per_example else "explicit indices"
+            raise TaskError(f"{self.label}: {asked} are not available for lm_eval tasks (use subsample)")
+        return self._run(model, subsample, seed)
+
+    def _run(self, model, subsample, seed: int) -> dict[str, float]:
         from lm_eval import simple_evaluate
         from lm_eval.models.huggingface import HFLM
 
@@ -171,3 +190,6 @@ class LmEvalTask(FitnessTask):
         if higher_is_better.get(metric, True):
             return value
         return -math.log(value) if "perplexity" in metric else -value
+
+
+__all__ = ["LmEvalTask", "LM_EVAL_PIN", "require_lm_eval", "parse_lm_eval_data"]

@@ -6,7 +6,7 @@ import time
 from pathlib import Path
 
 from search.config import ConfigError, load_config
-from evolve.population import WORST  # failed or over-budget candidates
+from evolve.population import member_from_json, member_score, pareto_front_of
 
 from search.run.store import RunStore
 
@@ -176,30 +176,14 @@ def save_score_plot(fig, ax, xlabel: str, path: Path) -> None:
 
 
 def pareto_ids(store: RunStore) -> list[str]:
-    """Non-dominated members on (dev score up, parameters down[, latency down]); without sizes,
-    the best score."""
+    """The run's Pareto front (evolve.population.pareto_front_of over members and hall of fame),
+    best dev score first; a merge run's front is its best member."""
     state = store.read_state()
     if state is None:
         raise ConfigError(f"{store.root}: no state.json")
     members = {m["id"]: m for m in state["hall_of_fame"] + state["population"]}.values()
-    pts = [objective_point(m) for m in members if m["score"] > WORST]
-    return [p[0] for p in sorted(non_dominated(pts), key=lambda p: -p[1])]
-
-
-def objective_point(member: dict) -> tuple:
-    """(id, score, params) or, when latency was measured, (id, score, params, latency_ms)."""
-    point = (member["id"], member["score"], member.get("params", 0))
-    return point + (member["latency_ms"],) if member.get("latency_ms") is not None else point
-
-
-def non_dominated(points: list[tuple]) -> list[tuple]:
-    """(id, score, cost, ...) points no other point dominates: the score is maximised, every cost
-    (parameters, latency) minimised; b dominates a when it is no worse on all and better on one."""
-    def dominates(b, a):
-        no_worse = b[1] >= a[1] and all(cb <= ca for cb, ca in zip(b[2:], a[2:]))
-        return no_worse and (b[1] > a[1] or any(cb < ca for cb, ca in zip(b[2:], a[2:])))
-
-    return [a for a in points if not any(dominates(b, a) for b in points)]
+    front = pareto_front_of(member_from_json(m) for m in members)
+    return [m["id"] for m in sorted(front, key=member_score, reverse=True)]
 
 
 def write_report(run_dir: Path) -> Path:

@@ -25,11 +25,11 @@ from typing import Any, Callable
 import numpy as np
 import torch
 
-from evolve.operators import materialize
-from evolve.recipe import Recipe
+from evolve.materialize import materialize
 
-FAULT_CRASH_ENV = "EVOFUSE_FAULT_CRASH"  # "<candidate id>@<marker path>": die once on that candidate (tests)
-FAULT_NAN_ENV = "EVOFUSE_FAULT_NAN"  # "<candidate id>": poison that candidate's weights (tests)
+from search.run import faults
+from search.run.candidate import Candidate
+
 
 
 def to_numpy_state(state: dict[str, torch.Tensor]) -> dict[str, np.ndarray]:
@@ -52,7 +52,7 @@ class WorkerSpec:
     exclude: list[str] = field(default_factory=list)
     dtype: str = "auto"
     threads: int = 1
-    calibration: dict | None = None  # {data, seq_len, num_sequences} for plans (joint search)
+    calibration: dict = field(default_factory=dict)  # CalibrationConfig fields: data, seq_len, num_sequences
     latency: dict | None = None  # {batch_size, seq_len, repeats, warmup}: time each candidate too
 
 
@@ -62,13 +62,31 @@ def resolve_dtype(dtype: str, device: torch.device) -> torch.dtype:
     return getattr(torch, dtype)
 
 
+@dataclass(frozen=True)
+class ScoreJob:
+    """One candidate to score on one split; `indices` (task -> item indices) picks the items of a
+    staged-fitness subset, `subsample` a seeded random subset; `per_example` returns per-item
+    scores too."""
+
+    candidate: Candidate
+    split: str = "dev"
+    indices: dict | None = None
+    subsample: float | None = None
+    subsample_seed: int = 0
+    per_example: bool = False
+
+    @property
+    def id(self) -> str:
+        return self.candidate.id
+
+
 class Evaluator:
     """One working model; `evaluate(job, refs)` scores one candidate (run as a Ray actor)."""
 
     def __init__(self, spec: WorkerSpec):
         from transformers.utils import logging as hf_logging
 
-        from search.fitness.core import TaskSpec, build_task
+        from search.fitness import TaskSpec, build_task
         from search.models.sources import load_model
 
         hf_logging.disable_progress_bar()
@@ -85,6 +103,7 @@ class Evaluator:
             TaskSpec(kind=t["kind"], data=t[split], name=t["name"], options=t.get("options") or {}), self.tokenizer
         )
         self._calibration = None
+        self._references: dict[tuple[str, str], Any] = {}  # (recipe fingerprint, task) -> KL reference
 
     def task(self, name: str, split: str):
         key = (name, split)
@@ -95,61 +114,66 @@ class Evaluator:
     def info(self) -> dict:
         return {"host": socket.gethostname(), "pid": os.getpid(), "device": str(self.device), "dtype": str(self.dtype)}
 
-    def evaluate(self, job: dict, refs: dict) -> dict:
+    def evaluate(self, job: ScoreJob, refs: dict) -> dict:
         import ray
 
         start = time.perf_counter()
-        _maybe_crash(job["id"])
-        recipe = Recipe.from_dict(job["recipe"])
+        candidate = job.candidate
+        faults.crash_once(candidate.id)
         weights = {wid: from_numpy_state(ray.get(ref)) for wid, ref in refs.items()}
-        materialize(recipe, weights, self.spec.names, self.spec.exclude, out=self.params)
+        materialize(candidate.recipe, weights, self.spec.names, self.spec.exclude, out=self.params)
         del weights
-        if os.environ.get(FAULT_NAN_ENV) == job["id"]:
-            next(iter(self.params.values())).fill_(float("nan"))
-        model = self.model
-        if job.get("plan"):
-            model = self._apply_plan(job["plan"])
+        faults.poison_weights(candidate.id, self.params)
+        references = self._kl_references(candidate, job.split) if candidate.plan else {}
+        model = self._apply_plan(candidate) if candidate.plan else self.model
         materialized = time.perf_counter()
-        result = {"id": job["id"], "split": job["split"], "worker": f"{socket.gethostname()}:{os.getpid()}"}
+        result = {"id": candidate.id, "split": job.split, "worker": f"{socket.gethostname()}:{os.getpid()}"}
         if not all(bool(torch.isfinite(p).all()) for p in model.parameters()):
             result.update(status="nonfinite", metrics={}, reason="non-finite weights")
         else:
-            metrics = {}
-            for name in self._task_specs:
-                metrics[name] = self.task(name, job["split"]).evaluate(
-                    model, subsample=job.get("subsample"), seed=job.get("subsample_seed", 0)
-                )
+            metrics = {name: self._score(name, model, job, references.get(name)) for name in self._task_specs}
             result.update(status="ok", metrics=metrics, num_params=sum(p.numel() for p in model.parameters()))
             if self.spec.latency:
-                from search.fitness.core import forward_latency_ms
+                from search.run.latency import forward_latency_ms
 
                 result["latency_ms"] = round(forward_latency_ms(model, **self.spec.latency), 4)
         scored = time.perf_counter()
         result["timing"] = {"materialize_s": round(materialized - start, 4), "score_s": round(scored - materialized, 4)}
         return result
 
-    def _apply_plan(self, plan_data: list):
+    def _score(self, name: str, model, job: ScoreJob, reference) -> dict:
+        task = self.task(name, job.split)
+        kwargs = {"reference": reference} if task.kind == "kl" else {}
+        if job.indices is not None:
+            return task.evaluate(model, indices=job.indices[name], per_example=job.per_example, **kwargs)
+        return task.evaluate(model, subsample=job.subsample, seed=job.subsample_seed, per_example=job.per_example, **kwargs)
+
+    def _kl_references(self, candidate: Candidate, split: str) -> dict:
+        """KL tasks compare a compressed candidate with its own dense weights (still in the
+        working model before the plan): the reference log-probs, cached per recipe."""
+        fingerprint = candidate.recipe.fingerprint()
+        references = {}
+        for name, spec in self._task_specs.items():
+            if spec["kind"] != "kl":
+                continue
+            key = (fingerprint, f"{name}:{split}")
+            if key not in self._references:
+                self._references = {k: v for k, v in self._references.items() if k[0] == fingerprint}
+                self._references[key] = self.task(name, split).reference(self.model)
+            references[name] = self._references[key]
+        return references
+
+    def _apply_plan(self, candidate: Candidate):
         """Apply a plan to a copy of the working model (the working model keeps its shape)."""
+        from compression.plan import apply_plan
+
         from search.models.datasets import calibration_windows
-        from compression.plan import apply_plan, parse_plan
 
         if self._calibration is None:
-            c = self.spec.calibration or {}
-            self._calibration = calibration_windows(
-                self.tokenizer, c.get("data", "pydoc:train"), c.get("seq_len", 128), c.get("num_sequences", 32)
-            )
+            c = self.spec.calibration
+            self._calibration = calibration_windows(self.tokenizer, c["data"], c["seq_len"], c["num_sequences"])
         model = copy.deepcopy(self.model)
-        return apply_plan(model, parse_plan(plan_data), self._calibration).eval()
-
-
-def _maybe_crash(candidate_id: str) -> None:
-    spec = os.environ.get(FAULT_CRASH_ENV, "")
-    if "@" not in spec:
-        return
-    target, marker = spec.split("@", 1)
-    if target == candidate_id and not os.path.exists(marker):
-        open(marker, "w").close()
-        os._exit(1)
+        return apply_plan(model, candidate.steps, self._calibration).eval()
 
 
 def init_ray(address: str | None, num_cpus: int | None = None, quiet: bool = True) -> None:
@@ -159,7 +183,7 @@ def init_ray(address: str | None, num_cpus: int | None = None, quiet: bool = Tru
 
     if ray.is_initialized():
         return
-    env = {k: v for k, v in os.environ.items() if k in (FAULT_CRASH_ENV, FAULT_NAN_ENV, "EVOFUSE_CACHE")}
+    env = faults.worker_env()
     kwargs: dict = dict(
         include_dashboard=False,
         logging_level=logging.WARNING if quiet else logging.INFO,
@@ -234,8 +258,8 @@ class EvaluatorPool:
             ray.kill(actor)
 
 
-def _failed(job: dict, reason: str, attempts: int) -> dict:
-    return {"id": job["id"], "split": job["split"], "status": "failed", "metrics": {}, "reason": reason, "attempts": attempts}
+def _failed(job: ScoreJob, reason: str, attempts: int) -> dict:
+    return {"id": job.id, "split": job.split, "status": "failed", "metrics": {}, "reason": reason, "attempts": attempts}
 
 
 def _cluster_has_gpus() -> bool:

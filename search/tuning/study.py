@@ -15,11 +15,6 @@ from pathlib import Path
 import optuna
 
 
-def objective_directions(latency: bool) -> list[str]:
-    """Dev score up, parameters down, and latency down when it is measured."""
-    return ["maximize", "minimize"] + (["minimize"] if latency else [])
-
-
 def make_sampler(kind: str, seed: int, population_size: int):
     """Samplers read a trial's constraint from `Trial.set_constraint` (feasible when <= 0)."""
     if kind == "nsga2":
@@ -33,7 +28,8 @@ def journal_path(run_dir: Path) -> Path:
     return Path(run_dir) / "optuna.journal"
 
 
-def open_study(run_dir: Path, name: str, sampler: str, seed: int, population_size: int, latency: bool = False) -> optuna.Study:
+def open_study(run_dir: Path, name: str, sampler: str, seed: int, population_size: int, directions: list[str]) -> optuna.Study:
+    """The run's study (created on first use); `directions` from `Objectives.directions`."""
     from optuna.storages import JournalStorage
     from optuna.storages.journal import JournalFileBackend
 
@@ -42,33 +38,38 @@ def open_study(run_dir: Path, name: str, sampler: str, seed: int, population_siz
     return optuna.create_study(
         study_name=name,
         storage=storage,
-        directions=objective_directions(latency),
+        directions=directions,
         sampler=make_sampler(sampler, seed, population_size),
         load_if_exists=True,
     )
 
 
-def tell_result(study: optuna.Study, trial_number: int, result: dict, max_params: float | None) -> None:
-    """COMPLETE with (score, params[, latency]) for a scored candidate, FAIL with its reason otherwise.
+def tell_result(study: optuna.Study, trial_number: int, values: tuple[float, ...] | None,
+                fail_reason: str | None = None, live: optuna.Trial | None = None) -> None:
+    """COMPLETE with the candidate's objective values (`search.run.candidate.Objectives.values`),
+    or FAIL when `values` is None, with the reason as a user attribute when the trial's live
+    handle is at hand (a trial asked before a kill has none after resume: the journal keeps its
+    reason). The size constraint was set when the plan was asked (`set_size_constraint`).
 
     Idempotent: a trial told before a kill is left as it is, so a resumed run can tell every
     result of the interrupted generation again and the study still agrees with the journal.
     """
-    frozen = study.get_trials(deepcopy=False)[trial_number]  # trials are numbered in ask order
-    if frozen.state.is_finished():
+    if study.get_trials(deepcopy=False)[trial_number].state.is_finished():  # numbered in ask order
         return
-    trial = optuna.trial.Trial(study, frozen._trial_id)  # a live handle on an asked trial
-    if result.get("status") != "ok":
-        trial.set_user_attr("fail_reason", str(result.get("reason") or result.get("status")))
-        study.tell(trial, state=optuna.trial.TrialState.FAIL)
+    if values is None:
+        if live is not None:
+            live.set_user_attr("fail_reason", fail_reason or "failed")
+        study.tell(trial_number, state=optuna.trial.TrialState.FAIL)
         return
-    params = float(result["num_params"])
-    if max_params is not None:
-        trial.set_constraint("max_params", params - max_params)
-    values = [float(result["score"]), params]
-    if len(study.directions) == 3:
-        values.append(float(result["latency_ms"]))
-    study.tell(trial, values)
+    study.tell(trial_number, list(values))
+
+
+def set_size_constraint(trial: optuna.Trial, predicted_params: int | None, max_params: float | None) -> None:
+    """NSGA-II / TPE read `params - max_params` as the trial's constraint (feasible when <= 0).
+    The predicted size equals the size after the real plan (compression.plan.predict_num_params),
+    so it is set when the plan is asked, on the live trial."""
+    if max_params is not None and predicted_params is not None:
+        trial.set_constraint("max_params", float(predicted_params) - max_params)
 
 
 def prune_over_budget(study: optuna.Study, trial: optuna.Trial, predicted_params: int, max_params: float) -> None:

@@ -1,0 +1,86 @@
+"""The three kinds of run, each a small strategy the run loop asks two things of: which
+candidates a generation tries, and which members survive.
+
+- merge: Evolver offspring, one per member (recipes only); one-to-one greedy selection (an
+  offspring replaces the member it challenges when it scores better); a hall of fame of the
+  best members ever seen.
+- compress: `compress.candidates` plans per generation from the Optuna study, all over one
+  parent's weights; NSGA-II survivor selection; the Pareto front of every candidate scored.
+- joint: Evolver offspring, each with a plan from the study; NSGA-II; the Pareto front.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from evolve.population import hall_of_fame_from, pareto_front_of, select_pareto
+
+from search.config import RunConfig
+from search.run.candidate import Candidate, Objectives
+
+HALL_OF_FAME_SIZE = 10  # best members ever seen (merge runs); their weights stay for export
+
+
+@dataclass
+class Mode:
+    config: RunConfig
+    objectives: Objectives
+    uses_plans = False  # candidates carry plans asked from the Optuna study
+    front_of_all = False  # the hall of fame is over every candidate scored, not only members
+
+    def population_ids(self) -> list[str]:
+        names = [e.name for e in self.config.parents.experts]
+        return ([self.config.parents.base.name] + names) if self.config.evolver.include_base else names
+
+    def generation_size(self, population: list) -> int:
+        return len(population)
+
+    def offspring(self, toolbox, population: list, generation: int) -> list[Candidate]:
+        """This generation's candidates, before any plan is asked."""
+        return [Candidate(id=o.id, recipe=o.recipe, generation=generation, target=o.target)
+                for o in toolbox.offspring(population, generation)]
+
+    def select(self, toolbox, population: list, candidates: list) -> list:
+        raise NotImplementedError
+
+    def best_of(self, members: list) -> list:
+        return pareto_front_of(members)
+
+
+class MergeMode(Mode):
+    def select(self, toolbox, population, candidates):
+        return [toolbox.select(target, child) for target, child in zip(population, candidates)]
+
+    def best_of(self, members):
+        return list(hall_of_fame_from(members, HALL_OF_FAME_SIZE))
+
+
+class JointMode(Mode):
+    uses_plans = True
+    front_of_all = True
+
+    def select(self, toolbox, population, candidates):
+        return select_pareto(population + candidates, max(self.generation_size(population), len(population)))
+
+
+class CompressMode(JointMode):
+    def population_ids(self) -> list[str]:
+        return [self.config.compress.weights or self.config.parents.base.name]
+
+    def generation_size(self, population: list) -> int:
+        return self.config.compress.candidates
+
+    def offspring(self, toolbox, population, generation):
+        weights = self.population_ids()[0]
+        return [Candidate.copy_of(weights, f"g{generation:03d}-{i:03d}", generation=generation, target=weights)
+                for i in range(self.config.compress.candidates)]
+
+
+def make_mode(config: RunConfig, max_params: float | None) -> Mode:
+    sizes = config.mode != "merge"
+    objectives = Objectives(sizes=sizes, latency=sizes and config.compress.latency is not None,
+                            max_params=max_params if sizes else None)
+    kind = {"merge": MergeMode, "compress": CompressMode, "joint": JointMode}[config.mode]
+    return kind(config, objectives)
+
+
+__all__ = ["Mode", "MergeMode", "CompressMode", "JointMode", "make_mode", "HALL_OF_FAME_SIZE"]

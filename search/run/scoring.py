@@ -1,0 +1,103 @@
+"""Journalled scoring: every finished evaluation is on disk before anything else happens.
+
+`Scorer.evaluate(candidates, split)` returns one `Evaluation` per candidate: from the journal
+when it was finished before (a resumed run never repeats one), else scored now by the actor
+pool and appended to the journal the moment it arrives. A plan that cannot apply to the base
+architecture fails here, before any work, as a failed evaluation with its reason.
+"""
+from __future__ import annotations
+
+import sys
+import time
+from dataclasses import dataclass, field
+
+from tqdm.auto import tqdm
+
+from compression.plan import PlanError, check_plan
+
+from search.run import faults
+from search.run.candidate import Candidate, Evaluation
+from search.run.store import RunStore
+from search.run.weights import WeightBank
+from search.run.workers import EvaluatorPool, ScoreJob
+
+
+class Log:
+    """Progress bars and log lines on stderr that do not break each other."""
+
+    def __init__(self, quiet: bool):
+        self.quiet = quiet
+
+    def __call__(self, message: str) -> None:
+        if not self.quiet:
+            tqdm.write(message, file=sys.stderr)
+
+    def bar(self, total: int, desc: str) -> tqdm:
+        return tqdm(total=total, desc=desc, disable=self.quiet, file=sys.stderr, leave=False)
+
+
+@dataclass
+class Scorer:
+    store: RunStore
+    pool: EvaluatorPool
+    weights: WeightBank
+    task_weights: dict[str, float]
+    base_config: object  # the dense model's transformers config (plans are checked against it)
+    log: Log
+    journal: dict = field(default_factory=dict)  # (id, split) -> Evaluation
+
+    def __post_init__(self) -> None:
+        rows = self.store.read_journal()
+        self.journal = {(e.id, e.split): e for e in map(Evaluation.from_json, rows)}
+
+    def finished(self, candidate_id: str, split: str = "dev") -> Evaluation | None:
+        return self.journal.get((candidate_id, split))
+
+    def evaluate(self, jobs: list[ScoreJob], desc: str) -> dict[str, Evaluation]:
+        """Evaluations by candidate id: journalled ones as they are, the rest scored now."""
+        results = {j.id: self.journal[(j.id, j.split)] for j in jobs if (j.id, j.split) in self.journal}
+        todo = {j.id: j for j in jobs if j.id not in results}
+        bar = self.log.bar(len(jobs), desc)
+        bar.update(len(results))
+
+        def on_result(result: dict) -> None:
+            job = todo[result["id"]]
+            evaluation = Evaluation.from_worker(job.candidate, job.split, result, time.time()).with_score(self.task_weights)
+            self.record(evaluation)
+            results[evaluation.id] = evaluation
+            if not evaluation.ok:
+                self.log(f"{evaluation.id}: {evaluation.status} ({evaluation.reason or ''}), worst fitness")
+            elif evaluation.attempts > 1:
+                self.log(f"{evaluation.id}: scored after {evaluation.attempts} attempts (worker replaced)")
+            bar.update(1)
+            bar.set_postfix(best=f"{max(r.score for r in results.values()):.4f}")
+
+        runnable = []
+        for job in todo.values():
+            reason = self.plan_error(job.candidate)
+            if reason is None:
+                runnable.append((job, self.weights.inputs_of(job.candidate.recipe)))
+            else:
+                on_result({"id": job.id, "split": job.split, "status": "failed", "metrics": {}, "reason": reason, "attempts": 0})
+        self.pool.run(runnable, on_result)
+        bar.close()
+        return results
+
+    def record(self, evaluation: Evaluation) -> None:
+        """Journal an evaluation (fsynced) before anything else can happen to it."""
+        self.store.append_journal(evaluation.to_json())
+        faults.stall_after_journal(evaluation.id)
+        self.journal[(evaluation.id, evaluation.split)] = evaluation
+
+    def plan_error(self, candidate: Candidate) -> str | None:
+        """Why a candidate's plan cannot apply to the base architecture, or None."""
+        if not candidate.plan:
+            return None
+        try:
+            check_plan(candidate.steps, self.base_config)
+        except PlanError as exc:
+            return f"PlanError: {exc}"
+        return None
+
+
+__all__ = ["Scorer", "Log"]

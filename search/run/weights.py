@@ -1,0 +1,74 @@
+"""The weights' lifecycle: which weight sets exist, where they live, when they are let go.
+
+Parents' weights are put into the Ray object store once; an offspring that joins the population
+(or the hall of fame / Pareto front) is replayed from its recipe on the driver, written to
+`weights/<id>.safetensors` (its sha256 goes into the checkpoint) and published to the object
+store for the offspring that will read it. A weight set nothing will read again is released
+so the object store does not fill and spill to disk. Candidates of a compress run only re-plan
+a parent's weights (a `copy` recipe) and store nothing.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Iterable
+
+from evolve.materialize import materialize
+from evolve.recipe import Recipe
+
+from search.models.sources import load_state
+from search.run.store import RunStore
+from search.run.workers import from_numpy_state, put_weights
+
+
+@dataclass
+class WeightBank:
+    store: RunStore
+    names: list[str]  # tensor names that recipes produce
+    exclude: list[str]  # tensor patterns never evolved
+    parent_dirs: dict[str, Path] = field(default_factory=dict)
+    refs: dict = field(default_factory=dict)  # weight-set id -> Ray object ref
+
+    def publish_parents(self, parent_dirs: dict[str, Path]) -> None:
+        self.parent_dirs = dict(parent_dirs)
+        for name, path in parent_dirs.items():
+            self.refs[name] = put_weights(load_state(path))
+
+    def restore(self, checksums: dict[str, str]) -> None:
+        """Publish the stored members of a checkpoint (verified against their sha256)."""
+        for member_id, checksum in checksums.items():
+            if member_id not in self.refs:
+                self.refs[member_id] = put_weights(self.store.load_weights(member_id, checksum))
+
+    def inputs_of(self, recipe: Recipe) -> dict:
+        """{weight-set id: object ref} for everything a recipe reads."""
+        return {wid: self.refs[wid] for wid in recipe.input_ids()}
+
+    def keep(self, recipe: Recipe, member_id: str) -> str:
+        """Replay a member on the driver (CPU, fp32), store and publish it; its sha256."""
+        import ray
+
+        inputs = {wid: from_numpy_state(ray.get(self.refs[wid])) for wid in recipe.input_ids()}
+        weights = materialize(recipe, inputs, self.names, self.exclude)
+        checksum = self.store.save_weights(member_id, weights)
+        self.refs[member_id] = put_weights(weights)
+        return checksum
+
+    def keep_new(self, members: Iterable, checksums: dict[str, str]) -> None:
+        """Store members whose weights are new: not a parent's, not stored yet, not a copy."""
+        for member in members:
+            recipe = Recipe.from_dict(member["recipe"])
+            if member["id"] not in checksums and member["id"] not in self.parent_dirs and recipe.op != "copy":
+                checksums[member["id"]] = self.keep(recipe, member["id"])
+
+    def release(self, live: set[str]) -> None:
+        """Let Ray free weight sets nothing will read again (parents always stay)."""
+        self.refs = {k: v for k, v in self.refs.items() if k in live or k in self.parent_dirs}
+
+    def recipe_for_test(self, member_id: str, recipe: Recipe) -> Recipe:
+        """Read a member's stored weights when they are published; else replay its recipe (a
+        compress candidate re-plans its parent's weights)."""
+        return Recipe(op="copy", inputs=(member_id,)) if member_id in self.refs else recipe
+
+
+__all__ = ["WeightBank"]

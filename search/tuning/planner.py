@@ -1,0 +1,74 @@
+"""Plans for compress / joint runs: asked from the Optuna study, sized against the budget.
+
+Selection ranks every over-budget candidate below every feasible one, so scoring one would
+only spend an evaluation. A plan's parameter count is predicted from shapes before any work
+(`compression.plan.predict_num_params`); a plan predicted over the budget is told PRUNED with
+its predicted size and the study is asked again. A plan whose size cannot be predicted, or that
+does not fit the model (a FAIL trial once scored), goes on as it is; after `MAX_PLAN_ASKS` the
+last plan is scored whatever its size. With a budget, the first generation's plans are anchors
+sized to it (`search.tuning.space.budget_anchors`), queued before the first ask.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+from compression.plan import PlanError, parse_plan, predict_num_params
+
+from search.tuning.space import SpaceConfig, budget_anchors, suggest_plan
+from search.tuning.study import prune_over_budget, set_size_constraint, tell_result
+
+MAX_PLAN_ASKS = 100  # plans asked per candidate before one over the size budget is scored anyway
+
+
+@dataclass
+class Planner:
+    study: object  # optuna.Study
+    space: SpaceConfig
+    base_config: object  # the dense model's transformers config
+    num_layers: int
+    max_params: float | None = None
+    live: dict = field(default_factory=dict)  # trial number -> the trial asked in this process
+
+    def predicted_params(self, plan: list) -> int | None:
+        """The candidate's parameter count from shapes alone; None if unknown before the work."""
+        try:
+            return predict_num_params(parse_plan(plan), self.base_config)
+        except PlanError:
+            return None
+
+    def fits(self, plan: list) -> bool:
+        predicted = self.predicted_params(plan)
+        return predicted is not None and predicted <= self.max_params
+
+    def ask(self) -> tuple[list, int, int]:
+        """(plan, trial number, plans skipped): ask until a plan is predicted to fit the budget."""
+        for asked in range(1, MAX_PLAN_ASKS + 1):
+            trial = self.study.ask()
+            plan = suggest_plan(trial, self.space, self.num_layers)
+            if self.max_params is None:
+                return self._asked(trial, plan, asked)
+            predicted = self.predicted_params(plan)
+            set_size_constraint(trial, predicted, self.max_params)
+            if predicted is None or predicted <= self.max_params or asked == MAX_PLAN_ASKS:
+                return self._asked(trial, plan, asked)
+            prune_over_budget(self.study, trial, predicted, self.max_params)
+
+    def _asked(self, trial, plan: list, asked: int) -> tuple[list, int, int]:
+        self.live[trial.number] = trial
+        return plan, trial.number, asked - 1
+
+    def tell(self, trial_number: int, values: tuple[float, ...] | None, fail_reason: str | None = None) -> None:
+        """Tell the study a scored candidate's objectives (None: it failed)."""
+        tell_result(self.study, trial_number, values, fail_reason, self.live.pop(trial_number, None))
+
+    def enqueue_anchors(self, limit: int) -> int:
+        """Queue the first generation's plans: anchors sized to the budget; how many."""
+        if self.max_params is None:
+            return 0
+        anchors = budget_anchors(self.space, self.num_layers, self.fits, limit=limit)
+        for params in anchors:
+            self.study.enqueue_trial(params)
+        return len(anchors)
+
+
+__all__ = ["Planner", "MAX_PLAN_ASKS"]
