@@ -99,10 +99,46 @@ class EvolverConfig(Strict):
     # Dev-set subsampling per generation (rows or fraction); 0/None scores the full dev sets.
     subsample: Optional[float] = Field(None, gt=0)
     seeds: list[SeedMerge] = Field(default_factory=list)  # classic merges added to the population
+    # EvoPress's (1 + lambda): offspring per member and generation; with staged fitness all are
+    # judged on the first stage and the best `fitness.advance` of each member's go on.
+    offspring_per_member: int = Field(1, ge=1)
     # The paper's "merge the population" mode: after each generation, this merge of the whole
     # population is scored too (a hall-of-fame candidate, never a population member).
     merge_population: Optional[str] = None
     merge_params: dict[str, Any] = Field(default_factory=dict)
+
+
+class ProxyTask(Strict):
+    """A cheap first-stage task for compress / joint runs, e.g. the `kl` task on calibration text."""
+
+    kind: Literal["kl", "perplexity"] = "kl"
+    data: str = "pydoc:train"
+    options: dict[str, Any] = Field(default_factory=dict)
+
+
+class FitnessConfig(Strict):
+    """Staged fitness (README, "Staged fitness"): every candidate is scored first on a fixed,
+    seeded subset of each dev task (the same items for every candidate, so comparisons are
+    paired) and goes on to the next stage only while it can still win. `stages: [1.0]` scores
+    everything at once (no stages)."""
+
+    stages: list[float] = Field(default_factory=lambda: [1.0])
+    confidence: float = Field(0.9, gt=0.5, lt=1)
+    min_items: int = Field(4, ge=1)  # each task's first stage scores at least this many items
+    advance: int = Field(1, ge=1)  # merge runs: offspring per member that go on past stage 1
+    audit: float = Field(0.0, ge=0, le=1)  # fraction of stopped candidates fully scored anyway
+    proxy: Optional[ProxyTask] = None  # compress / joint: the first stage scores this task instead
+
+    @field_validator("stages")
+    @classmethod
+    def _increasing(cls, stages: list[float]) -> list[float]:
+        if not stages or any(not 0 < f <= 1 for f in stages) or stages[-1] != 1.0 or sorted(set(stages)) != stages:
+            raise ValueError(f"must increase within (0, 1] and end at 1.0, got {stages}")
+        return stages
+
+    @property
+    def staged(self) -> bool:
+        return len(self.stages) > 1 or self.proxy is not None
 
 
 class WorkersConfig(Strict):
@@ -155,6 +191,7 @@ class RunConfig(Strict):
     tasks: list[TaskConfig] = Field(min_length=1)
     evolver: EvolverConfig = Field(default_factory=EvolverConfig)
     compress: CompressConfig = Field(default_factory=CompressConfig)
+    fitness: FitnessConfig = Field(default_factory=FitnessConfig)
     workers: WorkersConfig = Field(default_factory=WorkersConfig)
     export_top: int = Field(1, ge=0)  # candidates exported when the run finishes
 
@@ -165,6 +202,10 @@ class RunConfig(Strict):
         names = [t.name for t in self.tasks]
         if len(set(names)) != len(names):
             raise ValueError("task names must be unique")
+        if self.fitness.staged and self.evolver.subsample:
+            raise ValueError("evolver.subsample: use fitness.stages instead (they cannot be combined)")
+        if self.fitness.proxy is not None and self.mode == "merge":
+            raise ValueError("fitness.proxy: a proxy first stage is for compress / joint runs (merge candidates have no plan)")
         parents = [p.name for p in self.parents.all()]
         if self.compress.weights is not None and self.compress.weights not in parents:
             raise ValueError(f"compress.weights: {self.compress.weights!r} is not a parent ({', '.join(parents)})")
