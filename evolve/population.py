@@ -104,7 +104,8 @@ def pareto_front_of(members: Iterable) -> list:
     return list(front)
 
 
-def make_toolbox(run_seed: int, generations: int, F: float, CR: float, strategy: str, reference: str) -> base.Toolbox:
+def make_toolbox(run_seed: int, generations: int, F: float, CR: float, strategy: str, reference: str,
+                 per_member: int = 1) -> base.Toolbox:
     """`toolbox.offspring(population, generation)` and `toolbox.select(target, child) -> winner`."""
     toolbox = base.Toolbox()
 
@@ -119,6 +120,7 @@ def make_toolbox(run_seed: int, generations: int, F: float, CR: float, strategy:
             CR=CR,
             strategy=strategy,
             reference=reference,
+            per_member=per_member,
         )
 
     toolbox.register("offspring", offspring)

@@ -8,6 +8,7 @@ from pathlib import Path
 from search.config import ConfigError, load_config
 from evolve.population import member_from_json, member_score, pareto_front_of
 
+from search.results.staging import format_staged, full_dev_rows, staged_summary
 from search.run.store import RunStore
 
 # The metric a person reads for each kind (the search itself aggregates each task's "score").
@@ -29,7 +30,7 @@ def run_status(run_dir: Path) -> dict:
     store, config, state = _load(run_dir)
     journal = store.read_journal()
     logbook = store.read_logbook()
-    dev = [e for e in journal if e["split"] == "dev"]
+    dev = full_dev_rows(journal)  # a staged run's partial stages and stops are not results
     best_per_task = {}
     for task in config.tasks:
         scored = [e for e in dev if e.get("status") == "ok" and task.name in e["metrics"]]
@@ -49,11 +50,12 @@ def run_status(run_dir: Path) -> dict:
         "status": state["status"] if state else "starting",
         "generation": done,
         "generations": generations,
-        "evaluations": len(dev),
+        "evaluations": len({e["id"] for e in journal if e["split"] == "dev"}),
         "failed": sum(1 for e in dev if e.get("status") != "ok"),
         "best": {"id": best["id"], "score": best["score"]} if best else None,
         "best_per_task": best_per_task,
         "eta_s": eta,
+        "staged": staged_summary(journal),
         "updated": time.strftime("%Y-%m-%d %H:%M:%S", time.localtime(store.journal_path.stat().st_mtime)) if store.journal_path.exists() else None,
     }
 
@@ -69,6 +71,8 @@ def format_status(status: dict) -> str:
     for task, best in status["best_per_task"].items():
         shown = ", ".join(f"{k} {v:.4g}" for k, v in best.items() if k != "id" and isinstance(v, float))
         lines.append(f"  {task:<10} {best['id']}: {shown}")
+    if status.get("staged"):
+        lines += format_staged(status["staged"])
     if status["eta_s"] is not None:
         lines.append(f"eta          {status['eta_s'] // 60} min {status['eta_s'] % 60} s")
     return "\n".join(lines)

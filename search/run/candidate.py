@@ -142,7 +142,8 @@ class Evaluation:
         )
 
     @classmethod
-    def from_worker(cls, candidate: Candidate, split: str, result: Mapping[str, Any], when: float) -> "Evaluation":
+    def from_worker(cls, candidate: Candidate, split: str, result: Mapping[str, Any], when: float,
+                    stage: int | None = None) -> "Evaluation":
         """What a worker returned (a plain dict that crossed Ray) as an evaluation."""
         return cls(
             candidate=candidate,
@@ -156,7 +157,7 @@ class Evaluation:
             attempts=result.get("attempts", 1),
             timing=result.get("timing") or {},
             time=round(when, 3),
-            stage=result.get("stage"),
+            stage=stage,
         )
 
 
@@ -177,7 +178,7 @@ class Objectives:
         """(score[, params[, latency]]): a failed candidate is worst in each, an over-budget one
         keeps its size but scores WORST, so selection ranks it below every feasible one."""
         if not self.sizes:
-            return (evaluation.score,)
+            return (evaluation.score if evaluation.ok else WORST,)
         if not evaluation.ok or evaluation.num_params is None:
             return (WORST, float(FAILED_PARAMS)) + ((FAILED_LATENCY_MS,) if self.latency else ())
         score = evaluation.score

@@ -32,7 +32,8 @@ from search.models.sources import tensor_index
 from search.models.tensors import check_same_tensors
 from search.run.candidate import Candidate, Evaluation
 from search.run.modes import Mode, make_mode
-from search.run.scoring import Log, Scorer
+from search.run.scoring import STOPPED, Log, Scorer
+from search.run.stages import StagedScoring, StageJudge, plan_stages
 from search.run.store import RunStore
 from search.run.weights import WeightBank
 from search.run.workers import EvaluatorPool, ScoreJob, WorkerSpec, init_ray
@@ -49,6 +50,7 @@ class Search:
     pool: EvaluatorPool | None = None
     scorer: Scorer | None = None
     planner: object = None  # search.tuning.planner.Planner, for runs whose candidates carry plans
+    staged: StagedScoring | None = None  # staged fitness (None: every candidate scored in full)
     population: list = field(default_factory=list)
 
     def __post_init__(self) -> None:
@@ -73,6 +75,7 @@ class Search:
             threads=max(1, int(workers.num_cpus)),
             calibration=config.compress.space.calibration.model_dump(),
             latency=config.compress.latency.model_dump() if compressing and config.compress.latency else None,
+            proxy=config.fitness.proxy.model_dump() if config.fitness.proxy else None,
         )
         self.base_config = AutoConfig.from_pretrained(spec.template_dir)
         self.pool = EvaluatorPool(spec, workers.count, workers.num_cpus, workers.num_gpus, workers.max_retries)
@@ -89,7 +92,8 @@ class Search:
         state = self.store.read_state() or self.initial_state()
         self.restore(state)
         evo = self.config.evolver
-        toolbox = make_toolbox(self.config.seed, evo.generations, evo.F, evo.CR, evo.strategy, evo.reference)
+        toolbox = make_toolbox(self.config.seed, evo.generations, evo.F, evo.CR, evo.strategy, evo.reference,
+                               per_member=evo.offspring_per_member)
         for generation in range(state["generation"], evo.generations):
             state = self.run_generation(toolbox, generation, state)
         return self.finish(state)
@@ -100,7 +104,8 @@ class Search:
         seeds = {seed.name: seed_recipe(self.config, seed) for seed in self.config.evolver.seeds}
         checksums = {name: self.weights.keep(recipe, name) for name, recipe in seeds.items()}
         candidates = [Candidate.copy_of(n) for n in names] + [Candidate(id=n, recipe=r) for n, r in seeds.items()]
-        results = self.scorer.evaluate([ScoreJob(c) for c in candidates], "parents")
+        staged = self.config.fitness.staged  # members' per-example scores serve every later comparison
+        results = self.scorer.evaluate([ScoreJob(c, per_example=staged) for c in candidates], "parents")
         dense_params = results[names[0]].num_params
         self.mode = make_mode(self.config, self.resolve_budget(dense_params))
         members = [self.mode.objectives.member(results[n]) for n in self.mode.population_ids() + list(seeds)]
@@ -117,6 +122,8 @@ class Search:
             "population": [member_to_json(m) for m in members],
             "hall_of_fame": [member_to_json(m) for m in self.mode.best_of(members)],
         }
+        if staged:
+            state["dev_items"] = self.pool.task_sizes("dev")
         self.store.write_state(state)
         return state
 
@@ -131,6 +138,11 @@ class Search:
         self.mode = make_mode(self.config, self.resolve_budget(state["dense_params"]))
         self.population = [member_from_json(m) for m in state["population"]]
         self.weights.restore(state["weight_checksums"])
+        fitness = self.config.fitness
+        if fitness.staged:
+            plan = plan_stages(fitness.stages, state["dev_items"], self.config.seed, fitness.min_items, fitness.proxy is not None)
+            judge = StageJudge(plan, self.task_weights, fitness.confidence, fitness.advance, self.config.seed, fitness.audit)
+            self.staged = StagedScoring(self.scorer, plan, judge, self.mode.front_of_all, self.mode.objectives.latency)
         if self.mode.uses_plans:
             self.planner = self.open_planner()
 
@@ -171,15 +183,18 @@ class Search:
     def run_generation(self, toolbox, generation: int, state: dict) -> dict:
         started = time.perf_counter()
         candidates = self.candidates(toolbox, generation, state)
-        jobs = [ScoreJob(c, subsample=self.config.evolver.subsample, subsample_seed=generation) for c in candidates]
-        results = self.scorer.evaluate(jobs, f"generation {generation + 1}/{self.config.evolver.generations}")
+        results = self.score(candidates, generation, state)
         objectives = self.mode.objectives
         if self.planner is not None:
             for c in candidates:
                 r = results[c.id]
-                self.planner.tell(c.trial, objectives.values(r) if r.ok else None, r.reason or r.status)
-        scored = [objectives.member(results[c.id]) for c in candidates]
-        next_population = self.mode.select(toolbox, self.population, scored)
+                if r.status == STOPPED:
+                    self.planner.tell_stopped(c.trial, r.reason)
+                else:
+                    self.planner.tell(c.trial, objectives.values(r) if r.ok else None, r.reason or r.status)
+        finals = [(c, objectives.member(results[c.id])) for c in candidates if results[c.id].status != STOPPED]
+        scored = [member for _, member in finals]
+        next_population = self.mode.select(toolbox, self.population, finals)
         previous = {m["id"] for m in self.population}
         accepted = [m for m in next_population if m["id"] not in previous]
         checksums = dict(state["weight_checksums"])
@@ -187,13 +202,15 @@ class Search:
         merged = self.score_population_merge(generation, next_population)
         # The Pareto front is over every candidate scored; a merge run's hall of fame only over
         # members (a rejected offspring is worse than the member it challenged).
-        seen = scored if self.mode.front_of_all else []
+        seen = scored if self.mode.front_of_all else []  # stopped candidates are never selected
         best = self.mode.best_of([member_from_json(m) for m in state["hall_of_fame"]] + next_population + seen + merged)
         self.weights.keep_new(best, checksums)
         kept = {m["id"] for m in next_population + best}
         checksums = {k: v for k, v in checksums.items() if k in kept}
         self.population = next_population
         record = generation_record(generation, next_population, len(candidates), len(accepted), time.perf_counter() - started)
+        if self.staged is not None:
+            record.update(self.staged.counts(candidates, results))
         if self.mode.front_of_all:
             record["pareto_size"] = len(best)
         if state.get("pending"):
@@ -216,13 +233,21 @@ class Search:
         self.weights.release({m["id"] for m in next_population} | ({m["id"] for m in best} if self.mode.front_of_all else set()))
         return state
 
+    def score(self, candidates: list[Candidate], generation: int, state: dict) -> dict[str, Evaluation]:
+        """The evaluation selection sees for each candidate: its full dev scores, or its stop."""
+        desc = f"generation {generation + 1}/{self.config.evolver.generations}"
+        if self.staged is None:
+            jobs = [ScoreJob(c, subsample=self.config.evolver.subsample, subsample_seed=generation) for c in candidates]
+            return self.scorer.evaluate(jobs, desc)
+        return self.staged.score(candidates, desc, state["hall_of_fame"])
+
     def score_population_merge(self, generation: int, population: list) -> list:
         """The paper's population merge: scored and offered to the hall of fame, never selected."""
         if not self.config.evolver.merge_population or self.mode.uses_plans:
             return []
         recipe = population_merge_recipe(self.config, [m["id"] for m in population], generation)
         merge = Candidate(id=f"m{generation:03d}", recipe=recipe, generation=generation)
-        result = self.scorer.evaluate([ScoreJob(merge)], "population merge")[merge.id]
+        result = self.scorer.evaluate([ScoreJob(merge, per_example=self.staged is not None)], "population merge")[merge.id]
         self.log(f"generation {generation + 1}: population merge ({recipe.op}) dev score {result.score:.4f}")
         return [self.mode.objectives.member(result)]
 

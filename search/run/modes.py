@@ -12,7 +12,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-from evolve.population import hall_of_fame_from, pareto_front_of, select_pareto
+from evolve.population import hall_of_fame_from, member_score, pareto_front_of, select_pareto
 
 from search.config import RunConfig
 from search.run.candidate import Candidate, Objectives
@@ -39,7 +39,8 @@ class Mode:
         return [Candidate(id=o.id, recipe=o.recipe, generation=generation, target=o.target)
                 for o in toolbox.offspring(population, generation)]
 
-    def select(self, toolbox, population: list, candidates: list) -> list:
+    def select(self, toolbox, population: list, finals: list[tuple[Candidate, dict]]) -> list:
+        """The next population from the members and the fully scored (candidate, member) pairs."""
         raise NotImplementedError
 
     def best_of(self, members: list) -> list:
@@ -47,8 +48,14 @@ class Mode:
 
 
 class MergeMode(Mode):
-    def select(self, toolbox, population, candidates):
-        return [toolbox.select(target, child) for target, child in zip(population, candidates)]
+    def select(self, toolbox, population, finals):
+        """One-to-one greedy: each member against the best of its fully scored offspring."""
+        next_population = []
+        for target in population:
+            children = [member for c, member in finals if c.target == target["id"]]
+            best = max(children, key=member_score, default=None)  # first of equals: the lowest id
+            next_population.append(target if best is None else toolbox.select(target, best))
+        return next_population
 
     def best_of(self, members):
         return list(hall_of_fame_from(members, HALL_OF_FAME_SIZE))
@@ -58,8 +65,9 @@ class JointMode(Mode):
     uses_plans = True
     front_of_all = True
 
-    def select(self, toolbox, population, candidates):
-        return select_pareto(population + candidates, max(self.generation_size(population), len(population)))
+    def select(self, toolbox, population, finals):
+        members = [member for _, member in finals]
+        return select_pareto(population + members, max(self.generation_size(population), len(population)))
 
 
 class CompressMode(JointMode):

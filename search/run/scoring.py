@@ -21,6 +21,20 @@ from search.run.store import RunStore
 from search.run.weights import WeightBank
 from search.run.workers import EvaluatorPool, ScoreJob
 
+STOPPED = "stopped"  # the status (and journal stage key) of a candidate stopped by staged fitness
+
+
+def journal_key(evaluation: Evaluation) -> tuple:
+    """(id, split, stage): one row per stage scored; a stop is its own row (stage STOPPED)."""
+    return evaluation.id, evaluation.split, STOPPED if evaluation.status == STOPPED else evaluation.stage
+
+
+def stage_weights(job: ScoreJob, task_weights: dict[str, float]) -> dict[str, float]:
+    """The aggregate's weights over the tasks a job scores (a proxy task weighs 1)."""
+    if job.tasks is None:
+        return task_weights
+    return {t: task_weights.get(t, 1.0) for t in job.tasks}
+
 
 class Log:
     """Progress bars and log lines on stderr that do not break each other."""
@@ -47,22 +61,24 @@ class Scorer:
     journal: dict = field(default_factory=dict)  # (id, split) -> Evaluation
 
     def __post_init__(self) -> None:
-        rows = self.store.read_journal()
-        self.journal = {(e.id, e.split): e for e in map(Evaluation.from_json, rows)}
+        for evaluation in map(Evaluation.from_json, self.store.read_journal()):
+            self.journal[journal_key(evaluation)] = evaluation
 
-    def finished(self, candidate_id: str, split: str = "dev") -> Evaluation | None:
-        return self.journal.get((candidate_id, split))
+    def finished(self, candidate_id: str, split: str = "dev", stage: int | str | None = None) -> Evaluation | None:
+        """A journalled evaluation: unstaged (None), of one stage, or the stop (STOPPED)."""
+        return self.journal.get((candidate_id, split, stage))
 
-    def evaluate(self, jobs: list[ScoreJob], desc: str) -> dict[str, Evaluation]:
+    def evaluate(self, jobs: list[ScoreJob], desc: str, stage: int | None = None) -> dict[str, Evaluation]:
         """Evaluations by candidate id: journalled ones as they are, the rest scored now."""
-        results = {j.id: self.journal[(j.id, j.split)] for j in jobs if (j.id, j.split) in self.journal}
+        results = {j.id: self.journal[(j.id, j.split, stage)] for j in jobs if (j.id, j.split, stage) in self.journal}
         todo = {j.id: j for j in jobs if j.id not in results}
         bar = self.log.bar(len(jobs), desc)
         bar.update(len(results))
 
         def on_result(result: dict) -> None:
             job = todo[result["id"]]
-            evaluation = Evaluation.from_worker(job.candidate, job.split, result, time.time()).with_score(self.task_weights)
+            evaluation = Evaluation.from_worker(job.candidate, job.split, result, time.time(), stage)
+            evaluation = evaluation.with_score(stage_weights(job, self.task_weights))
             self.record(evaluation)
             results[evaluation.id] = evaluation
             if not evaluation.ok:
@@ -87,7 +103,7 @@ class Scorer:
         """Journal an evaluation (fsynced) before anything else can happen to it."""
         self.store.append_journal(evaluation.to_json())
         faults.stall_after_journal(evaluation.id)
-        self.journal[(evaluation.id, evaluation.split)] = evaluation
+        self.journal[journal_key(evaluation)] = evaluation
 
     def plan_error(self, candidate: Candidate) -> str | None:
         """Why a candidate's plan cannot apply to the base architecture, or None."""

@@ -121,24 +121,37 @@ class RunStore:
     def weights_path(self, member_id: str) -> Path:
         return self.weights_dir / f"{member_id}.safetensors"
 
-    def save_weights(self, member_id: str, state: dict[str, torch.Tensor]) -> str:
-        """Write a member's weights atomically; return the file's sha256 for the checkpoint."""
-        from safetensors.torch import save
+    def save_weights(self, member_id: str, state: dict[str, torch.Tensor] | None = None, *,
+                     specs: list[tuple] | None = None, produce=None) -> str:
+        """Write a member's weights atomically, one tensor at a time; return the file's sha256.
 
-        data = save({k: v.detach().contiguous().cpu() for k, v in state.items()}, metadata={"format": "pt"})
-        atomic_write_bytes(self.weights_path(member_id), data)
-        return hashlib.sha256(data).hexdigest()
+        Either a whole `state`, or `specs` (`(name, dtype, shape)` of every tensor) and
+        `produce(name)`, called once per tensor as it is written, so a replayed member is never
+        whole in memory. Either way the file is byte for byte `safetensors.torch.save(state,
+        metadata={"format": "pt"})` (tensors by dtype, then name), as stored by earlier versions:
+        the checksums of existing runs still match.
+        """
+        from search.models.tensors import safetensors_order, write_safetensors_streaming
+
+        if state is not None:
+            specs = [(name, tensor.dtype, tuple(tensor.shape)) for name, tensor in state.items()]
+            produce = state.__getitem__
+        if specs is None or produce is None:
+            raise TypeError("save_weights needs a state, or specs and produce")
+        return write_safetensors_streaming(self.weights_path(member_id), safetensors_order(specs), produce,
+                                           metadata={"format": "pt"})
 
     def load_weights(self, member_id: str, expected_sha256: str | None = None) -> dict[str, torch.Tensor]:
-        from safetensors.torch import load
+        """A member's weights, memory-mapped by safetensors (pages are read as tensors are used,
+        copy-on-write, no bytes copy of the file), after checking the file's sha256 when given."""
+        from safetensors.torch import load_file
 
         path = self.weights_path(member_id)
         if not path.is_file():
             raise CorruptRunError(f"{path}: missing weights of population member {member_id}")
-        data = path.read_bytes()
-        if expected_sha256 and hashlib.sha256(data).hexdigest() != expected_sha256:
+        if expected_sha256 and sha256_file(path) != expected_sha256:
             raise CorruptRunError(f"{path}: checksum mismatch (corrupt checkpoint)")
-        return load(data)
+        return load_file(str(path))
 
     def verify_weights(self, checksums: dict[str, str]) -> None:
         for member_id, expected in checksums.items():

@@ -6,6 +6,14 @@ Parents' weights are put into the Ray object store once; an offspring that joins
 store for the offspring that will read it. A weight set nothing will read again is released
 so the object store does not fill and spill to disk. Candidates of a compress run only re-plan
 a parent's weights (a `copy` recipe) and store nothing.
+
+Memory: the driver never holds a whole model of its own. Parents are read memory-mapped
+(`load_state`) and copied straight into the object store; a replayed member is made one tensor
+at a time from zero-copy views of its inputs in the object store and streamed into its
+safetensors file (at most one output tensor alive), then published from that file, again
+memory-mapped (page cache, not heap). What a run needs per node is the object store (parents
+once, plus the live members) and one working model per actor (`benchmarks/bench_search.py
+--memory` measures it).
 """
 from __future__ import annotations
 
@@ -31,7 +39,7 @@ class WeightBank:
 
     def publish_parents(self, parent_dirs: dict[str, Path]) -> None:
         self.parent_dirs = dict(parent_dirs)
-        for name, path in parent_dirs.items():
+        for name, path in parent_dirs.items():  # memory-mapped, copied into the object store
             self.refs[name] = put_weights(load_state(path))
 
     def restore(self, checksums: dict[str, str]) -> None:
@@ -45,13 +53,21 @@ class WeightBank:
         return {wid: self.refs[wid] for wid in recipe.input_ids()}
 
     def keep(self, recipe: Recipe, member_id: str) -> str:
-        """Replay a member on the driver (CPU, fp32), store and publish it; its sha256."""
+        """Replay a member on the driver (CPU, fp32), store and publish it; its sha256.
+
+        Tensor by tensor: each is materialised from the inputs' object-store views and written
+        to the member's file before the next is made (the bytes are those of a whole-dict save),
+        then the file, memory-mapped, is put into the object store."""
         import ray
 
         inputs = {wid: from_numpy_state(ray.get(self.refs[wid])) for wid in recipe.input_ids()}
-        weights = materialize(recipe, inputs, self.names, self.exclude)
-        checksum = self.store.save_weights(member_id, weights)
-        self.refs[member_id] = put_weights(weights)
+        first = inputs[recipe.inputs[0]]  # every output tensor has its dtype and shape
+        specs = [(name, first[name].dtype, tuple(first[name].shape)) for name in self.names]
+        checksum = self.store.save_weights(
+            member_id, specs=specs, produce=lambda name: materialize(recipe, inputs, [name], self.exclude)[name]
+        )
+        del inputs, first
+        self.refs[member_id] = put_weights(self.store.load_weights(member_id))
         return checksum
 
     def keep_new(self, members: Iterable, checksums: dict[str, str]) -> None:

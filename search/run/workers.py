@@ -54,12 +54,16 @@ class WorkerSpec:
     threads: int = 1
     calibration: dict = field(default_factory=dict)  # CalibrationConfig fields: data, seq_len, num_sequences
     latency: dict | None = None  # {batch_size, seq_len, repeats, warmup}: time each candidate too
+    proxy: dict | None = None  # staged fitness: the first stage's task ({kind, data, options}), named PROXY
 
 
 def resolve_dtype(dtype: str, device: torch.device) -> torch.dtype:
     if dtype == "auto":
         return torch.bfloat16 if device.type == "cuda" else torch.float32
     return getattr(torch, dtype)
+
+
+PROXY = "_proxy"  # the task name of a staged run's proxy first stage
 
 
 @dataclass(frozen=True)
@@ -70,6 +74,7 @@ class ScoreJob:
 
     candidate: Candidate
     split: str = "dev"
+    tasks: tuple[str, ...] | None = None  # the tasks to score (default: the run's tasks, not the proxy)
     indices: dict | None = None
     subsample: float | None = None
     subsample_seed: int = 0
@@ -98,6 +103,9 @@ class Evaluator:
         state = self.model.state_dict(keep_vars=True)
         self.params = {name: state[name].data for name in spec.names}
         self._task_specs = {t["name"]: t for t in spec.tasks}
+        self._run_tasks = tuple(self._task_specs)
+        if spec.proxy is not None:
+            self._task_specs[PROXY] = {**spec.proxy, "name": PROXY, "dev": spec.proxy["data"], "test": spec.proxy["data"]}
         self._tasks: dict[tuple[str, str], Any] = {}
         self._build_task = lambda t, split: build_task(
             TaskSpec(kind=t["kind"], data=t[split], name=t["name"], options=t.get("options") or {}), self.tokenizer
@@ -110,6 +118,10 @@ class Evaluator:
         if key not in self._tasks:  # tokenised once per worker, on first use
             self._tasks[key] = self._build_task(self._task_specs[name], split)
         return self._tasks[key]
+
+    def task_sizes(self, split: str) -> dict[str, int]:
+        """Items per task (documents, questions, prompts, windows), for staged subsets."""
+        return {name: len(self.task(name, split)) for name in self._task_specs}
 
     def info(self) -> dict:
         return {"host": socket.gethostname(), "pid": os.getpid(), "device": str(self.device), "dtype": str(self.dtype)}
@@ -124,14 +136,14 @@ class Evaluator:
         materialize(candidate.recipe, weights, self.spec.names, self.spec.exclude, out=self.params)
         del weights
         faults.poison_weights(candidate.id, self.params)
-        references = self._kl_references(candidate, job.split) if candidate.plan else {}
+        references = self._kl_references(candidate, job)
         model = self._apply_plan(candidate) if candidate.plan else self.model
         materialized = time.perf_counter()
         result = {"id": candidate.id, "split": job.split, "worker": f"{socket.gethostname()}:{os.getpid()}"}
         if not all(bool(torch.isfinite(p).all()) for p in model.parameters()):
             result.update(status="nonfinite", metrics={}, reason="non-finite weights")
         else:
-            metrics = {name: self._score(name, model, job, references.get(name)) for name in self._task_specs}
+            metrics = {name: self._score(name, model, job, references.get(name)) for name in job.tasks or self._run_tasks}
             result.update(status="ok", metrics=metrics, num_params=sum(p.numel() for p in model.parameters()))
             if self.spec.latency:
                 from search.run.latency import forward_latency_ms
@@ -144,17 +156,18 @@ class Evaluator:
     def _score(self, name: str, model, job: ScoreJob, reference) -> dict:
         task = self.task(name, job.split)
         kwargs = {"reference": reference} if task.kind == "kl" else {}
-        if job.indices is not None:
+        if job.indices is not None and name in job.indices:
             return task.evaluate(model, indices=job.indices[name], per_example=job.per_example, **kwargs)
         return task.evaluate(model, subsample=job.subsample, seed=job.subsample_seed, per_example=job.per_example, **kwargs)
 
-    def _kl_references(self, candidate: Candidate, split: str) -> dict:
+    def _kl_references(self, candidate: Candidate, job: ScoreJob) -> dict:
         """KL tasks compare a compressed candidate with its own dense weights (still in the
-        working model before the plan): the reference log-probs, cached per recipe."""
-        fingerprint = candidate.recipe.fingerprint()
+        working model before the plan): the reference log-probs, cached per recipe. A
+        candidate without a plan is its own reference (KL 0)."""
+        fingerprint, split = candidate.recipe.fingerprint(), job.split
         references = {}
-        for name, spec in self._task_specs.items():
-            if spec["kind"] != "kl":
+        for name in job.tasks or self._run_tasks:
+            if self._task_specs[name]["kind"] != "kl":
                 continue
             key = (fingerprint, f"{name}:{split}")
             if key not in self._references:
@@ -217,7 +230,7 @@ class EvaluatorPool:
         self.actors = [self._actor_cls.remote(spec) for _ in range(count)]
         self.replaced = 0
 
-    def run(self, jobs: list[tuple[dict, dict]], on_result: Callable[[dict], None]) -> None:
+    def run(self, jobs: list[tuple[ScoreJob, dict]], on_result: Callable[[dict], None]) -> None:
         """Score every (job, refs); call on_result for each result the moment it arrives."""
         import ray
         from ray.exceptions import RayActorError, RayTaskError
@@ -250,6 +263,12 @@ class EvaluatorPool:
                 result = _failed(job, f"{type(cause).__name__}: {str(cause).strip().splitlines()[-1][:300]}", attempt + 1)
             idle.append(index)
             on_result(result)
+
+    def task_sizes(self, split: str = "dev") -> dict[str, int]:
+        """Items per task, asked of one actor (they all build the same tasks)."""
+        import ray
+
+        return ray.get(self.actors[0].task_sizes.remote(split))
 
     def shutdown(self) -> None:
         import ray

@@ -12,6 +12,8 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 
+import optuna
+
 from compression.plan import PlanError, parse_plan, predict_num_params
 
 from search.tuning.space import SpaceConfig, budget_anchors, suggest_plan
@@ -60,6 +62,15 @@ class Planner:
     def tell(self, trial_number: int, values: tuple[float, ...] | None, fail_reason: str | None = None) -> None:
         """Tell the study a scored candidate's objectives (None: it failed)."""
         tell_result(self.study, trial_number, values, fail_reason, self.live.pop(trial_number, None))
+
+    def tell_stopped(self, trial_number: int, reason: str | None) -> None:
+        """Tell the study PRUNED for a candidate staged fitness stopped, with the reason."""
+        live = self.live.pop(trial_number, None)
+        if self.study.get_trials(deepcopy=False)[trial_number].state.is_finished():
+            return
+        if live is not None:
+            live.set_user_attr("pruned_reason", reason or "stopped by staged fitness")
+        self.study.tell(trial_number, state=optuna.trial.TrialState.PRUNED)
 
     def enqueue_anchors(self, limit: int) -> int:
         """Queue the first generation's plans: anchors sized to the budget; how many."""

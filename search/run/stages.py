@@ -1,0 +1,209 @@
+"""Staged fitness in a run: which items each stage scores, and who goes on.
+
+Stage k scores a fixed, seeded subset of each dev task (nested, the last stage every item;
+`search.fitness.staged.stage_subsets`), or, for compress / joint runs with a proxy, stage 0 is
+the cheap proxy task (the `kl` task: how far the compressed candidate's next-token distribution
+is from its own dense weights') and the dev stages follow. Every stage is scored with
+per-example scores, so any later comparison is paired and free: a member's scores on any
+subset are a filter of its full per-example record in the journal.
+
+After each stage but the last, a candidate goes on while it can still win:
+- merge runs: its stage score is not worse than its target member's on the same items by more
+  than the one-sided paired margin at `fitness.confidence`; of one member's offspring (with
+  `evolver.offspring_per_member` > 1) only the best `fitness.advance` by stage score go on;
+- compress / joint: no member of the current front, with no more parameters (and no more
+  latency), beats it by more than that margin.
+A stopped candidate is journalled (status `stopped`, the stage it reached, its partial
+metrics, the reason), told to Optuna as PRUNED and never selected; with `fitness.audit`, a
+seeded fraction of them is fully scored anyway (journal rows marked `audit`) so the run
+measures its false rejections.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass, replace
+from typing import Mapping
+
+from search.fitness.staged import audit_selected, compare, dominated_beyond_margin, stage_subsets
+from search.run.candidate import Candidate, Evaluation
+from search.run.scoring import STOPPED, Scorer
+from search.run.workers import PROXY, ScoreJob
+
+
+@dataclass(frozen=True)
+class StagePlan:
+    """The items each stage scores: per stage, the tasks it scores and their item indices."""
+
+    tasks: tuple[tuple[str, ...], ...]
+    indices: tuple[dict[str, list[int]] | None, ...]  # None: every item
+
+    @property
+    def count(self) -> int:
+        return len(self.tasks)
+
+    @property
+    def last(self) -> int:
+        return self.count - 1
+
+    def job(self, candidate: Candidate, stage: int) -> ScoreJob:
+        return ScoreJob(candidate, tasks=self.tasks[stage], indices=self.indices[stage], per_example=True)
+
+
+def plan_stages(fractions: list[float], task_sizes: Mapping[str, int], seed: int, min_items: int, proxy: bool) -> StagePlan:
+    """Stages over the run's dev tasks (`task_sizes`: items per task); a proxy stage first."""
+    tasks = tuple(t for t in task_sizes if t != PROXY)
+    subsets = {t: stage_subsets(task_sizes[t], fractions, seed, salt=t, min_items=min_items) for t in tasks}
+    stage_tasks = [tasks] * len(fractions)
+    stage_indices = [{t: subsets[t][k] for t in tasks} for k in range(len(fractions) - 1)] + [None]
+    if proxy:
+        stage_tasks.insert(0, (PROXY,))
+        stage_indices.insert(0, None)
+    return StagePlan(tuple(stage_tasks), tuple(stage_indices))
+
+
+def examples_of(evaluation: Evaluation, tasks: tuple[str, ...]) -> dict[str, dict] | None:
+    """{task: per-example scores} of an evaluation, or None when it has none for some task."""
+    found = {t: evaluation.metrics.get(t, {}).get("examples") for t in tasks}
+    return found if evaluation.ok and all(found.values()) else None
+
+
+def weights_for(tasks: tuple[str, ...], task_weights: Mapping[str, float]) -> dict[str, float]:
+    """The aggregate's task weights restricted to a stage's tasks (the proxy weighs 1)."""
+    return {t: (1.0 if t == PROXY else task_weights[t]) for t in tasks}
+
+
+@dataclass
+class StageJudge:
+    """Decides, after a stage, which candidates go on; every rule reads journalled data only,
+    so a resumed run re-derives the same decisions."""
+
+    plan: StagePlan
+    task_weights: Mapping[str, float]
+    confidence: float
+    advance: int
+    run_seed: int
+    audit: float
+
+    def merge_survivors(self, stage: int, rows: Mapping[str, Evaluation], rivals: Mapping[str, Evaluation | None],
+                        candidates: list[Candidate]) -> dict[str, tuple]:
+        """{candidate id: (reason, rival id)} for the merge-run candidates stopped after `stage`."""
+        tasks, weights = self.plan.tasks[stage], weights_for(self.plan.tasks[stage], self.task_weights)
+        stopped, alive_by_target = {}, {}
+        for c in candidates:
+            row = rows[c.id]
+            mine = examples_of(row, tasks)
+            if mine is None:
+                stopped[c.id] = (f"{row.status} at stage {stage + 1}", None)
+                continue
+            rival = rivals.get(c.target)
+            theirs = examples_of(rival, tasks) if rival is not None else None
+            if theirs is not None:
+                verdict = compare(mine, theirs, weights, self.confidence)
+                if not verdict.can_still_win:
+                    stopped[c.id] = (f"stage {stage + 1}: {verdict.diff:+.4f} against {c.target} on {verdict.n} items, "
+                                     f"beyond the margin {verdict.margin:.4f}", c.target)
+                    continue
+            alive_by_target.setdefault(c.target, []).append(c)
+        for siblings in alive_by_target.values():
+            ranked = sorted(siblings, key=lambda c: (-rows[c.id].score, c.id))
+            for c in ranked[self.advance:]:
+                stopped[c.id] = (f"stage {stage + 1}: {len(ranked) - self.advance} of {len(ranked)} siblings stop, "
+                                 f"{ranked[0].id} scored higher", c.target)
+        return stopped
+
+    def pareto_survivors(self, stage: int, rows: Mapping[str, Evaluation], front: list[tuple[Evaluation, tuple]],
+                         candidates: list[Candidate], costs_of) -> dict[str, tuple]:
+        """{candidate id: (reason, rival id)} for compress / joint candidates a front member
+        dominates beyond the margin after `stage`; `front` holds (the member's evaluation at this
+        stage, its costs)."""
+        tasks, weights = self.plan.tasks[stage], weights_for(self.plan.tasks[stage], self.task_weights)
+        usable = [(e.id, examples_of(e, tasks), costs) for e, costs in front if e is not None and examples_of(e, tasks)]
+        stopped = {}
+        for c in candidates:
+            row = rows[c.id]
+            mine = examples_of(row, tasks)
+            if mine is None:
+                stopped[c.id] = (f"{row.status} at stage {stage + 1}", None)
+                continue
+            for member_id, theirs, costs in usable:
+                if dominated_beyond_margin(mine, costs_of(row), [(theirs, costs)], weights, self.confidence):
+                    stopped[c.id] = (f"stage {stage + 1}: {member_id} of the front dominates it beyond the paired margin", member_id)
+                    break
+        return stopped
+
+    def audited(self, candidate_id: str) -> bool:
+        return self.audit > 0 and audit_selected(self.run_seed, candidate_id, self.audit)
+
+
+def stopped_row(row: Evaluation, stage: int, reason: str, rival: str | None) -> Evaluation:
+    """The journal row of a stopped candidate: its partial metrics, the stage it reached, and
+    the member it lost to (for the audit's false-rejection count)."""
+    return replace(row, status=STOPPED, stage=stage, reason=reason, extra={**row.extra, "rival": rival})
+
+
+@dataclass
+class StagedScoring:
+    """Scores a generation stage by stage (journalled per stage, so a resumed run repeats no
+    finished stage) and stops the candidates that cannot win."""
+
+    scorer: Scorer
+    plan: StagePlan
+    judge: StageJudge
+    pareto: bool  # compress / joint: compare with the front, not with a target member
+    latency: bool  # latency is a cost next to parameters
+
+    def score(self, candidates: list[Candidate], desc: str, hall_of_fame: list[dict]) -> dict[str, Evaluation]:
+        alive, outcome = list(candidates), {}
+        for stage in range(self.plan.count):
+            label = f"{desc}, stage {stage + 1}/{self.plan.count}"
+            rows = self.scorer.evaluate([self.plan.job(c, stage) for c in alive], label, stage=stage)
+            if stage == self.plan.last:
+                outcome.update({c.id: rows[c.id] for c in alive})
+                break
+            for cid, (reason, rival) in self.decisions(stage, rows, alive, hall_of_fame).items():
+                outcome[cid] = self.scorer.finished(cid, "dev", STOPPED) or self.record_stop(rows[cid], stage, reason, rival)
+            alive = [c for c in alive if c.id not in outcome]
+        audits = [c for c in candidates if outcome[c.id].status == STOPPED and self.judge.audited(c.id)]
+        if audits:  # fully scored anyway, journalled, never selected: the run's false-rejection check
+            self.scorer.evaluate([self.plan.job(c, self.plan.last) for c in audits], f"{desc}, audit", stage=self.plan.last)
+        return outcome
+
+    def decisions(self, stage: int, rows: dict, alive: list[Candidate], hall_of_fame: list[dict]) -> dict[str, tuple]:
+        if not self.pareto:
+            rivals = {c.target: self.member_row(c.target, stage) for c in alive}
+            return self.judge.merge_survivors(stage, rows, rivals, alive)
+        front = [(self.member_row(m["id"], stage), self.costs(m.get("params"), m.get("latency_ms"))) for m in hall_of_fame]
+        return self.judge.pareto_survivors(stage, rows, front, alive, lambda r: self.costs(r.num_params, r.latency_ms))
+
+    def member_row(self, member_id: str, stage: int) -> Evaluation | None:
+        """A member's journalled scores for comparisons at `stage`: its row of that stage when
+        the stage is a proxy, else its full dev scores (a superset of every stage's items)."""
+        if self.plan.tasks[stage] != self.plan.tasks[-1]:
+            return self.scorer.finished(member_id, "dev", stage)
+        return self.scorer.finished(member_id, "dev", self.plan.last) or self.scorer.finished(member_id, "dev", None)
+
+    def costs(self, params, latency) -> tuple:
+        return (float(params or 0),) + ((float(latency or 0),) if self.latency else ())
+
+    def record_stop(self, row: Evaluation, stage: int, reason: str, rival: str | None) -> Evaluation:
+        stop = stopped_row(row, stage, reason, rival)
+        self.scorer.record(stop)
+        return stop
+
+    def counts(self, candidates: list[Candidate], outcome: dict[str, Evaluation]) -> dict:
+        """Logbook fields: candidates that reached each stage (audits not counted), stopped, audited."""
+        def reached(c: Candidate, stage: int) -> bool:
+            stop = outcome[c.id]
+            return stage <= stop.stage if stop.status == STOPPED else True
+
+        stopped = [c.id for c in candidates if outcome[c.id].status == STOPPED]
+        return {
+            "judged": len(candidates),
+            "reached": [sum(reached(c, k) for c in candidates) for k in range(self.plan.count)],
+            "stopped": len(stopped),
+            "audited": sum(1 for cid in stopped if self.scorer.finished(cid, "dev", self.plan.last)),
+            "score_s": round(sum(e.timing.get("score_s", 0.0) for c in candidates for k in range(self.plan.count)
+                                 for e in [self.scorer.finished(c.id, "dev", k)] if e is not None), 3),
+        }
+
+
+__all__ = ["StagePlan", "StageJudge", "plan_stages", "examples_of", "weights_for", "stopped_row", "STOPPED"]

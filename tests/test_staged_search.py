@@ -1,0 +1,139 @@
+"""Staged fitness in real runs: stops, audits, resume between stages, a KL proxy stage.
+
+The decision rules themselves (paired margins, dominance) are tested against hand computations
+in test_staged.py; here the run loop uses them: a candidate clearly worse than its rival stops
+at stage 1 and one that is better goes through; stopped candidates are journalled with their
+partial metrics and never selected; Optuna hears PRUNED; a run killed between stages resumes
+to exactly the uninterrupted run.
+"""
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import optuna
+import pytest
+import yaml
+
+from evolve.recipe import Recipe
+from search.run.candidate import Candidate, Evaluation
+from search.run.stages import StageJudge, plan_stages
+from search.run.store import RunStore
+
+ROOT = Path(__file__).resolve().parent.parent
+pytestmark = pytest.mark.slow
+STAGED = {"stages": [0.25, 1.0], "confidence": 0.9, "audit": 1.0}
+
+
+def evofuse(*args: str) -> subprocess.CompletedProcess:
+    return subprocess.run([sys.executable, "-m", "search.cli", *args], capture_output=True, text=True, env=dict(os.environ))
+
+
+def staged_config(tmp_path: Path, base: str = "tiny.yaml", **fitness) -> Path:
+    raw = yaml.safe_load((ROOT / "configs" / base).read_text())
+    raw["fitness"] = {**STAGED, **fitness}
+    if base == "tiny.yaml":
+        raw["evolver"].update(generations=2, offspring_per_member=2)
+    raw["export_top"] = 0
+    path = tmp_path / "staged.yaml"
+    path.write_text(yaml.safe_dump(raw))
+    return path
+
+
+def comparable(run_dir: Path) -> list[tuple]:
+    """Journal rows without what differs between two identical runs (times, pids, retries)."""
+    return sorted((e["id"], e["split"], str(e.get("stage")), e["status"], round(e["score"], 9), e.get("reason") or "")
+                  for e in RunStore(run_dir).read_journal())
+
+
+@pytest.fixture(scope="module")
+def staged_run(tmp_path_factory) -> Path:
+    tmp = tmp_path_factory.mktemp("staged")
+    proc = evofuse("search", str(staged_config(tmp)), "--run-dir", str(tmp / "run"), "--quiet")
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    return tmp / "run"
+
+
+def _examples(values: list[float]) -> dict:
+    return {"index": list(range(len(values))), "value": values, "weight": [1.0] * len(values)}
+
+
+def _row(cid: str, target: str, values: list[float]) -> Evaluation:
+    candidate = Candidate(id=cid, recipe=Recipe(op="copy", inputs=(target,)), target=target)
+    metrics = {"acc": {"score": sum(values) / len(values), "examples": _examples(values)}}
+    return Evaluation(candidate, "dev", "ok", metrics, score=sum(values) / len(values), stage=0)
+
+
+def test_a_clearly_worse_candidate_stops_and_a_better_one_goes_on():
+    plan = plan_stages([0.5, 1.0], {"acc": 16}, seed=0, min_items=4, proxy=False)
+    judge = StageJudge(plan, {"acc": 1.0}, confidence=0.9, advance=1, run_seed=0, audit=0.0)
+    member = _row("m", "m", [1.0] * 6 + [0.0] * 2)
+    worse, better = _row("worse", "m", [0.0] * 8), _row("better", "m", [1.0] * 8)
+    stopped = judge.merge_survivors(0, {"worse": worse, "better": better}, {"m": member},
+                                    [worse.candidate, better.candidate])
+    assert set(stopped) == {"worse"} and stopped["worse"][1] == "m"
+    # of two siblings that can both still win, only the better one goes on (advance 1)
+    close = _row("close", "m", [1.0] * 6 + [0.0] * 2)
+    stopped = judge.merge_survivors(0, {"close": close, "better": better}, {"m": member}, [close.candidate, better.candidate])
+    assert set(stopped) == {"close"} and "siblings" in stopped["close"][0]
+
+
+def test_stages_nest_and_end_with_every_item():
+    plan = plan_stages([0.125, 0.5, 1.0], {"a": 64, "b": 10}, seed=3, min_items=4, proxy=False)
+    assert [len(i["a"]) for i in plan.indices[:-1]] == [8, 32] and len(plan.indices[0]["b"]) == 4
+    assert set(plan.indices[0]["a"]) <= set(plan.indices[1]["a"]) and plan.indices[-1] is None
+    assert plan_stages([0.5, 1.0], {"a": 64}, seed=3, min_items=4, proxy=True).tasks[0] == ("_proxy",)
+
+
+def test_stopped_candidates_are_journalled_audited_and_never_selected(staged_run):
+    store = RunStore(staged_run)
+    journal, state = store.read_journal(), store.read_state()
+    stops = [e for e in journal if e["status"] == "stopped"]
+    assert stops, "no candidate was stopped: the staged run tested nothing"
+    for stop in stops:
+        assert stop["stage"] == 0 and stop["reason"].startswith("stage 1") and stop["metrics"]
+        full = [e for e in journal if e["id"] == stop["id"] and e.get("stage") == 1]
+        assert len(full) == 1 and full[0]["status"] == "ok", "audit 1.0 scores every stopped candidate in full"
+    members = {m["id"] for m in state["population"] + state["hall_of_fame"]}
+    assert not members & {s["id"] for s in stops}
+    logbook = store.read_logbook()
+    assert [r["judged"] for r in logbook] == [6, 6] and sum(r["stopped"] for r in logbook) == len(stops)
+    status = evofuse("status", str(staged_run), "--json")
+    assert status.returncode == 0
+    staged = json.loads(status.stdout)["staged"]
+    assert staged["stopped"] == len(stops) and staged["audited"] == len(stops)
+    assert 0.0 <= staged["false_rejection_rate"] <= 1.0
+
+
+def test_resume_after_a_kill_between_stages_equals_the_uninterrupted_run(staged_run, tmp_path, search_killed_at):
+    run_dir = tmp_path / "run"
+    search_killed_at(staged_config(tmp_path), run_dir, "g001-005")  # killed after its first stage
+    killed_rows = len(RunStore(run_dir).read_journal())
+    resumed = evofuse("resume", str(run_dir), "--quiet")
+    assert resumed.returncode == 0, resumed.stderr[-3000:]
+    keys = [(e["id"], e["split"], e.get("stage"), e["status"]) for e in RunStore(run_dir).read_journal()]
+    assert len(keys) == len(set(keys)) > killed_rows, "a finished stage was scored again"
+    assert comparable(run_dir) == comparable(staged_run)
+    assert RunStore(run_dir).read_state()["population"] == RunStore(staged_run).read_state()["population"]
+
+
+def test_a_kl_proxy_first_stage_in_a_joint_run(tmp_path):
+    proxy = {"kind": "kl", "data": "pydoc:train", "options": {"seq_len": 32, "num_sequences": 4}}
+    config = staged_config(tmp_path, "tiny-joint.yaml", stages=[0.5, 1.0], proxy=proxy, audit=0.0)
+    proc = evofuse("search", str(config), "--run-dir", str(tmp_path / "run"), "--quiet")
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    journal = RunStore(tmp_path / "run").read_journal()
+    first = [e for e in journal if e.get("stage") == 0 and e["status"] == "ok"]
+    assert first and all(set(e["metrics"]) == {"_proxy"} and e["metrics"]["_proxy"]["kl"] >= 0 for e in first)
+    planned = [e for e in first if e["plan"]]
+    assert planned and all(e["metrics"]["_proxy"]["kl"] > 0 for e in planned)
+    from optuna.storages import JournalStorage
+    from optuna.storages.journal import JournalFileBackend
+
+    study = optuna.load_study(study_name="tiny-joint", storage=JournalStorage(JournalFileBackend(str(tmp_path / "run" / "optuna.journal"))))
+    for stop in (e for e in journal if e["status"] == "stopped"):
+        trial = study.trials[stop["trial"]]
+        assert trial.state == optuna.trial.TrialState.PRUNED and trial.user_attrs["pruned_reason"] == stop["reason"]
