@@ -10,6 +10,7 @@ from __future__ import annotations
 import sys
 import time
 from dataclasses import dataclass, field
+from typing import Callable
 
 from tqdm.auto import tqdm
 
@@ -58,7 +59,7 @@ class Scorer:
     task_weights: dict[str, float]
     base_config: object  # the dense model's transformers config (plans are checked against it)
     log: Log
-    journal: dict = field(default_factory=dict)  # (id, split) -> Evaluation
+    journal: dict = field(default_factory=dict)  # (id, split, stage) -> Evaluation
 
     def __post_init__(self) -> None:
         for evaluation in map(Evaluation.from_json, self.store.read_journal()):
@@ -68,16 +69,30 @@ class Scorer:
         """A journalled evaluation: unstaged (None), of one stage, or the stop (STOPPED)."""
         return self.journal.get((candidate_id, split, stage))
 
-    def evaluate(self, jobs: list[ScoreJob], desc: str, stage: int | None = None) -> dict[str, Evaluation]:
-        """Evaluations by candidate id: journalled ones as they are, the rest scored now."""
-        results = {j.id: self.journal[(j.id, j.split, stage)] for j in jobs if (j.id, j.split, stage) in self.journal}
-        todo = {j.id: j for j in jobs if j.id not in results}
-        bar = self.log.bar(len(jobs), desc)
-        bar.update(len(results))
+    def evaluate(self, jobs: list[ScoreJob], desc: str, follow: Callable[[Evaluation], ScoreJob | None] | None = None
+                 ) -> dict[str, Evaluation]:
+        """Evaluations by candidate id: journalled ones as they are, the rest scored now.
 
-        def on_result(result: dict) -> None:
-            job = todo[result["id"]]
-            evaluation = Evaluation.from_worker(job.candidate, job.split, result, time.time(), stage)
+        `follow(evaluation)` chains jobs: it returns the candidate's next job (its next stage)
+        or None; a follow-up runs on the actor that just scored the candidate (which still holds
+        its compressed model), and the result is the candidate's last evaluation.
+        """
+        follow = follow or (lambda evaluation: None)
+        results: dict[str, Evaluation] = {}
+        bar = self.log.bar(len(jobs), desc)
+        todo: dict[str, ScoreJob] = {}
+        for job in jobs:  # replay each chain through the journal to its first unfinished job
+            while job is not None and (job.id, job.split, job.stage) in self.journal:
+                results[job.id] = self.journal[(job.id, job.split, job.stage)]
+                job = follow(results[job.id])
+            if job is None:
+                bar.update(1)
+            else:
+                todo[job.id] = job
+
+        def on_result(result: dict) -> tuple | None:
+            job = todo.pop(result["id"])
+            evaluation = Evaluation.from_worker(job.candidate, job.split, result, time.time(), job.stage)
             evaluation = evaluation.with_score(stage_weights(job, self.task_weights))
             self.record(evaluation)
             results[evaluation.id] = evaluation
@@ -85,11 +100,16 @@ class Scorer:
                 self.log(f"{evaluation.id}: {evaluation.status} ({evaluation.reason or ''}), worst fitness")
             elif evaluation.attempts > 1:
                 self.log(f"{evaluation.id}: scored after {evaluation.attempts} attempts (worker replaced)")
-            bar.update(1)
-            bar.set_postfix(best=f"{max(r.score for r in results.values()):.4f}")
+            nxt = follow(evaluation)
+            if nxt is None:
+                bar.update(1)
+                bar.set_postfix(best=f"{max(r.score for r in results.values()):.4f}")
+                return None
+            todo[nxt.id] = nxt
+            return nxt, self.weights.inputs_of(nxt.candidate.recipe)
 
         runnable = []
-        for job in todo.values():
+        for job in list(todo.values()):
             reason = self.plan_error(job.candidate)
             if reason is None:
                 runnable.append((job, self.weights.inputs_of(job.candidate.recipe)))

@@ -1,21 +1,39 @@
-"""Starting and resuming a run directory: the checks before any worker starts.
+"""Starting and resuming a run directory: every check before any worker starts, one driver at
+a time, a repaired directory after a kill, and a clean end state on any exit the driver controls.
 
-`start_search` refuses a directory that already holds a run and writes the resolved config
-first (atomically): from then on it is the run's identity, and `resume_search` refuses to go on
-with a changed one. A corrupt checkpoint or weights file is refused before Ray starts.
+`start_search` checks the config and every task's data (search.config.check_tasks) before it
+creates anything, takes the run's lock (search.run.store.RunLock: a second driver exits 2 naming
+the holder's pid), then writes `identity.json` (the resolved config's fingerprint) and
+`config.yaml`, each atomically: from then on the config is the run's identity, and
+`resume_search` refuses a changed one, before or after the first checkpoint.
+
+`resume_search` refuses a corrupt checkpoint, journal or weights file and an unwritable
+directory before Ray starts, takes the lock, and repairs what a kill left behind (torn log lines,
+temporary files, logbook lines and weights files newer than the checkpoint;
+`RunStore.repair`), so the resumed run ends exactly where an uninterrupted one would.
+
+`run_search` records how a run that stops early ended: state `interrupted` (Ctrl-C, SIGTERM)
+or `failed` (an error), with the reason; bad input changes nothing. A SIGKILLed driver cannot
+record anything: `status` tells it from a running one by the lock (no holder: the driver is gone).
 """
 from __future__ import annotations
 
+import shutil
+import signal
 import sys
+import threading
+import time
 from pathlib import Path
 
 from tqdm.auto import tqdm
 
-from compression.loader import atomic_write_text
+from search.config import ConfigError, RunConfig, check_tasks, dump_config, load_config
+from search.errors import BAD_INPUT, EvofuseError, one_line
+from search.run.store import CorruptRunError, RunDirError, RunStore
 
-from search.config import ConfigError, RunConfig, dump_config, load_config
-from search.run.loop import Search
-from search.run.store import RunStore
+
+class RunFailed(Exception):
+    """A run that cannot go on (every candidate of a generation failed); one line, exit 1."""
 
 
 def default_run_dir(config: RunConfig) -> Path:
@@ -24,32 +42,74 @@ def default_run_dir(config: RunConfig) -> Path:
 
 def start_search(config_path: str | Path, run_dir: str | Path | None = None, *, address=None, workers=None, quiet=False) -> Path:
     config = load_config(config_path)
-    if workers:
+    check_tasks(config)
+    if workers is not None:
+        if workers < 1:
+            raise ConfigError(f"--workers: must be at least 1, got {workers}")
         config.workers.count = workers
     root = Path(run_dir) if run_dir else default_run_dir(config)
     store = RunStore(root)
+    _check_new_run_dir(store)
+    try:
+        root.mkdir(parents=True, exist_ok=True)
+    except OSError as exc:
+        raise RunDirError(f"{root}: cannot create the run directory ({exc.strerror})") from None
+    store.check_writable()
+    store.lock()
+    _check_new_run_dir(store)  # again, under the lock: another start may have won the race
+    store.remove_temporaries()
+    config.run_dir = str(root)
+    store.write_identity(config.fingerprint(), config.model_dump(mode="json"))
+    store.write_config(dump_config(config))
+    return run_search(config, store, address, quiet)
+
+
+def _check_new_run_dir(store: RunStore) -> None:
+    root = store.root
+    if root.exists() and not root.is_dir():
+        raise RunDirError(f"{root}: not a directory (--run-dir / the run name must name a directory)")
     if store.exists():
         raise ConfigError(f"{root}: a run is already there (use `evofuse resume {root}`, or another --run-dir)")
-    root.mkdir(parents=True, exist_ok=True)
-    config.run_dir = str(root)
-    atomic_write_text(store.config_path, dump_config(config))
-    return run_search(config, store, address, quiet)
+    if root.is_dir() and not store.leftovers_only():
+        raise RunDirError(f"{root}: not empty and not a run directory (choose another --run-dir)")
 
 
 def resume_search(run_dir: str | Path, *, config_path: str | Path | None = None, address=None, quiet=False) -> Path:
     store = RunStore(run_dir)
+    config, state = check_run(store, config_path)
+    check_tasks(config)
+    store.check_writable()
+    store.lock()
+    state = store.read_state()  # under the lock: what the last driver left
+    store.repair(state)
+    return run_search(config, store, address, quiet, verified=True)
+
+
+def check_run(store: RunStore, config_path: str | Path | None = None) -> tuple[RunConfig, dict | None]:
+    """(config, checkpoint) of a run directory, refused with one line when the config changed
+    since the run started, or the checkpoint, journal or weights are corrupt. Reads only."""
+    run_dir = store.root
+    if not store.root.is_dir():
+        raise RunDirError(f"{run_dir}: no such run directory")
     if not store.config_path.is_file():
         raise ConfigError(f"{run_dir}: not a run directory (no config.yaml)")
     config = load_config(store.config_path)
+    identity = store.read_identity()
+    if identity is not None and identity["fingerprint"] != config.fingerprint():
+        original = identity.get("config")
+        what = changed_field(RunConfig.model_validate(original), config) if isinstance(original, dict) else "fingerprint"
+        raise ConfigError(f"{store.config_path}: changed since the run started ({what}); restore it or start a new run")
     if config_path is not None:
         given = load_config(config_path)
         if given.fingerprint() != config.fingerprint():
             raise ConfigError(f"{config_path}: differs from the config {run_dir} was started with ({changed_field(config, given)})")
     state = store.read_state()
-    if state is not None and state.get("fingerprint") != config.fingerprint():
-        raise ConfigError(f"{store.config_path}: changed since the run started; restore it or start a new run")
-    store.repair_logs()
-    return run_search(config, store, address, quiet)
+    if state is not None:
+        if state.get("fingerprint") != config.fingerprint():
+            raise ConfigError(f"{store.config_path}: changed since the run started; restore it or start a new run")
+        store.verify_weights(state.get("weight_checksums", {}))
+    store.check_journal(state)
+    return config, state
 
 
 def changed_field(old: RunConfig, new: RunConfig) -> str:
@@ -64,42 +124,102 @@ def changed_field(old: RunConfig, new: RunConfig) -> str:
             return None
         return None if x == y else f"{path}: {x!r} -> {y!r}"
 
-    return walk(old.model_dump(mode="json"), new.model_dump(mode="json"), "") or "unknown field"
+    skip = {"run_dir": True, "workers": {"address", "count"}}  # not part of the identity
+    return walk(old.model_dump(mode="json", exclude=skip), new.model_dump(mode="json", exclude=skip), "") or "unknown field"
 
 
-def run_search(config: RunConfig, store: RunStore, address, quiet: bool) -> Path:
+def run_search(config: RunConfig, store: RunStore, address, quiet: bool, verified: bool = False) -> Path:
+    """Run (or go on with) the search in `store`, holding its lock; `verified`: the checkpoint's
+    weights were checked already (`check_run`)."""
+    from search.run.loop import Search
+
+    store.lock()
     state = store.read_state()  # a corrupt checkpoint is refused before anything starts
     if state is not None:
-        store.verify_weights(state["weight_checksums"])
+        if not verified:
+            store.verify_weights(state["weight_checksums"])
         if state["status"] == "finished":
             tqdm.write(f"{store.root}: already finished", file=sys.stderr)
             return store.root
+        if state["status"] != "running":  # stopped before: running again from this checkpoint
+            store.write_state({k: v for k, v in state.items() if k != "stopped"} | {"status": "running"})
     search = Search(config, store, address=address, quiet=quiet)
+    restore = _terminate_as_interrupt()
     try:
         search.start()
         search.run()
+    except BAD_INPUT:
+        raise  # bad input changes nothing in the run directory
+    except BaseException as exc:
+        record_stop(store, exc)
+        raise
     finally:
         search.shutdown()
+        restore()
     return store.root
+
+
+def _terminate_as_interrupt():
+    """SIGTERM raises KeyboardInterrupt in the driver, so it ends as cleanly as Ctrl-C; returns
+    the function that puts the previous handler back."""
+    if threading.current_thread() is not threading.main_thread():
+        return lambda: None
+
+    def interrupt(signum, frame):
+        raise KeyboardInterrupt("terminated (SIGTERM)")
+
+    previous = signal.signal(signal.SIGTERM, interrupt)
+    return lambda: signal.signal(signal.SIGTERM, previous if previous is not None else signal.SIG_DFL)
+
+
+def record_stop(store: RunStore, exc: BaseException) -> None:
+    """Mark the checkpoint `interrupted` or `failed`, with the reason (`resume` goes on from it)."""
+    try:
+        state = store.read_state()
+        if state is None or state.get("status") != "running":
+            return
+        status = "interrupted" if isinstance(exc, (KeyboardInterrupt, SystemExit)) else "failed"
+        reason = one_line(exc) if str(exc) else type(exc).__name__
+        store.write_state({**state, "status": status, "stopped": {"reason": reason, "time": time.time()}})
+    except Exception:  # never hide the original error behind one about recording it
+        pass
+
+
+def check_generation(evaluations, what: str) -> None:
+    """Stop with one line when every candidate of a generation failed: there is nothing to
+    select from, and the reason is almost always the same for all (bad data, a broken model).
+    The run loop calls it after each generation's (and the first population's) scoring."""
+    evaluations = list(evaluations)
+    if evaluations and not any(e.ok for e in evaluations):
+        first = evaluations[0]
+        reason = first.reason or first.status
+        raise RunFailed(f"{what}: all {len(evaluations)} candidates failed, e.g. {first.id}: {reason}")
 
 
 def export_after_run(root: Path, quiet: bool = False) -> list[Path]:
     """A finished run's `export_top` best candidates, exported into `exports/` (called by the
-    CLI after `search` / `resume`). An export is complete once its `evofuse_recipe.json`, written
-    last, exists; an incomplete one (a kill mid-export) is written again."""
-    from search.results.export import export_member, ranked_members
+    CLI after `search` / `resume`). An export is written into a temporary directory and renamed
+    into place, so `exports/<id>/` is complete or absent; an absent one (a kill mid-export) is
+    written again."""
+    from search.results.export import export_member, is_export, ranked_members
 
     store = RunStore(root)
     config, state = load_config(store.config_path), store.read_state()
     if not config.export_top or state is None or state["status"] != "finished":
         return []
+    store.lock()
     paths = []
     for member in ranked_members(state)[: config.export_top]:
         out = store.exports_dir / member["id"]
-        if not (out / "evofuse_recipe.json").is_file():
-            export_member(Path(root), member["id"], out, quiet=quiet)
+        if not is_export(out):
+            if out.exists():  # a partial export left by an older evofuse: the run's own, redone
+                shutil.rmtree(out)
+            export_member(Path(root), member["id"], out, quiet=quiet, replace=True)
         paths.append(out)
     return paths
 
 
-__all__ = ["start_search", "resume_search", "run_search", "default_run_dir", "changed_field", "export_after_run"]
+__all__ = [
+    "start_search", "resume_search", "run_search", "check_run", "default_run_dir", "changed_field",
+    "export_after_run", "record_stop", "check_generation", "RunFailed", "EvofuseError", "CorruptRunError",
+]

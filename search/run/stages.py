@@ -45,7 +45,7 @@ class StagePlan:
         return self.count - 1
 
     def job(self, candidate: Candidate, stage: int) -> ScoreJob:
-        return ScoreJob(candidate, tasks=self.tasks[stage], indices=self.indices[stage], per_example=True)
+        return ScoreJob(candidate, stage=stage, tasks=self.tasks[stage], indices=self.indices[stage], per_example=True)
 
 
 def plan_stages(fractions: list[float], task_sizes: Mapping[str, int], seed: int, min_items: int, proxy: bool) -> StagePlan:
@@ -152,20 +152,47 @@ class StagedScoring:
     latency: bool  # latency is a cost next to parameters
 
     def score(self, candidates: list[Candidate], desc: str, hall_of_fame: list[dict]) -> dict[str, Evaluation]:
+        """Each candidate's outcome: its last stage's evaluation, or its stop."""
+        if self.pareto:
+            return self.score_depth_first(candidates, desc, hall_of_fame)
         alive, outcome = list(candidates), {}
         for stage in range(self.plan.count):
             label = f"{desc}, stage {stage + 1}/{self.plan.count}"
-            rows = self.scorer.evaluate([self.plan.job(c, stage) for c in alive], label, stage=stage)
+            rows = self.scorer.evaluate([self.plan.job(c, stage) for c in alive], label)
             if stage == self.plan.last:
                 outcome.update({c.id: rows[c.id] for c in alive})
                 break
             for cid, (reason, rival) in self.decisions(stage, rows, alive, hall_of_fame).items():
-                outcome[cid] = self.scorer.finished(cid, "dev", STOPPED) or self.record_stop(rows[cid], stage, reason, rival)
+                outcome[cid] = self.stop(rows[cid], stage, reason, rival)
             alive = [c for c in alive if c.id not in outcome]
         audits = [c for c in candidates if outcome[c.id].status == STOPPED and self.judge.audited(c.id)]
         if audits:  # fully scored anyway, journalled, never selected: the run's false-rejection check
-            self.scorer.evaluate([self.plan.job(c, self.plan.last) for c in audits], f"{desc}, audit", stage=self.plan.last)
+            self.scorer.evaluate([self.plan.job(c, self.plan.last) for c in audits], f"{desc}, audit")
         return outcome
+
+    def score_depth_first(self, candidates: list[Candidate], desc: str, hall_of_fame: list[dict]) -> dict[str, Evaluation]:
+        """Compress / joint: a candidate's decision needs only the front, fixed during the
+        generation, so each candidate runs through its stages in one chain on one actor, which
+        applies the (costly) plan once and keeps the compressed model between stages."""
+        by_id = {c.id: c for c in candidates}
+        stops: dict[str, Evaluation] = {}
+
+        def follow(row: Evaluation) -> ScoreJob | None:
+            c, stage = by_id[row.id], row.stage
+            if stage == self.plan.last or not row.ok:
+                return None
+            decision = self.decisions(stage, {c.id: row}, [c], hall_of_fame).get(c.id)
+            if decision is None:
+                return self.plan.job(c, stage + 1)
+            stops[c.id] = self.stop(row, stage, *decision)
+            return self.plan.job(c, self.plan.last) if self.judge.audited(c.id) else None
+
+        last = self.scorer.evaluate([self.plan.job(c, 0) for c in candidates], f"{desc}, staged", follow)
+        return {c.id: stops.get(c.id, last[c.id]) for c in candidates}
+
+    def stop(self, row: Evaluation, stage: int, reason: str, rival: str | None) -> Evaluation:
+        """The candidate's journalled stop (recorded once: a resumed run finds it)."""
+        return self.scorer.finished(row.id, "dev", STOPPED) or self.record_stop(row, stage, reason, rival)
 
     def decisions(self, stage: int, rows: dict, alive: list[Candidate], hall_of_fame: list[dict]) -> dict[str, tuple]:
         if not self.pareto:

@@ -14,6 +14,7 @@ finite gets the worst fitness and the status `nonfinite`.
 from __future__ import annotations
 
 import copy
+import json
 import os
 import socket
 import time
@@ -74,6 +75,7 @@ class ScoreJob:
 
     candidate: Candidate
     split: str = "dev"
+    stage: int | None = None  # staged fitness: the stage this job scores (journalled with it)
     tasks: tuple[str, ...] | None = None  # the tasks to score (default: the run's tasks, not the proxy)
     indices: dict | None = None
     subsample: float | None = None
@@ -112,6 +114,7 @@ class Evaluator:
         )
         self._calibration = None
         self._references: dict[tuple[str, str], Any] = {}  # (recipe fingerprint, task) -> KL reference
+        self._planned: tuple | None = None  # (candidate key, its compressed model): kept for its next stage
 
     def task(self, name: str, split: str):
         key = (name, split)
@@ -120,8 +123,9 @@ class Evaluator:
         return self._tasks[key]
 
     def task_sizes(self, split: str) -> dict[str, int]:
-        """Items per task (documents, questions, prompts, windows), for staged subsets."""
-        return {name: len(self.task(name, split)) for name in self._task_specs}
+        """Items per task that a full evaluation scores (after the task's own `subsample`
+        option): staged subsets index into these."""
+        return {name: len(self.task(name, split).selected(None, 0)) for name in self._task_specs}
 
     def info(self) -> dict:
         return {"host": socket.gethostname(), "pid": os.getpid(), "device": str(self.device), "dtype": str(self.dtype)}
@@ -132,17 +136,24 @@ class Evaluator:
         start = time.perf_counter()
         candidate = job.candidate
         faults.crash_once(candidate.id)
-        weights = {wid: from_numpy_state(ray.get(ref)) for wid, ref in refs.items()}
-        materialize(candidate.recipe, weights, self.spec.names, self.spec.exclude, out=self.params)
-        del weights
-        faults.poison_weights(candidate.id, self.params)
-        references = self._kl_references(candidate, job)
-        model = self._apply_plan(candidate) if candidate.plan else self.model
+        key = (candidate.id, candidate.recipe.fingerprint(), json.dumps(candidate.plan, sort_keys=True))
+        if self._planned is not None and self._planned[0] == key:
+            model = self._planned[1]  # the next stage of the candidate this actor just scored
+        else:
+            weights = {wid: from_numpy_state(ray.get(ref)) for wid, ref in refs.items()}
+            materialize(candidate.recipe, weights, self.spec.names, self.spec.exclude, out=self.params)
+            del weights
+            faults.poison_weights(candidate.id, self.params)
+            self._planned = None  # free the previous candidate's compressed model first
+            model = self._apply_plan(candidate) if candidate.plan else self.model
+            if candidate.plan:
+                self._planned = (key, model)
         materialized = time.perf_counter()
         result = {"id": candidate.id, "split": job.split, "worker": f"{socket.gethostname()}:{os.getpid()}"}
         if not all(bool(torch.isfinite(p).all()) for p in model.parameters()):
             result.update(status="nonfinite", metrics={}, reason="non-finite weights")
         else:
+            references = self._kl_references(candidate, job)  # from the dense working model
             metrics = {name: self._score(name, model, job, references.get(name)) for name in job.tasks or self._run_tasks}
             result.update(status="ok", metrics=metrics, num_params=sum(p.numel() for p in model.parameters()))
             if self.spec.latency:
@@ -157,7 +168,8 @@ class Evaluator:
         task = self.task(name, job.split)
         kwargs = {"reference": reference} if task.kind == "kl" else {}
         if job.indices is not None and name in job.indices:
-            return task.evaluate(model, indices=job.indices[name], per_example=job.per_example, **kwargs)
+            pool = task.selected(None, 0)  # the items a full evaluation scores
+            return task.evaluate(model, indices=[pool[i] for i in job.indices[name]], per_example=job.per_example, **kwargs)
         return task.evaluate(model, subsample=job.subsample, seed=job.subsample_seed, per_example=job.per_example, **kwargs)
 
     def _kl_references(self, candidate: Candidate, job: ScoreJob) -> dict:
@@ -205,10 +217,76 @@ def init_ray(address: str | None, num_cpus: int | None = None, quiet: bool = Tru
     )
     if address:
         ray.init(address=address, **kwargs)
-    else:
+        return
+    # A local Ray dies with its driver: Ray's own fate-sharing ends the raylet and GCS, but its
+    # DashboardAgent and RuntimeEnvAgent hang on after a SIGKILLed driver. A watchdog process
+    # (Linux: it reads /proc) notes every process this ray.init starts, and when the driver is
+    # gone (its pipe closes, however the driver ended) kills those still alive.
+    import subprocess
+    import sys
+
+    watchdog = None
+    if os.path.isdir("/proc/self"):
+        watchdog = subprocess.Popen([sys.executable, "-c", _RAY_WATCHDOG, str(os.getpid())], stdin=subprocess.PIPE,
+                                    stdout=subprocess.PIPE, stderr=subprocess.DEVNULL)
+        watchdog.stdout.readline()  # it has seen what ran before Ray
+        init_ray.watchdog = watchdog  # its pipe must stay open as long as this process lives
+    try:
         # Ray starts its workers at niceness 15; here the actors do all the scoring while the
         # driver waits, so on a shared machine a niced pool would starve behind anything else.
         ray.init(num_cpus=num_cpus, _system_config={"worker_niceness": 0}, **kwargs)
+    except BaseException:
+        if watchdog is not None:
+            watchdog.stdin.close()  # clean up what a failed start left
+        raise
+
+
+_RAY_WATCHDOG = r"""
+import os, select, signal, sys, time
+signal.signal(signal.SIGINT, signal.SIG_IGN)
+signal.signal(signal.SIGTERM, signal.SIG_IGN)
+driver, me = int(sys.argv[1]), os.getpid()
+
+def stat(pid):  # (ppid, start time) from /proc/PID/stat
+    with open(f"/proc/{pid}/stat") as handle:
+        fields = handle.read().rsplit(")", 1)[1].split()
+    return int(fields[1]), fields[19]
+
+def tree():  # {pid: start time} of the driver's descendants
+    children = {}
+    for name in os.listdir("/proc"):
+        if name.isdigit():
+            try:
+                ppid, start = stat(name)
+            except (OSError, IndexError, ValueError):
+                continue
+            children.setdefault(ppid, []).append((int(name), start))
+    found, todo = {}, [driver]
+    while todo:
+        for pid, start in children.get(todo.pop(), []):
+            if pid != me and pid not in found:
+                found[pid] = start
+                todo.append(pid)
+    return found
+
+before = set(tree().items())
+sys.stdout.write("ready
+")
+sys.stdout.flush()
+seen = {}
+while True:
+    readable, _, _ = select.select([sys.stdin], [], [], 1.0)
+    if readable and not os.read(sys.stdin.fileno(), 65536):
+        break
+    seen.update(item for item in tree().items() if item not in before)
+time.sleep(1.0)  # Ray's own fate-sharing first
+for pid, start in seen.items():
+    try:
+        if stat(pid)[1] == start:
+            os.kill(pid, signal.SIGKILL)
+    except (OSError, IndexError, ValueError):
+        pass
+"""
 
 
 def put_weights(state: dict[str, torch.Tensor]):
@@ -230,8 +308,10 @@ class EvaluatorPool:
         self.actors = [self._actor_cls.remote(spec) for _ in range(count)]
         self.replaced = 0
 
-    def run(self, jobs: list[tuple[ScoreJob, dict]], on_result: Callable[[dict], None]) -> None:
-        """Score every (job, refs); call on_result for each result the moment it arrives."""
+    def run(self, jobs: list[tuple[ScoreJob, dict]], on_result: Callable[[dict], tuple | None]) -> None:
+        """Score every (job, refs); call on_result for each result the moment it arrives. When
+        on_result returns a follow-up (job, refs) — the next stage of the same candidate — it
+        goes to the same actor at once, which still holds that candidate's model."""
         import ray
         from ray.exceptions import RayActorError, RayTaskError
 
@@ -261,8 +341,11 @@ class EvaluatorPool:
             except RayTaskError as exc:
                 cause = exc.cause if getattr(exc, "cause", None) is not None else exc
                 result = _failed(job, f"{type(cause).__name__}: {str(cause).strip().splitlines()[-1][:300]}", attempt + 1)
-            idle.append(index)
-            on_result(result)
+            follow = on_result(result)
+            if follow is not None:
+                running[self.actors[index].evaluate.remote(*follow)] = (index, *follow, 0)
+            else:
+                idle.append(index)
 
     def task_sizes(self, split: str = "dev") -> dict[str, int]:
         """Items per task, asked of one actor (they all build the same tasks)."""

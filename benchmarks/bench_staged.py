@@ -1,0 +1,151 @@
+"""Staged fitness against full scoring, side by side in one run (issue 14).
+
+For each pair (the merge demo, the joint demo) the same config runs twice, same seed: once
+with every candidate scored on the full dev sets (`fitness.stages: [1.0]`, one offspring per
+member: the search as it was), once staged (the config's own `fitness` and
+`evolver.offspring_per_member`). Reported per run:
+
+- candidates judged (a candidate stopped at the first stage counts) per hour of wall time and
+  per hour of actor time (scoring + materialising, summed over actors: robust to a shared CPU);
+- the best member's dev and test aggregate, and the generation it was bred in;
+- for staged runs: stage counts, audited candidates, the false-rejection rate and the Spearman
+  correlation of first-stage and full dev scores.
+Full-scoring runs are given as many generations as fit in the staged run's wall time
+(`--equal-time`, default), measured from a first short full run's time per generation.
+
+    python -m benchmarks.bench_staged            # SmolLM2-135M demo + joint demo (long: ~1 h on 2 cores)
+    python -m benchmarks.bench_staged --quick    # tiny models, two seeds each (the seed-to-seed spread)
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import yaml
+
+ROOT = Path(__file__).resolve().parent.parent
+RESULTS = ROOT / "benchmarks" / "results"
+WORK = ROOT / "benchmarks" / ".work" / "staged"
+sys.path.insert(0, str(ROOT))
+
+from search.results.report import run_status  # noqa: E402
+from search.run.store import RunStore  # noqa: E402
+
+
+def evofuse(*args: str) -> None:
+    proc = subprocess.run([sys.executable, "-m", "search.cli", *args], capture_output=True, text=True)
+    if proc.returncode != 0:
+        raise SystemExit(f"evofuse {' '.join(args)} failed:\n{proc.stderr[-3000:]}")
+
+
+def variant(config: Path, name: str, seed: int, full: bool, generations: int | None, keep: bool) -> dict:
+    """Run one config variant (or reuse it with --keep) and measure it."""
+    raw = yaml.safe_load(config.read_text())
+    raw.update(name=name, seed=seed, export_top=0)
+    if full:
+        raw["fitness"] = {"stages": [1.0]}
+        raw["evolver"]["offspring_per_member"] = 1
+    if generations is not None:
+        raw["evolver"]["generations"] = generations
+    WORK.mkdir(parents=True, exist_ok=True)
+    path, run_dir = WORK / f"{name}.yaml", WORK / name
+    path.write_text(yaml.safe_dump(raw, sort_keys=False))
+    if not (keep and (run_dir / "state.json").is_file()):
+        if run_dir.exists():
+            import shutil
+
+            shutil.rmtree(run_dir)
+        evofuse("search", str(path), "--run-dir", str(run_dir), "--quiet")
+    return measure(run_dir, name, full)
+
+
+def measure(run_dir: Path, name: str, full: bool) -> dict:
+    store = RunStore(run_dir)
+    state, journal, logbook = store.read_state(), store.read_journal(), store.read_logbook()
+    status = run_status(run_dir)
+    dev = [e for e in journal if e["split"] == "dev"]
+    judged = len({e["id"] for e in dev if e["id"].startswith("g")})
+    actor_s = sum(e.get("timing", {}).get("score_s", 0) + e.get("timing", {}).get("materialize_s", 0)
+                  for e in dev if e["id"].startswith("g"))
+    search_s = sum(r["wall_s"] for r in logbook)
+    best = max(state["population"] + state["hall_of_fame"], key=lambda m: m["score"])
+    test = {e["id"]: e for e in journal if e["split"] == "test"}
+    return {
+        "run": name,
+        "scoring": "full" if full else "staged",
+        "generations": len(logbook),
+        "judged": judged,
+        "search_wall_s": round(search_s, 1),
+        "actor_s": round(actor_s, 1),
+        "judged_per_hour_wall": round(judged / search_s * 3600, 1) if search_s else None,
+        "judged_per_hour_actor": round(judged / actor_s * 3600, 1) if actor_s else None,
+        "best_id": best["id"],
+        "best_generation": int(best["id"][1:4]) + 1 if best["id"].startswith("g") else 0,
+        "best_dev": round(best["score"], 4),
+        "best_test": round(test[best["id"]]["score"], 4) if best["id"] in test else None,
+        "staged": status.get("staged"),
+    }
+
+
+def compare(config: Path, label: str, seeds: list[int], keep: bool) -> list[dict]:
+    rows = []
+    for seed in seeds:
+        staged = variant(config, f"{label}-staged-s{seed}", seed, full=False, generations=None, keep=keep)
+        per_generation = staged["search_wall_s"] / max(1, staged["generations"])
+        probe = variant(config, f"{label}-full-probe-s{seed}", seed, full=True, generations=1, keep=keep)
+        generations = max(1, round(staged["search_wall_s"] / max(probe["search_wall_s"], 1e-9)))
+        full = variant(config, f"{label}-full-s{seed}", seed, full=True, generations=generations, keep=keep)
+        full["equal_time_generations"] = generations
+        staged["wall_s_per_generation"] = round(per_generation, 1)
+        rows += [staged, full]
+    return rows
+
+
+def table(rows: list[dict]) -> str:
+    head = ["run", "scoring", "gens", "judged", "search s", "judged/h (wall)", "judged/h (actor)",
+            "best (gen)", "best dev", "best test", "stopped", "false rej.", "Spearman 1st/full"]
+    lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
+    for r in rows:
+        s = r["staged"] or {}
+        frr = s.get("false_rejection_rate")
+        rho = s.get("spearman_first_vs_full")
+        lines.append("| " + " | ".join(str(x) for x in [
+            r["run"], r["scoring"], r["generations"], r["judged"], r["search_wall_s"], r["judged_per_hour_wall"],
+            r["judged_per_hour_actor"], f"{r['best_id']} ({r['best_generation']})", r["best_dev"], r["best_test"],
+            s.get("stopped", "-"), "-" if frr is None else f"{frr:.1%} of {s['audited']}", "-" if rho is None else f"{rho:.2f}",
+        ]) + " |")
+    return "\n".join(lines)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--quick", action="store_true", help="tiny models, two seeds")
+    parser.add_argument("--keep", action="store_true", help="reuse finished runs")
+    parser.add_argument("--only", choices=["merge", "joint"])
+    args = parser.parse_args()
+    started = time.time()
+    if args.quick:
+        pairs = [("merge", ROOT / "configs" / "tiny-staged.yaml"), ("joint", ROOT / "configs" / "tiny-joint-staged.yaml")]
+        seeds = [0, 1]
+    else:
+        pairs = [("merge", ROOT / "configs" / "demo.yaml"), ("joint", ROOT / "configs" / "joint-demo.yaml")]
+        seeds = [0]
+    rows = []
+    for label, config in pairs:
+        if args.only and label != args.only:
+            continue
+        rows += compare(config, ("quick-" if args.quick else "") + label, seeds, args.keep)
+    name = "staged_quick" if args.quick else "staged"
+    RESULTS.mkdir(parents=True, exist_ok=True)
+    (RESULTS / f"{name}.json").write_text(json.dumps({"rows": rows, "wall_s": round(time.time() - started)}, indent=1))
+    text = f"# Staged fitness vs full scoring ({'tiny models' if args.quick else 'SmolLM2-135M demo experts'})\n\n{table(rows)}\n"
+    (RESULTS / f"{name}.md").write_text(text)
+    print(text)
+
+
+if __name__ == "__main__":
+    main()
