@@ -116,7 +116,7 @@ def table(rows: list[dict]) -> str:
         lines.append("| " + " | ".join(str(x) for x in [
             r["run"], r["scoring"], r["generations"], r["judged"], r["search_wall_s"], r["judged_per_hour_wall"],
             r["judged_per_hour_actor"], f"{r['best_id']} ({r['best_generation']})", r["best_dev"], r["best_test"],
-            s.get("stopped", "-"), "-" if frr is None else f"{frr:.1%} of {s['audited']}", "-" if rho is None else f"{rho:.2f}",
+            s.get("stopped", "-"), "-" if frr is None else f"{frr:.1%} of {s['audited_margin_stops']}", "-" if rho is None else f"{rho:.2f}",
         ]) + " |")
     return "\n".join(lines)
 

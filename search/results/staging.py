@@ -4,9 +4,10 @@ saved, and the audit's false-rejection rate and rank agreement.
 Time saved is an estimate from the run's own timings: a candidate scored in full costs about
 the mean scoring time of the run's last-stage evaluations (F); a staged candidate cost what its
 stages cost (its audit excepted), so  saved = sum over judged candidates of (F - paid).
-A false rejection is an audited stopped candidate whose full dev score is at least its rival's
-(merge: the member it challenged; compress / joint: the front member that stopped it) while
-costing no more.
+A false rejection is an audited candidate stopped by the paired test whose full dev score is at
+least its rival's (merge: the member it challenged; compress / joint: the front member that
+stopped it; that member costs no more by construction). Siblings stopped because a better
+offspring of the same member went on are audited too but not counted as rejections.
 """
 from __future__ import annotations
 
@@ -46,8 +47,11 @@ def staged_summary(rows: list[dict]) -> dict | None:
     promoted = [full[c] for c in judged if c not in stops and c in full]
     full_cost = mean(cost(e) for e in promoted) if promoted else math.nan
     paid = sum(cost(e) for (cid, k), e in by_stage.items() if not (cid in stops and k == last))
+    audited = [c for c in stops if c in full and stops[c].extra.get("rival") in full]
+    # the false-rejection rate is the paired test's: a sibling stopped because a better offspring
+    # of the same member went on was not rejected by a test
     audits = [(stops[c].score, full[c].score, full[stops[c].extra["rival"]].score)
-              for c in stops if c in full and stops[c].extra.get("rival") in full]
+              for c in audited if stops[c].extra.get("rule", "margin") == "margin"]
     first = {cid: e.score for (cid, k), e in by_stage.items() if k == 0}
     both = [c for c in judged if c in first and c in full]
     return {
@@ -55,9 +59,10 @@ def staged_summary(rows: list[dict]) -> dict | None:
         "stopped": len(stops),
         "fully_scored": len(promoted),
         "stopped_per_stage": [sum(1 for s in stops.values() if s.stage == k) for k in range(last)],
-        "audited": len(audits),
+        "audited": len(audited),
+        "audited_margin_stops": len(audits),
         "false_rejection_rate": false_rejection_rate(audits) if audits else None,
-        "spearman_audited": spearman([a[0] for a in audits], [a[1] for a in audits]) if len(audits) > 1 else None,
+        "spearman_audited": spearman([stops[c].score for c in audited], [full[c].score for c in audited]) if len(audited) > 1 else None,
         "spearman_first_vs_full": spearman([first[c] for c in both], [full[c].score for c in both]) if len(both) > 1 else None,
         "scoring_s": round(paid, 1),
         "saved_s": round(len(judged) * full_cost - paid, 1) if promoted else None,
@@ -72,7 +77,8 @@ def format_staged(summary: dict) -> list[str]:
         lines.append(f"  scoring    {summary['scoring_s']:.0f} s spent, about {summary['saved_s']:.0f} s saved against full scoring")
     if summary["audited"]:
         rate = summary["false_rejection_rate"]
-        lines.append(f"  audit      {summary['audited']} stopped candidates scored in full: false-rejection rate {rate:.1%}")
+        shown = "-" if rate is None else f"{rate:.1%} of {summary['audited_margin_stops']} stopped by the paired test"
+        lines.append(f"  audit      {summary['audited']} stopped candidates scored in full: false-rejection rate {shown}")
     return lines
 
 

@@ -33,7 +33,7 @@ from search.models.tensors import check_same_tensors
 from search.run.candidate import Candidate, Evaluation
 from search.run.modes import Mode, make_mode
 from search.run.scoring import STOPPED, Log, Scorer
-from search.run.stages import StagedScoring, StageJudge, plan_stages
+from search.run.stages import StagedScoring, staged_scoring
 from search.run.store import RunStore
 from search.run.weights import WeightBank
 from search.run.workers import EvaluatorPool, ScoreJob, WorkerSpec, init_ray
@@ -138,11 +138,8 @@ class Search:
         self.mode = make_mode(self.config, self.resolve_budget(state["dense_params"]))
         self.population = [member_from_json(m) for m in state["population"]]
         self.weights.restore(state["weight_checksums"])
-        fitness = self.config.fitness
-        if fitness.staged:
-            plan = plan_stages(fitness.stages, state["dev_items"], self.config.seed, fitness.min_items, fitness.proxy is not None)
-            judge = StageJudge(plan, self.task_weights, fitness.confidence, fitness.advance, self.config.seed, fitness.audit)
-            self.staged = StagedScoring(self.scorer, plan, judge, self.mode.front_of_all, self.mode.objectives.latency)
+        if self.config.fitness.staged:
+            self.staged = staged_scoring(self.config, state["dev_items"], self.scorer, self.mode)
         if self.mode.uses_plans:
             self.planner = self.open_planner()
 
@@ -267,8 +264,4 @@ class Search:
         return state
 
 
-def dev_evaluations(store: RunStore) -> list[Evaluation]:
-    return [e for e in map(Evaluation.from_json, store.read_journal()) if e.split == "dev"]
-
-
-__all__ = ["Search", "dev_evaluations"]
+__all__ = ["Search"]

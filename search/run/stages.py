@@ -85,14 +85,14 @@ class StageJudge:
 
     def merge_survivors(self, stage: int, rows: Mapping[str, Evaluation], rivals: Mapping[str, Evaluation | None],
                         candidates: list[Candidate]) -> dict[str, tuple]:
-        """{candidate id: (reason, rival id)} for the merge-run candidates stopped after `stage`."""
+        """{candidate id: (reason, rival id, rule)} for the merge-run candidates stopped after `stage`."""
         tasks, weights = self.plan.tasks[stage], weights_for(self.plan.tasks[stage], self.task_weights)
         stopped, alive_by_target = {}, {}
         for c in candidates:
             row = rows[c.id]
             mine = examples_of(row, tasks)
             if mine is None:
-                stopped[c.id] = (f"{row.status} at stage {stage + 1}", None)
+                stopped[c.id] = (f"{row.status} at stage {stage + 1}", None, "failed")
                 continue
             rival = rivals.get(c.target)
             theirs = examples_of(rival, tasks) if rival is not None else None
@@ -100,19 +100,19 @@ class StageJudge:
                 verdict = compare(mine, theirs, weights, self.confidence)
                 if not verdict.can_still_win:
                     stopped[c.id] = (f"stage {stage + 1}: {verdict.diff:+.4f} against {c.target} on {verdict.n} items, "
-                                     f"beyond the margin {verdict.margin:.4f}", c.target)
+                                     f"beyond the margin {verdict.margin:.4f}", c.target, "margin")
                     continue
             alive_by_target.setdefault(c.target, []).append(c)
         for siblings in alive_by_target.values():
             ranked = sorted(siblings, key=lambda c: (-rows[c.id].score, c.id))
             for c in ranked[self.advance:]:
                 stopped[c.id] = (f"stage {stage + 1}: {len(ranked) - self.advance} of {len(ranked)} siblings stop, "
-                                 f"{ranked[0].id} scored higher", c.target)
+                                 f"{ranked[0].id} scored higher", c.target, "sibling")
         return stopped
 
     def pareto_survivors(self, stage: int, rows: Mapping[str, Evaluation], front: list[tuple[Evaluation, tuple]],
                          candidates: list[Candidate], costs_of) -> dict[str, tuple]:
-        """{candidate id: (reason, rival id)} for compress / joint candidates a front member
+        """{candidate id: (reason, rival id, rule)} for compress / joint candidates a front member
         dominates beyond the margin after `stage`; `front` holds (the member's evaluation at this
         stage, its costs)."""
         tasks, weights = self.plan.tasks[stage], weights_for(self.plan.tasks[stage], self.task_weights)
@@ -122,11 +122,11 @@ class StageJudge:
             row = rows[c.id]
             mine = examples_of(row, tasks)
             if mine is None:
-                stopped[c.id] = (f"{row.status} at stage {stage + 1}", None)
+                stopped[c.id] = (f"{row.status} at stage {stage + 1}", None, "failed")
                 continue
             for member_id, theirs, costs in usable:
                 if dominated_beyond_margin(mine, costs_of(row), [(theirs, costs)], weights, self.confidence):
-                    stopped[c.id] = (f"stage {stage + 1}: {member_id} of the front dominates it beyond the paired margin", member_id)
+                    stopped[c.id] = (f"stage {stage + 1}: {member_id} of the front dominates it beyond the paired margin", member_id, "margin")
                     break
         return stopped
 
@@ -134,10 +134,12 @@ class StageJudge:
         return self.audit > 0 and audit_selected(self.run_seed, candidate_id, self.audit)
 
 
-def stopped_row(row: Evaluation, stage: int, reason: str, rival: str | None) -> Evaluation:
-    """The journal row of a stopped candidate: its partial metrics, the stage it reached, and
-    the member it lost to (for the audit's false-rejection count)."""
-    return replace(row, status=STOPPED, stage=stage, reason=reason, extra={**row.extra, "rival": rival})
+def stopped_row(row: Evaluation, stage: int, reason: str, rival: str | None, rule: str) -> Evaluation:
+    """The journal row of a stopped candidate: its partial metrics, the stage it reached, the
+    member it lost to and the rule that stopped it (`margin`: the paired test, the audit's
+    false-rejection count is about these; `sibling`: a better offspring of the same member went
+    on; `failed`)."""
+    return replace(row, status=STOPPED, stage=stage, reason=reason, extra={**row.extra, "rival": rival, "rule": rule})
 
 
 @dataclass
@@ -162,8 +164,8 @@ class StagedScoring:
             if stage == self.plan.last:
                 outcome.update({c.id: rows[c.id] for c in alive})
                 break
-            for cid, (reason, rival) in self.decisions(stage, rows, alive, hall_of_fame).items():
-                outcome[cid] = self.stop(rows[cid], stage, reason, rival)
+            for cid, decision in self.decisions(stage, rows, alive, hall_of_fame).items():
+                outcome[cid] = self.stop(rows[cid], stage, *decision)
             alive = [c for c in alive if c.id not in outcome]
         audits = [c for c in candidates if outcome[c.id].status == STOPPED and self.judge.audited(c.id)]
         if audits:  # fully scored anyway, journalled, never selected: the run's false-rejection check
@@ -190,9 +192,9 @@ class StagedScoring:
         last = self.scorer.evaluate([self.plan.job(c, 0) for c in candidates], f"{desc}, staged", follow)
         return {c.id: stops.get(c.id, last[c.id]) for c in candidates}
 
-    def stop(self, row: Evaluation, stage: int, reason: str, rival: str | None) -> Evaluation:
+    def stop(self, row: Evaluation, stage: int, reason: str, rival: str | None, rule: str) -> Evaluation:
         """The candidate's journalled stop (recorded once: a resumed run finds it)."""
-        return self.scorer.finished(row.id, "dev", STOPPED) or self.record_stop(row, stage, reason, rival)
+        return self.scorer.finished(row.id, "dev", STOPPED) or self.record_stop(row, stage, reason, rival, rule)
 
     def decisions(self, stage: int, rows: dict, alive: list[Candidate], hall_of_fame: list[dict]) -> dict[str, tuple]:
         if not self.pareto:
@@ -211,8 +213,8 @@ class StagedScoring:
     def costs(self, params, latency) -> tuple:
         return (float(params or 0),) + ((float(latency or 0),) if self.latency else ())
 
-    def record_stop(self, row: Evaluation, stage: int, reason: str, rival: str | None) -> Evaluation:
-        stop = stopped_row(row, stage, reason, rival)
+    def record_stop(self, row: Evaluation, stage: int, reason: str, rival: str | None, rule: str) -> Evaluation:
+        stop = stopped_row(row, stage, reason, rival, rule)
         self.scorer.record(stop)
         return stop
 
@@ -233,4 +235,13 @@ class StagedScoring:
         }
 
 
-__all__ = ["StagePlan", "StageJudge", "plan_stages", "examples_of", "weights_for", "stopped_row", "STOPPED"]
+def staged_scoring(config, dev_items: Mapping[str, int], scorer: Scorer, mode) -> StagedScoring:
+    """The staged scoring of a run (`config.fitness`), over its dev tasks' item counts."""
+    fitness, weights = config.fitness, {t.name: t.weight for t in config.tasks}
+    plan = plan_stages(fitness.stages, dev_items, config.seed, fitness.min_items, fitness.proxy is not None)
+    judge = StageJudge(plan, weights, fitness.confidence, fitness.advance, config.seed, fitness.audit)
+    return StagedScoring(scorer, plan, judge, pareto=mode.front_of_all, latency=mode.objectives.latency)
+
+
+__all__ = ["StagePlan", "StageJudge", "StagedScoring", "staged_scoring", "plan_stages", "examples_of", "weights_for",
+           "stopped_row", "STOPPED"]
