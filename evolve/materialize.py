@@ -100,7 +100,7 @@ def materialize_tensor(recipe: Recipe, name: str, tensors: Mapping[str, torch.Te
         name=name,
         inputs=tuple(tensors[i].to(device=device, dtype=dtype) for i in input_ids),
         input_ids=input_ids,
-        base=tensors[recipe.base].to(device=device, dtype=dtype) if op.base == "required" and recipe.base is not None else None,
+        base=tensors[recipe.base].to(device=device, dtype=dtype) if op.base in ("required", "optional") and recipe.base is not None else None,
         shared=shared,
         per_input=per_input,
         seed=derive_seed(recipe.seed, name),

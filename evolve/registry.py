@@ -16,6 +16,8 @@ How a base is used (`Operator.base`):
 
 * `"ignored"`: never read; every recipe input is an operator input (linear, the Evolver steps).
 * `"required"`: the common base of task vectors, not counted among the inputs (TIES, DARE, ...).
+* `"optional"`: like "required" when given, and the operator works without one (nuslerp and
+  multislerp: the origin of the task vectors, else the models themselves are interpolated).
 * `"endpoint"`: optional; when given it is the operator's FIRST input and counts as one
   (SLERP's t = 0 end: a base plus one other model, or two endpoints without a base).
 """
@@ -47,9 +49,10 @@ __all__ = [
 ]
 
 REQUIRED = object()  # marks a parameter without a default
-OPERATOR_MODULES = ("evolve.merge_methods", "evolve.steps")  # the modules that register operators
+OPERATOR_MODULES = ("evolve.merge_methods", "evolve.steps",  # the modules that register operators
+                    "evolve.merge_methods_extra", "evolve.merge_methods_geometric")
 COMMON_PARAMS = ("num_layers", "per_input")  # recipe params that are not operator parameters
-BASE_USES = ("ignored", "required", "endpoint")
+BASE_USES = ("ignored", "required", "optional", "endpoint")
 
 
 def as_float(value: Any) -> float:
@@ -105,7 +108,7 @@ class Operator:
     name: str
     apply: Callable[[TensorCall], torch.Tensor]
     params: tuple[ParamSpec, ...]
-    base: str = "ignored"  # how the recipe's base is used: "ignored" | "required" | "endpoint"
+    base: str = "ignored"  # how the recipe's base is used: "ignored" | "required" | "optional" | "endpoint"
     min_inputs: int = 1  # operator inputs (see `operands`): a "required" base is not one
     max_inputs: int | None = None
     inputs_doc: str = ""  # what the inputs are, in order
@@ -156,8 +159,8 @@ def merge_method_names() -> tuple[str, ...]:
 
 
 def operands(recipe: Recipe, op: Operator) -> tuple[str, ...]:
-    """The ids of the operator's inputs, in order: the recipe inputs without a "required"
-    base; an "endpoint" base first, then the other inputs; every input for "ignored"."""
+    """The ids of the operator's inputs, in order: the recipe inputs without a "required" or
+    "optional" base; an "endpoint" base first, then the other inputs; every input for "ignored"."""
     if op.base == "ignored" or recipe.base is None:
         return recipe.inputs
     others = tuple(i for i in recipe.inputs if i != recipe.base)
