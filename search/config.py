@@ -17,13 +17,12 @@ from pydantic import Field, field_validator, model_validator
 
 from compression.calibration import DataSpecError
 
-from search.errors import EvofuseError
+from search.errors import ConfigError
 from search.schema import Strict, read_yaml, validate
+from search.preflight import preflight
 from search.tuning.space import SpaceConfig
 
 
-class ConfigError(EvofuseError):
-    """A bad run config; the message is one line naming the field or file."""
 
 
 class FineTune(Strict):
@@ -195,6 +194,14 @@ class RunConfig(Strict):
     workers: WorkersConfig = Field(default_factory=WorkersConfig)
     export_top: int = Field(1, ge=0)  # candidates exported when the run finishes
 
+    @field_validator("name")
+    @classmethod
+    def _run_name(cls, value: str) -> str:
+        # the name is a directory under runs/: one plain path component, never '..' or absolute
+        if not re.fullmatch(r"[A-Za-z0-9][A-Za-z0-9_.-]*", value) or ".." in value:
+            raise ValueError(f"{value!r} is not a run name (letters, digits, '_', '.', '-'; starting with a letter or digit)")
+        return value
+
     @model_validator(mode="after")
     def _cross_fields(self) -> "RunConfig":
         if self.mode != "compress" and len(self.parents.experts) < 2:
@@ -204,6 +211,8 @@ class RunConfig(Strict):
             raise ValueError("task names must be unique")
         if self.fitness.staged and self.evolver.subsample:
             raise ValueError("evolver.subsample: use fitness.stages instead (they cannot be combined)")
+        if self.fitness.staged and any(t.kind == "lm_eval" for t in self.tasks):
+            raise ValueError("fitness.stages: lm_eval tasks give no per-example scores to stage on")
         if self.fitness.proxy is not None and self.mode == "merge":
             raise ValueError("fitness.proxy: a proxy first stage is for compress / joint runs (merge candidates have no plan)")
         parents = [p.name for p in self.parents.all()]
@@ -264,6 +273,7 @@ def load_config(path: str | Path) -> RunConfig:
     path = Path(path)
     config = parse_config(read_yaml(path, ConfigError), str(path))
     check_data(config, base_dir=path.parent)
+    preflight(config, base_dir=path.parent)  # dev and test distinct, the plan space fits the architecture
     return config
 
 
@@ -289,7 +299,7 @@ def check_data(config: RunConfig, base_dir: Path | None = None) -> None:
             continue
         task.dev = check(task.dev, f"tasks[{i}].dev")
         task.test = check(task.test, f"tasks[{i}].test")
-    from search.models.sources import BUILTINS
+    from search.models.sources import BUILTINS, SourceError, resolve_source
 
     earlier: list[str] = []
     for i, parent in enumerate(config.parents.all()):
@@ -303,10 +313,55 @@ def check_data(config: RunConfig, base_dir: Path | None = None) -> None:
                     f"{where}.source: {parent.source!r} is not a directory, a built-in ({', '.join(BUILTINS)}) "
                     f"or an earlier parent"
                 )
+            try:  # config.json, safetensors headers, no code of its own (search.models.sources)
+                resolve_source(path)
+            except SourceError as exc:
+                raise ConfigError(f"{where}.source: {exc}") from None
             parent.source = str(path)
         if parent.finetune is not None:
             parent.finetune.data = check(parent.finetune.data, f"{where}.finetune.data")
         earlier.append(parent.name)
+
+
+def check_tasks(config: RunConfig) -> None:
+    """Build every task's dev and test set once, before anything runs or is written: the same
+    loading and option checks a worker makes, with a stand-in byte tokenizer
+    (search.models.tiny). A malformed line, a missing field, a label out of range, an empty set
+    or document, non-UTF-8 bytes, a JSON array, an unknown or mistyped option: one ConfigError
+    naming the field (`tasks[1].dev: data/dev.jsonl:3: not JSON ...`)."""
+    from search.errors import BAD_INPUT, one_line
+    from search.fitness import TaskSpec, build_task
+    from search.fitness.lm_eval import parse_lm_eval_data
+    from search.fitness.spec import check_options
+
+    tokenizer = None
+    for i, task in enumerate(config.tasks):
+        for split in ("dev", "test"):
+            spec = TaskSpec(kind=task.kind, data=getattr(task, split), name=task.name, options=task.options)
+            where = f"tasks[{i}].{split}"
+            try:
+                check_options(spec)
+                if task.kind == "lm_eval":  # lm-eval reads its own YAML; the workers build it
+                    parse_lm_eval_data(spec.data, task.options.get("include_path"))
+                    continue
+                if tokenizer is None:
+                    from search.models.tiny import byte_tokenizer
+
+                    tokenizer = byte_tokenizer()
+                built = build_task(spec, tokenizer)
+            except UnicodeDecodeError as exc:
+                raise ConfigError(f"{where}: {spec.data}: not UTF-8 text (byte {exc.object[exc.start]:#04x} at offset {exc.start})") from None
+            except BAD_INPUT as exc:
+                message = one_line(exc)
+                field = f"tasks[{i}].options" if "option" in message and "row" not in message else where
+                raise ConfigError(f"{field}: {message}") from None
+            except (ValueError, TypeError, KeyError, IndexError, AttributeError, OSError) as exc:
+                raise ConfigError(f"{where}: {spec.data}: cannot be read as {task.kind} data ({type(exc).__name__}: {one_line(exc)})") from None
+            if task.kind == "perplexity":
+                empty = next((n for n, doc in enumerate(built.items, 1) if not doc.strip()), None)
+                if empty is not None:
+                    what = f'row {empty}: empty "text"' if str(spec.data).endswith(".jsonl") else "is empty"
+                    raise ConfigError(f"{where}: {spec.data}: {what} (a perplexity set needs text to score)")
 
 
 def dump_config(config: RunConfig) -> str:

@@ -17,6 +17,10 @@ class EvofuseError(ValueError):
     """Bad input to evofuse; the message is one line that names the field or file."""
 
 
+class ConfigError(EvofuseError):
+    """A bad run config; the message is one line naming the field or file."""
+
+
 BAD_INPUT: tuple[type[Exception], ...] = (EvofuseError, CompressionError, RecipeError)
 
 
@@ -26,4 +30,4 @@ def one_line(exc: BaseException) -> str:
     return text.splitlines()[0] if text else type(exc).__name__
 
 
-__all__ = ["EvofuseError", "BAD_INPUT", "one_line"]
+__all__ = ["EvofuseError", "ConfigError", "BAD_INPUT", "one_line"]

@@ -24,8 +24,10 @@ def write(tmp_path: Path, raw: dict) -> Path:
 
 
 def test_shipped_configs_load():
+    not_run_configs = {"plan.yaml", "mergekit-style.yaml"}  # a compression plan, a one-shot merge
     for path in sorted((TINY.parent).glob("*.yaml")):
-        load_config(path)
+        if path.name not in not_run_configs:
+            load_config(path)
 
 
 @pytest.mark.parametrize(

@@ -2,7 +2,8 @@
 
 Every `import` / `from ... import` in every module of compression/, evolve/ and search/ is an
 edge, those inside functions included (a lazy import is still a dependency); only the lines
-under `if __name__ == "__main__":` are left out (they run when a module is a script). A
+under `if __name__ == "__main__":` (they run when a module is a script) and `if TYPE_CHECKING:`
+(never run) are left out. A
 `from package import name` is an edge to `package.name` when that is a module, else to the
 package.
 """
@@ -27,8 +28,12 @@ def project_modules() -> dict[str, Path]:
 
 
 def is_main_guard(node: ast.AST) -> bool:
-    return (isinstance(node, ast.If) and isinstance(node.test, ast.Compare)
-            and isinstance(node.test.left, ast.Name) and node.test.left.id == "__name__")
+    """`if __name__ == "__main__":` (script code) or `if TYPE_CHECKING:` (annotations only)."""
+    if not isinstance(node, ast.If):
+        return False
+    if isinstance(node.test, ast.Name) and node.test.id == "TYPE_CHECKING":
+        return True
+    return isinstance(node.test, ast.Compare) and isinstance(node.test.left, ast.Name) and node.test.left.id == "__name__"
 
 
 def imported_names(path: Path, name: str, modules: set[str] | None = None) -> set[str]:

@@ -2,10 +2,19 @@
 
 DATA is a comma-separated list of lm-eval task names (`hellaswag,arc_easy`) and/or task YAML
 files (`tasks/my_mc.yaml`, whose directory is added to lm-eval's include path, so YAMLs that
-point `dataset_path: json` at local files work offline). Option `include_path` adds further
-directories of task YAMLs. The model is wrapped in lm-eval's `HFLM(pretrained=model)` for each
-evaluation: nothing is written to disk. Groups are expanded to their leaf tasks once at build
-time, and the task objects (their data) are reused for every candidate.
+point `dataset_path: json` at local files work offline; relative `data_files` are read from
+the current directory, as lm-eval reads them). Option `include_path` adds further directories
+of task YAMLs. The model is wrapped in lm-eval's `HFLM(pretrained=model)` for each evaluation:
+nothing is written to disk. Groups are expanded to their leaf tasks once at build time, and
+the task objects (their data) are reused for every candidate.
+
+Splits. lm-eval scores a task's `test_split` (its `validation_split` when there is none). A
+search must select on other documents than it reports, so each item may name its split:
+`my_mc.yaml:validation` (or `:dev`), `:test`, `:train` score the YAML's `validation_split`,
+`test_split`, `training_split`. A run config's lm_eval task names them on both sides
+(`dev: my_mc.yaml:validation`, `test: my_mc.yaml:test`); `search.preflight` refuses a config
+whose dev and test come to the same documents. A task whose validation_split and test_split
+are the same split is refused when either is asked for by name.
 
 Metrics come back as `"{task}/{metric}"` (lm-eval's filter suffix `,none` dropped). `score` is the
 mean over leaf tasks of one metric (option `metric`; by default the first of acc_norm, acc,
@@ -75,27 +84,73 @@ def _yaml_task_name(path: Path) -> str:
     return name
 
 
-def parse_lm_eval_data(data: str, include_path=None) -> tuple[list[str], list[str]]:
-    """(task names, include directories) from `name,name,file.yaml` plus the include_path option."""
-    names, include = [], []
+# `ITEM:SPLIT` names one of the task's own splits by the YAML key that holds its name
+SPLIT_KEYS = {"train": "training_split", "validation": "validation_split", "dev": "validation_split", "test": "test_split"}
+
+
+def split_item(item: str) -> tuple[str, str | None]:
+    """`name_or_yaml[:split]` -> (name or YAML path, split word or None)."""
+    head, sep, tail = item.strip().rpartition(":")
+    if sep and head and tail in SPLIT_KEYS:
+        return head, tail
+    return item.strip(), None
+
+
+def is_yaml(item: str) -> bool:
+    return item.endswith((".yaml", ".yml"))
+
+
+def parse_lm_eval_items(data: str, include_path=None) -> tuple[list[tuple[str, str | None]], list[str]]:
+    """([(task name, split word or None), ...], include directories) from
+    `name[:split],file.yaml[:split]` plus the include_path option."""
+    items, include = [], []
     for extra in [include_path] if isinstance(include_path, str) else list(include_path or []):
         if not Path(extra).is_dir():
             raise TaskError(f"lm_eval option include_path: {extra}: no such directory")
         include.append(str(Path(extra).resolve()))
-    for item in (part.strip() for part in data.split(",")):
+    for part in data.split(","):
+        item, split = split_item(part)
         if not item:
             continue
-        if item.endswith((".yaml", ".yml")):
+        if is_yaml(item):
             path = Path(item)
             if not path.is_file():
                 raise TaskError(f"{item}: no such lm-eval task YAML")
-            names.append(_yaml_task_name(path))
+            items.append((_yaml_task_name(path), split))
             include.append(str(path.parent.resolve()))
         else:
-            names.append(item)
-    if not names:
+            items.append((item, split))
+    if not items:
         raise TaskError(f"lm_eval:{data}: no task names")
-    return names, sorted(set(include))
+    return items, sorted(set(include))
+
+
+def parse_lm_eval_data(data: str, include_path=None) -> tuple[list[str], list[str]]:
+    """(task names, include directories) from `name,name,file.yaml` plus the include_path option
+    (split suffixes are accepted and left out; `parse_lm_eval_items` keeps them)."""
+    items, include = parse_lm_eval_items(data, include_path)
+    return [name for name, _ in items], include
+
+
+def choose_split(task, split: str | None, label: str) -> None:
+    """Point an lm-eval task at the split asked for: lm-eval scores `eval_docs`, which is its
+    `test_split` (else `validation_split`), so the asked-for split becomes the test_split."""
+    if split is None:
+        return
+    config = task.config
+    key = SPLIT_KEYS[split]
+    name = getattr(config, key, None)
+    if not name:
+        raise TaskError(f"{label}: lm-eval task {config.task!r} has no {key} (asked for :{split})")
+    if split != "train" and config.validation_split and config.validation_split == config.test_split:
+        raise TaskError(
+            f"{label}: lm-eval task {config.task!r} has validation_split == test_split == {name!r}: "
+            "its dev and test documents cannot be told apart"
+        )
+    dataset = getattr(task, "dataset", None)
+    if dataset is not None and hasattr(dataset, "keys") and name not in dataset.keys():
+        raise TaskError(f"{label}: lm-eval task {config.task!r} has no split {name!r} (has: {', '.join(dataset.keys())})")
+    config.test_split = name
 
 
 def _leaf_tasks(task_dict) -> list:
@@ -117,16 +172,22 @@ class LmEvalTask(FitnessTask):
         super().__init__(spec, copy.deepcopy(tokenizer))  # HFLM may set a pad token on it
         from lm_eval.tasks import TaskManager, get_task_dict
 
-        self.names, include = parse_lm_eval_data(spec.data, self.option("include_path"))
-        from_files = spec.data.replace(" ", "").split(",")
-        only_files = all(item.endswith((".yaml", ".yml")) for item in from_files) and not self.option("include_path")
+        items, include = parse_lm_eval_items(spec.data, self.option("include_path"))
+        self.names = [name for name, _ in items]
+        only_files = all(is_yaml(split_item(part)[0]) for part in spec.data.split(",") if part.strip())
+        only_files = only_files and not self.option("include_path")
         self.manager = manager = TaskManager(include_path=include or None, include_defaults=not only_files)
         for name in self.names:
             if name not in manager.all_tasks:
                 close = difflib.get_close_matches(name, manager.all_tasks, n=3)
                 hint = f" Did you mean {', '.join(close)}?" if close else ""
                 raise TaskError(f"lm_eval: unknown lm-eval task {name!r}.{hint}")
-        self.tasks = _leaf_tasks(get_task_dict(self.names, manager))
+        self.tasks = []
+        for name, split in items:  # one item at a time: its split applies to its leaf tasks
+            leaves = _leaf_tasks(get_task_dict([name], manager))
+            for task in leaves:
+                choose_split(task, split, self.label)
+            self.tasks.extend(leaves)
         self.items = self.tasks  # len(task) = number of leaf tasks
 
     def evaluate(
@@ -192,4 +253,7 @@ class LmEvalTask(FitnessTask):
         return -math.log(value) if "perplexity" in metric else -value
 
 
-__all__ = ["LmEvalTask", "LM_EVAL_PIN", "require_lm_eval", "parse_lm_eval_data"]
+__all__ = [
+    "LmEvalTask", "LM_EVAL_PIN", "SPLIT_KEYS", "require_lm_eval", "parse_lm_eval_data", "parse_lm_eval_items", "split_item",
+    "is_yaml", "choose_split",
+]

@@ -2,7 +2,17 @@
 
 Data: JSONL `{"context": str, "choices": [str, ...], "label": int}`.
 
-A choice c is the continuation `delimiter + c` (delimiter " " by default, option `delimiter`).
+A choice c is scored as the continuation `target_delimiter + c` of the context, as lm-eval
+joins them (task option `target_delimiter`, lm-eval's name and default: " "). So write choices
+without a leading space — `{"context": "The dog says", "choices": ["woof", "meow"]}` scores
+"The dog says" + " woof". Data whose choices already begin with whitespace (`" woof"`, a common
+format) would get a second space that no text of the task ever has; such a choice gets no
+delimiter (when the delimiter is whitespace) and the task logs one warning saying so.
+`target_delimiter: ""` states the format outright and silences it. (`delimiter` is the
+option's older name.) The leading whitespace that stands in for the delimiter does not count in
+acc_norm's length either, so data with `" woof"` scores exactly as data with `"woof"` does in
+lm-eval. A context that ends with whitespace is joined as lm-eval joins it.
+
 As lm-eval's `_encode_pair` (kernels.encode_pair): trailing whitespace of the context moves to
 the front of the continuation; ctx = encode(context), cont = encode(context +
 continuation)[len(ctx):]; an empty context becomes [prefix]. LL_c = sum of log p(cont | ctx).
@@ -24,6 +34,7 @@ else 0.0, weight = 1.0; sum(value) / sum(weight) = score.
 """
 from __future__ import annotations
 
+import logging
 import warnings
 from dataclasses import dataclass
 from typing import Sequence
@@ -33,6 +44,8 @@ from search.fitness.kernels import encode_pair, sequence_logprobs, shared_prefix
 from search.fitness.spec import COMMON_OPTIONS, TaskError, TaskSpec, register_task_kind
 from search.models.datasets import load_rows
 
+log = logging.getLogger(__name__)
+_warned: set[tuple[str, str]] = set()  # (task label, data): the whitespace warning is logged once
 
 @dataclass
 class Question:
@@ -71,7 +84,16 @@ def question_hits(q: Question, ll: Sequence[float]) -> dict[str, bool]:
     }
 
 
-@register_task_kind("multiple_choice", COMMON_OPTIONS | {"delimiter", "metric", "share_prefix"})
+def continuation(choice: str, delimiter: str) -> tuple[str, str]:
+    """(the text scored after the context, the choice as acc_norm measures it): delimiter +
+    choice and the choice; when the choice already begins with whitespace and the delimiter is
+    whitespace, the choice alone (no doubled space) and the choice without that whitespace."""
+    if delimiter and delimiter.isspace() and choice[:1].isspace():
+        return choice, choice[len(delimiter):] if choice.startswith(delimiter) else choice[1:]
+    return delimiter + choice, choice
+
+
+@register_task_kind("multiple_choice", COMMON_OPTIONS | {"target_delimiter", "delimiter", "metric", "share_prefix"})
 class MultipleChoiceTask(FitnessTask):
     """Pick the most likely choice of each question; accuracy under three normalisations."""
 
@@ -79,26 +101,45 @@ class MultipleChoiceTask(FitnessTask):
 
     def __init__(self, spec: TaskSpec, tokenizer):
         super().__init__(spec, tokenizer)
-        delimiter = self.option("delimiter", " ")
-        if not isinstance(delimiter, str):
-            raise TaskError(f"{self.label}: option delimiter must be a string, got {delimiter!r}")
+        if "target_delimiter" in self.options and "delimiter" in self.options:
+            raise TaskError(f"{self.label}: give option target_delimiter or its older name delimiter, not both")
+        name = "delimiter" if "delimiter" in self.options else "target_delimiter"
+        self.delimiter = self.option(name, " ")
+        if not isinstance(self.delimiter, str):
+            raise TaskError(f"{self.label}: option {name} must be a string, got {self.delimiter!r}")
         self.metric = self.option("metric", "acc_norm")
         if self.metric not in self.METRICS:
             raise TaskError(f"{self.label}: option metric must be one of {', '.join(self.METRICS)}, got {self.metric!r}")
-        self.items = [self._question(n, row, delimiter) for n, row in enumerate(mc_rows(spec.data), 1)]
+        rows = mc_rows(spec.data)
+        self._warn_whitespace(rows)
+        self.items = [self._question(n, row, self.delimiter) for n, row in enumerate(rows, 1)]
         self.share_prefix = bool(self.option("share_prefix", True))
+
+    def _warn_whitespace(self, rows: list[tuple[str, list[str], int]]) -> None:
+        """Say once per task when the data's own whitespace stands in for the delimiter."""
+        leading = [c for _, choices, _ in rows for c in choices if c[:1].isspace()]
+        if not leading or not self.delimiter.isspace() or (self.label, self.spec.data) in _warned:
+            return
+        _warned.add((self.label, self.spec.data))
+        total = sum(len(choices) for _, choices, _ in rows)
+        log.warning(
+            "%s: %d of %d choices already begin with whitespace (e.g. %r): target_delimiter %r is not added before them, "
+            "so none is scored after a doubled space; set target_delimiter: \"\" to state this format and silence the warning",
+            self.label, len(leading), total, leading[0], self.delimiter,
+        )
 
     def _question(self, n: int, row: tuple[str, list[str], int], delimiter: str) -> Question:
         context, choices, label = row
-        pairs = [encode_pair(self.tokenizer, context, delimiter + c, self.prefix) for c in choices]
+        joined = [continuation(c, delimiter) for c in choices]  # [(scored text, measured choice)]
+        pairs = [encode_pair(self.tokenizer, context, text, self.prefix) for text, _ in joined]
         if any(not cont for _, cont in pairs):
             raise TaskError(f"{self.spec.data}: row {n}: a choice tokenises to nothing after the context")
         return Question(
             context=pairs[0][0],
             continuations=[cont for _, cont in pairs],
             label=label,
-            chars=[len(c) for c in choices],
-            bytes=[len(c.encode("utf-8")) for c in choices],
+            chars=[max(1, len(c)) for _, c in joined],
+            bytes=[max(1, len(c.encode("utf-8"))) for _, c in joined],
         )
 
     def _evaluate(self, model, indices, progress) -> Scored:
@@ -137,4 +178,4 @@ class MultipleChoiceTask(FitnessTask):
         return out  # type: ignore[return-value]
 
 
-__all__ = ["MultipleChoiceTask", "Question", "mc_rows", "argmax", "question_hits"]
+__all__ = ["MultipleChoiceTask", "Question", "mc_rows", "argmax", "question_hits", "continuation"]

@@ -9,11 +9,17 @@ Built-in sets, each with `train`, `dev` and `test` splits (`NAME:SPLIT`):
 The splits of a generated set never share an item: every item's split is fixed by a hash of the
 item itself (so adding rows to one split cannot move an item into another), and each split's
 rows are drawn in a fixed order from a generator seeded by the set's name and split.
+
+`GENERATOR_VERSION` is raised whenever a generator, or the way `training_texts` writes a solved
+example, changes what it produces; `data_fingerprint` (what caches of fine-tuned experts are
+keyed by) covers it together with the content itself.
 """
 from __future__ import annotations
 
 import hashlib
+import json
 import random
+import sys
 from pathlib import Path
 from typing import Callable
 
@@ -21,6 +27,7 @@ from compression.calibration import CalibrationData, DataSpecError, pydoc_topics
 from compression.calibration import load_texts as compression_texts
 
 SPLITS = ("train", "dev", "test")
+GENERATOR_VERSION = 1  # raise when a generated set or the solved-example text format changes
 SPLIT_SIZES = {"train": 512, "dev": 64, "test": 128}
 
 
@@ -110,6 +117,19 @@ def training_texts(spec: str | Path) -> list[str]:
     raise DataSpecError(f"{spec}: rows have none of text / prompt+answer / context+choices+label")
 
 
+def data_fingerprint(spec: str | Path) -> dict:
+    """What a fine-tune on `spec` reads, as a cache key: the sha256 of its training texts (a
+    file's content; a built-in's generated rows or pydoc topics, which follow the Python
+    version), plus the generator version and, for built-ins, the Python version."""
+    texts = training_texts(spec)
+    digest = hashlib.sha256(json.dumps(texts, ensure_ascii=False).encode("utf-8")).hexdigest()
+    key = {"sha256": digest, "generator_version": GENERATOR_VERSION}
+    if builtin_name(str(spec)) is not None:  # a file is its content, wherever it lies
+        key["builtin"] = str(spec)
+        key["python"] = ".".join(map(str, sys.version_info[:3]))  # pydoc_data.topics ships with CPython
+    return key
+
+
 def load_texts(spec: str | Path) -> list[str]:
     """Documents of a text spec: compression's (pydoc, text and JSONL files), or a generated
     task set's solved examples (`arithmetic:train`)."""
@@ -123,4 +143,7 @@ def calibration_windows(tokenizer, spec: str | Path, seq_len: int, num_sequences
     return windows_from_texts(tokenizer, load_texts(spec), seq_len, num_sequences, origin=str(spec))
 
 
-__all__ = ["DataSpecError", "load_rows", "load_texts", "training_texts", "builtin_name", "pydoc_topics", "calibration_windows"]
+__all__ = [
+    "DataSpecError", "GENERATOR_VERSION", "load_rows", "load_texts", "training_texts", "builtin_name", "pydoc_topics",
+    "calibration_windows", "data_fingerprint",
+]
