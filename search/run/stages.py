@@ -92,7 +92,7 @@ class StageJudge:
             row = rows[c.id]
             mine = examples_of(row, tasks)
             if mine is None:
-                stopped[c.id] = (f"{row.status} at stage {stage + 1}", None, "failed")
+                stopped[c.id] = failed_at(row, stage)
                 continue
             rival = rivals.get(c.target)
             theirs = examples_of(rival, tasks) if rival is not None else None
@@ -122,7 +122,7 @@ class StageJudge:
             row = rows[c.id]
             mine = examples_of(row, tasks)
             if mine is None:
-                stopped[c.id] = (f"{row.status} at stage {stage + 1}", None, "failed")
+                stopped[c.id] = failed_at(row, stage)
                 continue
             for member_id, theirs, costs in usable:
                 if dominated_beyond_margin(mine, costs_of(row), [(theirs, costs)], weights, self.confidence):
@@ -132,6 +132,11 @@ class StageJudge:
 
     def audited(self, candidate_id: str) -> bool:
         return self.audit > 0 and audit_selected(self.run_seed, candidate_id, self.audit)
+
+
+def failed_at(row: Evaluation, stage: int) -> tuple:
+    """The stop of a candidate whose stage gave no per-example scores (it failed there)."""
+    return f"{row.status} at stage {stage + 1}", None, "failed"
 
 
 def stopped_row(row: Evaluation, stage: int, reason: str, rival: str | None, rule: str) -> Evaluation:
