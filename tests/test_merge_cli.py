@@ -109,7 +109,7 @@ def test_out_dtype_and_relative_paths(models, tmp_path, monkeypatch):
 
 
 @pytest.mark.parametrize("mutate, message", [
-    (lambda c: c.update(merge_method="model_stock"), "field 'merge_method': unknown merge method 'model_stock'; valid: linear"),
+    (lambda c: c.update(merge_method="passthrough"), "field 'merge_method': unknown merge method 'passthrough'; valid: linear"),
     (lambda c: c.update(slices=[]), "field 'slices' is not supported by evofuse merge"),
     (lambda c: c.pop("base_model"), "needs recipe field 'base'"),
     (lambda c: c["models"][0]["parameters"].pop("weight"), "needs parameter 'weight'"),
