@@ -118,10 +118,14 @@ def describe_structure(model: nn.Module) -> dict[str, Any]:
 
 def apply_structure(model: nn.Module, structure: dict[str, Any], source: str = STRUCTURE_FILE) -> None:
     """Replace the recorded modules (parents before children) and set the recorded attributes."""
-    if structure.get("format") != STRUCTURE_FORMAT or structure.get("version") != STRUCTURE_VERSION:
+    if not isinstance(structure, dict) or structure.get("format") != STRUCTURE_FORMAT or structure.get("version") != STRUCTURE_VERSION:
         raise StructureError(f"{source}: not an {STRUCTURE_FORMAT} v{STRUCTURE_VERSION} file")
-    for name in sorted(structure.get("modules", {}), key=lambda n: n.count(".")):
-        spec = dict(structure["modules"][name])
+    modules, attributes = structure.get("modules", {}), structure.get("attributes", {})
+    for key, table in (("modules", modules), ("attributes", attributes)):
+        if not isinstance(table, dict) or not all(isinstance(k, str) and isinstance(v, dict) for k, v in table.items()):
+            raise StructureError(f"{source}: {key!r} must map module names to objects")
+    for name in sorted(modules, key=lambda n: n.count(".")):
+        spec = dict(modules[name])
         kind_name = spec.pop("kind", None)
         if kind_name not in _KINDS:
             raise StructureError(
@@ -133,13 +137,19 @@ def apply_structure(model: nn.Module, structure: dict[str, Any], source: str = S
             parent = model.get_submodule(parent_name)
         except AttributeError:
             raise StructureError(f"{source}: module {name}: no parent {parent_name!r} in the model") from None
-        setattr(parent, child, _KINDS[kind_name].build(spec))
-    for name, attrs in structure.get("attributes", {}).items():
+        try:
+            module = _KINDS[kind_name].build(spec)
+        except (KeyError, TypeError, ValueError, RuntimeError) as exc:
+            raise StructureError(f"{source}: module {name}: bad {kind_name} entry ({type(exc).__name__}: {exc})") from None
+        setattr(parent, child, module)
+    for name, attrs in attributes.items():
         try:
             module = model.get_submodule(name)
         except AttributeError:
             raise StructureError(f"{source}: attributes of {name}: no such module") from None
         for attr, value in attrs.items():
+            if attr not in WIDTH_ATTRIBUTES or isinstance(value, bool) or not isinstance(value, int) or value < 0:
+                raise StructureError(f"{source}: attributes of {name}: {attr}={value!r} is not a width attribute (an integer >= 0)")
             setattr(module, attr, value)
 
 
@@ -198,20 +208,34 @@ def _read_state_dict(directory: Path) -> dict[str, torch.Tensor]:
     from safetensors.torch import load_file
 
     index = directory / "model.safetensors.index.json"
-    if index.is_file():
-        shards = sorted(set(json.loads(index.read_text())["weight_map"].values()))
-    else:
-        shards = ["model.safetensors"]
+    try:
+        shards = sorted(set(json.loads(index.read_text())["weight_map"].values())) if index.is_file() else ["model.safetensors"]
+    except (ValueError, KeyError, TypeError, AttributeError):
+        raise StructureError(f"{index}: not a weights index (no weight_map)") from None
     state: dict[str, torch.Tensor] = {}
     for shard in shards:
         if not (directory / shard).is_file():
             raise StructureError(f"{directory / shard}: missing weights file")
-        state.update(load_file(str(directory / shard)))
+        try:
+            state.update(load_file(str(directory / shard)))
+        except Exception as exc:  # safetensors' own error types: a damaged file
+            raise StructureError(f"{directory / shard}: not a readable safetensors file ({str(exc).splitlines()[0][:120]})") from None
     return state
 
 
-def load_compressed(directory: str | Path, dtype: torch.dtype | None = None) -> nn.Module:
-    """Load a directory written by `save_compressed` (or any plain HF causal-LM directory)."""
+def _config_dict(directory: Path) -> dict:
+    try:
+        data = json.loads((directory / "config.json").read_text(encoding="utf-8"))
+    except (UnicodeDecodeError, json.JSONDecodeError):
+        raise StructureError(f"{directory / 'config.json'}: not valid JSON") from None
+    if not isinstance(data, dict):
+        raise StructureError(f"{directory / 'config.json'}: not a JSON object")
+    return data
+
+
+def load_compressed(directory: str | Path, dtype: torch.dtype | None = None, trust_remote_code: bool = False) -> nn.Module:
+    """Load a directory written by `save_compressed` (or any plain HF causal-LM directory).
+    A directory that asks to run its own code (`auto_map`) is refused unless `trust_remote_code`."""
     from transformers import AutoConfig, AutoModelForCausalLM
 
     from compression.plan import registered_ops
@@ -220,15 +244,22 @@ def load_compressed(directory: str | Path, dtype: torch.dtype | None = None) -> 
     directory = Path(directory)
     if not (directory / "config.json").is_file():
         raise StructureError(f"{directory}: no config.json (not a saved model directory)")
+    if _config_dict(directory).get("auto_map") and not trust_remote_code:
+        raise StructureError(f"{directory / 'config.json'}: asks to run the directory's own Python code (auto_map); refused")
     structure_path = directory / STRUCTURE_FILE
     if not structure_path.is_file():
-        return AutoModelForCausalLM.from_pretrained(str(directory), dtype=dtype).eval()
+        return AutoModelForCausalLM.from_pretrained(str(directory), dtype=dtype, trust_remote_code=trust_remote_code).eval()
     try:
-        structure = json.loads(structure_path.read_text())
+        structure = json.loads(structure_path.read_text(encoding="utf-8"))
+    except UnicodeDecodeError:
+        raise StructureError(f"{structure_path}: not UTF-8 text") from None
     except json.JSONDecodeError as exc:
         raise StructureError(f"{structure_path}: not JSON ({exc.msg})") from None
-    config = AutoConfig.from_pretrained(str(directory))
-    model = AutoModelForCausalLM.from_config(config)
+    try:
+        config = AutoConfig.from_pretrained(str(directory), trust_remote_code=trust_remote_code)
+    except (OSError, ValueError, KeyError, TypeError) as exc:
+        raise StructureError(f"{directory / 'config.json'}: not a usable model config ({str(exc).splitlines()[0][:160]})") from None
+    model = AutoModelForCausalLM.from_config(config, trust_remote_code=trust_remote_code)
     apply_structure(model, structure, str(structure_path))
     if dtype is not None:
         model.to(dtype)

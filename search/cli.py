@@ -35,27 +35,61 @@ def cmd_resume(args) -> int:
 
 
 def cmd_status(args) -> int:
-    from search.results.report import run_status, format_status
+    from search.results.report import format_status, run_status
+    from search.run.store import RunDirError, RunStore
 
-    status = run_status(Path(args.run_dir))
-    print(json.dumps(status, indent=1) if args.json else format_status(status))
+    store = RunStore(args.run_dir)
+    if not store.root.is_dir():
+        raise RunDirError(f"{args.run_dir}: no such run directory")
+    status = run_status(store.root)
+    status.update(driver_status(store, status["status"]))
+    print(json.dumps(status, indent=1) if args.json else format_status(status) + "\n" + format_driver(status))
     return 0
 
 
+def driver_status(store, recorded: str) -> dict:
+    """Who is running the run: the lock holder's pid, or none. A run recorded as running (or
+    starting) with no lock holder was stopped by a kill or crash: its status says `stopped`."""
+    pid = store.lock_holder()
+    state = store.read_state()
+    out = {"driver_pid": pid if pid and pid > 0 else None, "driver_alive": pid is not None}
+    if recorded in ("running", "starting") and pid is None and store.exists():
+        out["status"] = "stopped"
+    if state and state.get("stopped"):
+        out["stopped_reason"] = state["stopped"].get("reason")
+    return out
+
+
+def format_driver(status: dict) -> str:
+    if status["driver_alive"]:
+        who = f"pid {status['driver_pid']}" if status["driver_pid"] else "alive"
+        return f"driver       {who}"
+    if status["status"] == "finished":
+        return "driver       none (finished)"
+    reason = status.get("stopped_reason") or "killed or crashed (nothing recorded)"
+    return f"driver       none: {reason}; `evofuse resume {status['run']}` goes on from the last checkpoint"
+
+
 def cmd_export(args) -> int:
-    from search.results.export import export_member, export_top
+    from search.results.export import check_export_target, export_member, top_ids
+    from search.run.session import check_run
     from search.run.store import RunStore
 
-    out = Path(args.out)
+    run, out = Path(args.run_dir), Path(args.out)
+    store = RunStore(run)
+    check_run(store, weights=False)  # a corrupt config, checkpoint or journal: one line (weights: when read)
     if args.id:
-        paths = [export_member(Path(args.run_dir), args.id, out, args.dtype)]
-    elif args.pareto:
-        from search.results.report import pareto_ids
-
-        ids = pareto_ids(RunStore(args.run_dir))
-        paths = [export_member(Path(args.run_dir), i, out / i, args.dtype) for i in ids]
+        check_export_target(run, out, None, args.force)
+        paths = [export_member(run, args.id, out, args.dtype, replace=args.force)]
     else:
-        paths = export_top(Path(args.run_dir), args.top, out, args.dtype)
+        if args.pareto:
+            from search.results.report import pareto_ids
+
+            ids = pareto_ids(store)
+        else:
+            ids = top_ids(run, args.top)
+        check_export_target(run, out, ids, args.force)  # every target, before any is written
+        paths = [export_member(run, i, out / i, args.dtype, replace=args.force) for i in ids]
     for path in paths:
         print(path)
     return 0
@@ -63,7 +97,10 @@ def cmd_export(args) -> int:
 
 def cmd_report(args) -> int:
     from search.results.report import write_report
+    from search.run.session import check_run
+    from search.run.store import RunStore
 
+    check_run(RunStore(args.run_dir), weights=False)
     print(write_report(Path(args.run_dir)))
     return 0
 
@@ -74,11 +111,12 @@ def cmd_eval(args) -> int:
     from search.fitness import build_task, parse_task_arg
     from search.models.sources import load_model
 
-    options = {k: v for k, v in (("context_length", args.context_length), ("batch_size", args.batch_size)) if v}
+    options = {k: v for k, v in (("context_length", args.context_length), ("batch_size", args.batch_size)) if v is not None}
     specs = [replace(parse_task_arg(t), options=options) for t in args.task]
     device = "cuda" if torch.cuda.is_available() else "cpu"
     dtype = torch.bfloat16 if device == "cuda" else torch.float32
-    model, tokenizer = load_model(args.source, dtype=dtype, device=device, allow_pickle=args.allow_pickle)
+    model, tokenizer = load_model(args.source, dtype=dtype, device=device, allow_pickle=args.allow_pickle,
+                                  trust_remote_code=args.trust_remote_code)
     results = {}
     for spec in specs:
         task = build_task(spec, tokenizer)
@@ -100,19 +138,30 @@ def cmd_compress(args) -> int:
 
     from search.models.sources import load_model
 
+    out = Path(args.out)
+    _check_out_dir(out, args.force)
     plan = load_plan_file(args.plan)
-    model, tokenizer = load_model(args.source, allow_pickle=args.allow_pickle)
+    model, tokenizer = load_model(args.source, allow_pickle=args.allow_pickle, trust_remote_code=args.trust_remote_code)
     check_plan(plan, model.config)
     calibration = calibration_windows(tokenizer, args.calibration, args.seq_len, args.num_sequences)
     log = None if args.quiet else (lambda m: print(m, file=sys.stderr))
     model = apply_plan(model, plan, calibration, log=log)
     from search.results.export import save_model
 
-    out = Path(args.out)
     save_model(model, tokenizer, out)
     (out / "evofuse_plan.yaml").write_text(Path(args.plan).read_text())
     print(out)
     return 0
+
+
+def _check_out_dir(out: Path, force: bool) -> None:
+    """An output directory for `compress`: not a file; empty or new unless --force."""
+    from search.errors import EvofuseError
+
+    if out.exists() and not out.is_dir():
+        raise EvofuseError(f"--out {out}: is a file, not a directory")
+    if not force and out.is_dir() and any(out.iterdir()):
+        raise EvofuseError(f"--out {out}: not empty (choose an empty or new directory, or --force to write into it)")
 
 
 def cmd_merge(args) -> int:
@@ -129,17 +178,49 @@ def cmd_demo(args) -> int:
 
 
 # ---- parser -------------------------------------------------------------------------------
+class Parser(argparse.ArgumentParser):
+    """argparse with bad arguments reported as every other bad input: one line, exit 2."""
+
+    def error(self, message: str):
+        self.exit(2, f"{self.prog}: {message} (see {self.prog} --help)\n")
+
+
+def count(smallest: int):
+    """An argparse type: an integer >= smallest, named in the one-line error otherwise."""
+
+    def parse(text: str) -> int:
+        try:
+            value = int(text)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"expected an integer, got {text!r}") from None
+        if value < smallest:
+            raise argparse.ArgumentTypeError(f"must be at least {smallest}, got {value}")
+        return value
+
+    return parse
+
+
+def positive_number(text: str) -> float:
+    try:
+        value = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a number, got {text!r}") from None
+    if not value > 0:
+        raise argparse.ArgumentTypeError(f"must be > 0, got {text}")
+    return value
+
+
 def build_parser() -> argparse.ArgumentParser:
     from search.tuning.space import CalibrationConfig
 
-    parser = argparse.ArgumentParser(prog="evofuse", description="Evolve, merge and compress language models.")
+    parser = Parser(prog="evofuse", description="Evolve, merge and compress language models.")
     sub = parser.add_subparsers(dest="verb", required=True)
 
     p = sub.add_parser("search", help="launch a population search")
     p.add_argument("config")
     p.add_argument("--run-dir")
     p.add_argument("--address", help="join an existing Ray cluster (default: a local Ray)")
-    p.add_argument("--workers", type=int, help="number of evaluator actors (overrides workers.count)")
+    p.add_argument("--workers", type=count(1), help="number of evaluator actors (overrides workers.count)")
     p.add_argument("--quiet", action="store_true")
     p.set_defaults(func=cmd_search)
 
@@ -158,11 +239,12 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("export", help="write candidates as Hugging Face model directories")
     p.add_argument("run_dir")
     which = p.add_mutually_exclusive_group(required=True)
-    which.add_argument("--top", type=int)
+    which.add_argument("--top", type=count(1))
     which.add_argument("--pareto", action="store_true")
     which.add_argument("--id")
     p.add_argument("--out", required=True, help="--id: the model directory; --top/--pareto: one subdirectory per candidate")
     p.add_argument("--dtype", choices=["float32", "bfloat16"], default="float32")
+    p.add_argument("--force", action="store_true", help="replace earlier evofuse exports at the targets (nothing else)")
     p.set_defaults(func=cmd_export)
 
     p = sub.add_parser("report", help="write plots and report.md into RUN_DIR/report")
@@ -172,11 +254,12 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("eval", help="score a model on fitness tasks")
     p.add_argument("source", help="Hugging Face directory or built-in name (smollm2-135m)")
     p.add_argument("--task", action="append", required=True, metavar="KIND:DATA")
-    p.add_argument("--context-length", type=int, help="tokens per window / sequence (default: the model's maximum)")
-    p.add_argument("--batch-size", type=int)
-    p.add_argument("--subsample", type=float, help="score N items (or a fraction) drawn with seed 0")
+    p.add_argument("--context-length", type=count(1), help="tokens per window / sequence (default: the model's maximum)")
+    p.add_argument("--batch-size", type=count(1))
+    p.add_argument("--subsample", type=positive_number, help="score N items (or a fraction) drawn with seed 0")
     p.add_argument("--json", action="store_true")
     p.add_argument("--allow-pickle", action="store_true")
+    p.add_argument("--trust-remote-code", action="store_true", help="let a model directory's own Python code (auto_map) run")
     p.add_argument("--quiet", action="store_true")
     p.set_defaults(func=cmd_eval)
 
@@ -186,9 +269,11 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--out", required=True)
     calibration = CalibrationConfig()  # the same defaults as a search's plans
     p.add_argument("--calibration", default=calibration.data, help=f"calibration data (default {calibration.data})")
-    p.add_argument("--seq-len", type=int, default=calibration.seq_len)
-    p.add_argument("--num-sequences", type=int, default=calibration.num_sequences)
+    p.add_argument("--seq-len", type=count(2), default=calibration.seq_len)
+    p.add_argument("--num-sequences", type=count(1), default=calibration.num_sequences)
     p.add_argument("--allow-pickle", action="store_true")
+    p.add_argument("--trust-remote-code", action="store_true", help="let a model directory's own Python code (auto_map) run")
+    p.add_argument("--force", action="store_true", help="write into a non-empty --out")
     p.add_argument("--quiet", action="store_true")
     p.set_defaults(func=cmd_compress)
 
@@ -222,14 +307,22 @@ def main(argv: list[str] | None = None) -> int:
     hf_logging.disable_progress_bar()  # our own bars say what is happening; loading bars are noise
     if getattr(args, "quiet", False) or getattr(args, "json", False):
         hf_logging.set_verbosity_error()
+    from search.run.session import RunFailed
+    from search.run.store import RunLock
+
     try:
         return args.func(args)
     except BAD_INPUT as exc:
         print(f"evofuse {args.verb}: {one_line(exc)}", file=sys.stderr)
         return 2
+    except RunFailed as exc:
+        print(f"evofuse {args.verb}: {one_line(exc)}", file=sys.stderr)
+        return 1
     except KeyboardInterrupt:
         print(f"evofuse {args.verb}: interrupted (a run resumes with `evofuse resume`)", file=sys.stderr)
         return 130
+    finally:
+        RunLock.release_all()
 
 
 if __name__ == "__main__":

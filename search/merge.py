@@ -33,6 +33,7 @@ is `evofuse merge CONFIG OUT`.
 from __future__ import annotations
 
 import json
+import pickle
 import sys
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
@@ -152,7 +153,10 @@ def build_recipe(config: MergeConfig, num_layers: int | None) -> Recipe:
     base = config.base_model
     if base is not None and base not in ids:
         ids.append(base)  # mergekit adds a base that is not listed (for linear: as one more input)
-    uses_base = get_operator(config.merge_method).base != "ignored"
+    op = get_operator(config.merge_method)
+    if op.base == "endpoint" and base is None:  # mergekit's slerp: base_model is its t = 0 end
+        raise MergeConfigError(f"field 'base_model': {config.merge_method} needs a base_model (its t = 0 end), as mergekit does")
+    uses_base = op.base != "ignored"
     if uses_base:  # mergekit ignores the base's non-shared parameters (its task vector is zero)
         per_input.pop(base, None)
     if per_input:
@@ -200,6 +204,11 @@ def _open_sources(directories: dict[str, Path], reference: str) -> dict[str, Any
         for source in sources.values():
             source.close()
         raise MergeConfigError(str(exc)) from None
+    except (pickle.UnpicklingError, EOFError, RuntimeError, ValueError, OSError) as exc:  # a damaged .bin pickle
+        for source in sources.values():
+            source.close()
+        first = (str(exc).strip().splitlines() or [type(exc).__name__])[0][:160]
+        raise MergeConfigError(f"{directories[ref]}: cannot read its weights ({type(exc).__name__}: {first})") from None
     return sources
 
 
@@ -215,6 +224,8 @@ def run_merge(config_path: str | Path, out_dir: str | Path, *, allow_pickle: boo
     config, text = load_config(config_path)
     config_dir = Path(config_path).resolve().parent
     out = Path(out_dir)
+    if out.exists() and not out.is_dir():
+        raise MergeConfigError(f"{out}: is a file, not a directory (OUT is the merged model's directory)")
     recipe_ids = [e.model for e in config.models] + ([config.base_model] if config.base_model else [])
     fields = {e.model: f"models.{i}.model" for i, e in enumerate(config.models)}
     fields.setdefault(config.base_model, "base_model")

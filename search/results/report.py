@@ -2,13 +2,14 @@
 from __future__ import annotations
 
 import json
+import math
 import time
 from pathlib import Path
 
 from search.config import ConfigError, load_config
-from evolve.population import member_from_json, member_score, pareto_front_of
+from evolve.population import WORST, member_from_json, member_score, pareto_front_of
 
-from search.results.staging import format_staged, full_dev_rows, staged_summary
+from search.results.staging import format_staged, full_dev_rows, last_stage, staged_summary
 from search.run.store import RunStore
 
 # The metric a person reads for each kind (the search itself aggregates each task's "score").
@@ -30,7 +31,7 @@ def run_status(run_dir: Path) -> dict:
     store, config, state = _load(run_dir)
     journal = store.read_journal()
     logbook = store.read_logbook()
-    dev = full_dev_rows(journal)  # a staged run's partial stages and stops are not results
+    dev = full_dev_rows(journal, last_stage(config))  # a staged run's partial stages and stops are not results
     best_per_task = {}
     for task in config.tasks:
         scored = [e for e in dev if e.get("status") == "ok" and task.name in e["metrics"]]
@@ -55,7 +56,7 @@ def run_status(run_dir: Path) -> dict:
         "best": {"id": best["id"], "score": best["score"]} if best else None,
         "best_per_task": best_per_task,
         "eta_s": eta,
-        "staged": staged_summary(journal),
+        "staged": staged_summary(journal, last_stage(config)),
         "updated": time.strftime("%Y-%m-%d %H:%M:%S", time.localtime(store.journal_path.stat().st_mtime)) if store.journal_path.exists() else None,
     }
 
@@ -82,39 +83,105 @@ def _metric(journal: dict, member_id: str, split: str, task) -> float | None:
     entry = journal.get((member_id, split))
     if not entry or entry.get("status") != "ok":
         return None
-    return entry["metrics"].get(task.name, {}).get(display_metric(task))
+    return entry["metrics"].get(task.name, {}).get(_table_key(task))
+
+
+def _table_key(task) -> str:
+    """The metrics key of a task's display metric: an lm_eval task reports `{leaf}/{metric}`
+    per leaf task, and its `score` is that metric's mean over them."""
+    return "score" if task.kind == "lm_eval" else display_metric(task)
+
+
+def _finite(value) -> bool:
+    """A number that means something: not missing, not NaN / inf, not the WORST sentinel."""
+    return isinstance(value, (int, float)) and math.isfinite(value) and value > WORST
+
+
+def shown_score(entry: dict | None) -> str:
+    """A dev score as a person reads it: the number, or why there is none (failed, non-finite,
+    stopped) — never the WORST sentinel a failed candidate is ranked with."""
+    if entry is None:
+        return "-"
+    if entry.get("status") != "ok":
+        return {"nonfinite": "non-finite"}.get(entry.get("status"), entry.get("status") or "failed")
+    return f"{entry['score']:.4f}" if _finite(entry.get("score")) else "non-finite"
+
+
+def shown_value(value) -> str:
+    if value is None:
+        return "-"
+    return f"{value:.4f}" if isinstance(value, (int, float)) and math.isfinite(value) else "non-finite"
 
 
 def results_table(run_dir: Path) -> str:
-    """Markdown: every parent and the best candidate on each task's dev and test split."""
+    """Markdown: every parent and the best merged candidate on each task's dev and test split,
+    then what the run found, said plainly (see `verdict`)."""
     store, config, state = _load(run_dir)
     if state is None:
         return f"{run_dir}: no results yet"
-    journal = {(e["id"], e["split"]): e for e in store.read_journal()}
-    best = max(state["population"], key=lambda m: m["score"])
-    rows = [(p.name, "base" if p is config.parents.base else "expert") for p in config.parents.all()]
-    rows.append((best["id"], "best candidate"))
+    rows = store.read_journal()
+    journal = {(e["id"], e["split"]): e for e in rows}
+    parents = [p.name for p in config.parents.all()]
+    full = {e["id"]: e for e in full_dev_rows(rows, last_stage(config)) if e["status"] == "ok" and _finite(e.get("score"))}
+    merged = {cid: e for cid, e in full.items() if cid not in parents}
+    best = max(merged.values(), key=lambda e: e["score"], default=None)
+    table = [(p.name, "base" if p is config.parents.base else "expert") for p in config.parents.all()]
+    if best is not None:
+        table.append((best["id"], "best merged candidate"))
     header = ["model", "role", "dev score"] + [f"{t.name} {split} ({display_metric(t)})" for t in config.tasks for split in ("dev", "test")]
     lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
-    for member_id, role in rows:
-        entry = journal.get((member_id, "dev"))
-        cells = [member_id, role, f"{entry['score']:.4f}" if entry else "-"]
+    for member_id, role in table:
+        cells = [member_id, role, shown_score(journal.get((member_id, "dev")))]
         for task in config.tasks:
-            for split in ("dev", "test"):
-                value = _metric(journal, member_id, split, task)
-                cells.append("-" if value is None else f"{value:.4f}")
+            cells += [shown_value(_metric(journal, member_id, split, task)) for split in ("dev", "test")]
         lines.append("| " + " | ".join(cells) + " |")
-    experts = [e.name for e in config.parents.experts]
-    if not experts:
-        return "\n".join(lines)
-    mean_expert = sum(journal[(e, "dev")]["score"] for e in experts) / len(experts)
-    verdict = "beats" if best["score"] > mean_expert else "does NOT beat"
-    lines.append("")
-    lines.append(
-        f"The best candidate ({best['id']}, dev score {best['score']:.4f}) {verdict} the experts' average dev score "
-        f"({mean_expert:.4f}); best single expert: {max(journal[(e, 'dev')]['score'] for e in experts):.4f}."
-    )
-    return "\n".join(lines)
+    return "\n".join(lines + [""] + verdict(config, journal, full, merged, best))
+
+
+def verdict(config, journal: dict, full: dict, merged: dict, best: dict | None) -> list[str]:
+    """Whether any merged candidate beat the best parent (dev aggregate), by how much, and the
+    same per task (each task's best parent against its best merged candidate)."""
+    lines = []
+    broken = [f"{p.name} ({shown_score(journal.get((p.name, 'dev')))})" for p in config.parents.all() if p.name not in full]
+    if broken:
+        lines.append(f"Left out of every comparison below (no finite dev score): {', '.join(broken)}.")
+    parents = {p.name: full[p.name] for p in config.parents.all() if p.name in full}
+    if not parents or best is None:
+        return lines + ["No merged candidate has a full dev score yet." if parents else "No parent has a finite dev score."]
+    top = max(parents.values(), key=lambda e: e["score"])
+    gap = best["score"] - top["score"]
+    experts = [full[e.name]["score"] for e in config.parents.experts if e.name in full]
+    average = f"; the experts' average is {sum(experts) / len(experts):.4f}" if experts else ""
+    if gap > 0:
+        lines.append(f"The best merged candidate ({best['id']}, dev score {best['score']:.4f}) beats the best parent "
+                     f"({top['id']}, {top['score']:.4f}) by {gap:.4f}{average}.")
+    else:
+        lines.append(f"No merged candidate beat the best parent: {top['id']} (dev score {top['score']:.4f}) is ahead of "
+                     f"the best merged candidate ({best['id']}, {best['score']:.4f}) by {-gap:.4f}{average}.")
+    lines.append("Per task (dev; each task's best parent against its best merged candidate):")
+    for task in config.tasks:
+        lines.append(f"- {_task_verdict(task, parents, merged)}")
+    return lines
+
+
+def _task_verdict(task, parents: dict, merged: dict) -> str:
+    metric, key = display_metric(task), _table_key(task)
+
+    def best_on(entries: dict):
+        scored = [e for e in entries.values() if _finite(e["metrics"].get(task.name, {}).get("score"))]
+        return max(scored, key=lambda e: e["metrics"][task.name]["score"], default=None)
+
+    parent, candidate = best_on(parents), best_on(merged)
+    if parent is None or candidate is None:
+        return f"{task.name}: {'no parent' if parent is None else 'no merged candidate'} has a finite score"
+    p, c = parent["metrics"][task.name], candidate["metrics"][task.name]
+    shown = f"{candidate['id']} {metric} {shown_value(c.get(key))} against {parent['id']} {shown_value(p.get(key))}"
+    difference = ""
+    if _finite(c.get(key)) and _finite(p.get(key)):
+        difference = f" (difference {c[key] - p[key]:+.4f})"
+    if c["score"] > p["score"]:
+        return f"{task.name}: a merged candidate beats the best parent: {shown}{difference}"
+    return f"{task.name}: no merged candidate beats the best parent: {shown}{difference}"
 
 
 def pareto_section(store: RunStore, state: dict, out: Path) -> list[str]:

@@ -20,22 +20,24 @@ from search.run.candidate import Evaluation
 STOPPED = "stopped"
 
 
-def full_dev_rows(rows: list[dict]) -> list[dict]:
+def last_stage(config) -> int | None:
+    """The index of a run's full-scoring stage; None when its fitness is not staged."""
+    fitness = config.fitness
+    return len(fitness.stages) - 1 + (fitness.proxy is not None) if fitness.staged else None
+
+
+def full_dev_rows(rows: list[dict], last: int | None) -> list[dict]:
     """Dev rows that score a candidate on every item: unstaged rows and last-stage rows (a
     staged run's earlier stages and its stops are partial)."""
-    dev = [r for r in rows if r.get("split") == "dev"]
-    stages = [r["stage"] for r in dev if r.get("stage") is not None and r["status"] != STOPPED]
-    last = max(stages, default=None)
-    return [r for r in dev if r["status"] != STOPPED and r.get("stage") in (None, last)]
+    return [r for r in rows if r.get("split") == "dev" and r["status"] != STOPPED and r.get("stage") in (None, last)]
 
 
-def staged_summary(rows: list[dict]) -> dict | None:
+def staged_summary(rows: list[dict], last: int | None) -> dict | None:
     """Counts and audit figures of a staged run's dev evaluations; None for an unstaged run."""
+    if last is None:
+        return None
     dev = [Evaluation.from_json(r) for r in rows if r.get("split") == "dev"]
     staged = [e for e in dev if e.stage is not None]
-    if not staged:
-        return None
-    last = max(e.stage for e in staged if e.status != STOPPED)
     stops = {e.id: e for e in staged if e.status == STOPPED}
     by_stage: dict[tuple[str, int], Evaluation] = {(e.id, e.stage): e for e in staged if e.status != STOPPED}
     full = {e.id: e for e in dev if e.status == "ok" and e.stage in (None, last)}
@@ -82,4 +84,4 @@ def format_staged(summary: dict) -> list[str]:
     return lines
 
 
-__all__ = ["staged_summary", "format_staged"]
+__all__ = ["staged_summary", "format_staged", "full_dev_rows", "last_stage"]

@@ -198,7 +198,13 @@ class Objectives:
 
 def is_finite_score(value: float | None) -> bool:
     """A score that means something: not missing, not NaN / inf, not the WORST sentinel."""
-    return value is not None and math.isfinite(value) and value > WORST
+    return isinstance(value, (int, float)) and math.isfinite(value) and value > WORST
 
 
-__all__ = ["Candidate", "Evaluation", "Objectives", "FAILED_PARAMS", "FAILED_LATENCY_MS", "OK", "is_finite_score"]
+def format_score(value, spec: str = ".4f") -> str:
+    """A score for people: `failed` for a missing, non-finite or worst-sentinel value."""
+    return format(value, spec) if is_finite_score(value) else "failed"
+
+
+__all__ = ["Candidate", "Evaluation", "Objectives", "FAILED_PARAMS", "FAILED_LATENCY_MS", "OK", "is_finite_score",
+           "format_score"]

@@ -30,9 +30,9 @@ from search.config import ConfigError, RunConfig, population_merge_recipe, seed_
 from search.models.experts import resolve_parents
 from search.models.sources import tensor_index
 from search.models.tensors import check_same_tensors
-from search.run.candidate import Candidate, Evaluation
+from search.run.candidate import Candidate, Evaluation, format_score
 from search.run.modes import Mode, make_mode
-from search.run.scoring import STOPPED, Log, Scorer
+from search.run.scoring import STOPPED, Log, Scorer, check_generation
 from search.run.stages import StagedScoring, staged_scoring
 from search.run.store import RunStore
 from search.run.weights import WeightBank
@@ -77,7 +77,7 @@ class Search:
             latency=config.compress.latency.model_dump() if compressing and config.compress.latency else None,
             proxy=config.fitness.proxy.model_dump() if config.fitness.proxy else None,
         )
-        self.base_config = AutoConfig.from_pretrained(spec.template_dir)
+        self.base_config = AutoConfig.from_pretrained(spec.template_dir, trust_remote_code=False)
         self.pool = EvaluatorPool(spec, workers.count, workers.num_cpus, workers.num_gpus, workers.max_retries)
         self.weights = WeightBank(self.store, names, list(config.evolver.exclude))
         self.weights.publish_parents(parent_dirs)
@@ -106,6 +106,7 @@ class Search:
         candidates = [Candidate.copy_of(n) for n in names] + [Candidate(id=n, recipe=r) for n, r in seeds.items()]
         staged = self.config.fitness.staged  # members' per-example scores serve every later comparison
         results = self.scorer.evaluate([ScoreJob(c, per_example=staged) for c in candidates], "parents")
+        check_generation(results.values(), "the first population (parents and seed merges)")
         dense_params = results[names[0]].num_params
         self.mode = make_mode(self.config, self.resolve_budget(dense_params))
         members = [self.mode.objectives.member(results[n]) for n in self.mode.population_ids() + list(seeds)]
@@ -213,7 +214,7 @@ class Search:
         if state.get("pending"):
             record["plans_over_budget"] = state["pending"].get("plans_over_budget", 0)
         self.store.append_logbook(record)
-        self.log(f"generation {generation + 1}: best {record['best']:.4f} mean {record['mean']:.4f}, "
+        self.log(f"generation {generation + 1}: best {format_score(record['best'])} mean {format_score(record['mean'])}, "
                  f"{len(accepted)}/{len(candidates)} new members" + (f", Pareto front {len(best)}" if self.mode.front_of_all else ""))
         state = {
             **state,

@@ -25,6 +25,21 @@ from search.run.workers import EvaluatorPool, ScoreJob
 STOPPED = "stopped"  # the status (and journal stage key) of a candidate stopped by staged fitness
 
 
+class RunFailed(Exception):
+    """A run that cannot go on (every candidate of a generation failed); one line, exit 1."""
+
+
+def check_generation(evaluations, what: str) -> None:
+    """Stop with one line when every candidate of a generation failed: there is nothing to
+    select from, and the reason is almost always the same for all (bad data, a broken model).
+    The run loop calls it after each generation's (and the first population's) scoring."""
+    evaluations = list(evaluations)
+    if evaluations and not any(e.ok for e in evaluations):
+        first = evaluations[0]
+        reason = first.reason or first.status
+        raise RunFailed(f"{what}: all {len(evaluations)} candidates failed, e.g. {first.id}: {reason}")
+
+
 def journal_key(evaluation: Evaluation) -> tuple:
     """(id, split, stage): one row per stage scored; a stop is its own row (stage STOPPED)."""
     return evaluation.id, evaluation.split, STOPPED if evaluation.status == STOPPED else evaluation.stage
@@ -136,4 +151,4 @@ class Scorer:
         return None
 
 
-__all__ = ["Scorer", "Log"]
+__all__ = ["Scorer", "Log", "RunFailed", "check_generation", "journal_key", "STOPPED"]

@@ -29,11 +29,8 @@ from tqdm.auto import tqdm
 
 from search.config import ConfigError, RunConfig, check_tasks, dump_config, load_config
 from search.errors import BAD_INPUT, EvofuseError, one_line
+from search.run.scoring import RunFailed, check_generation  # noqa: F401  (re-exported)
 from search.run.store import CorruptRunError, RunDirError, RunStore
-
-
-class RunFailed(Exception):
-    """A run that cannot go on (every candidate of a generation failed); one line, exit 1."""
 
 
 def default_run_dir(config: RunConfig) -> Path:
@@ -50,18 +47,33 @@ def start_search(config_path: str | Path, run_dir: str | Path | None = None, *, 
     root = Path(run_dir) if run_dir else default_run_dir(config)
     store = RunStore(root)
     _check_new_run_dir(store)
+    created = not root.exists()
     try:
         root.mkdir(parents=True, exist_ok=True)
     except OSError as exc:
         raise RunDirError(f"{root}: cannot create the run directory ({exc.strerror})") from None
-    store.check_writable()
-    store.lock()
-    _check_new_run_dir(store)  # again, under the lock: another start may have won the race
-    store.remove_temporaries()
-    config.run_dir = str(root)
-    store.write_identity(config.fingerprint(), config.model_dump(mode="json"))
-    store.write_config(dump_config(config))
-    return run_search(config, store, address, quiet)
+    written = False
+    try:
+        store.check_writable()
+        store.lock()
+        _check_new_run_dir(store)  # again, under the lock: another start may have won the race
+        store.remove_temporaries()
+        config.run_dir = str(root)
+        store.write_identity(config.fingerprint(), config.model_dump(mode="json", exclude={"run_dir"}))
+        store.write_config(dump_config(config))
+        written = True
+        return run_search(config, store, address, quiet)
+    except BAD_INPUT:
+        if written and not (store.journal_path.exists() or store.state_path.exists()):
+            _undo_start(store, created)  # bad input found before any evaluation: leave no run behind
+        raise
+
+
+def _undo_start(store: RunStore, created: bool) -> None:
+    for path in (store.config_path, store.identity_path, store.lock_path):
+        path.unlink(missing_ok=True)
+    if created:
+        shutil.rmtree(store.root, ignore_errors=True)
 
 
 def _check_new_run_dir(store: RunStore) -> None:
@@ -85,9 +97,10 @@ def resume_search(run_dir: str | Path, *, config_path: str | Path | None = None,
     return run_search(config, store, address, quiet, verified=True)
 
 
-def check_run(store: RunStore, config_path: str | Path | None = None) -> tuple[RunConfig, dict | None]:
+def check_run(store: RunStore, config_path: str | Path | None = None, weights: bool = True) -> tuple[RunConfig, dict | None]:
     """(config, checkpoint) of a run directory, refused with one line when the config changed
-    since the run started, or the checkpoint, journal or weights are corrupt. Reads only."""
+    since the run started, or the checkpoint, journal or (`weights`) weights files are corrupt.
+    Reads only."""
     run_dir = store.root
     if not store.root.is_dir():
         raise RunDirError(f"{run_dir}: no such run directory")
@@ -107,7 +120,8 @@ def check_run(store: RunStore, config_path: str | Path | None = None) -> tuple[R
     if state is not None:
         if state.get("fingerprint") != config.fingerprint():
             raise ConfigError(f"{store.config_path}: changed since the run started; restore it or start a new run")
-        store.verify_weights(state.get("weight_checksums", {}))
+        if weights:
+            store.verify_weights(state.get("weight_checksums", {}))
     store.check_journal(state)
     return config, state
 
@@ -122,6 +136,8 @@ def changed_field(old: RunConfig, new: RunConfig) -> str:
                 if found:
                     return found
             return None
+        if isinstance(x, list) and isinstance(y, list) and len(x) == len(y):
+            return next((found for i, (a, b) in enumerate(zip(x, y)) if (found := walk(a, b, f"{path}[{i}]"))), None)
         return None if x == y else f"{path}: {x!r} -> {y!r}"
 
     skip = {"run_dir": True, "workers": {"address", "count"}}  # not part of the identity
@@ -144,9 +160,10 @@ def run_search(config: RunConfig, store: RunStore, address, quiet: bool, verifie
         if state["status"] != "running":  # stopped before: running again from this checkpoint
             store.write_state({k: v for k, v in state.items() if k != "stopped"} | {"status": "running"})
     search = Search(config, store, address=address, quiet=quiet)
-    restore = _terminate_as_interrupt()
+    restore = lambda: None  # noqa: E731
     try:
         search.start()
+        restore = _terminate_as_interrupt()  # after Ray's start, which installs its own handler
         search.run()
     except BAD_INPUT:
         raise  # bad input changes nothing in the run directory
@@ -183,17 +200,6 @@ def record_stop(store: RunStore, exc: BaseException) -> None:
         store.write_state({**state, "status": status, "stopped": {"reason": reason, "time": time.time()}})
     except Exception:  # never hide the original error behind one about recording it
         pass
-
-
-def check_generation(evaluations, what: str) -> None:
-    """Stop with one line when every candidate of a generation failed: there is nothing to
-    select from, and the reason is almost always the same for all (bad data, a broken model).
-    The run loop calls it after each generation's (and the first population's) scoring."""
-    evaluations = list(evaluations)
-    if evaluations and not any(e.ok for e in evaluations):
-        first = evaluations[0]
-        reason = first.reason or first.status
-        raise RunFailed(f"{what}: all {len(evaluations)} candidates failed, e.g. {first.id}: {reason}")
 
 
 def export_after_run(root: Path, quiet: bool = False) -> list[Path]:

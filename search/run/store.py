@@ -103,6 +103,11 @@ def atomic_write(path: Path, data: bytes, kind: str = "file") -> None:
     fsync_dir(path.parent)
 
 
+def _json_type(value) -> str:
+    names = {dict: "object", list: "array", str: "string", bool: "boolean", int: "number", float: "number"}
+    return "null" if value is None else names.get(type(value), type(value).__name__)
+
+
 def _decode(path: Path, data: bytes) -> str:
     try:
         return data.decode("utf-8")
@@ -159,7 +164,7 @@ class RunStore:
             return None
         state = self._read_json(self.state_path)
         if not isinstance(state, dict):
-            raise CorruptRunError(f"{self.state_path}: not a checkpoint (a JSON {type(state).__name__}, expected an object)")
+            raise CorruptRunError(f"{self.state_path}: not a checkpoint (a JSON {_json_type(state)}, expected an object)")
         if state.get("format_version") != FORMAT_VERSION:
             raise CorruptRunError(
                 f"{self.state_path}: format version {state.get('format_version')!r}, this evofuse reads {FORMAT_VERSION}"
@@ -217,7 +222,7 @@ class RunStore:
         """Drop logbook lines of generations the checkpoint does not hold (a kill between the
         logbook append and the state write): the resumed run writes them again."""
         records = self.read_logbook()
-        keep = [r for r in records if isinstance(r.get("gen"), int) and r["gen"] < generations]
+        keep = [r for r in records if not isinstance(r.get("gen"), int) or r["gen"] < generations]
         if len(keep) != len(records):
             text = "".join(json.dumps(r, sort_keys=True) + "\n" for r in keep)
             atomic_write(self.logbook_path, text.encode(), "logbook")
@@ -380,7 +385,7 @@ def _read_jsonl(path: Path) -> list[dict]:
         except json.JSONDecodeError as exc:
             raise CorruptRunError(f"{path}:{lineno}: not valid JSON ({exc.msg}; corrupt line)") from None
         if not isinstance(entry, dict):
-            raise CorruptRunError(f"{path}:{lineno}: not a JSON object (corrupt line)")
+            raise CorruptRunError(f"{path}:{lineno}: a JSON {_json_type(entry)}, not an object (corrupt line)")
         entries.append(entry)
     return entries
 

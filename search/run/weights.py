@@ -66,7 +66,6 @@ class WeightBank:
         checksum = self.store.save_weights(
             member_id, specs=specs, produce=lambda name: materialize(recipe, inputs, [name], self.exclude)[name]
         )
-        del inputs, first
         self.refs[member_id] = put_weights(self.store.load_weights(member_id))
         return checksum
 

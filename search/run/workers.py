@@ -220,11 +220,16 @@ def init_ray(address: str | None, num_cpus: int | None = None, quiet: bool = Tru
         return
     # A local Ray dies with its driver: Ray's own fate-sharing ends the raylet and GCS, but its
     # DashboardAgent and RuntimeEnvAgent hang on after a SIGKILLed driver. A watchdog process
-    # (Linux: it reads /proc) notes every process this ray.init starts, and when the driver is
-    # gone (its pipe closes, however the driver ended) kills those still alive.
+    # (Linux: it reads /proc) notes every process this ray.init starts and their descendants
+    # (nothing else the driver runs), and when the driver is gone (its pipe closes, however
+    # the driver ended) kills those still alive.
     import subprocess
     import sys
 
+    watchdog = getattr(init_ray, "watchdog", None)
+    if watchdog is not None:  # an earlier local Ray of this process: its watchdog finishes first
+        watchdog.stdin.close()
+        watchdog.wait()
     watchdog = None
     if os.path.isdir("/proc/self"):
         watchdog = subprocess.Popen([sys.executable, "-c", _RAY_WATCHDOG, str(os.getpid())], stdin=subprocess.PIPE,
@@ -239,6 +244,9 @@ def init_ray(address: str | None, num_cpus: int | None = None, quiet: bool = Tru
         if watchdog is not None:
             watchdog.stdin.close()  # clean up what a failed start left
         raise
+    if watchdog is not None:
+        watchdog.stdin.write(b"started\n")  # the driver's new children are Ray's: watch them only
+        watchdog.stdin.flush()
 
 
 _RAY_WATCHDOG = r"""
@@ -252,33 +260,39 @@ def stat(pid):  # (ppid, start time) from /proc/PID/stat
         fields = handle.read().rsplit(")", 1)[1].split()
     return int(fields[1]), fields[19]
 
-def tree():  # {pid: start time} of the driver's descendants
-    children = {}
+def children():  # {ppid: [(pid, start time)]}
+    found = {}
     for name in os.listdir("/proc"):
         if name.isdigit():
             try:
                 ppid, start = stat(name)
             except (OSError, IndexError, ValueError):
                 continue
-            children.setdefault(ppid, []).append((int(name), start))
-    found, todo = {}, [driver]
+            found.setdefault(ppid, []).append((int(name), start))
+    return found
+
+def below(roots):  # {pid: start time} of the roots and all their descendants
+    kids, found, todo = children(), dict(roots), [pid for pid, _ in roots]
     while todo:
-        for pid, start in children.get(todo.pop(), []):
+        for pid, start in kids.get(todo.pop(), []):
             if pid != me and pid not in found:
                 found[pid] = start
                 todo.append(pid)
     return found
 
-before = set(tree().items())
-sys.stdout.write("ready
-")
+before = set(children().get(driver, []))
+sys.stdout.write("ready\n")
 sys.stdout.flush()
-seen = {}
+roots, seen = None, {}
 while True:
     readable, _, _ = select.select([sys.stdin], [], [], 1.0)
-    if readable and not os.read(sys.stdin.fileno(), 65536):
+    data = os.read(sys.stdin.fileno(), 65536) if readable else None
+    if data is not None and roots is None:  # ray.init returned (or failed): what it started
+        roots = [(p, s) for p, s in children().get(driver, []) if (p, s) not in before and p != me]
+    if roots is not None:
+        seen.update(below(roots))
+    if data == b"":
         break
-    seen.update(item for item in tree().items() if item not in before)
 time.sleep(1.0)  # Ray's own fate-sharing first
 for pid, start in seen.items():
     try:

@@ -7,6 +7,10 @@ its predicted size and the study is asked again. A plan whose size cannot be pre
 does not fit the model (a FAIL trial once scored), goes on as it is; after `MAX_PLAN_ASKS` the
 last plan is scored whatever its size. With a budget, the first generation's plans are anchors
 sized to it (`search.tuning.space.budget_anchors`), queued before the first ask.
+
+Resume: a trial asked before a kill but not yet checkpointed (RUNNING, not asked by this
+process) is asked again as it was (`_next_trial`), and the count of plans skipped is read from
+the study, so a resumed run asks the same trials, numbered alike, as an uninterrupted one.
 """
 from __future__ import annotations
 
@@ -44,20 +48,43 @@ class Planner:
 
     def ask(self) -> tuple[list, int, int]:
         """(plan, trial number, plans skipped): ask until a plan is predicted to fit the budget."""
-        for asked in range(1, MAX_PLAN_ASKS + 1):
-            trial = self.study.ask()
+        while True:
+            trial = self._next_trial()
             plan = suggest_plan(trial, self.space, self.num_layers)
+            skipped = self._pruned_before(trial.number)
             if self.max_params is None:
-                return self._asked(trial, plan, asked)
+                return self._asked(trial, plan, skipped)
             predicted = self.predicted_params(plan)
             set_size_constraint(trial, predicted, self.max_params)
-            if predicted is None or predicted <= self.max_params or asked == MAX_PLAN_ASKS:
-                return self._asked(trial, plan, asked)
+            if predicted is None or predicted <= self.max_params or skipped + 1 >= MAX_PLAN_ASKS:
+                return self._asked(trial, plan, skipped)
             prune_over_budget(self.study, trial, predicted, self.max_params)
 
-    def _asked(self, trial, plan: list, asked: int) -> tuple[list, int, int]:
+    def _next_trial(self):
+        """A trial asked before a kill and never checkpointed (RUNNING, not asked by this
+        process) is taken up again, with the parameters it was given; else a new one. So a
+        resumed run's trials, their numbers and (history-seeded samplers) plans are the ones
+        an uninterrupted run has."""
+        running = self.study.get_trials(deepcopy=False, states=(optuna.trial.TrialState.RUNNING,))
+        orphan = next((t for t in running if t.number not in self.live), None)
+        if orphan is not None:
+            return optuna.Trial(self.study, orphan._trial_id)
+        return self.study.ask()
+
+    def _pruned_before(self, number: int) -> int:
+        """Plans told PRUNED (over budget) right before trial `number`: the ones asked for the
+        same candidate (read from the study, so a resumed run counts those of a dead process)."""
+        trials = self.study.get_trials(deepcopy=False)
+        count = 0
+        for trial in reversed(trials[:number]):
+            if trial.state != optuna.trial.TrialState.PRUNED:
+                break
+            count += 1
+        return count
+
+    def _asked(self, trial, plan: list, skipped: int) -> tuple[list, int, int]:
         self.live[trial.number] = trial
-        return plan, trial.number, asked - 1
+        return plan, trial.number, skipped
 
     def tell(self, trial_number: int, values: tuple[float, ...] | None, fail_reason: str | None = None) -> None:
         """Tell the study a scored candidate's objectives (None: it failed)."""

@@ -16,12 +16,56 @@ import optuna
 
 
 def make_sampler(kind: str, seed: int, population_size: int):
-    """Samplers read a trial's constraint from `Trial.set_constraint` (feasible when <= 0)."""
+    """Samplers read a trial's constraint from `Trial.set_constraint` (feasible when <= 0).
+
+    Each sampler's randomness is a pure function of the study's history: before every trial it
+    is re-seeded from (run seed, trial number) (`HistorySeeded`). A resumed run, whose sampler
+    object is new, then asks exactly what the uninterrupted run asked: nothing about the RNG
+    needs to be saved, and the Optuna journal alone is the sampler's state."""
     if kind == "nsga2":
-        return optuna.samplers.NSGAIISampler(seed=seed, population_size=max(2, population_size))
+        return _seeded(optuna.samplers.NSGAIISampler)(seed=seed, population_size=max(2, population_size))
     if kind == "tpe":
-        return optuna.samplers.TPESampler(seed=seed)
-    return optuna.samplers.RandomSampler(seed=seed)
+        return _seeded(optuna.samplers.TPESampler)(seed=seed)
+    return _seeded(optuna.samplers.RandomSampler)(seed=seed)
+
+
+class HistorySeeded:
+    """Mixin: re-seed every random state of the sampler (and of the samplers it holds) from
+    (seed, trial number) in `before_trial`, which Optuna calls before any sampling of a trial."""
+
+    def __init__(self, *args, seed: int, **kwargs):
+        super().__init__(*args, seed=seed, **kwargs)
+        self._history_seed = seed
+
+    def before_trial(self, study, trial) -> None:
+        reseed(self, self._history_seed, trial.number)
+        super().before_trial(study, trial)
+
+
+def _seeded(sampler_cls):
+    return type(f"HistorySeeded{sampler_cls.__name__}", (HistorySeeded, sampler_cls), {"__module__": __name__})
+
+
+def reseed(sampler, seed: int, trial_number: int) -> None:
+    """Set every `LazyRandomState` reachable from `sampler`'s attributes (its own, a nested
+    sampler's, a strategy's) to a state derived from (seed, trial number, attribute path)."""
+    import hashlib
+
+    from optuna.samplers._lazy_random_state import LazyRandomState
+
+    def walk(obj, path: str, seen: set) -> None:
+        if id(obj) in seen:
+            return
+        seen.add(id(obj))
+        if isinstance(obj, LazyRandomState):
+            digest = hashlib.sha256(f"evofuse-sampler:{seed}:{trial_number}:{path}".encode()).digest()
+            obj.rng.seed(int.from_bytes(digest[:4], "little"))
+            return
+        if isinstance(obj, optuna.samplers.BaseSampler) or type(obj).__module__.startswith("optuna.samplers"):
+            for name, value in sorted(vars(obj).items()) if hasattr(obj, "__dict__") else ():
+                walk(value, f"{path}.{name}", seen)
+
+    walk(sampler, "sampler", set())
 
 
 def journal_path(run_dir: Path) -> Path:
