@@ -308,7 +308,7 @@ def main(argv: list[str] | None = None) -> int:
     if getattr(args, "quiet", False) or getattr(args, "json", False):
         hf_logging.set_verbosity_error()
     from search.run.session import RunFailed
-    from search.run.store import RunLock
+    from search.run.lock import RunLock
 
     try:
         return args.func(args)

@@ -21,6 +21,10 @@ class ConfigError(EvofuseError):
     """A bad run config; the message is one line naming the field or file."""
 
 
+class RunDirError(EvofuseError):
+    """A run directory that cannot be used as asked (locked, not writable); one line."""
+
+
 BAD_INPUT: tuple[type[Exception], ...] = (EvofuseError, CompressionError, RecipeError)
 
 
@@ -30,4 +34,4 @@ def one_line(exc: BaseException) -> str:
     return text.splitlines()[0] if text else type(exc).__name__
 
 
-__all__ = ["EvofuseError", "ConfigError", "BAD_INPUT", "one_line"]
+__all__ = ["EvofuseError", "ConfigError", "RunDirError", "BAD_INPUT", "one_line"]

@@ -34,7 +34,8 @@ from evolve.recipe import Recipe
 from search.cli import main
 from search.config import dump_config, load_config
 from search.run import faults
-from search.run.store import RunLock, RunStore
+from search.run.lock import RunLock
+from search.run.store import RunStore
 
 ROOT = Path(__file__).resolve().parent.parent
 

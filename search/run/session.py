@@ -2,7 +2,7 @@
 a time, a repaired directory after a kill, and a clean end state on any exit the driver controls.
 
 `start_search` checks the config and every task's data (search.config.check_tasks) before it
-creates anything, takes the run's lock (search.run.store.RunLock: a second driver exits 2 naming
+creates anything, takes the run's lock (search.run.lock.RunLock: a second driver exits 2 naming
 the holder's pid), then writes `identity.json` (the resolved config's fingerprint) and
 `config.yaml`, each atomically: from then on the config is the run's identity, and
 `resume_search` refuses a changed one, before or after the first checkpoint.
