@@ -145,11 +145,21 @@ def cmd_compress(args) -> int:
     check_plan(plan, model.config)
     calibration = calibration_windows(tokenizer, args.calibration, args.seq_len, args.num_sequences)
     log = None if args.quiet else (lambda m: print(m, file=sys.stderr))
-    model = apply_plan(model, plan, calibration, log=log)
+    from compression.loader import atomic_write_text
+
+    from search.models.progress import SetupStep
     from search.results.export import save_model
 
+    # one step at a time, so even --quiet says how far the calibration statistics and
+    # reconstructions have come (apply_plan applies its steps in order, each to the last's output)
+    with SetupStep(f"compress {args.source}: {len(plan)} plan steps", total=len(plan), quiet=args.quiet) as progress:
+        for i, step in enumerate(plan):
+            if log:
+                log(f"plan[{i}]: {step.model_dump(mode='json')}")
+            model = apply_plan(model, [step], calibration)
+            progress.update()
     save_model(model, tokenizer, out)
-    (out / "evofuse_plan.yaml").write_text(Path(args.plan).read_text())
+    atomic_write_text(out / "evofuse_plan.yaml", Path(args.plan).read_text())
     print(out)
     return 0
 
