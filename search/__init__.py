@@ -1,2 +1,6 @@
-"""Running it: config, model sources, fitness tasks, Ray workers, the run store, export, the CLI."""
+"""Running it: `run/` (candidate, loop, modes, scoring, weights, workers, store), `tuning/`
+(Optuna), `fitness/` (task kinds, staged statistics), `models/` (sources, experts, data sets,
+safetensors I/O), `results/` (export, report); `config`, `schema`, `errors`, `preflight`,
+`merge`, `cli`, `demo`."""
 
+__all__: list[str] = []
