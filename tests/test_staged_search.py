@@ -137,3 +137,27 @@ def test_a_kl_proxy_first_stage_in_a_joint_run(tmp_path):
     for stop in (e for e in journal if e["status"] == "stopped"):
         trial = study.trials[stop["trial"]]
         assert trial.state == optuna.trial.TrialState.PRUNED and trial.user_attrs["pruned_reason"] == stop["reason"]
+
+
+def test_unstaged_generations_score_the_items_the_parents_were_scored_on(tmp_path):
+    """A task's own `subsample` option picks fixed items (seed 0, as for the parents); only
+    `evolver.subsample` draws afresh per generation."""
+    from search.config import load_config
+    from search.run.loop import Search
+
+    class Recorder:
+        def __init__(self):
+            self.jobs = []
+
+        def evaluate(self, jobs, desc, follow=None):
+            self.jobs += jobs
+            return {}
+
+    search = Search(load_config(ROOT / "configs" / "tiny.yaml"), RunStore(tmp_path / "run"))
+    search.scorer = Recorder()
+    candidate = Candidate(id="g002-000", recipe=Recipe(op="copy", inputs=("base",)))
+    search.score([candidate], generation=2, state={})
+    assert (search.scorer.jobs[-1].subsample, search.scorer.jobs[-1].subsample_seed) == (None, 0)
+    search.config.evolver.subsample = 0.5
+    search.score([candidate], generation=2, state={})
+    assert (search.scorer.jobs[-1].subsample, search.scorer.jobs[-1].subsample_seed) == (0.5, 2)

@@ -235,7 +235,9 @@ class Search:
         """The evaluation selection sees for each candidate: its full dev scores, or its stop."""
         desc = f"generation {generation + 1}/{self.config.evolver.generations}"
         if self.staged is None:
-            jobs = [ScoreJob(c, subsample=self.config.evolver.subsample, subsample_seed=generation) for c in candidates]
+            subsample = self.config.evolver.subsample  # a fresh draw per generation when set; else the
+            seed = generation if subsample else 0  # tasks' own fixed items, as the parents were scored
+            jobs = [ScoreJob(c, subsample=subsample, subsample_seed=seed) for c in candidates]
             return self.scorer.evaluate(jobs, desc)
         return self.staged.score(candidates, desc, state["hall_of_fame"])
 
