@@ -30,7 +30,7 @@ from typing import Any, Callable, Mapping, Sequence
 
 import torch
 
-from compression.loader import atomic_write_text
+from compression.loader import atomic_write_text, fsync_dir
 from search.errors import EvofuseError
 
 __all__ = [
@@ -241,14 +241,6 @@ def _tensor_bytes(name: str, tensor: torch.Tensor, dtype: torch.dtype, shape: tu
     return memoryview(flat.numpy())
 
 
-def _fsync_directory(directory: Path) -> None:
-    fd = os.open(directory, os.O_RDONLY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
-
-
 def _write_streaming(path: Path, specs: Sequence[TensorSpec], produce: Callable[[str], torch.Tensor],
                      metadata: Mapping[str, str], digest: Any | None) -> None:
     """Header, then each tensor as produced, into a temporary file renamed over `path` at the end."""
@@ -272,7 +264,7 @@ def _write_streaming(path: Path, specs: Sequence[TensorSpec], produce: Callable[
     except BaseException:
         Path(tmp).unlink(missing_ok=True)
         raise
-    _fsync_directory(path.parent)
+    fsync_dir(path.parent)
 
 
 def write_safetensors_streaming(path: str | Path, specs: Sequence[TensorSpec],

@@ -39,6 +39,8 @@ from typing import Iterable
 
 import torch
 
+from compression.loader import fsync_dir
+
 from search.errors import EvofuseError, RunDirError
 from search.run import faults
 
@@ -65,14 +67,6 @@ def sha256_file(path: Path) -> str:
 def _content_checksum(state: dict) -> str:
     body = {k: v for k, v in state.items() if k != "checksum"}
     return hashlib.sha256(json.dumps(body, sort_keys=True).encode()).hexdigest()
-
-
-def fsync_dir(path: Path) -> None:
-    fd = os.open(path, os.O_RDONLY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
 
 
 def atomic_write(path: Path, data: bytes, kind: str = "file") -> None:
