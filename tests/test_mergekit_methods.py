@@ -85,15 +85,7 @@ def _merge_both(config: dict, tmp_path: Path) -> tuple[dict, dict]:
     return _load(tmp_path / "evofuse"), _load(tmp_path / "mergekit")
 
 
-def _worst(ours: dict, theirs: dict) -> float:
-    assert set(ours) == set(theirs)
-    for name in ours:
-        assert ours[name].dtype == theirs[name].dtype == torch.float32, name
-    return max(float((ours[n] - theirs[n]).abs().max()) for n in ours)
-
-
-def _models(paths, *entries):
-    return [{"model": str(paths[label]), **({"parameters": params} if params else {})} for label, params in entries]
+from test_mergekit_parity import _models, _worst  # noqa: E402  (the parity suite's comparison helpers)
 
 
 def _config(method, paths, *entries, base="base", **top):
