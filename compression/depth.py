@@ -4,9 +4,13 @@
     - {op: remove_blocks, count: 8, importance: sleb}                      # greedy, iterative
     - {op: remove_blocks, count: 8, importance: macro_influence, steps: 100, lr: 1e-4}
     - {op: fuse_blocks, count: 8, importance: macro_influence, rank: 128, steps: 100, group_size: 7}
+    - {op: remove_blocks, blocks: [4, 12, 13, 25]}                         # explicit positions
 
 Both take blocks out one at a time, in the order the importance criterion gives (lowest score
-first). `fuse_blocks` injects each removed block into its neighbours (FuseGPT, see
+first). With `blocks` (positions in the model the step receives) instead of `count`, the set is
+given and no importance is computed (how an evolved structure, compression/genes.py, compiles):
+removal takes them all at once; fusion / healing take them from the highest position down, so
+every listed position still names the block it named when the step began. `fuse_blocks` injects each removed block into its neighbours (FuseGPT, see
 compression/fusegpt.py), trains the fusion coefficients for `steps` steps and folds everything
 back into plain layers at the end. `remove_blocks` with `steps > 0` is the fair baseline: after
 each removal the same neighbours' full weights are fine-tuned with the same local distillation,
@@ -23,7 +27,8 @@ import logging
 from typing import Literal
 
 import torch.nn as nn
-from pydantic import BaseModel, ConfigDict, NonNegativeInt, PositiveFloat, PositiveInt
+from pydantic import BaseModel, ConfigDict, NonNegativeInt, PositiveFloat, PositiveInt, model_serializer, model_validator
+from pydantic_core import PydanticCustomError
 
 from compression import arch
 from compression.calibration import CalibrationData
@@ -37,7 +42,8 @@ log = logging.getLogger(__name__)
 class _DepthStep(BaseModel):
     model_config = ConfigDict(extra="forbid")
 
-    count: PositiveInt  # blocks to take out
+    count: PositiveInt | None = None  # blocks to take out, ranked by `importance` ...
+    blocks: list[int] | None = None  # ... or exactly these positions (no ranking)
     importance: ImportanceName = "block_influence"
     iterative: bool | None = None  # rescore after each removal; None: the method's default
     importance_samples: PositiveInt = 32  # first windows of the calibration data used for scoring
@@ -48,14 +54,39 @@ class _DepthStep(BaseModel):
     loss: Literal["mse", "kl"] = "mse"
     seed: int = 0
 
+    @model_validator(mode="after")
+    def _count_or_blocks(self):
+        if (self.count is None) == (self.blocks is None):
+            raise PydanticCustomError("count_or_blocks", "give either count or blocks (explicit positions), not both or neither", {})
+        if self.blocks is not None:
+            if not self.blocks:
+                raise PydanticCustomError("blocks_empty", "blocks: needs at least one position", {})
+            if len(set(self.blocks)) != len(self.blocks):
+                raise PydanticCustomError("blocks_dup", "blocks: a position is listed twice", {})
+            self.blocks = sorted(self.blocks)
+        return self
+
+    @model_serializer(mode="wrap")
+    def _omit_unused(self, handler):
+        """Dump only the one of count / blocks that is given (plans read back as written)."""
+        data = handler(self)
+        for key in ("count", "blocks"):
+            if data.get(key, 0) is None:
+                data.pop(key)
+        return data
+
+    @property
+    def num_out(self) -> int:
+        """How many blocks the step takes out."""
+        return len(self.blocks) if self.blocks is not None else self.count
+
     def check(self, config) -> None:
         try:
             arch.check_removable(config)
             n = arch.num_blocks(config)
         except arch.UnsupportedArchitecture as exc:
             raise PlanError(f"op: {self.op} {exc}") from None
-        if self.count >= n:
-            raise PlanError(f"count: {self.count} >= {arch.arch_of(config).num_layers_field} {n}")
+        _check_count(self, n, f"{arch.arch_of(config).num_layers_field} {n}")
 
     def is_iterative(self) -> bool:
         return self.iterative if self.iterative is not None else self.importance == "sleb"
@@ -88,10 +119,23 @@ class FuseBlocksStep(_DepthStep):
         return self.iterative if self.iterative is not None else True
 
 
+def _check_count(step: _DepthStep, n: int, what: str) -> None:
+    if step.num_out >= n:
+        raise PlanError(f"{'blocks' if step.blocks is not None else 'count'}: {step.num_out} >= {what}")
+    if step.blocks is not None:
+        bad = [i for i in step.blocks if not 0 <= i < n]
+        if bad:
+            raise PlanError(f"blocks: position {bad[0]} out of range ({what})")
+
+
 def _check_fits(model: nn.Module, step: _DepthStep) -> None:
     n = len(arch.decoder_blocks(model))
-    if step.count >= n:
-        raise PlanError(f"count: {step.count} >= {n} blocks left in the model")
+    _check_count(step, n, f"{n} blocks left in the model")
+
+
+def _explicit_order(step: _DepthStep) -> list[int]:
+    """Given positions, highest first: taking one out leaves every lower position unchanged."""
+    return sorted(step.blocks, reverse=True)
 
 
 def shrink(model: nn.Module, step: _DepthStep, calibration: CalibrationData, report: list[dict] | None = None) -> nn.Module:
@@ -101,15 +145,22 @@ def shrink(model: nn.Module, step: _DepthStep, calibration: CalibrationData, rep
     scoring = calibration.take(step.importance_samples)
     original = list(range(len(arch.decoder_blocks(model))))  # original position of each current block
     fuse = isinstance(step, FuseBlocksStep)
-    if not step.is_iterative():
+    if step.blocks is not None:
+        order = _explicit_order(step)
+        if not fuse and step.steps == 0:
+            arch.remove_blocks(model, order)
+            if report is not None:
+                report.extend({"removed": i} for i in order)
+            return model
+    elif not step.is_iterative():
         order = [original[i] for i in select_blocks(model, scoring, step.count, step.importance, batch_size=step.batch_size)]
         if not fuse and step.steps == 0:  # plain one-shot removal: all at once
             arch.remove_blocks(model, order)
             if report is not None:
                 report.extend({"removed": i} for i in order)
             return model
-    for k in range(step.count):
-        if step.is_iterative():
+    for k in range(step.num_out):
+        if step.blocks is None and step.is_iterative():
             position = select_blocks(model, scoring, 1, step.importance, batch_size=step.batch_size)[0]
         else:
             position = original.index(order[k])
@@ -123,7 +174,7 @@ def shrink(model: nn.Module, step: _DepthStep, calibration: CalibrationData, rep
             arch.remove_blocks(model, [position])
             stats = {"removed": position}
         stats["removed"] = original.pop(position)
-        log.info("%s %d/%d: %s", step.op, k + 1, step.count, stats)
+        log.info("%s %d/%d: %s", step.op, k + 1, step.num_out, stats)
         if report is not None:
             report.append(stats)
     return fold_fused(model) if fuse else model
@@ -132,8 +183,11 @@ def shrink(model: nn.Module, step: _DepthStep, calibration: CalibrationData, rep
 def removed_shape(skeleton: nn.Module, step: _DepthStep) -> nn.Module | None:
     """Shapes after taking `step.count` blocks out (fusion folds into the kept blocks, so it
     leaves the same shapes as removal). Which blocks go depends on the data, so the count is
-    known only while every block has the same size (None otherwise, e.g. after per-layer widths)."""
+    known only while every block has the same size (None otherwise, e.g. after per-layer widths),
+    or when the step names its blocks."""
     _check_fits(skeleton, step)
+    if step.blocks is not None:
+        return arch.remove_blocks(skeleton, step.blocks)
     blocks = arch.decoder_blocks(skeleton)
     if len({sum(p.numel() for p in b.parameters()) for b in blocks}) > 1:
         return None
