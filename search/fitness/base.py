@@ -108,7 +108,7 @@ class FitnessTask:
     """
 
     kind: str = ""  # set by register_task_kind
-    INT_OPTIONS = ("context_length", "batch_size", "batch_tokens", "max_new_tokens", "num_fewshot", "limit")
+    INT_OPTIONS = ("context_length", "batch_size", "batch_tokens", "max_new_tokens", "num_fewshot", "limit", "chunk_tokens")
 
     def __init__(self, spec: TaskSpec, tokenizer):
         self.spec = spec

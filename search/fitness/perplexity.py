@@ -23,6 +23,13 @@ of sums, not a mean of per-document perplexities); token_perplexity has no lm-ev
 
 Per example (one per document d): value = LL_d = -(sum of d's token NLLs), weight = n_d, so
 sum(value) / sum(weight) = -nll_sum / tokens = score.
+
+Option `chunk_tokens: N` cuts every document into consecutive pieces of N tokens (the last one
+shorter) and makes each piece an item, scored as a document of its own (the prefix token as its
+only context), as compression papers score fixed-length windows of WikiText. Items then cost
+about the same, so a subset of k of n items costs about k/n of the whole: what staged fitness
+needs, where one long document would otherwise dominate a small first stage. The words and
+bytes of a piece are those of its decoded text.
 """
 from __future__ import annotations
 
@@ -35,16 +42,21 @@ from search.fitness.spec import COMMON_OPTIONS, TaskError, TaskSpec, register_ta
 from search.models.datasets import load_texts
 
 
-@register_task_kind("perplexity", COMMON_OPTIONS)
+@register_task_kind("perplexity", COMMON_OPTIONS | {"chunk_tokens"})
 class PerplexityTask(FitnessTask):
     """Rolling-window log-likelihood of each document, aggregated as lm-eval does."""
 
     def __init__(self, spec: TaskSpec, tokenizer):
         super().__init__(spec, tokenizer)
-        self.items = load_texts(spec.data)  # documents
-        if not self.items:
+        documents = load_texts(spec.data)
+        if not documents:
             raise TaskError(f"{spec.data}: no documents")
-        self.tokens = [encode(tokenizer, doc) for doc in self.items]
+        self.tokens = [encode(tokenizer, doc) for doc in documents]
+        self.items = documents
+        chunk = self._int_option("chunk_tokens", None)
+        if chunk is not None:
+            self.tokens = chunked(self.tokens, chunk, drop=self.prefix)
+            self.items = [tokenizer.decode(piece) for piece in self.tokens]
         self.words = [len(re.split(r"\s+", doc)) for doc in self.items]
         self.bytes = [len(doc.encode("utf-8")) for doc in self.items]
 
@@ -70,6 +82,18 @@ class PerplexityTask(FitnessTask):
             "documents": float(len(indices)),
         }
         return Scored(metrics, doc_ll, [float(len(self.tokens[i])) for i in indices])
+
+
+def chunked(documents: list[list[int]], size: int, drop: int | None = None) -> list[list[int]]:
+    """Consecutive pieces of at most `size` tokens of every document, in order; a document's
+    leading `drop` token (the prefix `encode` may add) is left out, since every piece is scored
+    after the prefix anyway."""
+    pieces = []
+    for tokens in documents:
+        if drop is not None and tokens[:1] == [drop]:
+            tokens = tokens[1:]
+        pieces.extend(tokens[start:start + size] for start in range(0, len(tokens), size))
+    return pieces
 
 
 def _group_sums(values: list[float], sizes: list[int]) -> list[float]:

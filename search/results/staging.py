@@ -6,8 +6,9 @@ the mean scoring time of the run's last-stage evaluations (F); a staged candidat
 stages cost (its audit excepted), so  saved = sum over judged candidates of (F - paid).
 A false rejection is an audited candidate stopped by the paired test whose full dev score is at
 least its rival's (merge: the member it challenged; compress / joint: the front member that
-stopped it; that member costs no more by construction). Siblings stopped because a better
-offspring of the same member went on are audited too but not counted as rejections.
+stopped it; that member costs no more by construction). Only the paired test's stops are
+audited: siblings stopped because a better offspring of the same member went on were never
+rejected against the member.
 """
 from __future__ import annotations
 

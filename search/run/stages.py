@@ -15,7 +15,7 @@ After each stage but the last, a candidate goes on while it can still win:
   latency), beats it by more than that margin.
 A stopped candidate is journalled (status `stopped`, the stage it reached, its partial
 metrics, the reason), told to Optuna as PRUNED and never selected; with `fitness.audit`, a
-seeded fraction of them is fully scored anyway (journal rows marked `audit`) so the run
+seeded fraction of those the paired test stopped is fully scored anyway (journal rows marked `audit`) so the run
 measures its false rejections.
 """
 from __future__ import annotations
@@ -130,8 +130,13 @@ class StageJudge:
                     break
         return stopped
 
-    def audited(self, candidate_id: str) -> bool:
-        return self.audit > 0 and audit_selected(self.run_seed, candidate_id, self.audit)
+    def audited(self, candidate_id: str, rule: str | None) -> bool:
+        """Whether a stopped candidate is fully scored anyway: a seeded draw among the stops of
+        the paired test (`margin`), the only rejections that can be false. A sibling stop (a
+        better offspring of the same member went on) rejects nothing the member would have
+        kept, and with (1 + lambda) offspring it is most stops: auditing it would cost full
+        evaluations without measuring a false rejection."""
+        return self.audit > 0 and rule == "margin" and audit_selected(self.run_seed, candidate_id, self.audit)
 
 
 def failed_at(row: Evaluation, stage: int) -> tuple:
@@ -172,7 +177,8 @@ class StagedScoring:
             for cid, decision in self.decisions(stage, rows, alive, hall_of_fame).items():
                 outcome[cid] = self.stop(rows[cid], stage, *decision)
             alive = [c for c in alive if c.id not in outcome]
-        audits = [c for c in candidates if outcome[c.id].status == STOPPED and self.judge.audited(c.id)]
+        audits = [c for c in candidates if outcome[c.id].status == STOPPED
+                  and self.judge.audited(c.id, outcome[c.id].extra.get("rule"))]
         if audits:  # fully scored anyway, journalled, never selected: the run's false-rejection check
             self.scorer.evaluate([self.plan.job(c, self.plan.last) for c in audits], f"{desc}, audit")
         return outcome
@@ -192,7 +198,7 @@ class StagedScoring:
             if decision is None:
                 return self.plan.job(c, stage + 1)
             stops[c.id] = self.stop(row, stage, *decision)
-            return self.plan.job(c, self.plan.last) if self.judge.audited(c.id) else None
+            return self.plan.job(c, self.plan.last) if self.judge.audited(c.id, decision[2]) else None
 
         last = self.scorer.evaluate([self.plan.job(c, 0) for c in candidates], f"{desc}, staged", follow)
         return {c.id: stops.get(c.id, last[c.id]) for c in candidates}
