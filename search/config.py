@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import math
 import re
 from pathlib import Path
 from typing import Any, Literal, Optional
@@ -77,12 +78,25 @@ class TaskConfig(Strict):
 
 
 class SeedMerge(Strict):
-    """An extra initial member made by a classic merge (mergekit-style parameters)."""
+    """An extra initial member made by a classic merge (mergekit-style parameters), or by a
+    recipe evolved before (`recipe`: a recipe run's directory, one of its exports, a recipe JSON
+    file, or the recipe mapping itself; README, "Evolving the recipe")."""
 
     name: str
-    op: str  # a registered method: linear, task_arithmetic, ties, dare_linear, dare_ties, slerp
+    op: Optional[str] = None  # a registered method: linear, task_arithmetic, ties, dare_ties, slerp, ...
     params: dict[str, Any] = Field(default_factory=dict)
     inputs: Optional[list[str]] = None  # parents merged (default: the experts); the base is the base
+    # A path is read once when the config is loaded and replaced by the recipe it holds, so the
+    # run's config.yaml carries the recipe itself (search.tuning.recipe_space.read_seed_recipe).
+    recipe: Optional[str | dict[str, Any]] = None
+
+    @model_validator(mode="after")
+    def _one_source(self) -> "SeedMerge":
+        if (self.op is None) == (self.recipe is None):
+            raise ValueError("give either 'op' (a classic merge) or 'recipe' (an evolved recipe), not both or neither")
+        if self.recipe is not None and (self.params or self.inputs):
+            raise ValueError("'params' and 'inputs' belong to an 'op' seed; a 'recipe' seed carries its own")
+        return self
 
 
 class EvolverConfig(Strict):
@@ -140,6 +154,33 @@ class FitnessConfig(Strict):
         return len(self.stages) > 1 or self.proxy is not None
 
 
+class RecipeSearchConfig(Strict):
+    """`mode: recipe` (README, "Evolving the recipe"): Optuna proposes per-layer-group values of
+    one merge method's numeric parameters over the experts; each proposal is a recipe scored like
+    any candidate. A parameter's `layer_groups` values are anchors of a mergekit gradient,
+    interpolated over the decoder layers (search.tuning.recipe_space)."""
+
+    method: str  # a registered merge method (evolve/registry.py) with numeric parameters
+    layer_groups: int = Field(1, ge=1, le=64)  # values per searched parameter, spread over depth
+    parameters: dict[str, list[float]] = Field(min_length=1)  # searched parameter -> [low, high]
+    fixed: dict[str, Any] = Field(default_factory=dict)  # the method's other parameters, as given
+    per_expert: bool = True  # per-input parameters (weight, density, ...) get a value per expert
+    inputs: Optional[list[str]] = None  # parents merged (default: the experts)
+    sampler: Literal["cmaes", "tpe", "random"] = "cmaes"
+    # Trials asked (and scored) per generation; default CMA-ES's population 4 + floor(3 ln n)
+    # for n searched values.
+    trials_per_generation: Optional[int] = Field(None, ge=1)
+    sigma: float = Field(1 / 6, gt=0, le=1)  # CMA-ES's first step size, as a fraction of each range
+
+    @field_validator("parameters")
+    @classmethod
+    def _ranges(cls, parameters: dict[str, list[float]]) -> dict[str, list[float]]:
+        for name, bounds in parameters.items():
+            if len(bounds) != 2 or not all(map(math.isfinite, bounds)) or not bounds[0] < bounds[1]:
+                raise ValueError(f"{name}: expected [low, high] with low < high, got {bounds}")
+        return parameters
+
+
 class WorkersConfig(Strict):
     count: int = Field(1, ge=1)
     num_cpus: float = Field(1, gt=0)
@@ -184,13 +225,15 @@ class RunConfig(Strict):
     seed: int = 0
     run_dir: Optional[str] = None
     # merge: Evolver on weights only; compress: Optuna over plans for fixed weights;
-    # joint: each candidate is an Evolver recipe plus a plan from Optuna.
-    mode: Literal["merge", "compress", "joint"] = "merge"
+    # joint: each candidate is an Evolver recipe plus a plan from Optuna;
+    # recipe: Optuna searches a merge method's per-layer-group parameters (the `recipe` section).
+    mode: Literal["merge", "compress", "joint", "recipe"] = "merge"
     parents: Parents
     tasks: list[TaskConfig] = Field(min_length=1)
     evolver: EvolverConfig = Field(default_factory=EvolverConfig)
     compress: CompressConfig = Field(default_factory=CompressConfig)
     fitness: FitnessConfig = Field(default_factory=FitnessConfig)
+    recipe: Optional[RecipeSearchConfig] = None  # mode: recipe
     workers: WorkersConfig = Field(default_factory=WorkersConfig)
     export_top: int = Field(1, ge=0)  # candidates exported when the run finishes
 
@@ -213,7 +256,7 @@ class RunConfig(Strict):
             raise ValueError("evolver.subsample: use fitness.stages instead (they cannot be combined)")
         if self.fitness.staged and any(t.kind == "lm_eval" for t in self.tasks):
             raise ValueError("fitness.stages: lm_eval tasks give no per-example scores to stage on")
-        if self.fitness.proxy is not None and self.mode == "merge":
+        if self.fitness.proxy is not None and self.mode in ("merge", "recipe"):
             raise ValueError("fitness.proxy: a proxy first stage is for compress / joint runs (merge candidates have no plan)")
         parents = [p.name for p in self.parents.all()]
         if self.compress.weights is not None and self.compress.weights not in parents:
@@ -224,13 +267,34 @@ class RunConfig(Strict):
             unknown = [n for n in seed.inputs or [] if n not in parents]
             if unknown:
                 raise ValueError(f"evolver.seeds[{i}].inputs: {unknown[0]!r} is not a parent")
-            _check_recipe(seed_recipe(self, seed), f"evolver.seeds[{i}]")
+            if not isinstance(seed.recipe, str):  # a path is read by check_data, then checked
+                _check_recipe(seed_recipe(self, seed), f"evolver.seeds[{i}]")
+        self._check_recipe_search(parents)
         if self.evolver.merge_population:
             try:
                 population_merge_recipe(self, [e.name for e in self.parents.experts], 0)
             except ValueError as exc:
                 raise ValueError(f"evolver.merge_population: {exc}") from None
         return self
+
+    def _check_recipe_search(self, parents: list[str]) -> None:
+        if self.mode != "recipe":
+            if self.recipe is not None:
+                raise ValueError(f"recipe: only for mode: recipe (this run's mode is {self.mode})")
+            return
+        if self.recipe is None:
+            raise ValueError("recipe: mode: recipe needs a recipe section (method, parameters, ...)")
+        unknown = [n for n in self.recipe.inputs or [] if n not in parents]
+        if unknown:
+            raise ValueError(f"recipe.inputs: {unknown[0]!r} is not a parent")
+        if self.recipe.sampler == "cmaes" and self.recipe.trials_per_generation == 1:
+            raise ValueError("recipe.trials_per_generation: CMA-ES needs at least 2 trials per generation")
+        from search.tuning.recipe_space import RecipeSpace, RecipeSpaceError
+
+        try:
+            RecipeSpace.from_config(self, num_layers=max(2, self.recipe.layer_groups)).check()
+        except RecipeSpaceError as exc:
+            raise ValueError(str(exc)) from None
 
     def fingerprint(self) -> str:
         """Hash of everything that changes results (not where they are written or who runs them)."""
@@ -241,6 +305,8 @@ class RunConfig(Strict):
 def seed_recipe(config: "RunConfig", seed: SeedMerge):
     from evolve.recipe import Recipe, derive_seed
 
+    if isinstance(seed.recipe, dict):  # an evolved recipe, replayed as it was (its own seed)
+        return Recipe.from_dict(seed.recipe)
     inputs = tuple(seed.inputs or [e.name for e in config.parents.experts])
     return Recipe(op=seed.op, inputs=inputs, params=dict(seed.params), seed=derive_seed(config.seed, seed.name), base=config.parents.base.name)
 
@@ -294,6 +360,7 @@ def check_data(config: RunConfig, base_dir: Path | None = None) -> None:
             raise ConfigError(f"{where}: no such file {spec!r}")
         return str(path)
 
+    check_seed_recipes(config, base_dir)
     for i, task in enumerate(config.tasks):
         if task.kind == "lm_eval":
             continue
@@ -321,6 +388,30 @@ def check_data(config: RunConfig, base_dir: Path | None = None) -> None:
         if parent.finetune is not None:
             parent.finetune.data = check(parent.finetune.data, f"{where}.finetune.data")
         earlier.append(parent.name)
+
+
+def check_seed_recipes(config: RunConfig, base_dir: Path | None = None) -> None:
+    """Every `evolver.seeds[i].recipe` path (a recipe run, an export, a JSON file; relative to
+    the config) read into the recipe it names and checked against this run's parents."""
+    from search.tuning.recipe_space import RecipeSpaceError, read_seed_recipe
+
+    parents = [p.name for p in config.parents.all()]
+    for i, seed in enumerate(config.evolver.seeds):
+        where = f"evolver.seeds[{i}].recipe"
+        try:
+            if isinstance(seed.recipe, str):
+                seed.recipe = read_seed_recipe(seed.recipe, base_dir)
+            if isinstance(seed.recipe, dict):
+                recipe = seed_recipe(config, seed)
+                outside = [i for i in recipe.input_ids() if i not in parents]
+                if outside:
+                    raise RecipeSpaceError(
+                        f"reads {outside[0]!r}, not a parent of this run ({', '.join(parents)}); only recipes over the "
+                        "parents can seed (use an export as a parent's source instead)")
+                _check_recipe(recipe, where)
+        except (RecipeSpaceError, ValueError) as exc:
+            message = str(exc)
+            raise ConfigError(message if message.startswith(where) else f"{where}: {message}") from None
 
 
 def check_tasks(config: RunConfig) -> None:

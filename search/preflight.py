@@ -234,6 +234,14 @@ def resolve_lm_eval_paths(config: RunConfig, base_dir: Path | None) -> None:
 # --------------------------------------------------------------------------- the plan space
 
 
+def check_recipe_layers(config: RunConfig, model_config: Any = None) -> None:
+    """`recipe.layer_groups` at most the base model's decoder layers (exit 2 naming the field)."""
+    model_config = model_config if model_config is not None else base_model_config(config)
+    num_layers = getattr(model_config, "num_hidden_layers", None) or getattr(model_config, "n_layer", None)
+    if num_layers and config.recipe.layer_groups > num_layers:
+        raise ConfigError(f"recipe.layer_groups: {config.recipe.layer_groups} is more than the base model's {num_layers} layers")
+
+
 def base_model_config(config: RunConfig):
     """The base model's transformers config, read without loading weights; None when it cannot
     be read (the run then says what is wrong when it loads the model)."""
@@ -291,7 +299,10 @@ def space_steps(space, num_layers: int) -> Iterator[tuple[str, dict, str]]:
 
 def check_space_architecture(config: RunConfig, model_config: Any = None) -> None:
     """Refuse a compress / joint config whose plan space holds an op, choice or range end that
-    cannot change the base model (exit 2 naming the field), before any expert is built."""
+    cannot change the base model (exit 2 naming the field), before any expert is built. A recipe
+    run's layer groups must fit the model's layers."""
+    if config.mode == "recipe":
+        return check_recipe_layers(config, model_config)
     if config.mode == "merge":
         return
     from compression.errors import CompressionError

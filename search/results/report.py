@@ -285,7 +285,7 @@ def write_report(run_dir: Path) -> Path:
     fig.savefig(out / "score_per_generation.png", dpi=120)
     plt.close(fig)
     text = [f"# Report: {config.name}", "", results_table(run_dir), ""]
-    if config.mode != "merge":
+    if config.mode in ("compress", "joint"):
         text += pareto_section(store, state, out)
     text += ["## Logbook", ""]
     text += ["| gen | evals | best | mean | replaced | wall s |", "|---|---|---|---|---|---|"]

@@ -143,6 +143,7 @@ class Search:
             self.staged = staged_scoring(self.config, state["dev_items"], self.scorer, self.mode)
         if self.mode.uses_plans:
             self.planner = self.open_planner()
+        self.mode.open(self.store, self.base_config, self.log)
 
     def open_planner(self):
         from search.tuning.planner import Planner
@@ -190,6 +191,7 @@ class Search:
                     self.planner.tell_stopped(c.trial, r.reason)
                 else:
                     self.planner.tell(c.trial, objectives.values(r) if r.ok else None, r.reason or r.status)
+        self.mode.tell(candidates, results)
         finals = [(c, objectives.member(results[c.id])) for c in candidates if results[c.id].status != STOPPED]
         scored = [member for _, member in finals]
         next_population = self.mode.select(toolbox, self.population, finals)

@@ -7,6 +7,7 @@ candidates a generation tries, and which members survive.
 - compress: `compress.candidates` plans per generation from the Optuna study, all over one
   parent's weights; NSGA-II survivor selection; the Pareto front of every candidate scored.
 - joint: Evolver offspring, each with a plan from the study; NSGA-II; the Pareto front.
+- recipe: merge recipes asked from an Optuna study (search/run/recipe_mode.py).
 """
 from __future__ import annotations
 
@@ -46,6 +47,12 @@ class Mode:
     def best_of(self, members: list) -> list:
         return pareto_front_of(members)
 
+    def open(self, store, base_config, log) -> None:
+        """Set-up that needs the run directory or the model (a recipe run opens its study)."""
+
+    def tell(self, candidates: list[Candidate], results: dict) -> None:
+        """Report a generation's results to a mode's own optimiser (recipe runs: Optuna)."""
+
 
 class MergeMode(Mode):
     def select(self, toolbox, population, finals):
@@ -84,10 +91,12 @@ class CompressMode(JointMode):
 
 
 def make_mode(config: RunConfig, max_params: float | None) -> Mode:
-    sizes = config.mode != "merge"
+    from search.run.recipe_mode import RecipeMode
+
+    sizes = config.mode in ("compress", "joint")
     objectives = Objectives(sizes=sizes, latency=sizes and config.compress.latency is not None,
                             max_params=max_params if sizes else None)
-    kind = {"merge": MergeMode, "compress": CompressMode, "joint": JointMode}[config.mode]
+    kind = {"merge": MergeMode, "compress": CompressMode, "joint": JointMode, "recipe": RecipeMode}[config.mode]
     return kind(config, objectives)
 
 
