@@ -134,6 +134,25 @@ def test_perplexity_matches_direct_computation(tokenizer, tiny_model, docs_file)
     assert metrics["bits_per_byte"] == pytest.approx(nll / n_bytes / math.log(2), rel=1e-5)
 
 
+def test_perplexity_chunks_are_items_scored_as_documents(tokenizer, tiny_model, docs_file):
+    """chunk_tokens: N cuts each document into consecutive N-token pieces, each an item scored
+    after the prefix alone; every token is still predicted exactly once."""
+    size = 7
+    task = build_task(TaskSpec("perplexity", docs_file, options={"chunk_tokens": size}), tokenizer)
+    pieces = [t[i:i + size] for d in DOCS for t in [tokenizer.encode(d)] for i in range(0, len(t), size)]
+    assert len(task) == len(pieces) == sum(math.ceil(len(tokenizer.encode(d)) / size) for d in DOCS)
+    metrics = task.evaluate(tiny_model, per_example=True)
+    lls = [direct_doc_loglik(tiny_model, piece, 1) for piece in pieces]
+    assert metrics["tokens"] == sum(len(tokenizer.encode(d)) for d in DOCS)
+    assert metrics["nll_sum"] == pytest.approx(-sum(lls), rel=1e-5)
+    assert metrics["examples"]["value"] == pytest.approx(lls, rel=1e-5)
+    assert metrics["examples"]["weight"] == [float(len(piece)) for piece in pieces]
+    some = task.evaluate(tiny_model, indices=[1, 3])  # a subset costs its share of the tokens
+    assert some["tokens"] == len(pieces[1]) + len(pieces[3])
+    with pytest.raises(TaskError, match="chunk_tokens"):
+        build_task(TaskSpec("perplexity", docs_file, options={"chunk_tokens": 0}), tokenizer)
+
+
 def test_perplexity_windows_and_batching_do_not_change_the_sum(tokenizer, tiny_model, docs_file):
     """Short windows change the context, so the NLL differs; batch shape must not."""
     spec = dict(context_length=16)
