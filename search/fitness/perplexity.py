@@ -48,11 +48,11 @@ class PerplexityTask(FitnessTask):
 
     def __init__(self, spec: TaskSpec, tokenizer):
         super().__init__(spec, tokenizer)
-        documents = load_texts(spec.data)
-        if not documents:
+        self.documents = load_texts(spec.data)
+        if not self.documents:
             raise TaskError(f"{spec.data}: no documents")
-        self.tokens = [encode(tokenizer, doc) for doc in documents]
-        self.items = documents
+        self.tokens = [encode(tokenizer, doc) for doc in self.documents]
+        self.items = self.documents
         chunk = self._int_option("chunk_tokens", None)
         if chunk is not None:
             self.tokens = chunked(self.tokens, chunk, drop=self.prefix)
