@@ -449,7 +449,7 @@ def check_tasks(config: RunConfig) -> None:
             except (ValueError, TypeError, KeyError, IndexError, AttributeError, OSError) as exc:
                 raise ConfigError(f"{where}: {spec.data}: cannot be read as {task.kind} data ({type(exc).__name__}: {one_line(exc)})") from None
             if task.kind == "perplexity":
-                empty = next((n for n, doc in enumerate(built.items, 1) if not doc.strip()), None)
+                empty = next((n for n, doc in enumerate(built.documents, 1) if not doc.strip()), None)
                 if empty is not None:
                     what = f'row {empty}: empty "text"' if str(spec.data).endswith(".jsonl") else "is empty"
                     raise ConfigError(f"{where}: {spec.data}: {what} (a perplexity set needs text to score)")
