@@ -140,12 +140,23 @@ def cmd_compress(args) -> int:
 
     out = Path(args.out)
     _check_out_dir(out, args.force)
-    plan = load_plan_file(args.plan)
+    if args.search:  # evolve the plan first (compression/structure_search.py); its state resumes
+        from compression.structure_search import StructureSearch
+
+        settings = StructureSearch.load(args.search)
+    else:
+        plan = load_plan_file(args.plan)
     model, tokenizer = load_model(args.source, allow_pickle=args.allow_pickle, trust_remote_code=args.trust_remote_code)
-    check_plan(plan, model.config)
     calibration = calibration_windows(tokenizer, args.calibration, args.seq_len, args.num_sequences)
     log = None if args.quiet else (lambda m: print(m, file=sys.stderr))
     from compression.loader import atomic_write_text
+
+    if args.search:
+        plan_text = _structure_search(model, calibration, settings, out, log)
+        plan = load_plan_file(out / "evofuse_plan.yaml")
+    else:
+        plan_text = Path(args.plan).read_text()
+    check_plan(plan, model.config)
 
     from search.models.progress import SetupStep
     from search.results.export import save_model
@@ -159,9 +170,25 @@ def cmd_compress(args) -> int:
             model = apply_plan(model, [step], calibration)
             progress.update()
     save_model(model, tokenizer, out)
-    atomic_write_text(out / "evofuse_plan.yaml", Path(args.plan).read_text())
+    atomic_write_text(out / "evofuse_plan.yaml", plan_text)
     print(out)
     return 0
+
+
+def _structure_search(model, calibration, settings, out: Path, log) -> str:
+    """Run (or resume, from OUT/structure_search_state.json) the structure search; write the
+    evolved plan (OUT/evofuse_plan.yaml) and its record (OUT/structure_search.json)."""
+    import yaml
+
+    from compression.loader import atomic_write_text
+    from compression.structure_search import run_structure_search
+
+    out.mkdir(parents=True, exist_ok=True)
+    result = run_structure_search(model, calibration, settings, state_path=out / "structure_search_state.json", log=log)
+    text = "# evolved by `evofuse compress --search` (replay with --plan)\n" + yaml.safe_dump({"plan": result.plan}, sort_keys=False)
+    atomic_write_text(out / "evofuse_plan.yaml", text)
+    atomic_write_text(out / "structure_search.json", json.dumps({"settings": settings.model_dump(mode="json"), **result.to_data()}, indent=1))
+    return text
 
 
 def _check_out_dir(out: Path, force: bool) -> None:
@@ -273,9 +300,12 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--quiet", action="store_true")
     p.set_defaults(func=cmd_eval)
 
-    p = sub.add_parser("compress", help="apply a compression plan to a model")
+    p = sub.add_parser("compress", help="apply a compression plan to a model, or search one (--search)")
     p.add_argument("source")
-    p.add_argument("--plan", required=True)
+    how = p.add_mutually_exclusive_group(required=True)
+    how.add_argument("--plan", help="the plan YAML to apply")
+    how.add_argument("--search", metavar="SETTINGS", help="structure-search YAML: evolve which blocks stay and how wide each "
+                     "layer is, then apply the evolved plan (resumes from --out's state with --force)")
     p.add_argument("--out", required=True)
     calibration = CalibrationConfig()  # the same defaults as a search's plans
     p.add_argument("--calibration", default=calibration.data, help=f"calibration data (default {calibration.data})")
