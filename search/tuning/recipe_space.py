@@ -228,11 +228,13 @@ def _read_json(path: Path) -> Any:
 
 
 def _best_recipe_of_run(run_dir: Path) -> dict:
-    """The recipe of a run's best member (dev score; population and hall of fame)."""
+    """The recipe of a run's best evolved member (dev score; population and hall of fame; a
+    parent, whose recipe is a copy of itself, is not one)."""
     state = _read_json(run_dir / "state.json")
-    members = [m for m in (state.get("hall_of_fame") or []) + (state.get("population") or []) if m.get("recipe")]
+    members = [m for m in (state.get("hall_of_fame") or []) + (state.get("population") or [])
+               if m.get("recipe") and m["recipe"].get("op") != "copy"]
     if not members:
-        raise RecipeSpaceError(f"{run_dir}: no member with a recipe in state.json")
+        raise RecipeSpaceError(f"{run_dir}: no evolved member in state.json (no candidate beat the parents)")
     best = max(members, key=lambda m: m.get("score", float("-inf")))
     return best["recipe"]
 
