@@ -81,11 +81,12 @@ def _check_shapes(recipe: Recipe, name: str, tensors: Mapping[str, torch.Tensor]
 
 
 def materialize_tensor(recipe: Recipe, name: str, tensors: Mapping[str, torch.Tensor],
-                       out: torch.Tensor | None = None) -> torch.Tensor:
+                       out: torch.Tensor | None = None, compute_dtype: torch.dtype | None = None) -> torch.Tensor:
     """The recipe's tensor `name` from the inputs' tensors of that name (id -> tensor).
 
-    Computed in float32 (float64 if an input is) on `out`'s device when given, else on the
-    first input's; written into `out` (any dtype/device, same shape) when given.
+    Computed in float32 (float64 if an input is), or in `compute_dtype` when given (`evofuse
+    merge` passes mergekit's for a low-precision `dtype`), on `out`'s device when given, else
+    on the first input's; written into `out` (any dtype/device, same shape) when given.
     """
     op = get_operator(recipe.op)
     input_ids = operands(recipe, op)
@@ -93,7 +94,7 @@ def materialize_tensor(recipe: Recipe, name: str, tensors: Mapping[str, torch.Te
     if not first.is_floating_point():  # integer buffers are not merged: copied from the first input
         return first.clone() if out is None else out.copy_(first)
     device = out.device if out is not None else first.device
-    dtype = _compute_dtype(tensors[i] for i in recipe.input_ids())
+    dtype = compute_dtype or _compute_dtype(tensors[i] for i in recipe.input_ids())
     shared, per_input = resolve_parameters(recipe, op, input_ids, name)
     direct = out is not None and out.dtype == dtype and out.is_contiguous()
     call = TensorCall(

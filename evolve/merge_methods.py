@@ -57,6 +57,7 @@ __all__ = [
     "trim_to_top_magnitude",
     "sign_consensus_combine",
     "drop_chunk",
+    "task_vector_merge_low_precision",
     "slerp",
 ]
 
@@ -92,36 +93,55 @@ def task_vector(tensor: torch.Tensor, base: torch.Tensor) -> torch.Tensor:
 
 
 class MagnitudeCut:
-    """Keep |tau| > threshold, plus the first `ties` entries equal to it (lowest index first).
+    """Keep |tau| > threshold, plus `ties` of the entries equal to it, chosen as mergekit does.
 
-    That keeps exactly k entries, as mergekit's argsort does (which of several entries tied at
-    the threshold it keeps is unspecified there; it only matters for equal magnitudes of
-    different value). Stateful: `trim` must see the chunks in order, once.
+    That keeps exactly k entries, as mergekit's `torch.argsort(|tau|, descending=True)[:k]`
+    does. Which of several entries tied at the threshold that unstable sort keeps depends on
+    the whole array, so when there is such a choice `magnitude_cut` runs that very sort once
+    and records the flat indices it keeps (`tied`); otherwise every tied entry is kept.
+    Stateful: `trim` must see the chunks in order, once.
     """
 
-    def __init__(self, threshold: float, ties: int):
+    def __init__(self, threshold: float, ties: int, tied: np.ndarray | None = None):
         self.threshold = threshold
         self.ties = ties  # entries equal to the threshold still to keep
+        self.tied = tied  # sorted flat indices of the tied entries kept (None: all of them)
+        self.position = 0  # flat index of the next chunk's first entry
 
     def trim(self, delta: torch.Tensor, scratch: np.ndarray | None, keep: np.ndarray | None) -> None:
         """Zero the trimmed entries of a flat chunk in place (CPU: scratch/keep of its length)."""
+        start, stop = self.position, self.position + delta.numel()
+        self.position = stop
         if delta.device.type != "cpu":
-            magnitude = delta.abs()
-            kept = magnitude > self.threshold
-            if self.ties > 0:
-                tied = (magnitude == self.threshold).nonzero().reshape(-1)[: self.ties]
-                kept[tied] = True
-                self.ties -= tied.numel()
+            kept = delta.abs() > self.threshold
+            if self.tied is not None:
+                chosen = self.tied[(self.tied >= start) & (self.tied < stop)] - start
+                kept[torch.from_numpy(chosen).to(delta.device)] = True
+            elif self.ties > 0:
+                kept |= delta.abs() == self.threshold
             delta.mul_(kept)
             return
         delta = delta.numpy()  # numpy's compare/multiply by a mask are ~3x torch's on CPU
         magnitude = np.abs(delta, out=scratch)
         np.greater(magnitude, self.threshold, out=keep)
-        if self.ties > 0:
-            tied = np.flatnonzero(magnitude == self.threshold)[: self.ties]
-            keep[tied] = True
-            self.ties -= tied.shape[0]
+        if self.tied is not None:
+            low, high = np.searchsorted(self.tied, [start, stop])
+            keep[self.tied[low:high] - start] = True
+        elif self.ties > 0:
+            keep |= magnitude == self.threshold
         np.multiply(delta, keep, out=delta)
+
+
+def _tied_choice(flat_x: torch.Tensor, flat_b: torch.Tensor, k: int, threshold: float,
+                 ties: int, tied_total: int) -> MagnitudeCut:
+    """The cut at `threshold`; when only `ties` of the `tied_total` entries equal to it stay,
+    mergekit's own sort decides which (see MagnitudeCut)."""
+    if ties >= tied_total:
+        return MagnitudeCut(threshold, ties)
+    magnitude = (flat_x - flat_b).abs_()
+    order = torch.argsort(magnitude, descending=True)[:k]  # mergekit's selection, exactly
+    chosen = order[magnitude[order] == threshold].numpy()
+    return MagnitudeCut(threshold, ties, np.sort(chosen))
 
 
 def magnitude_cut(tensor: torch.Tensor, base: torch.Tensor, density: float, chunk: int) -> MagnitudeCut | None:
@@ -141,8 +161,9 @@ def magnitude_cut(tensor: torch.Tensor, base: torch.Tensor, density: float, chun
     flat_x, flat_b = tensor.reshape(-1), base.reshape(-1)
     if tensor.device.type != "cpu":  # on an accelerator: one exact selection on the device
         magnitude = (flat_x - flat_b).abs_()
-        threshold = magnitude.kthvalue(count - k + 1).values
-        return MagnitudeCut(float(threshold), k - int((magnitude > threshold).sum()))
+        threshold = float(magnitude.kthvalue(count - k + 1).values)
+        return _tied_choice(flat_x, flat_b, k, threshold, k - int((magnitude > threshold).sum()),
+                            int((magnitude == threshold).sum()))
     if count > 64 * SAMPLE_STRIDE:
         sample = (flat_x[::SAMPLE_STRIDE] - flat_b[::SAMPLE_STRIDE]).abs_().numpy()  # (m,)
         m = sample.shape[0]
@@ -162,10 +183,13 @@ def magnitude_cut(tensor: torch.Tensor, base: torch.Tensor, density: float, chun
         rank = k - above  # the target's rank among the bracketed values, from the top
         if 1 <= rank <= inside.shape[0]:
             threshold = np.partition(inside, inside.shape[0] - rank)[inside.shape[0] - rank]
-            return MagnitudeCut(float(threshold), k - above - int(np.count_nonzero(inside > threshold)))
+            return _tied_choice(flat_x, flat_b, k, float(threshold),
+                                k - above - int(np.count_nonzero(inside > threshold)),
+                                int(np.count_nonzero(inside == threshold)))
     magnitude = (flat_x - flat_b).abs_().numpy()  # small tensor, or the bracket missed
     threshold = kth_largest(magnitude, k)
-    return MagnitudeCut(threshold, k - int(np.count_nonzero(magnitude > threshold)))
+    return _tied_choice(flat_x, flat_b, k, threshold, k - int(np.count_nonzero(magnitude > threshold)),
+                        int(np.count_nonzero(magnitude == threshold)))
 
 
 def kth_largest(values: np.ndarray, k: int) -> float:
@@ -277,6 +301,69 @@ def task_vector_merge(
     return out
 
 
+LOW_PRECISION = (torch.float16, torch.bfloat16)
+
+
+def task_vector_merge_low_precision(
+    base: torch.Tensor,
+    tensors: Sequence[torch.Tensor],
+    weights: Sequence[float],
+    *,
+    densities: Sequence[float] | None = None,
+    sparsify: str | None = None,
+    consensus: bool = False,
+    normalize: bool = False,
+    scale: float = 1.0,
+    rescale: bool = True,
+    seeds: Sequence[int] | None = None,
+) -> torch.Tensor:
+    """`task_vector_merge` for float16 / bfloat16 inputs, rounding where mergekit 0.1.5 does.
+
+    mergekit computes the task-vector family in the inputs' dtype, on whole tensors: every
+    `tau_i`, its trim mask and `w_i tau_i` are rounded to that dtype, then the vote, the
+    agreeing sum and the divisor are each ONE reduction over the inputs (`sum(dim=0)`, which
+    accumulates in float32 and rounds once), then the division, lambda and `+ base`, each
+    rounded. Doing the same operations in the same order gives its numbers bit for bit (the
+    float32 chunked engine would be closer to the exact merge, but not what a mergekit user's
+    fp16/bf16 YAML produced). Magnitude trimming keeps mergekit's selection (a sort of the
+    float32 magnitudes); DARE keeps evofuse's seeded masks and 1/density rescaling.
+    """
+    dtype = base.dtype
+    if not tensors:
+        return base.clone()
+    deltas = torch.empty((len(tensors), *base.shape), dtype=dtype, device=base.device)  # (N, shape)
+    for i, x in enumerate(tensors):
+        delta = x - base  # tau_i, rounded to dtype
+        if sparsify == "magnitude" and densities[i] < 1:
+            count = delta.numel()
+            k = max(1, int(densities[i] * count)) if densities[i] > 0 and count else 0
+            keep = torch.zeros(count, dtype=dtype, device=delta.device)
+            keep[torch.argsort(delta.abs().reshape(-1).float(), descending=True)[:k]] = 1
+            delta = delta * keep.view_as(delta)
+        elif sparsify == "random" and densities[i] < 1:
+            keep = next(keep_mask_chunks(seeds[i], delta.numel(), densities[i], max(delta.numel(), 1)))
+            delta = drop_chunk(delta.reshape(-1) * 1, keep.to(delta.device).to(dtype), densities[i],
+                               rescale).view_as(delta)
+        deltas[i] = delta
+    coefficients = torch.tensor(list(weights), dtype=dtype, device=base.device).view(-1, *([1] * base.dim()))
+    deltas.mul_(coefficients)  # w_i tau_i, rounded
+    if consensus:
+        elected = (deltas.sum(dim=0) >= 0).to(dtype) * 2 - 1  # the sign of the summed vote
+        agrees = deltas.sign() == elected  # (N, shape): zeros agree with nothing
+        mixed = (deltas * agrees).sum(dim=0)
+        divisor = (coefficients * agrees).sum(dim=0)
+        divisor[divisor == 0] = 1
+    else:
+        mixed = deltas.sum(dim=0)
+        divisor = coefficients.sum(dim=0)
+        divisor[divisor.abs() < 1e-8] = 1
+    if normalize:
+        mixed /= divisor
+    if scale != 1:
+        mixed *= scale
+    return base + mixed
+
+
 def drop_chunk(delta: torch.Tensor, keep: torch.Tensor, density: float, rescale: bool) -> torch.Tensor:
     """DARE on one chunk: zero the dropped entries, scale the kept ones by 1/density."""
     if density >= 1:
@@ -324,7 +411,8 @@ def _apply_linear(call: TensorCall) -> torch.Tensor:
 def _gta_adapter(sparsify: str | None, consensus: bool):
     def apply(call: TensorCall) -> torch.Tensor:
         seeds = [derive_seed(call.seed, input_id) for input_id in call.input_ids]
-        return task_vector_merge(
+        engine = task_vector_merge_low_precision if call.base.dtype in LOW_PRECISION else task_vector_merge
+        return engine(
             call.base,
             call.inputs,
             _values(call, "weight"),

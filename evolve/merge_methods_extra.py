@@ -278,3 +278,16 @@ register_operator(Operator(
     base="required", min_inputs=1, max_inputs=1, merge_method=True,
     inputs_doc="(the fine-tuned model; base = the model it is fused into)",
 ))
+
+
+def passthrough(tensor: torch.Tensor, scale: float | None) -> torch.Tensor:
+    """The one input unchanged (a copy), or times `scale`: mergekit's frankenmerge building block."""
+    return tensor.clone() if scale is None else tensor * scale
+
+
+register_operator(Operator(
+    "passthrough", lambda call: passthrough(call.inputs[0], call.per_input[0]["scale"]),
+    (ParamSpec("scale", as_float, None, per_input=True, doc="optional factor of the copied tensor"),),
+    min_inputs=1, max_inputs=1, merge_method=True,
+    inputs_doc="(the one model each slice copies; stack slices to change the depth)",
+))

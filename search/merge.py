@@ -37,15 +37,16 @@ import pickle
 import sys
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
-from typing import Any, Literal, Optional
+from typing import Any, Iterable, Literal, Optional
 
 import torch
-from pydantic import ValidationError, field_validator
+from pydantic import ValidationError, field_validator, model_validator
 
 from compression.loader import atomic_write_bytes, atomic_write_text
 from evolve.materialize import materialize_tensor
 from evolve.recipe import Recipe, RecipeError, layer_index
 from evolve.registry import get_operator, merge_method_names, validate_recipe
+from evolve.slices import OutputSlice, OutputTensor, SliceSource, layered_config, plan_output_tensors
 from search.errors import EvofuseError
 from search.models.tensors import (
     TensorFileError,
@@ -65,6 +66,9 @@ DEFAULT_SHARD_BYTES = 5_000_000_000  # mergekit's default --out-shard-size (5B)
 TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json", "vocab.json",
                    "merges.txt", "tokenizer.model", "added_tokens.json", "chat_template.jinja")
 RUN_CONFIG_NAME = "mergekit_config.yml"
+# mergekit 0.1.5 runs these in the inputs' dtype (GeneralizedTaskArithmeticMerge, passthrough); evofuse
+# matches it for these and computes every other method in float32 (mergekit's linear and slerp do too)
+INPUT_DTYPE_METHODS = frozenset({"task_arithmetic", "ties", "dare_linear", "dare_ties", "passthrough"})
 
 
 class MergeConfigError(EvofuseError):
@@ -79,9 +83,22 @@ class ModelEntry(Strict):
     parameters: Optional[dict[str, Any]] = None
 
 
+class SliceSourceEntry(Strict):
+    model: str
+    layer_range: tuple[int, int]
+    parameters: Optional[dict[str, Any]] = None
+
+
+class SliceEntry(Strict):
+    sources: list[SliceSourceEntry]
+    base_model: Optional[str] = None
+    parameters: Optional[dict[str, Any]] = None
+
+
 class MergeConfig(Strict):
     merge_method: str
-    models: list[ModelEntry]
+    models: Optional[list[ModelEntry]] = None
+    slices: Optional[list[SliceEntry]] = None
     base_model: Optional[str] = None
     parameters: Optional[dict[str, Any]] = None
     dtype: Optional[Literal["float32", "float16", "bfloat16", "float64"]] = None
@@ -96,12 +113,18 @@ class MergeConfig(Strict):
             raise ValueError(f"unknown merge method {value!r}; valid: {', '.join(methods)}")
         return value
 
-    @field_validator("models")
+    @field_validator("models", "slices")
     @classmethod
-    def some_models(cls, value: list[ModelEntry]) -> list[ModelEntry]:
-        if not value:
-            raise ValueError("at least one model is needed")
+    def not_empty(cls, value: list | None) -> list | None:
+        if value is not None and not value:
+            raise ValueError("at least one entry is needed")
         return value
+
+    @model_validator(mode="after")
+    def models_or_slices(self) -> "MergeConfig":
+        if (self.models is None) == (self.slices is None):
+            raise ValueError("give either 'models' or 'slices' (as mergekit: exactly one of them)")
+        return self
 
 
 def _field_error(exc: ValidationError) -> str:
@@ -142,35 +165,77 @@ def resolve_model(reference: str, config_dir: Path, field: str, allow_pickle: bo
     raise MergeConfigError(f"field {field!r}: {error}")
 
 
-def build_recipe(config: MergeConfig, num_layers: int | None) -> Recipe:
-    """The merge as a recipe over model references (ids are the references as written)."""
-    ids = [entry.model for entry in config.models]
+def _conditions(setting: Any) -> list:
+    """A setting as a list of filter conditions (a scalar or gradient matches every tensor)."""
+    if isinstance(setting, dict):
+        return [setting]
+    if isinstance(setting, list) and setting and all(isinstance(item, dict) for item in setting):
+        return list(setting)
+    return [{"value": setting}]
+
+
+def _chain(*scopes: Optional[dict[str, Any]]) -> dict[str, Any]:
+    """Parameter scopes, highest precedence first, as one: mergekit tries a slice's setting,
+    then the global one when none of the slice's filters matches; concatenating their filter
+    lists does exactly that."""
+    chained: dict[str, Any] = {}
+    for scope in scopes:
+        for key, setting in (scope or {}).items():
+            chained[key] = _conditions(chained[key]) + _conditions(setting) if key in chained else setting
+    return chained
+
+
+def normalized_slices(config: MergeConfig, layer_counts: dict[str, int]) -> list[SliceEntry]:
+    """The config as output slices; `models:` is one slice of every model's whole depth, the
+    base added as one more source when not listed (mergekit adds it for every method)."""
+    if config.slices is not None:
+        return config.slices
+    entries = list(config.models)
+    if config.base_model is not None and config.base_model not in [e.model for e in entries]:
+        entries.append(ModelEntry(model=config.base_model))
+    return [SliceEntry(sources=[SliceSourceEntry(model=e.model, layer_range=(0, layer_counts[e.model]),
+                                                 parameters=e.parameters) for e in entries])]
+
+
+def build_slice_recipe(config: MergeConfig, entry: SliceEntry, index: int, num_layers: int | None) -> Recipe:
+    """The merge of one output slice as a recipe over model references (ids as written)."""
+    field = "models" if config.models is not None else f"slices.{index}.sources"
+    ids = [source.model for source in entry.sources]
     duplicates = sorted({i for i in ids if ids.count(i) > 1})
     if duplicates:
-        raise MergeConfigError(f"field 'models': {duplicates[0]!r} is listed twice")
-    params: dict[str, Any] = dict(config.parameters or {})
-    per_input = {entry.model: dict(entry.parameters) for entry in config.models if entry.parameters}
-    base = config.base_model
-    if base is not None and base not in ids:
-        ids.append(base)  # mergekit adds a base that is not listed (for linear: as one more input)
+        raise MergeConfigError(f"field {field!r}: {duplicates[0]!r} is listed twice")
+    base = entry.base_model or config.base_model
     op = get_operator(config.merge_method)
     if op.base == "endpoint" and base is None:  # mergekit's slerp: base_model is its t = 0 end
         raise MergeConfigError(f"field 'base_model': {config.merge_method} needs a base_model (its t = 0 end), as mergekit does")
-    uses_base = op.base != "ignored"
+    uses_base = op.base != "ignored" and base is not None
+    if uses_base and base not in ids:
+        raise MergeConfigError(f"field {field!r}: the base_model {base!r} must be one of the slice's sources")
+    params = _chain(entry.parameters, config.parameters)
+    per_input = {source.model: dict(source.parameters) for source in entry.sources if source.parameters}
     if uses_base:  # mergekit ignores the base's non-shared parameters (its task vector is zero)
         per_input.pop(base, None)
     if per_input:
         params["per_input"] = per_input
     if num_layers is not None:
         params["num_layers"] = num_layers
-    return Recipe(op=config.merge_method, inputs=tuple(ids), params=params, seed=0,
+    return Recipe(op=config.merge_method, inputs=tuple(ids), params=params, seed=index,
                   base=base if uses_base else None)
+
+
+def build_recipe(config: MergeConfig, num_layers: int | None) -> Recipe:
+    """A `models:` config's merge as one recipe (the whole depth is one slice)."""
+    if config.models is None:
+        raise MergeConfigError("field 'slices': a sliced merge has one recipe per slice (see build_slice_recipe)")
+    counts = {e.model: num_layers or 0 for e in config.models}
+    counts.setdefault(config.base_model, num_layers or 0)
+    return build_slice_recipe(config, normalized_slices(config, counts)[0], 0, num_layers)
 
 
 # --- the merge ----------------------------------------------------------------------------
 
 
-def count_layers(directory: Path, names: list[str]) -> int | None:
+def count_layers(directory: Path, names: Iterable[str]) -> int:
     try:
         layers = json.loads((directory / "config.json").read_text()).get("num_hidden_layers")
     except (OSError, json.JSONDecodeError):
@@ -178,11 +243,19 @@ def count_layers(directory: Path, names: list[str]) -> int | None:
     if isinstance(layers, int) and layers > 0:
         return layers
     indices = [i for i in (layer_index(n) for n in names) if i is not None]
-    return max(indices) + 1 if indices else None
+    return max(indices) + 1 if indices else 0
 
 
-def copy_side_files(out_dir: Path, config_dir: Path, tokenizer_dir: Path, out_dtype_name: str | None) -> None:
-    config = json.loads((config_dir / "config.json").read_text())
+def read_config(directory: Path) -> dict:
+    try:
+        return json.loads((directory / "config.json").read_text())
+    except (OSError, json.JSONDecodeError):
+        return {}
+
+
+def write_side_files(out_dir: Path, config: dict, config_dir: Path, tokenizer_dir: Path,
+                     out_dtype_name: str | None) -> None:
+    config = dict(config)
     if out_dtype_name is not None:  # transformers 5 writes "dtype", older ones "torch_dtype"
         keys = [k for k in ("dtype", "torch_dtype") if k in config] or ["dtype"]
         for key in keys:
@@ -212,6 +285,35 @@ def _open_sources(directories: dict[str, Path], reference: str) -> dict[str, Any
     return sources
 
 
+def _model_fields(config: MergeConfig) -> dict[str, str]:
+    """Each referenced model and the first config field naming it (for error messages)."""
+    fields: dict[str, str] = {}
+    if config.base_model is not None:
+        fields[config.base_model] = "base_model"
+    for i, entry in enumerate(config.models or []):
+        fields.setdefault(entry.model, f"models.{i}.model")
+    for s, entry in enumerate(config.slices or []):
+        if entry.base_model is not None:
+            fields.setdefault(entry.base_model, f"slices.{s}.base_model")
+        for i, source in enumerate(entry.sources):
+            fields.setdefault(source.model, f"slices.{s}.sources.{i}.model")
+    return fields
+
+
+def compute_dtype(method: str, in_dtype: torch.dtype | None, stored: Iterable[torch.dtype]) -> torch.dtype | None:
+    """The dtype the merge arithmetic runs in, as in mergekit 0.1.5: the task-vector family
+    computes in its inputs' dtype (`dtype`, else the promotion of the stored dtypes), every
+    other method in float32 (float64 when an input is)."""
+    if method not in INPUT_DTYPE_METHODS:
+        return None
+    if in_dtype is not None:
+        return in_dtype
+    promoted = None
+    for dtype in stored:
+        promoted = dtype if promoted is None else torch.promote_types(promoted, dtype)
+    return promoted
+
+
 def run_merge(config_path: str | Path, out_dir: str | Path, *, allow_pickle: bool = False,
               quiet: bool = False, max_shard_bytes: int = DEFAULT_SHARD_BYTES, compute_threads: int = 1) -> Path:
     """Merge as the YAML at `config_path` says, writing a Hugging Face directory at `out_dir`.
@@ -226,36 +328,50 @@ def run_merge(config_path: str | Path, out_dir: str | Path, *, allow_pickle: boo
     out = Path(out_dir)
     if out.exists() and not out.is_dir():
         raise MergeConfigError(f"{out}: is a file, not a directory (OUT is the merged model's directory)")
-    recipe_ids = [e.model for e in config.models] + ([config.base_model] if config.base_model else [])
-    fields = {e.model: f"models.{i}.model" for i, e in enumerate(config.models)}
-    fields.setdefault(config.base_model, "base_model")
-    directories = {ref: resolve_model(ref, config_dir, fields[ref], allow_pickle) for ref in dict.fromkeys(recipe_ids)}
+    fields = _model_fields(config)
+    directories = {ref: resolve_model(ref, config_dir, field, allow_pickle) for ref, field in fields.items()}
     tokenizer_ref = config.tokenizer_source or "base"
     if tokenizer_ref == "union":
-        raise MergeConfigError(f"{config_path}: field 'tokenizer_source': 'union' is not supported (use base or a model)")
-    reference = config.base_model or config.models[0].model
+        raise MergeConfigError(f"{config_path}: field 'tokenizer_source': 'union' (a merged vocabulary) is not "
+                               f"supported; use 'base' or a model whose tokenizer fits every input")
+    reference = config.base_model or (config.models[0].model if config.models else config.slices[0].sources[0].model)
     tokenizer_dir = directories[reference] if tokenizer_ref == "base" else resolve_model(
         tokenizer_ref, config_dir, "tokenizer_source", allow_pickle)
 
     sources = _open_sources(directories, reference)
     try:
-        indexes = {str(directories[ref]): {n: (i.shape, i.dtype) for n, i in s.tensors.items()}
-                   for ref, s in sources.items()}  # the reference first
-        names = check_same_tensors(indexes, "", quote=True, error=MergeConfigError)
-        recipe = build_recipe(config, count_layers(directories[reference], names))
-        validate_recipe(recipe)
+        indexes = {ref: {n: (i.shape, i.dtype) for n, i in s.tensors.items()} for ref, s in sources.items()}
+        if config.slices is None:  # every input the same tensors (the reference's names and shapes)
+            check_same_tensors({str(directories[r]): indexes[r] for r in sources}, "", quote=True,
+                               error=MergeConfigError)
+        layer_counts = {ref: count_layers(directories[ref], indexes[ref]) for ref in sources}
+        slices = normalized_slices(config, layer_counts)
+        recipes = [build_slice_recipe(config, entry, s, entry.sources[0].layer_range[1] - entry.sources[0].layer_range[0])
+                   for s, entry in enumerate(slices)]
+        for s, recipe in enumerate(recipes):
+            try:
+                validate_recipe(recipe)
+            except RecipeError as exc:
+                where = "models" if config.slices is None else f"slices.{s}"
+                raise MergeConfigError(f"{config_path}: field {where!r}: {exc}") from None
+        output_slices = [OutputSlice(tuple(SliceSource(src.model, *src.layer_range) for src in entry.sources))
+                         for entry in slices]
+        tensors = plan_output_tensors(output_slices, indexes, layer_counts)
         in_dtype = DTYPES.get(config.dtype) if config.dtype else None
         forced_out = DTYPES.get(config.out_dtype or config.dtype or "") if (config.out_dtype or config.dtype) else None
-        plan: list[TensorSpec] = []
-        for name in names:
-            stored = sources[reference].tensors[name].dtype
-            floating = stored.is_floating_point
-            plan.append((name, (forced_out or stored) if floating else stored, sources[reference].tensors[name].shape))
+        plan: list[TensorSpec] = [(t.name, (forced_out or t.dtype) if t.dtype.is_floating_point else t.dtype, t.shape)
+                                  for t in tensors]
+        work_dtype = compute_dtype(config.merge_method, in_dtype,
+                                   {d for index in indexes.values() for _, d in index.values() if d.is_floating_point})
+        out_config = read_config(directories[reference])
+        if config.slices is not None:
+            out_config = layered_config(out_config, {ref: read_config(directories[ref]) for ref in sources},
+                                        output_slices)
         out.mkdir(parents=True, exist_ok=True)
         threads = torch.get_num_threads()
         torch.set_num_threads(compute_threads)
         try:
-            _stream(recipe, sources, plan, in_dtype, out, max_shard_bytes, quiet)
+            _stream(recipes, tensors, sources, plan, in_dtype, work_dtype, out, max_shard_bytes, quiet)
         finally:
             torch.set_num_threads(threads)
     except RecipeError as exc:
@@ -269,30 +385,29 @@ def run_merge(config_path: str | Path, out_dir: str | Path, *, allow_pickle: boo
     if out_dtype_name is None:
         stored = {d for _, d, _ in plan if d.is_floating_point}
         out_dtype_name = next((k for k, v in DTYPES.items() if stored == {v}), None)
-    copy_side_files(out, directories[reference], tokenizer_dir, out_dtype_name)
+    write_side_files(out, out_config, directories[reference], tokenizer_dir, out_dtype_name)
     atomic_write_text(out / RUN_CONFIG_NAME, text)
     return out
 
 
-def _stream(recipe: Recipe, sources: dict[str, Any], plan: list[TensorSpec], in_dtype: torch.dtype | None,
-            out: Path, max_shard_bytes: int, quiet: bool) -> None:
+def _stream(recipes: list[Recipe], tensors: list[OutputTensor], sources: dict[str, Any], plan: list[TensorSpec],
+            in_dtype: torch.dtype | None, work_dtype: torch.dtype | None, out: Path, max_shard_bytes: int,
+            quiet: bool) -> None:
     """Read (one tensor ahead, in a helper thread), merge and write each tensor in turn."""
-    ids = recipe.input_ids()
     names = [name for name, _, _ in plan]
     dtypes = {name: dtype for name, dtype, _ in plan}
     # Two buffer sets: the helper fills one while the merge reads the other.
-    buffers = [{i: None for i in ids}, {i: None for i in ids}]
+    buffers: list[dict[str, Any]] = [{}, {}]
 
     def load(position: int) -> dict[str, torch.Tensor]:
-        name = names[position]
         slot = buffers[position % 2]
-        tensors = {}
-        for model_id in ids:
-            tensor, slot[model_id] = sources[model_id].read(name, slot[model_id])
+        loaded = {}
+        for model_id, source_name in tensors[position].inputs:
+            tensor, slot[model_id] = sources[model_id].read(source_name, slot.get(model_id))
             if in_dtype is not None and tensor.is_floating_point() and tensor.dtype != in_dtype:
                 tensor = tensor.to(in_dtype)  # mergekit's `dtype`: inputs are cast on load
-            tensors[model_id] = tensor
-        return tensors
+            loaded[model_id] = tensor
+        return loaded
 
     progress = None
     if not quiet:
@@ -306,12 +421,14 @@ def _stream(recipe: Recipe, sources: dict[str, Any], plan: list[TensorSpec], in_
         def produce(name: str) -> torch.Tensor:
             position = state["position"]
             assert names[position] == name, f"merge asked for {name!r}, read {names[position]!r}"
-            tensors = state["pending"].result()
+            loaded = state["pending"].result()
             # The next read may reuse the other buffer set only: this one is in use until the
             # writer has written the merged tensor, before it asks for the next one.
             state["pending"] = reader.submit(load, position + 1) if position + 1 < len(names) else None
             state["position"] = position + 1
-            merged = materialize_tensor(recipe, name, tensors).to(dtypes[name])
+            spec = tensors[position]
+            merged = materialize_tensor(recipes[spec.slice_index], spec.param_name, loaded,
+                                        compute_dtype=work_dtype).to(dtypes[name])
             if progress is not None:
                 progress.update(nbytes_of(merged.dtype, merged.shape))
             return merged

@@ -109,14 +109,15 @@ def test_out_dtype_and_relative_paths(models, tmp_path, monkeypatch):
 
 
 @pytest.mark.parametrize("mutate, message", [
-    (lambda c: c.update(merge_method="passthrough"), "field 'merge_method': unknown merge method 'passthrough'; valid: linear"),
-    (lambda c: c.update(slices=[]), "field 'slices' is not supported by evofuse merge"),
+    (lambda c: c.update(merge_method="ram"), "field 'merge_method': unknown merge method 'ram'; valid: linear"),
+    (lambda c: c.update(slices=[]), "field 'slices': at least one entry is needed"),
+    (lambda c: c.update(merge_method="passthrough"), "field 'models': op 'passthrough' takes 1 inputs"),
     (lambda c: c.pop("base_model"), "needs recipe field 'base'"),
     (lambda c: c["models"][0]["parameters"].pop("weight"), "needs parameter 'weight'"),
     (lambda c: c["models"][0]["parameters"].update(wieght=1), "unknown parameter 'wieght' for op 'ties'"),
     (lambda c: c.update(dtype="float8"), "field 'dtype'"),
     (lambda c: c["models"][1].update(model="/nonexistent/model"), "field 'models.1.model': /nonexistent/model"),
-    (lambda c: c.update(tokenizer_source="union"), "'union' is not supported"),
+    (lambda c: c.update(tokenizer_source="union"), "field 'tokenizer_source': 'union' (a merged vocabulary) is not supported"),
     (lambda c: c["models"].append(dict(c["models"][0])), "is listed twice"),
 ])
 def test_bad_configs_raise_one_line_naming_the_field(models, tmp_path, mutate, message):

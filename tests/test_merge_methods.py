@@ -159,13 +159,14 @@ def test_merges_keep_inputs_and_dtype():
 
 
 def _reference_ties(base, tensors, weights, densities, normalize, scale):
-    """TIES written the direct way (whole tensors, sort-based trim keeping the lowest index
-    among ties, stacked sign election) to check the chunked, branch-free implementation."""
+    """TIES written the direct way (whole tensors, sort-based trim keeping, among equal
+    magnitudes, whichever mergekit's unstable argsort keeps, stacked sign election) to check
+    the chunked, branch-free implementation."""
     deltas = []
     for x, w, d in zip(tensors, weights, densities):
         tau = (x - base).reshape(-1)
         k = max(1, int(d * tau.numel()))
-        order = torch.sort(tau.abs(), descending=True, stable=True).indices[:k]
+        order = torch.argsort(tau.abs(), descending=True)[:k]  # mergekit's selection
         trimmed = torch.zeros_like(tau)
         trimmed[order] = tau[order]
         deltas.append(trimmed * w)
