@@ -12,22 +12,24 @@ know, and `tests/test_mergekit_parity.py` checks agreement to 1e-6 in fp32:
   weighted, a sign elected per coordinate from the SUM of the weighted trimmed vectors (>= 0 is
   positive: mergekit's "sum" consensus, the TIES paper's), entries agreeing with it kept;
   `normalize` (default true) divides by the sum of the agreeing entries' weights (0 -> 1).
-  Where several entries have exactly the k-th largest magnitude we keep the lowest indices;
-  mergekit keeps whichever its unstable `torch.argsort` puts first, so the two can differ
-  there and only there (quantised weights make such ties common: 114 of 134.5M coordinates
-  in `benchmarks/results/merge.md`).
-* `dare_linear` / `dare_ties`: each `tau_i` entry dropped with probability `1 - density`, the
-  kept ones scaled by `1 / density` when `rescale` (default true), then task arithmetic / TIES
-  consensus (`normalize` default false). The drop mask is seeded from (recipe seed, tensor
-  name, input id), see `evolve.rng`. Choice: mergekit 0.1.5 rescales to match the L1 norm of
-  the unpruned vector instead of the paper's `1 / density`; we follow the paper (both have the
-  same expectation; they agree exactly at density 1, which is what the parity test checks).
+  Where several entries have exactly the k-th largest magnitude, mergekit keeps whichever its
+  unstable `torch.argsort` puts first; we run that same sort for such tensors only (quantised
+  weights make ties common), so the trims are mergekit's bit for bit.
+* `dare_linear` / `dare_ties`: each `tau_i` entry dropped with probability `1 - density`; with
+  `rescale` (default true) the kept ones are scaled by `||tau_i||_1 / ||kept||_1`, mergekit
+  0.1.5's rescaling (the paper's `1 / density` is its expectation; none when either norm is
+  below 1e-7); then task arithmetic / TIES consensus (`normalize` default false). The drop
+  mask is seeded from (recipe seed, tensor name, input id), see `evolve.rng`; mergekit draws
+  from its unseeded global RNG, so the two agree in distribution (`tests/test_mergekit_examples.py`
+  checks the kept fraction per tensor and the rescaling) and exactly at density 1.
 * `slerp`: spherical interpolation of the whole tensor between `v0` (t = 0, the base) and
   `v1`, on copies normalised by their L2 norms (norms <= 1e-8 taken as 1); when
   `|cos| > 0.9995` it falls back to `(1 - t) v0 + t v1`.
 
-Computation is in float32 (float64 when an input is float64), also for bf16 inputs: mergekit
-computes task-vector methods in the input dtype, we prefer fp32 accumulation there.
+Computation is in float32 (float64 when an input is float64) unless the caller passes float16
+/ bfloat16 inputs to a task-vector merge: then `task_vector_merge_low_precision` rounds where
+mergekit 0.1.5 does (it computes this family in the inputs' dtype), which `evofuse merge` uses
+for a YAML's `dtype: float16 / bfloat16` so that it gives mergekit's numbers.
 
 Speed (the 2-core CPU, SmolLM2-135M, `benchmarks/bench_merge.py`): the task-vector merges run
 in chunks of 2^16 coordinates so that every temporary stays in cache; TIES finds each
@@ -57,6 +59,7 @@ __all__ = [
     "trim_to_top_magnitude",
     "sign_consensus_combine",
     "drop_chunk",
+    "dare_l1_scale",
     "task_vector_merge_low_precision",
     "slerp",
 ]
@@ -65,6 +68,7 @@ SLERP_DOT_THRESHOLD = 0.9995  # mergekit's: above it the inputs count as colinea
 SLERP_NORM_EPS = 1e-8  # norms at or below this are treated as 1 (mergekit's eps)
 SAMPLE_STRIDE = 64  # TIES threshold search: every 64th magnitude brackets the k-th largest
 MERGE_CHUNK = 1 << 16  # coordinates per chunk of a task-vector merge: temporaries stay in cache
+L1_RESCALE_EPS = 1e-7  # mergekit's: no DARE rescaling when either L1 norm is below it
 
 
 # --- the pure tensor functions ------------------------------------------------------------
@@ -270,6 +274,8 @@ def task_vector_merge(
         if sparsify == "magnitude" else [None] * len(tensors)
     masks = [keep_mask_chunks(seed, count, d, chunk) for seed, d in zip(seeds, densities)] \
         if sparsify == "random" else [None] * len(tensors)
+    drop_scales = [dare_l1_scale(x, base, seed, d, chunk) if rescale and d < 1 else 1.0
+                   for x, seed, d in zip(tensors, seeds, densities)] if sparsify == "random" else None
     flat_b, flat_out = base.reshape(-1), out.view(-1)
     flat_x = [t.reshape(-1) for t in tensors]
     buffers = [torch.empty(min(chunk, count), dtype=base.dtype, device=base.device) for _ in tensors]
@@ -284,7 +290,7 @@ def task_vector_merge(
             if cuts[i] is not None:
                 cuts[i].trim(delta, scratch[:size], keep[:size])
             if masks[i] is not None:
-                drop_chunk(delta, next(masks[i]).to(delta.device), densities[i], rescale)
+                drop_chunk(delta, next(masks[i]).to(delta.device), densities[i], drop_scales[i])
             deltas.append(delta.mul_(coefficients[i]))  # w_i tau_i
         target = flat_out[start:stop]
         if consensus:
@@ -326,7 +332,7 @@ def task_vector_merge_low_precision(
     rounded. Doing the same operations in the same order gives its numbers bit for bit (the
     float32 chunked engine would be closer to the exact merge, but not what a mergekit user's
     fp16/bf16 YAML produced). Magnitude trimming keeps mergekit's selection (a sort of the
-    float32 magnitudes); DARE keeps evofuse's seeded masks and 1/density rescaling.
+    float32 magnitudes); DARE uses evofuse's seeded masks with mergekit's L1 rescaling.
     """
     dtype = base.dtype
     if not tensors:
@@ -341,9 +347,14 @@ def task_vector_merge_low_precision(
             keep[torch.argsort(delta.abs().reshape(-1).float(), descending=True)[:k]] = 1
             delta = delta * keep.view_as(delta)
         elif sparsify == "random" and densities[i] < 1:
+            work = torch.float32 if dtype == torch.float16 else dtype  # mergekit's bernoulli: no fp16 on CPU
             keep = next(keep_mask_chunks(seeds[i], delta.numel(), densities[i], max(delta.numel(), 1)))
-            delta = drop_chunk(delta.reshape(-1) * 1, keep.to(delta.device).to(dtype), densities[i],
-                               rescale).view_as(delta)
+            masked = delta.to(work) * keep.to(delta.device).to(work).view_as(delta)
+            if rescale:
+                before, after = delta.to(work).abs().sum(), masked.abs().sum()  # rounded to `work`
+                if before >= L1_RESCALE_EPS and after >= L1_RESCALE_EPS:
+                    masked = masked * (before / after)
+            delta = masked.to(dtype)
         deltas[i] = delta
     coefficients = torch.tensor(list(weights), dtype=dtype, device=base.device).view(-1, *([1] * base.dim()))
     deltas.mul_(coefficients)  # w_i tau_i, rounded
@@ -364,14 +375,35 @@ def task_vector_merge_low_precision(
     return base + mixed
 
 
-def drop_chunk(delta: torch.Tensor, keep: torch.Tensor, density: float, rescale: bool) -> torch.Tensor:
-    """DARE on one chunk: zero the dropped entries, scale the kept ones by 1/density."""
+def drop_chunk(delta: torch.Tensor, keep: torch.Tensor, density: float, scale: float) -> torch.Tensor:
+    """DARE on one chunk: zero the dropped entries, multiply the kept ones by `scale`."""
     if density >= 1:
         return delta
     delta.mul_(keep)
-    if rescale and density > 0:
-        delta.div_(density)
+    if scale != 1:
+        delta.mul_(scale)
     return delta
+
+
+def dare_l1_scale(x: torch.Tensor, base: torch.Tensor, seed: int, density: float, chunk: int) -> float:
+    """mergekit's DARE rescaling: ||tau||_1 / ||kept tau||_1 (1 when either is below 1e-7).
+
+    It restores the L1 norm of the whole task vector; its expectation is the paper's
+    1 / density. One pass over the same seeded mask the merge then applies.
+    """
+    before = after = 0.0
+    flat_x, flat_b = x.reshape(-1), base.reshape(-1)
+    count = flat_b.numel()
+    buffer = torch.empty(min(chunk, count), dtype=base.dtype, device=base.device)
+    for start, keep in zip(range(0, count, chunk), keep_mask_chunks(seed, count, density, chunk)):
+        stop = min(start + chunk, count)
+        magnitude = torch.sub(flat_x[start:stop], flat_b[start:stop], out=buffer[: stop - start]).abs_()
+        before += float(magnitude.sum(dtype=torch.float64))
+        after += float(magnitude.mul_(keep.to(magnitude.device)).sum(dtype=torch.float64))
+    if before < L1_RESCALE_EPS or after < L1_RESCALE_EPS:
+        return 1.0
+    ratio = torch.tensor(before, dtype=base.dtype) / torch.tensor(after, dtype=base.dtype)  # as mergekit: in dtype
+    return float(ratio)
 
 
 def slerp(v0: torch.Tensor, v1: torch.Tensor, t: float) -> torch.Tensor:

@@ -1,21 +1,30 @@
 """`evofuse merge CONFIG OUT`: a one-shot merge from a mergekit YAML, streamed tensor by tensor.
 
-Accepted YAML (the mergekit subset for evofuse's methods; any other key is refused by name):
+Accepted YAML (mergekit's, for evofuse's methods; any other key is refused by name):
 
-    merge_method: ties          # any registered merge: linear | task_arithmetic | ties | dare_linear | dare_ties | slerp
+    merge_method: ties          # any registered merge (`merge_method_names()`), passthrough included
     base_model: path/to/base    # required by the task-vector methods; slerp's t = 0 end
-    models:
+    models:                     # either models: (every model's whole depth) ...
       - model: path/to/expert_a # a Hugging Face directory or a built-in name (smollm2-135m)
         parameters: {weight: 0.5, density: 0.7}
+    slices:                     # ... or slices: output layers slice after slice
+      - sources:                #   sources of one slice have layer ranges of equal length
+          - {model: path/a, layer_range: [0, 24], parameters: {...}}
+          - {model: path/b, layer_range: [8, 32]}
+        base_model: path/a      #   optional, per slice
+        parameters: {t: [0, 1]} #   optional, per slice (then the shared ones)
     parameters: {normalize: true, weight: [0, 0.5, 1]}   # shared; gradients and filters allowed
-    dtype: float32              # inputs are cast to it (and the output, unless out_dtype)
-    out_dtype: bfloat16         # optional
-    tokenizer_source: base      # optional: base (default) or a model path
+    dtype: bfloat16             # the computation dtype: inputs are cast to it on load
+    out_dtype: float32          # optional: the result's (default: dtype, else as stored)
+    tokenizer_source: base      # optional: base (default) or a model path; `union` is refused
 
-The methods are the merges registered in `evolve.registry` (`merge_method_names()`). Relative
-model paths are taken from the current directory (as mergekit does), then from the config's
-directory. Parameter semantics are mergekit's (see `evolve.recipe`, `evolve.merge_methods`);
-the merge is the same `Recipe` a search uses.
+Semantics are mergekit 0.1.5's (`evolve.recipe`, `evolve.merge_methods`, `evolve.slices`): a
+gradient runs over each slice; a passthrough of stacked ranges makes a model of another depth
+(config.json gets its `num_hidden_layers` and per-layer lists); with a float16 / bfloat16
+`dtype`, the task-vector merges and passthrough compute in that dtype with mergekit's rounding,
+the others (linear, slerp, ...) in float32 as mergekit's do. Relative model paths are taken
+from the current directory (as mergekit does), then from the config's directory. Each slice's
+merge is a `Recipe`, as a search uses.
 
 How it streams (`search.models.tensors`): safetensors headers are read first (every input
 checked for the same tensor names and shapes, the output shards and their headers planned),
@@ -25,7 +34,7 @@ shard. At most one tensor per input plus the merge's temporaries are in memory a
 reading of the next tensor overlaps the merge of the current one in a helper thread.
 
 Output: `model-0000i-of-0000N.safetensors` + `model.safetensors.index.json`, `config.json`
-(dtype set to the output's), generation config and tokenizer files from the tokenizer source,
+(the reference's: the base, else the first model; dtype set to the output's, depth the slices'), generation config and tokenizer files from the tokenizer source,
 and `mergekit_config.yml`, the YAML exactly as it ran (mergekit writes the same file, and
 mergekit can re-run it). Every file is written atomically. `python -m search.merge CONFIG OUT`
 is `evofuse merge CONFIG OUT`.

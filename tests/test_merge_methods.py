@@ -108,7 +108,8 @@ def test_dare_drops_with_seeded_masks_and_rescales():
     expected = base.clone()
     for input_id, x in (("x1", x1), ("x2", x2)):
         mask = keep_mask(derive_seed(tensor_seed, input_id), x.shape, 0.4)
-        expected += 0.5 * (x - base) * mask / 0.4
+        tau = x - base  # kept entries rescaled to tau's L1 norm (mergekit's DARE rescaling)
+        expected += 0.5 * tau * mask * (tau.abs().sum() / (tau * mask).abs().sum())
     assert torch.allclose(out, expected, atol=1e-6)
     # statistically: the dropped-and-rescaled sum has the full sum's mean and ~40% survivors
     full = 0.5 * ((x1 - base) + (x2 - base))
