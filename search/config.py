@@ -287,6 +287,8 @@ class RunConfig(Strict):
         unknown = [n for n in self.recipe.inputs or [] if n not in parents]
         if unknown:
             raise ValueError(f"recipe.inputs: {unknown[0]!r} is not a parent")
+        if self.evolver.offspring_per_member != 1:
+            raise ValueError("evolver.offspring_per_member: recipe runs ask recipe.trials_per_generation trials instead")
         if self.recipe.sampler == "cmaes" and self.recipe.trials_per_generation == 1:
             raise ValueError("recipe.trials_per_generation: CMA-ES needs at least 2 trials per generation")
         from search.tuning.recipe_space import RecipeSpace, RecipeSpaceError

@@ -90,14 +90,27 @@ class CompressMode(JointMode):
                 for i in range(self.config.compress.candidates)]
 
 
-def make_mode(config: RunConfig, max_params: float | None) -> Mode:
-    from search.run.recipe_mode import RecipeMode
+# Modules that add modes (`register_mode`), imported by name on first use, as evolve's operator
+# modules are: they build on this one, which does not import them.
+MODE_MODULES = ("search.run.recipe_mode",)
+_REGISTERED: dict[str, type] = {}
 
+
+def register_mode(name: str, kind: type) -> type:
+    _REGISTERED[name] = kind
+    return kind
+
+
+def make_mode(config: RunConfig, max_params: float | None) -> Mode:
+    import importlib
+
+    for module in MODE_MODULES:
+        importlib.import_module(module)
     sizes = config.mode in ("compress", "joint")
     objectives = Objectives(sizes=sizes, latency=sizes and config.compress.latency is not None,
                             max_params=max_params if sizes else None)
-    kind = {"merge": MergeMode, "compress": CompressMode, "joint": JointMode, "recipe": RecipeMode}[config.mode]
+    kind = {"merge": MergeMode, "compress": CompressMode, "joint": JointMode, **_REGISTERED}[config.mode]
     return kind(config, objectives)
 
 
-__all__ = ["Mode", "MergeMode", "CompressMode", "JointMode", "make_mode", "HALL_OF_FAME_SIZE"]
+__all__ = ["Mode", "MergeMode", "CompressMode", "JointMode", "make_mode", "register_mode", "HALL_OF_FAME_SIZE"]

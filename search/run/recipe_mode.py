@@ -28,7 +28,7 @@ from evolve.evolver import offspring_id
 from evolve.population import member_score
 
 from search.run.candidate import Candidate
-from search.run.modes import HALL_OF_FAME_SIZE, Mode
+from search.run.modes import HALL_OF_FAME_SIZE, Mode, register_mode
 from search.run.scoring import STOPPED
 
 
@@ -127,5 +127,7 @@ def open_recipe_study(run_dir, config, space, trials: int) -> optuna.Study:
     return optuna.create_study(study_name=config.name, storage=storage, directions=["maximize"], sampler=sampler,
                                load_if_exists=True)
 
+
+register_mode("recipe", RecipeMode)
 
 __all__ = ["RecipeMode", "open_recipe_study"]
