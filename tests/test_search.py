@@ -201,3 +201,16 @@ def test_population_seeded_with_classic_merges_and_population_merge_scored(tmp_p
     state = store.read_state()
     assert len(state["population"]) == 4  # base, two experts and the TIES seed
     assert len([e for e in journal if e.startswith("g000-")]) == 4
+
+
+@pytest.mark.parametrize("bad", [float("nan"), float("inf"), float("-inf")])
+def test_all_finite_finds_one_bad_entry_in_any_dtype(bad):
+    import torch
+
+    from search.run.workers import all_finite
+
+    for dtype in (torch.float32, torch.bfloat16, torch.float16):
+        weights = [torch.randn(64, 64).to(dtype), torch.full((1000,), 60000.0).to(dtype)]  # fp16 sum > 65504
+        assert all_finite(weights)
+        weights[0][17, 3] = bad
+        assert not all_finite(weights)

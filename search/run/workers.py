@@ -58,6 +58,15 @@ class WorkerSpec:
     proxy: dict | None = None  # staged fitness: the first stage's task ({kind, data, options}), named PROXY
 
 
+def all_finite(tensors) -> bool:
+    """Whether every entry is finite, from one fp32 sum per tensor: a NaN or an infinity
+    anywhere makes the sum NaN or infinite, and finite weights could only overflow it beyond
+    3.4e38, which no usable model reaches. A reduction allocates nothing, where
+    `isfinite(t).all()` writes a mask as large as the model: 0.2 s against 2.5 s for
+    SmolLM2-135M, paid by every candidate (a cheap first stage costs about 3 s)."""
+    return all(bool(torch.isfinite(t.sum(dtype=torch.float32))) for t in tensors)
+
+
 def resolve_dtype(dtype: str, device: torch.device) -> torch.dtype:
     if dtype == "auto":
         return torch.bfloat16 if device.type == "cuda" else torch.float32
@@ -150,7 +159,7 @@ class Evaluator:
                 self._planned = (key, model)
         materialized = time.perf_counter()
         result = {"id": candidate.id, "split": job.split, "worker": f"{socket.gethostname()}:{os.getpid()}"}
-        if not all(bool(torch.isfinite(p).all()) for p in model.parameters()):
+        if not all_finite(model.parameters()):
             result.update(status="nonfinite", metrics={}, reason="non-finite weights")
         else:
             references = self._kl_references(candidate, job)  # from the dense working model
