@@ -170,7 +170,9 @@ def test_every_trial_is_a_journalled_candidate_told_to_optuna(runs):
     assert state["status"] == "finished" and len(state["population"]) == 2
     from search.results.report import run_status, write_report
 
-    assert run_status(run)["evaluations"] == 3 + 8
+    status = run_status(run)
+    assert status["evaluations"] == 3 + 8 and status["recipe_study"]["states"] == {"complete": 8}
+    assert status["recipe_study"]["best_trial"]["value"] == max(row["score"] for row in journal)
     assert (write_report(run)).is_file()
 
 

@@ -57,8 +57,15 @@ def run_status(run_dir: Path) -> dict:
         "best_per_task": best_per_task,
         "eta_s": eta,
         "staged": staged_summary(journal, last_stage(config)),
+        "recipe_study": _recipe_study(run_dir) if config.mode == "recipe" else None,
         "updated": time.strftime("%Y-%m-%d %H:%M:%S", time.localtime(store.journal_path.stat().st_mtime)) if store.journal_path.exists() else None,
     }
+
+
+def _recipe_study(run_dir: Path) -> dict | None:
+    from search.run.recipe_mode import study_summary
+
+    return study_summary(run_dir)
 
 
 def format_status(status: dict) -> str:
@@ -74,6 +81,10 @@ def format_status(status: dict) -> str:
         lines.append(f"  {task:<10} {best['id']}: {shown}")
     if status.get("staged"):
         lines += format_staged(status["staged"])
+    if status.get("recipe_study"):
+        from search.run.recipe_mode import format_study
+
+        lines += format_study(status["recipe_study"])
     if status["eta_s"] is not None:
         lines.append(f"eta          {status['eta_s'] // 60} min {status['eta_s'] % 60} s")
     return "\n".join(lines)

@@ -128,6 +128,42 @@ def open_recipe_study(run_dir, config, space, trials: int) -> optuna.Study:
                                load_if_exists=True)
 
 
+def study_summary(run_dir) -> dict | None:
+    """For `status`: the recipe study's trials by state and the best COMPLETE trial's genome
+    (read from `optuna.journal`, JSON lines; None when the study does not exist yet)."""
+    from pathlib import Path
+
+    from optuna.storages import JournalStorage
+    from optuna.storages.journal import JournalFileBackend
+
+    from search.tuning.study import journal_path
+
+    path = journal_path(Path(run_dir))
+    if not path.is_file():
+        return None
+    storage = JournalStorage(JournalFileBackend(str(path)))
+    studies = storage.get_all_studies()
+    if not studies:
+        return None
+    trials = storage.get_all_trials(studies[0]._study_id, deepcopy=False)
+    states = {}
+    for t in trials:
+        states[t.state.name.lower()] = states.get(t.state.name.lower(), 0) + 1
+    complete = [t for t in trials if t.state == optuna.trial.TrialState.COMPLETE]
+    best = max(complete, key=lambda t: t.value, default=None)
+    return {"trials": len(trials), "states": states,
+            "best_trial": None if best is None else {"number": best.number, "value": best.value, "params": best.params}}
+
+
+def format_study(summary: dict) -> list[str]:
+    states = ", ".join(f"{n} {k}" for k, n in sorted(summary["states"].items()))
+    lines = [f"recipe trials {summary['trials']} ({states})"]
+    best = summary["best_trial"]
+    if best is not None:
+        lines.append(f"  best trial   {best['number']}: dev score {best['value']:.6g}")
+    return lines
+
+
 register_mode("recipe", RecipeMode)
 
-__all__ = ["RecipeMode", "open_recipe_study"]
+__all__ = ["RecipeMode", "open_recipe_study", "study_summary", "format_study"]
