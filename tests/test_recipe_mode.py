@@ -133,6 +133,25 @@ def test_history_cmaes_improves_and_a_new_sampler_asks_what_the_old_one_would():
     assert genomes[0] == genomes[1]
 
 
+def test_a_trial_cut_off_mid_suggest_is_completed_as_the_uninterrupted_ask_would_be():
+    from search.run.modes import make_mode
+
+    config = parse_config(raw_config(), "recipe")
+
+    def mode_with_study():
+        mode = make_mode(config, None)
+        mode.space, mode.trials = RecipeSpace.from_config(config, num_layers=4), 4
+        mode.study = optuna.create_study(direction="maximize", sampler=HistoryCmaEsSampler(mode.space.distributions(), 4, seed=0))
+        return mode
+
+    whole, cut = mode_with_study(), mode_with_study()
+    expected = [whole.genome_of(n) for n in range(2)]
+    first = cut.space.genes()[0]
+    cut.study.ask().suggest_float(first.name, first.low, first.high)  # the driver died here
+    assert [cut.genome_of(n) for n in range(2)] == expected
+    assert len(cut.study.trials) == 2
+
+
 # ---- real runs ----------------------------------------------------------------------------------
 def comparable(run_dir: Path) -> list[tuple]:
     return sorted((e["id"], e["split"], str(e.get("stage")), e["status"], round(e["score"], 9), e.get("reason") or "",
