@@ -27,6 +27,7 @@ mergekit = pytest.importorskip(
     "mergekit", reason="mergekit is not installed: `.venv/bin/pip install mergekit==0.1.5` to run the parity tests"
 )
 
+from benchmarks.merge_examples import DEPTH, EXAMPLES, render  # noqa: E402  (shared with bench_merge_table)
 from search.merge import MergeConfigError, run_merge  # noqa: E402
 from test_mergekit_methods import _load, _merge_both  # noqa: E402  (evofuse CLI + mergekit in process)
 from test_mergekit_parity import models  # noqa: E402,F401  (the session's tiny base and three fine-tunes)
@@ -34,166 +35,8 @@ from test_mergekit_parity import models  # noqa: E402,F401  (the session's tiny 
 TOLERANCE = 1e-6
 SIGMAS = 5  # binomial tolerance per tensor: |z| > 5 has probability 6e-7
 
-# mergekit's examples, hub names replaced by {base} {a} {b} {c}; layer ranges scaled to 4 layers.
-EXAMPLES = {
-    "linear": """
-models:
-  - model: {a}
-    parameters: {{weight: 1.0}}
-  - model: {b}
-    parameters: {{weight: 0.5}}
-  - model: {c}
-    parameters: {{weight: 0.3}}
-merge_method: linear
-dtype: float16
-""",
-    "ties": """
-models:
-  - model: {a}
-    parameters:
-      density: [1, 0.7, 0.1] # density gradient
-      weight: 1.0
-  - model: {b}
-    parameters:
-      density: 0.5
-      weight: [0, 0.3, 0.7, 1] # weight gradient
-  - model: {c}
-    parameters:
-      density: 0.33
-      weight:
-        - filter: mlp
-          value: 0.5
-        - value: 0
-merge_method: ties
-base_model: {base}
-parameters:
-  normalize: true
-  int8_mask: true
-dtype: float16
-""",
-    "ties_unnormalized_fp32": """
-models:
-  - model: {a}
-    parameters: {{density: 0.5, weight: 0.6}}
-  - model: {b}
-    parameters: {{density: 0.3, weight: 0.9}}
-merge_method: ties
-base_model: {base}
-parameters: {{normalize: false}}
-dtype: float32
-""",
-    "bio_merge_dare_ties_density_1": """
-models:
-  - model: {base}
-  - model: {a}
-    parameters: {{density: 1.0, weight: 0.5}}
-  - model: {b}
-    parameters: {{density: 1.0, weight: 0.3}}
-merge_method: dare_ties
-base_model: {base}
-parameters: {{int8_mask: true}}
-dtype: bfloat16
-""",
-    "slerp": """
-models:
-  - model: {a}
-  - model: {b}
-merge_method: slerp
-base_model: {a}
-parameters: {{t: 0.4}}
-dtype: bfloat16
-""",
-    "gradient_slerp": """
-slices:
-  - sources:
-      - model: {a}
-        layer_range: [0, 4]
-      - model: {b}
-        layer_range: [0, 4]
-merge_method: slerp
-base_model: {a}
-parameters:
-  t:
-    - filter: self_attn
-      value: [0, 0.5, 0.3, 0.7, 1]
-    - filter: mlp
-      value: [1, 0.5, 0.7, 0.3, 0]
-    - value: 0.5 # fallback for rest of tensors
-dtype: float32
-""",
-    "gradient_slerp_two_slices": """
-slices:
-  - sources:
-      - {{model: {a}, layer_range: [0, 2]}}
-      - {{model: {b}, layer_range: [1, 3]}}
-  - sources:
-      - {{model: {a}, layer_range: [2, 4]}}
-      - {{model: {b}, layer_range: [2, 4]}}
-    parameters:
-      t: [{{filter: mlp, value: [0.1, 0.9]}}]
-merge_method: slerp
-base_model: {a}
-parameters:
-  t: [{{filter: self_attn, value: [0, 1]}}, {{value: 0.3}}]
-dtype: float32
-""",
-    "orcamini_platy_frankenmerge": """
-slices:
-  - sources:
-    - model: {a}
-      layer_range: [0, 3]
-  - sources:
-    - model: {b}
-      layer_range: [1, 4]
-merge_method: passthrough
-dtype: float16
-""",
-    "passthrough_scaled_fp32": """
-slices:
-  - sources:
-    - {{model: {a}, layer_range: [0, 4]}}
-  - sources:
-    - {{model: {c}, layer_range: [2, 4], parameters: {{scale: [{{filter: o_proj, value: 0.5}}, {{value: 1.0}}]}}}}
-merge_method: passthrough
-dtype: float32
-""",
-    "breadcrumbs_ties": """
-models:
-  - model: {a}
-    parameters: {{weight: 0.6, density: 0.8, gamma: 0.02}}
-  - model: {b}
-    parameters: {{weight: 0.4, density: [0.5, 0.9], gamma: 0.05}}
-merge_method: breadcrumbs_ties
-base_model: {base}
-dtype: float32
-""",
-    "model_stock": """
-models:
-  - model: {a}
-  - model: {b}
-  - model: {c}
-merge_method: model_stock
-base_model: {base}
-dtype: float32
-""",
-    "task_arithmetic_fp16_out_fp32": """
-models:
-  - model: {a}
-    parameters: {{weight: 0.7}}
-  - model: {b}
-    parameters: {{weight: -0.2}}
-merge_method: task_arithmetic
-base_model: {base}
-parameters: {{lambda: 1.2}}
-dtype: float16
-out_dtype: float32
-""",
-}
-DEPTH = {"orcamini_platy_frankenmerge": 6, "passthrough_scaled_fp32": 6}
-
-
 def example(name: str, paths: dict[str, Path]) -> dict:
-    return yaml.safe_load(EXAMPLES[name].format(**{k: str(v) for k, v in paths.items()}))
+    return render(EXAMPLES[name], paths)
 
 
 @pytest.mark.parametrize("name", sorted(EXAMPLES))
@@ -294,7 +137,7 @@ def test_ties_on_bfloat16_weights_keeps_mergekits_tied_entries(models, tmp_path)
         shutil.copytree(models[label], quantised[label])
         state = {n: t.to(torch.bfloat16) for n, t in _load(models[label]).items()}
         save_file(state, str(quantised[label] / "model.safetensors"), metadata={"format": "pt"})
-    config = yaml.safe_load(EXAMPLES["ties_unnormalized_fp32"].format(**{k: str(v) for k, v in quantised.items()}))
+    config = render(EXAMPLES["ties_unnormalized_fp32"], quantised)
     tau = _load(quantised["a"])["model.layers.0.mlp.up_proj.weight"].float() - \
         _load(quantised["base"])["model.layers.0.mlp.up_proj.weight"].float()
     threshold = tau.abs().reshape(-1).sort(descending=True).values[int(0.5 * tau.numel()) - 1]
@@ -302,3 +145,12 @@ def test_ties_on_bfloat16_weights_keeps_mergekits_tied_entries(models, tmp_path)
     (tmp_path / "merge").mkdir()
     ours, theirs = _merge_both(config, tmp_path / "merge")
     assert max(float((ours[n] - theirs[n]).abs().max()) for n in ours) <= TOLERANCE
+
+
+def test_the_benchmark_table_covers_every_registered_method():
+    from benchmarks.merge_examples import METHODS
+    from evolve.registry import merge_method_names
+
+    assert set(METHODS) == set(merge_method_names())
+    for name, template in METHODS.items():
+        assert render(template, dict.fromkeys(("base", "a", "b", "c"), "m"))["merge_method"] == name
