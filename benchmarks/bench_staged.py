@@ -10,8 +10,9 @@ member: the search as it was), once staged (the config's own `fitness` and
 - the best member's dev and test aggregate, and the generation it was bred in;
 - for staged runs: stage counts, audited candidates, the false-rejection rate and the Spearman
   correlation of first-stage and full dev scores.
-Full-scoring runs are given as many generations as fit in the staged run's wall time
-(`--equal-time`, default), measured from a first short full run's time per generation.
+Full-scoring runs are given as many generations as fit in the staged run's wall time,
+measured from a first short full run's time per generation; or, on a machine shared with other
+work, `--concurrent N` runs the staged run and an N-generation full run at the same time.
 
     python -m benchmarks.bench_staged            # SmolLM2-135M demo + joint demo (long: ~1 h on 2 cores)
     python -m benchmarks.bench_staged --quick    # tiny models, two seeds each (the seed-to-seed spread)
@@ -91,7 +92,9 @@ def measure(run_dir: Path, name: str, full: bool) -> dict:
     }
 
 
-def compare(config: Path, label: str, seeds: list[int], keep: bool) -> list[dict]:
+def compare(config: Path, label: str, seeds: list[int], keep: bool, concurrent: int | None = None) -> list[dict]:
+    if concurrent:
+        return [row for seed in seeds for row in side_by_side(config, label, seed, keep, concurrent)]
     rows = []
     for seed in seeds:
         staged = variant(config, f"{label}-staged-s{seed}", seed, full=False, generations=None, keep=keep)
@@ -102,6 +105,22 @@ def compare(config: Path, label: str, seeds: list[int], keep: bool) -> list[dict
         full["equal_time_generations"] = generations
         staged["wall_s_per_generation"] = round(per_generation, 1)
         rows += [staged, full]
+    return rows
+
+
+def side_by_side(config: Path, label: str, seed: int, keep: bool, full_generations: int) -> list[dict]:
+    """The staged run and a full-scoring run of `full_generations` at the same time, each with
+    its own Ray runtime: both see the same machine load, so equal wall time needs no probe on a
+    shared machine whose load changes by the minute (pick `full_generations` so that the full
+    run ends near the staged one; both wall times are reported)."""
+    from concurrent.futures import ThreadPoolExecutor
+
+    with ThreadPoolExecutor(2) as pool:
+        staged = pool.submit(variant, config, f"{label}-staged-s{seed}", seed, False, None, keep)
+        full = pool.submit(variant, config, f"{label}-full-s{seed}", seed, True, full_generations, keep)
+        rows = [staged.result(), full.result()]
+    for row in rows:
+        row["concurrent"] = True
     return rows
 
 
@@ -126,6 +145,8 @@ def main() -> None:
     parser.add_argument("--quick", action="store_true", help="tiny models, two seeds")
     parser.add_argument("--keep", action="store_true", help="reuse finished runs")
     parser.add_argument("--only", choices=["merge", "joint"])
+    parser.add_argument("--concurrent", type=int, metavar="GENERATIONS",
+                        help="run the staged and a full run of this many generations at the same time (a shared machine)")
     args = parser.parse_args()
     started = time.time()
     if args.quick:
@@ -138,7 +159,7 @@ def main() -> None:
     for label, config in pairs:
         if args.only and label != args.only:
             continue
-        rows += compare(config, ("quick-" if args.quick else "") + label, seeds, args.keep)
+        rows += compare(config, ("quick-" if args.quick else "") + label, seeds, args.keep, args.concurrent)
     name = "staged_quick" if args.quick else "staged"
     RESULTS.mkdir(parents=True, exist_ok=True)
     (RESULTS / f"{name}.json").write_text(json.dumps({"rows": rows, "wall_s": round(time.time() - started)}, indent=1))
