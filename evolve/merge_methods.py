@@ -12,9 +12,12 @@ know, and `tests/test_mergekit_parity.py` checks agreement to 1e-6 in fp32:
   weighted, a sign elected per coordinate from the SUM of the weighted trimmed vectors (>= 0 is
   positive: mergekit's "sum" consensus, the TIES paper's), entries agreeing with it kept;
   `normalize` (default true) divides by the sum of the agreeing entries' weights (0 -> 1).
-  Where several entries have exactly the k-th largest magnitude, mergekit keeps whichever its
-  unstable `torch.argsort` puts first; we run that same sort for such tensors only (quantised
-  weights make ties common), so the trims are mergekit's bit for bit.
+  Where several entries have exactly the k-th largest magnitude (quantised weights make that
+  common), mergekit keeps whichever its unstable `torch.argsort` puts first; we keep the
+  lowest indices (O(n)), or with `tie_order: mergekit` run that same sort for such tensors
+  only, so the trims are mergekit's bit for bit (this was issue 16's fp32 `normalize: false`
+  gap: every differing coordinate had a tied trim entry, and a flipped trim can flip the
+  elected sign, so the difference can exceed the tied magnitude).
 * `dare_linear` / `dare_ties`: each `tau_i` entry dropped with probability `1 - density`; with
   `rescale` (default true) the kept ones are scaled by `||tau_i||_1 / ||kept||_1`, mergekit
   0.1.5's rescaling (the paper's `1 / density` is its expectation; none when either norm is
@@ -97,19 +100,21 @@ def task_vector(tensor: torch.Tensor, base: torch.Tensor) -> torch.Tensor:
 
 
 class MagnitudeCut:
-    """Keep |tau| > threshold, plus `ties` of the entries equal to it, chosen as mergekit does.
+    """Keep |tau| > threshold, plus `ties` of the entries equal to it.
 
     That keeps exactly k entries, as mergekit's `torch.argsort(|tau|, descending=True)[:k]`
     does. Which of several entries tied at the threshold that unstable sort keeps depends on
-    the whole array, so when there is such a choice `magnitude_cut` runs that very sort once
-    and records the flat indices it keeps (`tied`); otherwise every tied entry is kept.
+    the whole array. By default the lowest indices are kept (O(n), no sort); with
+    `tie_order: mergekit`, `magnitude_cut` runs mergekit's sort once for a tensor with such a
+    choice and records the flat indices it keeps (`tied`): bit-identical, at the cost of an
+    O(n log n) sort of that tensor (5 s for SmolLM2's 28M-entry embedding).
     Stateful: `trim` must see the chunks in order, once.
     """
 
     def __init__(self, threshold: float, ties: int, tied: np.ndarray | None = None):
         self.threshold = threshold
-        self.ties = ties  # entries equal to the threshold still to keep
-        self.tied = tied  # sorted flat indices of the tied entries kept (None: all of them)
+        self.ties = ties  # entries equal to the threshold still to keep (lowest index first)
+        self.tied = tied  # or: sorted flat indices of the tied entries to keep
         self.position = 0  # flat index of the next chunk's first entry
 
     def trim(self, delta: torch.Tensor, scratch: np.ndarray | None, keep: np.ndarray | None) -> None:
@@ -117,12 +122,15 @@ class MagnitudeCut:
         start, stop = self.position, self.position + delta.numel()
         self.position = stop
         if delta.device.type != "cpu":
-            kept = delta.abs() > self.threshold
+            magnitude = delta.abs()
+            kept = magnitude > self.threshold
             if self.tied is not None:
                 chosen = self.tied[(self.tied >= start) & (self.tied < stop)] - start
                 kept[torch.from_numpy(chosen).to(delta.device)] = True
             elif self.ties > 0:
-                kept |= delta.abs() == self.threshold
+                tied = (magnitude == self.threshold).nonzero().reshape(-1)[: self.ties]
+                kept[tied] = True
+                self.ties -= tied.numel()
             delta.mul_(kept)
             return
         delta = delta.numpy()  # numpy's compare/multiply by a mask are ~3x torch's on CPU
@@ -132,23 +140,26 @@ class MagnitudeCut:
             low, high = np.searchsorted(self.tied, [start, stop])
             keep[self.tied[low:high] - start] = True
         elif self.ties > 0:
-            keep |= magnitude == self.threshold
+            tied = np.flatnonzero(magnitude == self.threshold)[: self.ties]
+            keep[tied] = True
+            self.ties -= tied.shape[0]
         np.multiply(delta, keep, out=delta)
 
 
 def _tied_choice(flat_x: torch.Tensor, flat_b: torch.Tensor, k: int, threshold: float,
-                 ties: int, tied_total: int) -> MagnitudeCut:
-    """The cut at `threshold`; when only `ties` of the `tied_total` entries equal to it stay,
-    mergekit's own sort decides which (see MagnitudeCut)."""
-    if ties >= tied_total:
+                 ties: int, tied_total: int, mergekit_order: bool) -> MagnitudeCut:
+    """The cut at `threshold`; when only `ties` of the `tied_total` entries equal to it stay
+    and `mergekit_order`, mergekit's own sort decides which (see MagnitudeCut)."""
+    if ties >= tied_total or not mergekit_order:
         return MagnitudeCut(threshold, ties)
     magnitude = (flat_x - flat_b).abs_()
     order = torch.argsort(magnitude, descending=True)[:k]  # mergekit's selection, exactly
-    chosen = order[magnitude[order] == threshold].numpy()
+    chosen = order[magnitude[order] == threshold].cpu().numpy()
     return MagnitudeCut(threshold, ties, np.sort(chosen))
 
 
-def magnitude_cut(tensor: torch.Tensor, base: torch.Tensor, density: float, chunk: int) -> MagnitudeCut | None:
+def magnitude_cut(tensor: torch.Tensor, base: torch.Tensor, density: float, chunk: int,
+                  mergekit_order: bool = False) -> MagnitudeCut | None:
     """The cut keeping the `k = max(1, int(density * numel))` largest |tensor - base|; None: all.
 
     Found in O(n) without materialising |tau|: the k-th largest is bracketed from a strided
@@ -167,7 +178,7 @@ def magnitude_cut(tensor: torch.Tensor, base: torch.Tensor, density: float, chun
         magnitude = (flat_x - flat_b).abs_()
         threshold = float(magnitude.kthvalue(count - k + 1).values)
         return _tied_choice(flat_x, flat_b, k, threshold, k - int((magnitude > threshold).sum()),
-                            int((magnitude == threshold).sum()))
+                            int((magnitude == threshold).sum()), mergekit_order)
     if count > 64 * SAMPLE_STRIDE:
         sample = (flat_x[::SAMPLE_STRIDE] - flat_b[::SAMPLE_STRIDE]).abs_().numpy()  # (m,)
         m = sample.shape[0]
@@ -189,11 +200,11 @@ def magnitude_cut(tensor: torch.Tensor, base: torch.Tensor, density: float, chun
             threshold = np.partition(inside, inside.shape[0] - rank)[inside.shape[0] - rank]
             return _tied_choice(flat_x, flat_b, k, float(threshold),
                                 k - above - int(np.count_nonzero(inside > threshold)),
-                                int(np.count_nonzero(inside == threshold)))
+                                int(np.count_nonzero(inside == threshold)), mergekit_order)
     magnitude = (flat_x - flat_b).abs_().numpy()  # small tensor, or the bracket missed
     threshold = kth_largest(magnitude, k)
     return _tied_choice(flat_x, flat_b, k, threshold, k - int(np.count_nonzero(magnitude > threshold)),
-                        int(np.count_nonzero(magnitude == threshold)))
+                        int(np.count_nonzero(magnitude == threshold)), mergekit_order)
 
 
 def kth_largest(values: np.ndarray, k: int) -> float:
@@ -253,6 +264,7 @@ def task_vector_merge(
     scale: float = 1.0,  # lambda
     rescale: bool = True,  # DARE only
     seeds: Sequence[int] | None = None,  # DARE only: one per input
+    mergekit_order: bool = False,  # TIES only: equal magnitudes at the cut kept as mergekit's sort keeps them
     out: torch.Tensor | None = None,  # contiguous, base's dtype and shape
     chunk: int = MERGE_CHUNK,
 ) -> torch.Tensor:
@@ -270,7 +282,7 @@ def task_vector_merge(
     # weights as mergekit holds them: in the compute dtype
     coefficients = [float(w) for w in torch.tensor(weights, dtype=base.dtype)]
     total = float(torch.tensor(coefficients, dtype=base.dtype).sum())
-    cuts = [magnitude_cut(t, base, d, chunk) for t, d in zip(tensors, densities)] \
+    cuts = [magnitude_cut(t, base, d, chunk, mergekit_order) for t, d in zip(tensors, densities)] \
         if sparsify == "magnitude" else [None] * len(tensors)
     masks = [keep_mask_chunks(seed, count, d, chunk) for seed, d in zip(seeds, densities)] \
         if sparsify == "random" else [None] * len(tensors)
@@ -322,6 +334,7 @@ def task_vector_merge_low_precision(
     scale: float = 1.0,
     rescale: bool = True,
     seeds: Sequence[int] | None = None,
+    mergekit_order: bool = True,  # always: the sort is needed here anyway
 ) -> torch.Tensor:
     """`task_vector_merge` for float16 / bfloat16 inputs, rounding where mergekit 0.1.5 does.
 
@@ -432,6 +445,17 @@ LAMBDA = ParamSpec("lambda", as_float, 1.0, doc="scale of the combined task vect
 INT8_MASK = ParamSpec("int8_mask", as_bool, False, doc="accepted for mergekit files; no effect")
 
 
+def as_tie_order(value) -> str:
+    if value not in ("index", "mergekit"):
+        raise ValueError(f"expected 'index' or 'mergekit', got {value!r}")
+    return value
+
+
+TIE_ORDER = ParamSpec("tie_order", as_tie_order, "index",
+                      doc="equal magnitudes at the trim threshold: lowest index first (O(n)), or "
+                          "as mergekit's unstable sort keeps them (bit-identical; sorts such tensors)")
+
+
 def _values(call: TensorCall, name: str) -> list:
     return [p[name] for p in call.per_input]
 
@@ -455,6 +479,7 @@ def _gta_adapter(sparsify: str | None, consensus: bool):
             scale=call.shared["lambda"],
             rescale=call.shared.get("rescale", True),
             seeds=seeds,
+            mergekit_order=call.shared.get("tie_order", "index") == "mergekit",
         )
 
     return apply
@@ -477,7 +502,7 @@ register_operator(Operator(
 ))
 register_operator(Operator(
     "ties", _gta_adapter("magnitude", True),
-    (WEIGHT, DENSITY, LAMBDA, ParamSpec("normalize", as_bool, True), INT8_MASK),
+    (WEIGHT, DENSITY, LAMBDA, ParamSpec("normalize", as_bool, True), INT8_MASK, TIE_ORDER),
     base="required", merge_method=True, inputs_doc="the fine-tuned models; base = their common base",
 ))
 for _name, _consensus in (("dare_linear", False), ("dare_ties", True)):

@@ -159,15 +159,16 @@ def test_merges_keep_inputs_and_dtype():
     assert torch.equal(base, keep[0]) and torch.equal(x1, keep[1])
 
 
-def _reference_ties(base, tensors, weights, densities, normalize, scale):
+def _reference_ties(base, tensors, weights, densities, normalize, scale, mergekit_order=False):
     """TIES written the direct way (whole tensors, sort-based trim keeping, among equal
-    magnitudes, whichever mergekit's unstable argsort keeps, stacked sign election) to check
-    the chunked, branch-free implementation."""
+    magnitudes, the lowest indices or whichever mergekit's unstable argsort keeps, stacked
+    sign election) to check the chunked, branch-free implementation."""
     deltas = []
     for x, w, d in zip(tensors, weights, densities):
         tau = (x - base).reshape(-1)
         k = max(1, int(d * tau.numel()))
-        order = torch.argsort(tau.abs(), descending=True)[:k]  # mergekit's selection
+        order = (torch.argsort(tau.abs(), descending=True) if mergekit_order  # mergekit's selection
+                 else torch.sort(tau.abs(), descending=True, stable=True).indices)[:k]
         trimmed = torch.zeros_like(tau)
         trimmed[order] = tau[order]
         deltas.append(trimmed * w)
@@ -189,8 +190,9 @@ def test_chunked_ties_matches_the_direct_definition_even_with_ties(chunk):
     # quantised task vectors: many equal magnitudes straddle every threshold
     tensors = [base + torch.randint(-4, 5, base.shape, generator=g).float() / 8 for _ in range(3)]
     weights, densities = [0.5, -0.3, 0.8], [0.3, 0.5, 0.9]
-    for normalize in (True, False):
+    for normalize, mergekit_order in ((True, False), (False, False), (True, True), (False, True)):
         ours = task_vector_merge(base, tensors, weights, densities=densities, sparsify="magnitude",
-                                 consensus=True, normalize=normalize, scale=0.9, chunk=chunk)
-        expected = _reference_ties(base, tensors, weights, densities, normalize, 0.9)
+                                 consensus=True, normalize=normalize, scale=0.9, chunk=chunk,
+                                 mergekit_order=mergekit_order)
+        expected = _reference_ties(base, tensors, weights, densities, normalize, 0.9, mergekit_order)
         assert torch.allclose(ours, expected, atol=1e-6)
