@@ -44,10 +44,25 @@ from search.run.store import RunStore  # noqa: E402
 QUICK_SUBSETS = {"pydoc": 8, "arith": 16, "compare": 16}  # items per split in --quick
 
 
-def evofuse(*args: str) -> None:
-    proc = subprocess.run([sys.executable, "-m", "search.cli", *args], capture_output=True, text=True)
+RESUMES = 3  # a run that fails (e.g. an actor killed for memory on a shared machine) is resumed
+
+
+def evofuse(*args: str) -> subprocess.CompletedProcess:
+    return subprocess.run([sys.executable, "-m", "search.cli", *args], capture_output=True, text=True)
+
+
+def search(path: Path, run_dir: Path) -> None:
+    """`evofuse search`, then `evofuse resume` after a failure (a resumed run ends where an
+    uninterrupted one would: the results do not change, only the wall time it took)."""
+    proc = evofuse("search", str(path), "--run-dir", str(run_dir), "--quiet")
+    for _ in range(RESUMES):
+        if proc.returncode == 0:
+            return
+        print(f"{run_dir.name}: failed ({proc.stderr.strip().splitlines()[-1][:200] if proc.stderr.strip() else proc.returncode}); resuming",
+              file=sys.stderr)
+        proc = evofuse("resume", str(run_dir), "--quiet")
     if proc.returncode != 0:
-        raise SystemExit(f"evofuse {' '.join(args)} failed:\n{proc.stderr[-3000:]}")
+        raise SystemExit(f"evofuse search {path} failed:\n{proc.stderr[-3000:]}")
 
 
 def base_config(path: Path, name: str, quick: bool) -> dict:
@@ -66,10 +81,15 @@ def run(raw: dict, keep: bool) -> Path:
     WORK.mkdir(parents=True, exist_ok=True)
     path, run_dir = WORK / f"{raw['name']}.yaml", WORK / raw["name"]
     path.write_text(yaml.safe_dump(raw, sort_keys=False))
-    if not (keep and (run_dir / "state.json").is_file() and RunStore(run_dir).read_state()["status"] == "finished"):
+    state = RunStore(run_dir).read_state() if (run_dir / "state.json").is_file() else None
+    if keep and state is not None and state["status"] != "finished":
+        proc = evofuse("resume", str(run_dir), "--quiet")  # a run cut short before: go on with it
+        if proc.returncode == 0:
+            return run_dir
+    if not (keep and state is not None and state["status"] == "finished"):
         if run_dir.exists():
             shutil.rmtree(run_dir)
-        evofuse("search", str(path), "--run-dir", str(run_dir), "--quiet")
+        search(path, run_dir)
     return run_dir
 
 
@@ -156,7 +176,7 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--quick", action="store_true", help="smaller dev/test subsets, 8 evaluations per approach")
     parser.add_argument("--tiny", action="store_true", help="tiny test models (a smoke test of the benchmark)")
-    parser.add_argument("--keep", action="store_true", help="reuse finished runs")
+    parser.add_argument("--keep", action="store_true", help="reuse finished runs, resume unfinished ones")
     args = parser.parse_args()
     started, load = time.time(), os.getloadavg()
     models = "tiny" if args.tiny else "demo"
