@@ -10,8 +10,8 @@ What it measures (issue 6), on SmolLM2-135M in fp32:
    run the same YAML from the command line, alternating (evofuse, mergekit, evofuse, ...),
    median of 5 (3 with --quick) wall-clock seconds, the ratio mergekit / evofuse per pair, and
    peak RSS of each run (`/usr/bin/time -f %M`). The outputs are compared (max abs diff).
-   mergekit runs from its own virtual environment (created here on first use:
-   benchmarks/.work/mergekit-venv, `mergekit==0.1.5`, `torch==2.13.0`).
+   mergekit-yaml is this venv's (mergekit 0.1.5 is a test dependency), else one in its own
+   virtual environment (created on first use: benchmarks/.work/mergekit-venv).
 3. One Evolver offspring of the whole model in process (mutation + binomial crossover over
    every tensor, as a Ray actor does it), against the memory-bandwidth floor: bytes read
    (target + reference) and written (offspring) divided by the measured copy bandwidth.
@@ -123,6 +123,10 @@ def make_inputs() -> dict[str, Path]:
 
 
 def ensure_mergekit() -> Path:
+    """mergekit-yaml 0.1.5: this venv's when installed (the test dependency), else its own venv."""
+    own = Path(sys.executable).parent / "mergekit-yaml"
+    if own.exists():
+        return own
     exe = MERGEKIT_VENV / "bin" / "mergekit-yaml"
     if exe.exists():
         return exe
@@ -294,7 +298,8 @@ def write_results(result: dict, quick: bool) -> Path:
     if any("differing_at_threshold_ties" in m for m in result["methods"]):
         lines += ["", "TIES: where several entries of a task vector have exactly the k-th largest magnitude, "
                   "mergekit keeps whichever its unstable `torch.argsort` puts first (implementation-defined); "
-                  "evofuse keeps the lowest indices. Every other coordinate agrees to 1e-6."]
+                  "evofuse keeps the lowest indices by default (O(n); `parameters: {tie_order: mergekit}` reproduces "
+                  "mergekit's choice, at the cost of sorting each such tensor). Every other coordinate agrees to 1e-6."]
     o = result.get("offspring")
     if o:
         lines += [

@@ -30,8 +30,8 @@ How it streams (`search.models.tensors`): safetensors headers are read first (ev
 checked for the same tensor names and shapes, the output shards and their headers planned),
 then for each tensor the inputs' bytes are read into reused buffers (no memory map, so touched
 pages do not pile up in the process' resident set), merged, and appended to the open output
-shard. At most one tensor per input plus the merge's temporaries are in memory at once; the
-reading of the next tensor overlaps the merge of the current one in a helper thread.
+shard. Reading, merging and writing overlap (three threads, one tensor apart): at most three
+tensors per input, two merged tensors and the merge's temporaries are in memory at once.
 
 Output: `model-0000i-of-0000N.safetensors` + `model.safetensors.index.json`, `config.json`
 (the reference's: the base, else the first model; dtype set to the output's, depth the slices'), generation config and tokenizer files from the tokenizer source,
@@ -402,14 +402,20 @@ def run_merge(config_path: str | Path, out_dir: str | Path, *, allow_pickle: boo
 def _stream(recipes: list[Recipe], tensors: list[OutputTensor], sources: dict[str, Any], plan: list[TensorSpec],
             in_dtype: torch.dtype | None, work_dtype: torch.dtype | None, out: Path, max_shard_bytes: int,
             quiet: bool) -> None:
-    """Read (one tensor ahead, in a helper thread), merge and write each tensor in turn."""
+    """A three-stage pipeline: tensor p + 2 is read (helper thread) while p + 1 is merged
+    (another) and p is written (this thread, in file order).
+
+    Read buffers rotate over three sets: reading p + 2 reuses p - 1's, which is written by
+    then (the writer asks for p only after writing p - 1), while p's inputs stay untouched
+    until p is written (a merge may return a view of an input). On a SmolLM2 linear merge,
+    writing was a fifth of the time and merging a quarter: overlapped, not added.
+    """
     names = [name for name, _, _ in plan]
     dtypes = {name: dtype for name, dtype, _ in plan}
-    # Two buffer sets: the helper fills one while the merge reads the other.
-    buffers: list[dict[str, Any]] = [{}, {}]
+    buffers: list[dict[str, Any]] = [{}, {}, {}]
 
     def load(position: int) -> dict[str, torch.Tensor]:
-        slot = buffers[position % 2]
+        slot = buffers[position % 3]
         loaded = {}
         for model_id, source_name in tensors[position].inputs:
             tensor, slot[model_id] = sources[model_id].read(source_name, slot.get(model_id))
@@ -424,20 +430,27 @@ def _stream(recipes: list[Recipe], tensors: list[OutputTensor], sources: dict[st
 
         total = sum(nbytes_of(dtype, shape) for _, dtype, shape in plan)
         progress = tqdm(total=total, unit="B", unit_scale=True, desc="merge", file=sys.stderr)
-    with ThreadPoolExecutor(max_workers=1) as reader:
-        state = {"position": 0, "pending": reader.submit(load, 0) if names else None}
+    with ThreadPoolExecutor(max_workers=1) as reader, ThreadPoolExecutor(max_workers=1) as merger:
+        reads = {p: reader.submit(load, p) for p in range(min(2, len(names)))}
+
+        def merge(position: int) -> torch.Tensor:
+            loaded = reads.pop(position).result()
+            spec = tensors[position]
+            return materialize_tensor(recipes[spec.slice_index], spec.param_name, loaded,
+                                      compute_dtype=work_dtype).to(dtypes[spec.name])
+
+        merges = {0: merger.submit(merge, 0)} if names else {}
+        state = {"position": 0}
 
         def produce(name: str) -> torch.Tensor:
             position = state["position"]
-            assert names[position] == name, f"merge asked for {name!r}, read {names[position]!r}"
-            loaded = state["pending"].result()
-            # The next read may reuse the other buffer set only: this one is in use until the
-            # writer has written the merged tensor, before it asks for the next one.
-            state["pending"] = reader.submit(load, position + 1) if position + 1 < len(names) else None
+            assert names[position] == name, f"merge asked for {name!r}, planned {names[position]!r}"
+            merged = merges.pop(position).result()
             state["position"] = position + 1
-            spec = tensors[position]
-            merged = materialize_tensor(recipes[spec.slice_index], spec.param_name, loaded,
-                                        compute_dtype=work_dtype).to(dtypes[name])
+            if position + 2 < len(names):
+                reads[position + 2] = reader.submit(load, position + 2)
+            if position + 1 < len(names):
+                merges[position + 1] = merger.submit(merge, position + 1)
             if progress is not None:
                 progress.update(nbytes_of(merged.dtype, merged.shape))
             return merged
