@@ -207,6 +207,7 @@ def bench_method(method: str, paths: dict[str, Path], mergekit: Path, evofuse: l
         log(f"{method} run {run + 1}: evofuse {e[0]:.2f} s {e[1]:.2f} GB | mergekit {m[0]:.2f} s {m[1]:.2f} GB")
     result = {
         "method": method,
+        "runs": repeats,
         "runs": rows,
         "evofuse_median_s": statistics.median(r["evofuse_s"] for r in rows),
         "mergekit_median_s": statistics.median(r["mergekit_s"] for r in rows),
@@ -279,7 +280,8 @@ def write_results(result: dict, quick: bool) -> Path:
     stem = "merge_quick" if quick else "merge"
     (RESULTS / f"{stem}.json").write_text(json.dumps(result, indent=2) + "\n")
     lines = [
-        f"# evofuse merge vs mergekit-yaml ({'quick, ' if quick else ''}median of {result['repeats']})",
+        f"# evofuse merge vs mergekit-yaml ({'quick, ' if quick else ''}median of "
+        f"{', '.join(str(m.get('runs', result['repeats'])) + ' ' + m['method'] for m in result['methods'])} runs)",
         "",
         f"Machine: {result['machine']}. Inputs: SmolLM2-135M base + 3 noisy copies "
         f"(x + {NOISE} std(x) N(0,1), not real fine-tunes), fp32, 538 MB each. "
@@ -325,6 +327,7 @@ def main() -> None:
     parser.add_argument("--quick", action="store_true", help="3 repeats, linear and ties only")
     parser.add_argument("--methods", default=None, help="comma-separated (default: linear,ties[,task_arithmetic,dare_ties])")
     parser.add_argument("--repeats", type=int, default=None)
+    parser.add_argument("--method-repeats", default="", help="per-method overrides, e.g. ties=1 (a slow mergekit run)")
     parser.add_argument("--evofuse", default=None, help="command to run evofuse merge (default: .venv/bin/evofuse merge)")
     parser.add_argument("--skip-offspring", action="store_true")
     parser.add_argument("--threads", type=int, default=1, help="torch threads for the in-process offspring")
@@ -347,8 +350,9 @@ def main() -> None:
         "command": " ".join([".venv/bin/python", "benchmarks/bench_merge.py"] + sys.argv[1:]),
         "methods": [],
     }
+    overrides = {k: int(v) for k, v in (item.split("=") for item in args.method_repeats.split(",") if item)}
     for method in methods:  # results are rewritten after each method, so a cut-short run leaves some
-        result["methods"].append(bench_method(method, paths, mergekit, evofuse, repeats))
+        result["methods"].append(bench_method(method, paths, mergekit, evofuse, overrides.get(method, repeats)))
         write_results(result, args.quick)
     if not args.skip_offspring:
         result["offspring"] = bench_offspring(paths, repeats)

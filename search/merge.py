@@ -141,8 +141,11 @@ def _field_error(exc: ValidationError) -> str:
     error = exc.errors()[0]
     where = ".".join(str(p) for p in error["loc"]) or "(top level)"
     if error["type"] == "extra_forbidden":
+        names = [p for p in error["loc"] if isinstance(p, str)][:-1]  # the mappings above the key
+        owner = {(): MergeConfig, ("models",): ModelEntry, ("slices",): SliceEntry,
+                 ("slices", "sources"): SliceSourceEntry}.get(tuple(names), MergeConfig)
         return (f"field {where!r} is not supported by evofuse merge "
-                f"(supported: {', '.join(MergeConfig.model_fields)})")
+                f"(supported: {', '.join(owner.model_fields)})")
     return f"field {where!r}: {error['msg'].removeprefix('Value error, ')}"
 
 
