@@ -29,7 +29,9 @@ from its state file (written atomically after every generation) equals an uninte
 
 Cost is counted in forward tokens: calibration tokens pushed through a (partial) model: the
 dense reference, the importance scores (Block Influence: one pass; Macro Influence and SLEB: one
-pass per block, counted as such) and every candidate scored.
+pass per block, counted as such) and every candidate scored. An upper bound of the work: the
+candidates of one stage share the blocks before their first difference from the parent
+(`StructureEvaluator.kls`), so most offspring run only part of the model.
 """
 from __future__ import annotations
 
@@ -168,15 +170,30 @@ class StructureEvaluator:
             self.tokens += pool.input_ids.numel()  # the statistics pass
         self.reference = self._dense_reference(top_k)
 
+    def _block(self, genes: Genes, i: int) -> nn.Module:
+        return self.variants[(i, genes.levels[i])] if genes.levels[i] else self.blocks[i]
+
     @torch.no_grad()
-    def logits(self, genes: Genes, ids: torch.Tensor) -> torch.Tensor:
-        """The compiled model's logits (B, T, V) on windows ids (B, T), block by block."""
-        device, _ = arch.model_device_dtype(self.model)
-        hidden = arch.block_input(self.model, ids.to(device))  # (B, T, H)
+    def logits(self, genes: Genes, ids: torch.Tensor, start: int = 0, hidden: torch.Tensor | None = None) -> torch.Tensor:
+        """The compiled model's logits (B, T, V) on windows ids (B, T), block by block; from
+        block position `start` on when `hidden` (B, T, H) is what enters that position."""
+        if hidden is None:
+            device, _ = arch.model_device_dtype(self.model)
+            hidden = arch.block_input(self.model, ids.to(device))  # (B, T, H)
         for i in genes.kept:
-            block = self.variants[(i, genes.levels[i])] if genes.levels[i] else self.blocks[i]
-            hidden = arch.run_block(block, self.calls[i], hidden)
+            if i >= start:
+                hidden = arch.run_block(self._block(genes, i), self.calls[i], hidden)
         return arch.output_head(self.model, hidden)
+
+    @torch.no_grad()
+    def _prefix(self, genes: Genes, ids: torch.Tensor, depth: int) -> list[torch.Tensor]:
+        """Hidden states (B, T, H) entering block positions 0..depth of the genes' model."""
+        device, _ = arch.model_device_dtype(self.model)
+        states = [arch.block_input(self.model, ids.to(device))]
+        for i in range(depth):
+            hidden = states[-1]
+            states.append(arch.run_block(self._block(genes, i), self.calls[i], hidden) if genes.blocks[i] == KEEP else hidden)
+        return states
 
     @torch.no_grad()
     def _dense_reference(self, top_k: int) -> DenseReference:
@@ -193,20 +210,41 @@ class StructureEvaluator:
             self.tokens += ids.numel()
         return DenseReference(torch.cat(tops), torch.cat(idxs), torch.cat(tails))
 
-    @torch.no_grad()
     def kl(self, genes: Genes, windows: list[int]) -> float:
         """Mean KL(P_dense || P_genes) per position over the given pool windows."""
-        total, positions = 0.0, 0
-        for start in range(0, len(windows), self.batch_size):
-            rows = torch.tensor(windows[start:start + self.batch_size])
+        return self.kls([genes], windows)[0]
+
+    @torch.no_grad()
+    def kls(self, candidates: list[Genes], windows: list[int], base: Genes | None = None) -> list[float]:
+        """`kl` of every candidate on the same windows. Blocks before the first position where a
+        candidate differs from `base` (default: the first candidate) compute what they compute
+        for `base`, so each candidate starts from `base`'s hidden state there: an offspring
+        mutated at blocks m.. costs only those blocks (the same numbers, fewer block forwards)."""
+        base = base if base is not None else candidates[0]
+        starts = [first_difference(base, genes) for genes in candidates]
+        totals, positions = [0.0] * len(candidates), 0
+        for first in range(0, len(windows), self.batch_size):
+            rows = torch.tensor(windows[first:first + self.batch_size])
             ids = self.pool.input_ids[rows]  # (B, T)
-            logq = torch.log_softmax(self.logits(genes, ids).float(), dim=-1).cpu()  # (B, T, V)
+            prefix = self._prefix(base, ids, max(starts))
             ref = self.reference
             logp = torch.cat([ref.top_logprobs[rows], ref.tail_logprob[rows].unsqueeze(-1)], dim=-1)  # (B, T, k+1)
-            total += bucket_kl(logp, top_k_buckets(logq, ref.top_indices[rows])).sum().item()
+            for c, genes in enumerate(candidates):
+                logits = self.logits(genes, ids, start=starts[c], hidden=prefix[starts[c]])
+                logq = torch.log_softmax(logits.float(), dim=-1).cpu()  # (B, T, V)
+                totals[c] += bucket_kl(logp, top_k_buckets(logq, ref.top_indices[rows])).sum().item()
             positions += ids.numel()
-            self.tokens += ids.numel()
-        return total / positions
+        self.tokens += positions * len(candidates)
+        return [total / positions for total in totals]
+
+
+def first_difference(a: Genes, b: Genes) -> int:
+    """The first block position whose computation differs (kept or not, and its width level);
+    the block count when none does. Remove and fuse score alike (fusion is scored as removal)."""
+    for i, (x, y) in enumerate(zip(zip(a.blocks, a.levels), zip(b.blocks, b.levels))):
+        if (x[0] == KEEP, x[1]) != (y[0] == KEEP, y[1]):
+            return i
+    return len(a.blocks)
 
 
 def width_variants(model: nn.Module, calibration: CalibrationData, grid: WidthGrid, knobs: PlanKnobs,
@@ -261,7 +299,7 @@ def select(evaluator: StructureEvaluator, candidates: list[Genes], settings: Str
     scores: dict[int, float] = {}
     for stage in settings.stages:
         chosen = windows[:stage.windows]
-        scores = {c: evaluator.kl(candidates[c], chosen) for c in alive}
+        scores = dict(zip(alive, evaluator.kls([candidates[c] for c in alive], chosen, base=candidates[0])))
         alive = sorted(alive, key=lambda c: (scores[c], c))[:stage.survivors]
     return alive[0], scores[alive[0]]
 
@@ -342,7 +380,7 @@ def run_structure_search(model: nn.Module, calibration: CalibrationData, setting
         evaluator.tokens += extra_tokens
         inits = initial_candidates(rankings or {}, budget, settings, n)
         windows = windows_for(settings, 0, calibration.num_sequences)[:needed]
-        kls = {name: evaluator.kl(genes, windows) for name, genes in inits.items()}
+        kls = dict(zip(inits, evaluator.kls(list(inits.values()), windows)))
         best = min(kls, key=lambda name: (kls[name], list(inits).index(name)))
         state = {"fingerprint": fingerprint, "generation": 0, "parent": inits[best].to_data(),
                  "history": [{"generation": 0, "kl": kls[best], "from": best, "init_kl": kls}],
@@ -378,5 +416,5 @@ def _save_state(path: Path | None, state: dict) -> None:
 
 __all__ = [
     "DenseReference", "SearchResult", "SearchSettingsError", "Stage", "StructureEvaluator", "StructureSearch",
-    "bucket_kl", "run_structure_search", "top_k_buckets", "width_variants",
+    "bucket_kl", "first_difference", "run_structure_search", "top_k_buckets", "width_variants",
 ]

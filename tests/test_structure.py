@@ -54,7 +54,7 @@ def test_mutation_and_crossover_keep_params_within_one_unit_of_the_budget(config
     b = from_ranking(list(range(N_BLOCKS)), budget)
     prior = ranking_prior([5, 1, 4, 3, 0, 6, 7, 2])
     seen = set()
-    for k in range(40):
+    for k in range(15):
         rng = gene_rng(7, "test", k)
         a = mutate(a, rng, GRID, max_switches=3, prior=prior)
         child = crossover(a, b, rng, GRID, budget)
@@ -63,7 +63,7 @@ def test_mutation_and_crossover_keep_params_within_one_unit_of_the_budget(config
             assert abs(params_of(genes, config) - target) <= unit
             seen.add(genes)
         b = child
-    assert len(seen) > 20  # the operators move
+    assert len(seen) > 10  # the operators move
     # a single level switch changes exactly one unit's place
     one = level_switch(a, gene_rng(1, "x"), GRID, depth_share=0.0)
     assert sum(x != y for x, y in zip(one.levels, a.levels)) == 2 and one.blocks == a.blocks
@@ -169,3 +169,14 @@ def test_bad_genes_and_budgets_are_one_line_errors(config):
         budget_for(N_BLOCKS, N_BLOCKS, 0.0, GRID)
     with pytest.raises(PlanError, match="blocks: position 9 out of range"):
         predict_num_params(parse_plan([{"op": "remove_blocks", "blocks": [1, 9]}]), config)
+
+
+def test_candidates_sharing_a_prefix_score_as_alone(model8, calibration):
+    pool = calibration.take(3)
+    evaluator = StructureEvaluator(model8, pool, GRID, PlanKnobs(), max_level=GRID.max_level, top_k=16, batch_size=2)
+    budget = budget_for(N_BLOCKS, 2, 0.25, GRID)
+    parent = from_ranking([3, 1, 4, 1, 5, 9, 2, 6], budget)
+    family = [parent] + [mutate(parent, gene_rng(0, k), GRID) for k in range(4)]
+    together = evaluator.kls(family, [0, 1, 2])
+    alone = [evaluator.kl(genes, [0, 1, 2]) for genes in family]
+    assert together == pytest.approx(alone, rel=1e-9, abs=1e-12)
