@@ -287,6 +287,8 @@ class RunConfig(Strict):
         unknown = [n for n in self.recipe.inputs or [] if n not in parents]
         if unknown:
             raise ValueError(f"recipe.inputs: {unknown[0]!r} is not a parent")
+        if self.evolver.merge_population:
+            raise ValueError("evolver.merge_population: not for recipe runs (their members' weights are not stored)")
         if self.evolver.offspring_per_member != 1:
             raise ValueError("evolver.offspring_per_member: recipe runs ask recipe.trials_per_generation trials instead")
         if self.recipe.sampler == "cmaes" and self.recipe.trials_per_generation == 1:

@@ -198,13 +198,15 @@ class Search:
         previous = {m["id"] for m in self.population}
         accepted = [m for m in next_population if m["id"] not in previous]
         checksums = dict(state["weight_checksums"])
-        self.weights.keep_new(accepted, checksums)  # before the population merge reads them
+        if self.mode.stores_members:  # a recipe run's members replay from the parents instead
+            self.weights.keep_new(accepted, checksums)  # before the population merge reads them
         merged = self.score_population_merge(generation, next_population)
         # The Pareto front is over every candidate scored; a merge run's hall of fame only over
         # members (a rejected offspring is worse than the member it challenged).
         seen = scored if self.mode.front_of_all else []  # stopped candidates are never selected
         best = self.mode.best_of([member_from_json(m) for m in state["hall_of_fame"]] + next_population + seen + merged)
-        self.weights.keep_new(best, checksums)
+        if self.mode.stores_members:
+            self.weights.keep_new(best, checksums)
         kept = {m["id"] for m in next_population + best}
         checksums = {k: v for k, v in checksums.items() if k in kept}
         self.population = next_population

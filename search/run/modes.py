@@ -27,6 +27,7 @@ class Mode:
     objectives: Objectives
     uses_plans = False  # candidates carry plans asked from the Optuna study
     front_of_all = False  # the hall of fame is over every candidate scored, not only members
+    stores_members = True  # new members' weights are replayed once and stored (offspring read them)
 
     def population_ids(self) -> list[str]:
         names = [e.name for e in self.config.parents.experts]

@@ -12,7 +12,7 @@ the trial, FAIL with the reason.
 The population is the best `P` models seen (P: the first population's size, the parents and
 seeds), elitist: a trial joins it when it beats its worst member. The hall of fame is the best
 ten members ever, as in merge runs; `finish` scores the best on the test splits and the run
-exports it like any other.
+exports it like any other. Members' weights are not stored: they replay from the parents.
 
 Resume: trial n is slot n % λ of generation n // λ, so a generation's candidates are re-derived
 from the study alone: a finished or running trial gives back its stored parameters (a trial cut
@@ -35,6 +35,9 @@ from search.run.scoring import STOPPED
 class RecipeMode(Mode):
     study = None
     space = None
+    # Members are recipes over the parents: nothing reads their weights but the test scoring and
+    # export, which replay them (a TIES replay costs as much as storing it), so none are stored.
+    stores_members = False
 
     # ---- set-up (the run loop calls it once the base model's config is known) ---------------
     def open(self, store, base_config, log) -> None:
