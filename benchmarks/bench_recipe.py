@@ -14,8 +14,10 @@ evaluation), one run after another:
               that recipe as an extra member (`evolver.seeds[].recipe`) for the other half.
 
 Reported: dev and test aggregate of each run's best member (test scored once, at the end,
-never used to select), evaluations (candidates scored beyond the parents), and the wall time
-of the search (the generations, from the logbook; the parents' scoring is the same for all).
+never used to select), evaluations (candidates scored beyond the parents), the wall time of
+the search (the generations, from the logbook; the parents' scoring is the same for all) and
+actor time (materialising + scoring the candidates, summed over actors: less sensitive than wall
+time to a shared CPU and to a run resumed after a failure).
 
     python -m benchmarks.bench_recipe            # demo task sizes, 24 evaluations each (hours on 2 busy cores)
     python -m benchmarks.bench_recipe --quick    # smaller dev/test subsets, 8 evaluations each
@@ -112,6 +114,8 @@ def measure(run_dir: Path, label: str, generations: int | None = None) -> dict:
         "run": label,
         "evaluations": len(rows),
         "search_wall_s": round(sum(r["wall_s"] for r in logbook), 1),
+        "actor_s": round(sum(e.get("timing", {}).get("materialize_s", 0) + e.get("timing", {}).get("score_s", 0)
+                             for e in rows), 1),
         "best_id": best["id"],
         "best_dev": round(best["score"], 4),
         "best_test": round(test[best["id"]], 4) if best["id"] in test else None,
@@ -124,7 +128,7 @@ def parents_row(run_dir: Path) -> dict:
     state, journal = store.read_state(), store.read_journal()
     test = {e["id"]: e["score"] for e in journal if e["split"] == "test"}
     name, parent = max(state["parents"].items(), key=lambda kv: kv[1]["score"])
-    return {"run": "best parent", "evaluations": 0, "search_wall_s": 0.0, "best_id": name,
+    return {"run": "best parent", "evaluations": 0, "search_wall_s": 0.0, "actor_s": 0.0, "best_id": name,
             "best_dev": round(parent["score"], 4), "best_test": round(test[name], 4) if name in test else None}
 
 
@@ -159,6 +163,7 @@ def compare(quick: bool, keep: bool, models: str = "demo") -> list[dict]:
     both = measure(run(seeded, keep), "both: ties recipe, then Evolver seeded with its best")
     both["evaluations"] += first_half["evaluations"]  # the recipe half (the seed's own scoring is counted)
     both["search_wall_s"] = round(both["search_wall_s"] + first_half["search_wall_s"], 1)
+    both["actor_s"] = round(both["actor_s"] + first_half["actor_s"], 1)
     both["seed_dev"] = first_half["best_dev"]
     rows.append(both)
     rows.insert(0, parents_row(evolver_dir))
@@ -166,9 +171,11 @@ def compare(quick: bool, keep: bool, models: str = "demo") -> list[dict]:
 
 
 def table(rows: list[dict]) -> str:
-    lines = ["| approach | evaluations | search wall s | best | dev aggregate | test aggregate |", "|---|---|---|---|---|---|"]
+    lines = ["| approach | evaluations | search wall s | actor s | best | dev aggregate | test aggregate |",
+             "|---|---|---|---|---|---|---|"]
     for r in rows:
-        lines.append(f"| {r['run']} | {r['evaluations']} | {r['search_wall_s']} | {r['best_id']} | {r['best_dev']} | {r['best_test']} |")
+        lines.append(f"| {r['run']} | {r['evaluations']} | {r['search_wall_s']} | {r['actor_s']} | {r['best_id']} | "
+                     f"{r['best_dev']} | {r['best_test']} |")
     return "\n".join(lines)
 
 
