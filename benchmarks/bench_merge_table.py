@@ -5,8 +5,8 @@ mergekit `examples/`-style ones: fp16 / bf16, gradients, slices, a passthrough f
 both tools run it in a fresh worker process each (evofuse first; full mode: the merge three
 times in that process, median), and the table
 gives: ok or the refusal, the max |diff| of the two outputs (same tensor names required),
-the merge's wall seconds (imports excluded: the call itself), and the worker's peak RSS (and
-its growth during the merge, over the imports). mergekit is 0.1.5 from this venv, called through
+the merge's wall seconds (imports excluded: the call itself), and the worker's peak RSS during
+the merge (the kernel's high-water mark reset after the imports) and its growth over them. mergekit is 0.1.5 from this venv, called through
 its Python API (`mergekit.merge.run_merge`, as `mergekit-yaml` does), with the same torch.
 
 Models: a base and three noisy copies (x + s N(0,1), s = 0.02 / 0.03 / 0.015) of a 4-layer Llama.
@@ -46,11 +46,20 @@ def log(message: str) -> None:
     print(message, file=sys.stderr, flush=True)
 
 
-def rss_mb() -> float:
+def rss_mb(field: str = "VmRSS") -> float:
     for line in Path("/proc/self/status").read_text().splitlines():
-        if line.startswith("VmRSS:"):
+        if line.startswith(field + ":"):
             return int(line.split()[1]) / 1024
     return float("nan")
+
+
+def reset_peak_rss() -> bool:
+    """Start VmHWM (the peak RSS) afresh, so that it measures the merge, not the imports."""
+    try:
+        Path("/proc/self/clear_refs").write_text("5")
+        return True
+    except OSError:
+        return False
 
 
 def worker(tool: str, config_path: str, out: str, repeats: str = "1") -> None:
@@ -76,6 +85,7 @@ def worker(tool: str, config_path: str, out: str, repeats: str = "1") -> None:
             config = MergeConfiguration.model_validate(yaml.safe_load(Path(config_path).read_text()))
             mergekit_run(config, out, MergeOptions(quiet=True, write_model_card=False))
     before = rss_mb()
+    reset = reset_peak_rss()
     error, times = None, []
     for _ in range(int(repeats)):
         shutil.rmtree(out, ignore_errors=True)
@@ -87,7 +97,7 @@ def worker(tool: str, config_path: str, out: str, repeats: str = "1") -> None:
         times.append(time.perf_counter() - start)
         if error is not None:
             break
-    peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+    peak = rss_mb("VmHWM") if reset else resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
     print(json.dumps({"ok": error is None, "error": error, "seconds": statistics.median(times),
                       "peak_rss_mb": peak, "rss_before_mb": before}))
 
@@ -179,7 +189,7 @@ def render_markdown(rows: list[dict], size: str, parameters: int, load: float, c
         f"Machine: {platform.machine()}, {torch.get_num_threads()} torch threads, torch {torch.__version__}. "
         f"Models: a 4-layer Llama base and three noisy copies, {parameters / 1e6:.2f}M parameters each. "
         f"Each tool in a fresh process per YAML (evofuse first), the merge repeated {repeats}x in it; "
-        f"seconds: the merge call (median), RSS: the worker's peak (MB) and in brackets its growth during the merge. "
+        f"seconds: the merge call (median), peak RSS: the worker's during the merge (VmHWM reset after the imports), MB, and in brackets its growth over the RSS after the imports. "
         f"Load average (1 min) at the start: {load:.1f}.", "",
         "| kind | YAML | evofuse | mergekit | max abs diff | output | evofuse s | mergekit s | evofuse peak RSS MB | mergekit peak RSS MB |",
         "|---|---|---|---|---|---|---|---|---|---|",
