@@ -207,7 +207,6 @@ def bench_method(method: str, paths: dict[str, Path], mergekit: Path, evofuse: l
         log(f"{method} run {run + 1}: evofuse {e[0]:.2f} s {e[1]:.2f} GB | mergekit {m[0]:.2f} s {m[1]:.2f} GB")
     result = {
         "method": method,
-        "runs": repeats,
         "runs": rows,
         "evofuse_median_s": statistics.median(r["evofuse_s"] for r in rows),
         "mergekit_median_s": statistics.median(r["mergekit_s"] for r in rows),
@@ -281,7 +280,7 @@ def write_results(result: dict, quick: bool) -> Path:
     (RESULTS / f"{stem}.json").write_text(json.dumps(result, indent=2) + "\n")
     lines = [
         f"# evofuse merge vs mergekit-yaml ({'quick, ' if quick else ''}median of "
-        f"{', '.join(str(m.get('runs', result['repeats'])) + ' ' + m['method'] for m in result['methods'])} runs)",
+        f"{', '.join(str(len(m['runs'])) + ' ' + m['method'] for m in result['methods'])} runs)",
         "",
         f"Machine: {result['machine']}. Inputs: SmolLM2-135M base + 3 noisy copies "
         f"(x + {NOISE} std(x) N(0,1), not real fine-tunes), fp32, 538 MB each. "

@@ -30,7 +30,7 @@ mergekit = pytest.importorskip(
 from benchmarks.merge_examples import DEPTH, EXAMPLES, render  # noqa: E402  (shared with bench_merge_table)
 from search.merge import MergeConfigError, run_merge  # noqa: E402
 from test_mergekit_methods import _load, _merge_both  # noqa: E402  (evofuse CLI + mergekit in process)
-from test_mergekit_parity import models  # noqa: E402,F401  (the session's tiny base and three fine-tunes)
+from test_mergekit_parity import models  # noqa: E402,F401,F811  (the session's tiny base and three fine-tunes)
 
 TOLERANCE = 1e-6
 SIGMAS = 5  # binomial tolerance per tensor: |z| > 5 has probability 6e-7
