@@ -64,14 +64,23 @@ def variant(config: Path, name: str, seed: int, full: bool, generations: int | N
     return measure(run_dir, name, full)
 
 
+def cost(row: dict) -> float:
+    """Actor seconds of one scoring: materialising the candidate and scoring it."""
+    timing = row.get("timing", {})
+    return timing.get("score_s", 0) + timing.get("materialize_s", 0)
+
+
 def measure(run_dir: Path, name: str, full: bool) -> dict:
     store = RunStore(run_dir)
     state, journal, logbook = store.read_state(), store.read_journal(), store.read_logbook()
     status = run_status(run_dir)
     dev = [e for e in journal if e["split"] == "dev"]
     judged = len({e["id"] for e in dev if e["id"].startswith("g")})
-    actor_s = sum(e.get("timing", {}).get("score_s", 0) + e.get("timing", {}).get("materialize_s", 0)
-                  for e in dev if e["id"].startswith("g"))
+    # A stop's journal row repeats the timing of the stage row it stops: count each scoring once.
+    scorings = [e for e in dev if e["id"].startswith("g") and e["status"] != "stopped"]
+    actor_s = sum(cost(e) for e in scorings)
+    last = max((e.get("stage") or 0 for e in scorings), default=0)
+    full_costs = [cost(e) for e in scorings if (e.get("stage") or 0) == last]
     search_s = sum(r["wall_s"] for r in logbook)
     best = max(state["population"] + state["hall_of_fame"], key=lambda m: m["score"])
     test = {e["id"]: e for e in journal if e["split"] == "test"}
@@ -84,6 +93,8 @@ def measure(run_dir: Path, name: str, full: bool) -> dict:
         "actor_s": round(actor_s, 1),
         "judged_per_hour_wall": round(judged / search_s * 3600, 1) if search_s else None,
         "judged_per_hour_actor": round(judged / actor_s * 3600, 1) if actor_s else None,
+        "actor_s_per_judged": round(actor_s / judged, 1) if judged else None,
+        "actor_s_per_full_evaluation": round(sum(full_costs) / len(full_costs), 1) if full_costs else None,
         "best_id": best["id"],
         "best_generation": int(best["id"][1:4]) + 1 if best["id"].startswith("g") else 0,
         "best_dev": round(best["score"], 4),
@@ -126,7 +137,8 @@ def side_by_side(config: Path, label: str, seed: int, keep: bool, full_generatio
 
 def table(rows: list[dict]) -> str:
     head = ["run", "scoring", "gens", "judged", "search s", "judged/h (wall)", "judged/h (actor)",
-            "best (gen)", "best dev", "best test", "stopped", "false rej.", "Spearman 1st/full"]
+            "actor s / judged", "actor s / full eval.", "best (gen)", "best dev", "best test", "stopped",
+            "false rej.", "Spearman 1st/full"]
     lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
     for r in rows:
         s = r["staged"] or {}
@@ -134,7 +146,8 @@ def table(rows: list[dict]) -> str:
         rho = s.get("spearman_first_vs_full")
         lines.append("| " + " | ".join(str(x) for x in [
             r["run"], r["scoring"], r["generations"], r["judged"], r["search_wall_s"], r["judged_per_hour_wall"],
-            r["judged_per_hour_actor"], f"{r['best_id']} ({r['best_generation']})", r["best_dev"], r["best_test"],
+            r["judged_per_hour_actor"], r.get("actor_s_per_judged"), r.get("actor_s_per_full_evaluation"),
+            f"{r['best_id']} ({r['best_generation']})", r["best_dev"], r["best_test"],
             s.get("stopped", "-"), "-" if frr is None else f"{frr:.1%} of {s['audited_margin_stops']}", "-" if rho is None else f"{rho:.2f}",
         ]) + " |")
     return "\n".join(lines)
