@@ -252,3 +252,17 @@ def test_same_tensors_check_names_the_model_and_the_tensor():
         assert str(info.value) == message
     with pytest.raises(MergeConfigError, match=r"^/models/b: tensor 'w' has shape \[64, 96\], /models/base has"):
         check_same_tensors({"/models/base": base, "/models/b": cases[0][0]}, "", quote=True, error=MergeConfigError)
+
+
+def test_sliced_config_rebuilds_depth_and_per_layer_lists():
+    from evolve.recipe import RecipeError
+    from evolve.slices import OutputSlice, SliceSource, layered_config
+
+    a = {"num_hidden_layers": 4, "layer_types": ["full", "sliding", "full", "sliding"], "hidden_size": 64}
+    b = {"num_hidden_layers": 4, "layer_types": ["b0", "b1", "b2", "b3"], "hidden_size": 64}
+    slices = [OutputSlice((SliceSource("a", 0, 3),)), OutputSlice((SliceSource("b", 1, 4),))]
+    out = layered_config(a, {"a": a, "b": b}, slices)
+    assert out["num_hidden_layers"] == 6 and out["hidden_size"] == 64
+    assert out["layer_types"] == ["full", "sliding", "full", "b1", "b2", "b3"]
+    with pytest.raises(RecipeError, match="per-layer field 'layer_types'"):
+        layered_config(a, {"a": a, "b": {"layer_types": ["x"]}}, slices)
