@@ -33,7 +33,9 @@ RESULTS = ROOT / "benchmarks" / "results"
 WORK = ROOT / "benchmarks" / ".work" / "staged"
 sys.path.insert(0, str(ROOT))
 
+from search.config import load_config  # noqa: E402
 from search.results.report import run_status  # noqa: E402
+from search.results.staging import full_dev_rows, last_stage  # noqa: E402
 from search.run.store import RunStore  # noqa: E402
 
 
@@ -79,8 +81,7 @@ def measure(run_dir: Path, name: str, full: bool) -> dict:
     # A stop's journal row repeats the timing of the stage row it stops: count each scoring once.
     scorings = [e for e in dev if e["id"].startswith("g") and e["status"] != "stopped"]
     actor_s = sum(cost(e) for e in scorings)
-    last = max((e.get("stage") or 0 for e in scorings), default=0)
-    full_costs = [cost(e) for e in scorings if (e.get("stage") or 0) == last]
+    full_costs = [cost(e) for e in full_dev_rows(scorings, last_stage(load_config(store.config_path)))]
     search_s = sum(r["wall_s"] for r in logbook)
     best = max(state["population"] + state["hall_of_fame"], key=lambda m: m["score"])
     test = {e["id"]: e for e in journal if e["split"] == "test"}

@@ -15,8 +15,8 @@ After each stage but the last, a candidate goes on while it can still win:
   latency), beats it by more than that margin.
 A stopped candidate is journalled (status `stopped`, the stage it reached, its partial
 metrics, the reason), told to Optuna as PRUNED and never selected; with `fitness.audit`, a
-seeded fraction of those the paired test stopped is fully scored anyway (journal rows marked `audit`) so the run
-measures its false rejections.
+seeded fraction of those the paired test stopped is fully scored anyway (journal rows marked
+`audit`) so the run measures its false rejections.
 """
 from __future__ import annotations
 
