@@ -247,11 +247,9 @@ def build_recipe(config: MergeConfig, num_layers: int | None) -> Recipe:
 # --- the merge ----------------------------------------------------------------------------
 
 
-def count_layers(directory: Path, names: Iterable[str]) -> int:
-    try:
-        layers = json.loads((directory / "config.json").read_text()).get("num_hidden_layers")
-    except (OSError, json.JSONDecodeError):
-        layers = None
+def count_layers(config: dict, names: Iterable[str]) -> int:
+    """A model's depth: its config's `num_hidden_layers`, else one past its highest layer index."""
+    layers = config.get("num_hidden_layers")
     if isinstance(layers, int) and layers > 0:
         return layers
     indices = [i for i in (layer_index(n) for n in names) if i is not None]
@@ -285,14 +283,12 @@ def _open_sources(directories: dict[str, Path], reference: str) -> dict[str, Any
     try:
         for ref in [reference] + [r for r in directories if r != reference]:
             sources[ref] = open_source(directories[ref])
-    except TensorFileError as exc:
+    except (TensorFileError, pickle.UnpicklingError, EOFError, RuntimeError, ValueError, OSError) as exc:
         for source in sources.values():
             source.close()
-        raise MergeConfigError(str(exc)) from None
-    except (pickle.UnpicklingError, EOFError, RuntimeError, ValueError, OSError) as exc:  # a damaged .bin pickle
-        for source in sources.values():
-            source.close()
-        first = (str(exc).strip().splitlines() or [type(exc).__name__])[0][:160]
+        if isinstance(exc, TensorFileError):
+            raise MergeConfigError(str(exc)) from None
+        first = (str(exc).strip().splitlines() or [type(exc).__name__])[0][:160]  # a damaged .bin pickle
         raise MergeConfigError(f"{directories[ref]}: cannot read its weights ({type(exc).__name__}: {first})") from None
     return sources
 
@@ -356,7 +352,8 @@ def run_merge(config_path: str | Path, out_dir: str | Path, *, allow_pickle: boo
         if config.slices is None:  # every input the same tensors (the reference's names and shapes)
             check_same_tensors({str(directories[r]): indexes[r] for r in sources}, "", quote=True,
                                error=MergeConfigError)
-        layer_counts = {ref: count_layers(directories[ref], indexes[ref]) for ref in sources}
+        configs = {ref: read_config(directories[ref]) for ref in sources}  # the reference first
+        layer_counts = {ref: count_layers(configs[ref], indexes[ref]) for ref in sources}
         slices = normalized_slices(config, layer_counts)
         recipes = [build_slice_recipe(config, entry, s, entry.sources[0].layer_range[1] - entry.sources[0].layer_range[0])
                    for s, entry in enumerate(slices)]
@@ -375,10 +372,9 @@ def run_merge(config_path: str | Path, out_dir: str | Path, *, allow_pickle: boo
                                   for t in tensors]
         work_dtype = compute_dtype(config.merge_method, in_dtype,
                                    {d for index in indexes.values() for _, d in index.values() if d.is_floating_point})
-        out_config = read_config(directories[reference])
+        out_config = configs[reference]
         if config.slices is not None:
-            out_config = layered_config(out_config, {ref: read_config(directories[ref]) for ref in sources},
-                                        output_slices)
+            out_config = layered_config(out_config, configs, output_slices)
         out.mkdir(parents=True, exist_ok=True)
         threads = torch.get_num_threads()
         torch.set_num_threads(compute_threads)
