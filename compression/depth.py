@@ -133,34 +133,25 @@ def _check_fits(model: nn.Module, step: _DepthStep) -> None:
     _check_count(step, n, f"{n} blocks left in the model")
 
 
-def _explicit_order(step: _DepthStep) -> list[int]:
-    """Given positions, highest first: taking one out leaves every lower position unchanged."""
-    return sorted(step.blocks, reverse=True)
-
-
 def shrink(model: nn.Module, step: _DepthStep, calibration: CalibrationData, report: list[dict] | None = None) -> nn.Module:
-    """Take `step.count` blocks out of `model` in place, one at a time; append one dict per
+    """Take `step.num_out` blocks out of `model` in place, one at a time; append one dict per
     removed block to `report` (its original position, group, distillation losses)."""
     _check_fits(model, step)
     scoring = calibration.take(step.importance_samples)
     original = list(range(len(arch.decoder_blocks(model))))  # original position of each current block
     fuse = isinstance(step, FuseBlocksStep)
+    order = None  # original positions in the order they go out; None: rescored before each one
     if step.blocks is not None:
-        order = _explicit_order(step)
-        if not fuse and step.steps == 0:
-            arch.remove_blocks(model, order)
-            if report is not None:
-                report.extend({"removed": i} for i in order)
-            return model
+        order = sorted(step.blocks, reverse=True)  # highest first: every lower position stays put
     elif not step.is_iterative():
         order = [original[i] for i in select_blocks(model, scoring, step.count, step.importance, batch_size=step.batch_size)]
-        if not fuse and step.steps == 0:  # plain one-shot removal: all at once
-            arch.remove_blocks(model, order)
-            if report is not None:
-                report.extend({"removed": i} for i in order)
-            return model
+    if order is not None and not fuse and step.steps == 0:  # plain one-shot removal: all at once
+        arch.remove_blocks(model, order)
+        if report is not None:
+            report.extend({"removed": i} for i in order)
+        return model
     for k in range(step.num_out):
-        if step.blocks is None and step.is_iterative():
+        if order is None:
             position = select_blocks(model, scoring, 1, step.importance, batch_size=step.batch_size)[0]
         else:
             position = original.index(order[k])

@@ -170,11 +170,10 @@ def compile_plan(genes: Genes, grid: WidthGrid, knobs: PlanKnobs = PlanKnobs()) 
 
 def width_unit_params(config, grid: WidthGrid) -> int:
     """Parameters one width unit stands for: `grid.step` of one layer's targeted parameters."""
-    head_dim = getattr(config, "head_dim", None) or config.hidden_size // config.num_attention_heads
-    kv = getattr(config, "num_key_value_heads", None) or config.num_attention_heads
-    ffn = 3 * config.hidden_size * config.intermediate_size
-    attn = 2 * config.hidden_size * head_dim * (config.num_attention_heads + kv)
-    targeted = {"ffn": ffn, "heads": attn, "both": ffn + attn}[grid.target]
+    from compression.width import LayerDims
+
+    dims = LayerDims.from_config(config)
+    targeted = {"ffn": dims.ffn_params, "heads": dims.attn_params, "both": dims.ffn_params + dims.attn_params}[grid.target]
     return round(grid.step * targeted)
 
 
