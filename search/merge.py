@@ -67,7 +67,7 @@ from search.models.tensors import (
 )
 from search.schema import Strict, read_yaml
 
-__all__ = ["MergeConfigError", "MergeConfig", "load_config", "build_recipe", "run_merge"]
+__all__ = ["MergeConfigError", "MergeConfig", "load_config", "run_merge"]
 
 DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16,
           "float64": torch.float64}
@@ -233,15 +233,6 @@ def build_slice_recipe(config: MergeConfig, entry: SliceEntry, index: int, num_l
         params["num_layers"] = num_layers
     return Recipe(op=config.merge_method, inputs=tuple(ids), params=params, seed=index,
                   base=base if uses_base else None)
-
-
-def build_recipe(config: MergeConfig, num_layers: int | None) -> Recipe:
-    """A `models:` config's merge as one recipe (the whole depth is one slice)."""
-    if config.models is None:
-        raise MergeConfigError("field 'slices': a sliced merge has one recipe per slice (see build_slice_recipe)")
-    counts = {e.model: num_layers or 0 for e in config.models}
-    counts.setdefault(config.base_model, num_layers or 0)
-    return build_slice_recipe(config, normalized_slices(config, counts)[0], 0, num_layers)
 
 
 # --- the merge ----------------------------------------------------------------------------
