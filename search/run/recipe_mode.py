@@ -82,24 +82,23 @@ class RecipeMode(Mode):
         return self.space.suggest(self.study.ask())
 
     def tell(self, candidates, results) -> None:
-        """COMPLETE / PRUNED / FAIL for each candidate's trial (a trial told before is left)."""
+        """COMPLETE / PRUNED / FAIL for each candidate's trial (a trial told before is left);
+        COMPLETE and FAIL as compress runs tell them (search.tuning.study.tell_result)."""
+        from search.tuning.study import tell_result
+
         trials = self.study.get_trials(deepcopy=False)
         for c in candidates:
             frozen, result = trials[c.trial], results[c.id]
             if frozen.state.is_finished():
                 continue
-            if result.ok:
-                self.study.tell(c.trial, [result.score])
-                continue
-            live = optuna.Trial(self.study, frozen._trial_id)
+            live = None if result.ok else optuna.Trial(self.study, frozen._trial_id)  # as planner._next_trial
             if result.status == STOPPED:
                 live.set_user_attr("pruned_reason", result.reason or "stopped by staged fitness")
                 if result.stage not in frozen.intermediate_values:
                     live.report(result.score, step=result.stage or 0)  # the stage score: how samplers rank it
                 self.study.tell(c.trial, state=optuna.trial.TrialState.PRUNED)
             else:
-                live.set_user_attr("fail_reason", result.reason or result.status)
-                self.study.tell(c.trial, state=optuna.trial.TrialState.FAIL)
+                tell_result(self.study, c.trial, [result.score] if result.ok else None, result.reason or result.status, live)
 
     def select(self, toolbox, population, finals):
         """Elitist: the best P of the members and the scored trials (members first among equals)."""
@@ -134,6 +133,7 @@ def open_recipe_study(run_dir, config, space, trials: int) -> optuna.Study:
 def study_summary(run_dir) -> dict | None:
     """For `status`: the recipe study's trials by state and the best COMPLETE trial's genome
     (read from `optuna.journal`, JSON lines; None when the study does not exist yet)."""
+    from collections import Counter
     from pathlib import Path
 
     from optuna.storages import JournalStorage
@@ -149,9 +149,7 @@ def study_summary(run_dir) -> dict | None:
     if not studies:
         return None
     trials = storage.get_all_trials(studies[0]._study_id, deepcopy=False)
-    states = {}
-    for t in trials:
-        states[t.state.name.lower()] = states.get(t.state.name.lower(), 0) + 1
+    states = dict(Counter(t.state.name.lower() for t in trials))
     complete = [t for t in trials if t.state == optuna.trial.TrialState.COMPLETE]
     best = max(complete, key=lambda t: t.value, default=None)
     return {"trials": len(trials), "states": states,
