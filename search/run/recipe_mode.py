@@ -30,6 +30,7 @@ from evolve.population import member_score
 from search.run.candidate import Candidate
 from search.run.modes import HALL_OF_FAME_SIZE, Mode, register_mode
 from search.run.scoring import STOPPED
+from search.tuning.study import reopen, tell_result
 
 
 class RecipeMode(Mode):
@@ -76,7 +77,7 @@ class RecipeMode(Mode):
             frozen = trials[number]
             if all(g.name in frozen.params for g in self.space.genes()):
                 return dict(frozen.params)
-            return self.space.suggest(optuna.Trial(self.study, frozen._trial_id))  # cut off mid-suggest
+            return self.space.suggest(reopen(self.study, frozen))  # cut off mid-suggest
         if number > len(trials):
             raise RuntimeError(f"{self.study.study_name}: trial {number} asked, but the study holds only {len(trials)} trials")
         return self.space.suggest(self.study.ask())
@@ -84,14 +85,12 @@ class RecipeMode(Mode):
     def tell(self, candidates, results) -> None:
         """COMPLETE / PRUNED / FAIL for each candidate's trial (a trial told before is left);
         COMPLETE and FAIL as compress runs tell them (search.tuning.study.tell_result)."""
-        from search.tuning.study import tell_result
-
         trials = self.study.get_trials(deepcopy=False)
         for c in candidates:
             frozen, result = trials[c.trial], results[c.id]
             if frozen.state.is_finished():
                 continue
-            live = None if result.ok else optuna.Trial(self.study, frozen._trial_id)  # as planner._next_trial
+            live = None if result.ok else reopen(self.study, frozen)
             if result.status == STOPPED:
                 live.set_user_attr("pruned_reason", result.reason or "stopped by staged fitness")
                 if result.stage not in frozen.intermediate_values:
@@ -113,21 +112,13 @@ class RecipeMode(Mode):
 
 def open_recipe_study(run_dir, config, space, trials: int) -> optuna.Study:
     """The run's study in `optuna.journal` (created on first use), with the configured sampler."""
-    from optuna.storages import JournalStorage
-    from optuna.storages.journal import JournalFileBackend
-
     from search.tuning.cmaes import HistoryCmaEsSampler
-    from search.tuning.study import journal_path, make_sampler
+    from search.tuning.study import open_study
 
     search = config.recipe
-    if search.sampler == "cmaes":
-        sampler = HistoryCmaEsSampler(space.distributions(), max(2, trials), config.seed, search.sigma)
-    else:
-        sampler = make_sampler(search.sampler, config.seed, trials)
-    optuna.logging.set_verbosity(optuna.logging.WARNING)
-    storage = JournalStorage(JournalFileBackend(str(journal_path(run_dir))))
-    return optuna.create_study(study_name=config.name, storage=storage, directions=["maximize"], sampler=sampler,
-                               load_if_exists=True)
+    sampler = HistoryCmaEsSampler(space.distributions(), max(2, trials), config.seed, search.sigma) \
+        if search.sampler == "cmaes" else search.sampler
+    return open_study(run_dir, config.name, sampler, config.seed, trials, ["maximize"])
 
 
 def study_summary(run_dir) -> dict | None:

@@ -21,7 +21,7 @@ import optuna
 from compression.plan import PlanError, parse_plan, predict_num_params
 
 from search.tuning.space import SpaceConfig, budget_anchors, suggest_plan
-from search.tuning.study import prune_over_budget, set_size_constraint, tell_result
+from search.tuning.study import prune_over_budget, reopen, set_size_constraint, tell_result
 
 MAX_PLAN_ASKS = 100  # plans asked per candidate before one over the size budget is scored anyway
 
@@ -68,7 +68,7 @@ class Planner:
         running = self.study.get_trials(deepcopy=False, states=(optuna.trial.TrialState.RUNNING,))
         orphan = next((t for t in running if t.number not in self.live), None)
         if orphan is not None:
-            return optuna.Trial(self.study, orphan._trial_id)
+            return reopen(self.study, orphan)
         return self.study.ask()
 
     def _pruned_before(self, number: int) -> int:

@@ -72,8 +72,10 @@ def journal_path(run_dir: Path) -> Path:
     return Path(run_dir) / "optuna.journal"
 
 
-def open_study(run_dir: Path, name: str, sampler: str, seed: int, population_size: int, directions: list[str]) -> optuna.Study:
-    """The run's study (created on first use); `directions` from `Objectives.directions`."""
+def open_study(run_dir: Path, name: str, sampler: str | optuna.samplers.BaseSampler, seed: int, population_size: int,
+               directions: list[str]) -> optuna.Study:
+    """The run's study (created on first use); `directions` from `Objectives.directions`;
+    `sampler` by name (`make_sampler`) or a sampler object (recipe runs' CMA-ES)."""
     from optuna.storages import JournalStorage
     from optuna.storages.journal import JournalFileBackend
 
@@ -83,9 +85,16 @@ def open_study(run_dir: Path, name: str, sampler: str, seed: int, population_siz
         study_name=name,
         storage=storage,
         directions=directions,
-        sampler=make_sampler(sampler, seed, population_size),
+        sampler=make_sampler(sampler, seed, population_size) if isinstance(sampler, str) else sampler,
         load_if_exists=True,
     )
+
+
+def reopen(study: optuna.Study, frozen: optuna.trial.FrozenTrial) -> optuna.Trial:
+    """A live handle on a trial asked earlier (by a process that may be gone), to suggest,
+    report or set attributes on it. Optuna has no public call for this: `Trial` over the
+    trial's storage id is what `study.ask` itself builds."""
+    return optuna.Trial(study, frozen._trial_id)
 
 
 def tell_result(study: optuna.Study, trial_number: int, values: tuple[float, ...] | None,
