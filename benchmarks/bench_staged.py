@@ -62,8 +62,13 @@ def variant(config: Path, name: str, seed: int, full: bool, generations: int | N
             import shutil
 
             shutil.rmtree(run_dir)
+        started = time.time()
         evofuse("search", str(path), "--run-dir", str(run_dir), "--quiet")
-    return measure(run_dir, name, full)
+        (run_dir / "command_wall_s").write_text(f"{time.time() - started:.1f}\n")
+    row = measure(run_dir, name, full)
+    if (run_dir / "command_wall_s").is_file():  # the whole command: start-up, generations, export
+        row["command_wall_s"] = float((run_dir / "command_wall_s").read_text())
+    return row
 
 
 def cost(row: dict) -> float:
@@ -104,15 +109,18 @@ def measure(run_dir: Path, name: str, full: bool) -> dict:
     }
 
 
-def compare(config: Path, label: str, seeds: list[int], keep: bool, concurrent: int | None = None) -> list[dict]:
+def compare(config: Path, label: str, seeds: list[int], keep: bool, concurrent: int | None = None,
+            full_generations: int | None = None) -> list[dict]:
     if concurrent:
         return [row for seed in seeds for row in side_by_side(config, label, seed, keep, concurrent)]
     rows = []
     for seed in seeds:
         staged = variant(config, f"{label}-staged-s{seed}", seed, full=False, generations=None, keep=keep)
         per_generation = staged["search_wall_s"] / max(1, staged["generations"])
-        probe = variant(config, f"{label}-full-probe-s{seed}", seed, full=True, generations=1, keep=keep)
-        generations = max(1, round(staged["search_wall_s"] / max(probe["search_wall_s"], 1e-9)))
+        generations = full_generations
+        if generations is None:  # as many full-scoring generations as fit in the staged run's time
+            probe = variant(config, f"{label}-full-probe-s{seed}", seed, full=True, generations=1, keep=keep)
+            generations = max(1, round(staged["search_wall_s"] / max(probe["search_wall_s"], 1e-9)))
         full = variant(config, f"{label}-full-s{seed}", seed, full=True, generations=generations, keep=keep)
         full["equal_time_generations"] = generations
         staged["wall_s_per_generation"] = round(per_generation, 1)
@@ -161,6 +169,9 @@ def main() -> None:
     parser.add_argument("--only", choices=["merge", "joint"])
     parser.add_argument("--concurrent", type=int, metavar="GENERATIONS",
                         help="run the staged and a full run of this many generations at the same time (a shared machine)")
+    parser.add_argument("--seeds", type=int, nargs="+", help="seeds of each pair (default: 0; --quick: 0 1)")
+    parser.add_argument("--full-generations", type=int, metavar="N",
+                        help="generations of the full-scoring runs, one after the other (no probe run)")
     args = parser.parse_args()
     started = time.time()
     if args.quick:
@@ -169,11 +180,13 @@ def main() -> None:
     else:
         pairs = [("merge", ROOT / "configs" / "demo.yaml"), ("joint", ROOT / "configs" / "joint-demo.yaml")]
         seeds = [0]
+    seeds = args.seeds or seeds
     rows = []
     for label, config in pairs:
         if args.only and label != args.only:
             continue
-        rows += compare(config, ("quick-" if args.quick else "") + label, seeds, args.keep, args.concurrent)
+        rows += compare(config, ("quick-" if args.quick else "") + label, seeds, args.keep, args.concurrent,
+                        args.full_generations)
     name = "staged_quick" if args.quick else "staged"
     RESULTS.mkdir(parents=True, exist_ok=True)
     (RESULTS / f"{name}.json").write_text(json.dumps({"rows": rows, "wall_s": round(time.time() - started)}, indent=1))
