@@ -1,0 +1,169 @@
+"""Audit every stop of a finished staged merge run, after the fact (issue 14).
+
+A run's own audit (`fitness.audit`) fully scores a seeded fraction of the candidates its
+paired test stopped; at 5% a demo run audits one or two, too few to bound the
+false-rejection rate. This benchmark scores *every* candidate stopped by the paired test
+(rule `margin`) on the full dev sets, outside the run (the run directory is only read), and
+reports:
+
+- the false-rejection rate: stopped candidates whose full dev score is at least their rival's
+  (the member each challenged) — they would have replaced it had they been scored in full;
+  with a one-sided 95% upper bound (Clopper-Pearson), so "0 of 30" reads as "at most 9.5%";
+- the Spearman correlation of first-stage and full dev scores over the audited candidates;
+- a check that the offline scoring is the run's: candidates the run scored in full (its own
+  audits and promoted ones) are re-scored here and must give the same dev score.
+
+Weights are replayed from the journal exactly as `evofuse export` does (recipes are
+deterministic), so a stopped candidate needs no stored file.
+
+    python -m benchmarks.audit_stops benchmarks/.work/staged/merge-staged-s0 [--limit N]
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import sys
+import time
+from pathlib import Path
+
+import torch
+
+ROOT = Path(__file__).resolve().parent.parent
+RESULTS = ROOT / "benchmarks" / "results"
+sys.path.insert(0, str(ROOT))
+
+from search.config import load_config  # noqa: E402
+from search.fitness import TaskSpec, build_task  # noqa: E402
+from search.fitness.spec import aggregate  # noqa: E402
+from search.fitness.staged import false_rejection_rate, spearman  # noqa: E402
+from search.results.export import Replay, _journal_by_id  # noqa: E402
+from search.results.staging import STOPPED, last_stage  # noqa: E402
+from search.run.store import RunStore  # noqa: E402
+
+
+def upper_bound(failures: int, n: int, confidence: float = 0.95) -> float:
+    """One-sided Clopper-Pearson upper bound on a rate seen as failures / n: the p at which
+    seeing at most `failures` has probability 1 - confidence (bisection on the binomial CDF)."""
+    if n == 0:
+        return math.nan
+    if failures >= n:
+        return 1.0
+
+    def cdf(p: float) -> float:
+        return sum(math.comb(n, k) * p**k * (1 - p) ** (n - k) for k in range(failures + 1))
+
+    low, high = failures / n, 1.0
+    for _ in range(60):
+        mid = (low + high) / 2
+        low, high = (mid, high) if cdf(mid) > 1 - confidence else (low, mid)
+    return high
+
+
+def stops_to_audit(rows: list[dict], last: int) -> tuple[list[dict], dict[str, dict]]:
+    """The paired test's stops and every full (last-stage) dev row of the run, by id."""
+    dev = [r for r in rows if r["split"] == "dev"]
+    full = {r["id"]: r for r in dev if r["status"] == "ok" and r.get("stage") in (None, last)}
+    stops = [r for r in dev if r["status"] == STOPPED and r.get("rule", "margin") == "margin"]
+    return stops, full
+
+
+class OfflineScorer:
+    """The run's dev tasks, scored in full on a model whose weights are replaced per candidate."""
+
+    def __init__(self, run_dir: Path):
+        from search.models.experts import resolve_parents
+        from search.models.sources import load_model
+
+        self.store = RunStore(run_dir)
+        self.state = self.store.read_state()
+        self.config = load_config(self.store.config_path)
+        self.parent_dirs = resolve_parents(self.config, quiet=True)
+        self.replay = Replay(self.store, self.state, self.parent_dirs, _journal_by_id(self.store),
+                             list(self.config.evolver.exclude))
+        base = self.parent_dirs[self.config.parents.base.name]
+        self.model, tokenizer = load_model(base, dtype=torch.float32, device=torch.device("cpu"))
+        self.params = self.model.state_dict(keep_vars=True)
+        self.tasks = {t.name: build_task(TaskSpec(kind=t.kind, data=t.dev, name=t.name, options=t.options or {}), tokenizer)
+                      for t in self.config.tasks}
+        self.weights = {t.name: t.weight for t in self.config.tasks}
+
+    def dev_score(self, candidate_id: str) -> float:
+        for name, tensor in self.replay.weights(candidate_id).items():
+            self.params[name].data.copy_(tensor)
+        # keep parents and stored members only: every candidate's replay is otherwise a new model
+        self.replay.cache = {k: v for k, v in self.replay.cache.items() if k in self.parent_dirs}
+        with torch.no_grad():
+            scores = {name: task.evaluate(self.model)["score"] for name, task in self.tasks.items()}
+        return aggregate(scores, self.weights)
+
+
+def audit(run_dir: Path, limit: int | None, checks: int) -> dict:
+    store = RunStore(run_dir)
+    rows = store.read_journal()
+    last = last_stage(load_config(store.config_path))
+    stops, full = stops_to_audit(rows, last)
+    scorer = OfflineScorer(run_dir)
+    started = time.time()
+    # the run's own full scores, re-scored: the offline scoring must be the run's
+    promoted = sorted(cid for cid in full if cid.startswith("g"))[:checks]
+    agreement = [(cid, full[cid]["score"], scorer.dev_score(cid)) for cid in promoted]
+    audited = []
+    for stop in stops[:limit]:
+        cid, rival = stop["id"], stop.get("rival")
+        own = full[cid]["score"] if cid in full else scorer.dev_score(cid)
+        audited.append({"id": cid, "stage_score": stop["score"], "full_score": own, "rival": rival,
+                        "rival_full_score": full[rival]["score"] if rival in full else scorer.dev_score(rival),
+                        "run_audited": cid in full})
+        print(f"{cid}: stage {stop['score']:.4f} full {own:.4f} rival {rival} {audited[-1]['rival_full_score']:.4f}", flush=True)
+    triples = [(a["stage_score"], a["full_score"], a["rival_full_score"]) for a in audited]
+    wins = sum(a["full_score"] >= a["rival_full_score"] for a in audited)
+    return {
+        "run": run_dir.name,
+        "stops_by_paired_test": len(stops),
+        "audited": len(audited),
+        "false_rejections": wins,
+        "false_rejection_rate": false_rejection_rate(triples) if triples else None,
+        "false_rejection_upper_95": round(upper_bound(wins, len(audited)), 4),
+        "spearman_stage_vs_full": spearman([t[0] for t in triples], [t[1] for t in triples]) if len(triples) > 1 else None,
+        "max_abs_diff_vs_run": max((abs(a - b) for _, a, b in agreement), default=None),
+        "agreement_checked": len(agreement),
+        "audit_s": round(time.time() - started, 1),
+        "candidates": audited,
+    }
+
+
+def table(results: list[dict]) -> str:
+    head = ["run", "paired-test stops", "audited", "false rejections", "rate", "95% upper bound",
+            "Spearman stage/full", "offline vs run (max |diff|, n)", "audit s"]
+    lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
+    for r in results:
+        rate = r["false_rejection_rate"]
+        rho = r["spearman_stage_vs_full"]
+        lines.append("| " + " | ".join(str(x) for x in [
+            r["run"], r["stops_by_paired_test"], r["audited"], r["false_rejections"],
+            "-" if rate is None else f"{rate:.1%}", f"{r['false_rejection_upper_95']:.1%}",
+            "-" if rho is None else f"{rho:.2f}", f"{r['max_abs_diff_vs_run']:.1e}, {r['agreement_checked']}",
+            r["audit_s"]]) + " |")
+    return "\n".join(lines)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("runs", nargs="+", type=Path, help="finished staged merge run directories")
+    parser.add_argument("--limit", type=int, help="audit at most this many stops per run")
+    parser.add_argument("--checks", type=int, default=2, help="fully scored candidates re-scored to check the scoring")
+    parser.add_argument("--threads", type=int, default=1)
+    parser.add_argument("--name", default="staged_audit")
+    args = parser.parse_args()
+    torch.set_num_threads(args.threads)
+    results = [audit(run, args.limit, args.checks) for run in args.runs]
+    RESULTS.mkdir(parents=True, exist_ok=True)
+    (RESULTS / f"{args.name}.json").write_text(json.dumps(results, indent=1))
+    text = f"# Every paired-test stop of staged demo runs, scored in full after the run\n\n{table(results)}\n"
+    (RESULTS / f"{args.name}.md").write_text(text)
+    print(text)
+
+
+if __name__ == "__main__":
+    main()
