@@ -248,23 +248,28 @@ def check_base_fits(base: ModelVocabulary, setting: TokenizerSetting, field: str
 def check_token_sources(plan: VocabularyPlan, fields: Mapping[str, str]) -> None:
     """Each `tokens:` source names a merged model, and a token or row that model has."""
     for token, entry in plan.tokens.items():
-        field = f"tokenizer.tokens.{token}.source"
-        source = entry.source
-        if source is None:  # mergekit fails then too: nothing says where the row comes from
-            lacking = any(int(rows[plan.vocab[token]]) < 0 for rows in plan.rows.values())
-            if entry.force or lacking:
-                raise VocabularyError(f"field {field!r}: a source is needed (a model, {{kind: zero}} or "
-                                      f"{{kind: model_token, ...}}) since {'force is set' if entry.force else 'a model lacks the token'}")
-            continue
-        if isinstance(source, ZeroSource):
-            continue
-        model = source if isinstance(source, str) else source.model
-        if model not in plan.rows:
-            raise VocabularyError(f"field {field!r}: {model!r} is not one of the merged models ({', '.join(fields)})")
-        if isinstance(source, str) and int(plan.rows[model][plan.vocab[token]]) < 0:
-            raise VocabularyError(f"field {field!r}: {model!r} has no token {token!r}")
-        if isinstance(source, ModelTokenSource) and source.token is not None and source.token not in plan.originals[model]:
-            raise VocabularyError(f"field {field!r}: {model!r} has no token {source.token!r}")
+        problem = token_source_problem(plan, token, entry, fields)
+        if problem:
+            raise VocabularyError(f"field 'tokenizer.tokens.{token}.source': {problem}")
+
+
+def token_source_problem(plan: VocabularyPlan, token: str, entry: TokenEntry, fields: Mapping[str, str]) -> str | None:
+    source = entry.source
+    if source is None:  # mergekit fails then too: nothing says where the row comes from
+        if entry.force or any(int(rows[plan.vocab[token]]) < 0 for rows in plan.rows.values()):
+            why = "force is set" if entry.force else "a model lacks the token"
+            return f"a source is needed (a model, {{kind: zero}} or {{kind: model_token, ...}}) since {why}"
+        return None
+    if isinstance(source, ZeroSource):
+        return None
+    model = source if isinstance(source, str) else source.model
+    if model not in plan.rows:
+        return f"{model!r} is not one of the merged models ({', '.join(fields)})"
+    if isinstance(source, str) and int(plan.rows[model][plan.vocab[token]]) < 0:
+        return f"{model!r} has no token {token!r}"
+    if isinstance(source, ModelTokenSource) and source.token is not None and source.token not in plan.originals[model]:
+        return f"{model!r} has no token {source.token!r}"
+    return None
 
 
 # --- the rows -----------------------------------------------------------------------------------
@@ -367,5 +372,6 @@ def token_source_row(plan: VocabularyPlan, tensors: Mapping[str, torch.Tensor], 
         return gathered[model][plan.vocab[token]]
     index = source.token_id if source.token_id is not None else plan.originals[model][source.token]
     if not 0 <= index < tensors[model].shape[0]:
-        raise VocabularyError(f"field {field!r}: token_id {index} is outside {model!r}'s {tensors[model].shape[0]} rows")
+        raise VocabularyError(f"field {field!r}: token_id {index} is outside {model!r}'s "
+                              f"{tensors[model].shape[0]} rows")
     return tensors[model][index].to(dtype)

@@ -21,7 +21,9 @@ from safetensors.torch import load_file
 from search.merge import MergeConfigError, run_merge
 
 SPECIALS = ["<unk>", "<s>", "</s>"]
-WORDS = {"a": ["the", "cat", "sat", "on", "a"], "b": ["a", "dog", "the", "ran", "on"], "c": ["the", "cat", "sat", "on", "a"]}
+WORDS = {"a": ["the", "cat", "sat", "on", "a"],
+         "b": ["a", "dog", "the", "ran", "on"],  # other ids; "dog" and "ran" are new, "cat" and "sat" missing
+         "c": ["the", "cat", "sat", "on", "a"]}
 ADDED = {"c": [("<tool>", True), ("mat", False)]}  # (token, special)
 EMBED, HEAD = "model.embed_tokens.weight", "lm_head.weight"
 
@@ -178,12 +180,13 @@ def test_tokens_overrides_and_padding(models, tmp_path):
     own = {m: _state(models[m])[EMBED] for m in "abc"}
     ids = {m: _vocab(models[m]) for m in "abc"}
     row = {m: lambda token, m=m: own[m][ids[m][token]] for m in "abc"}
-    torch.testing.assert_close(state[EMBED][vocab["cat"]], 0.5 * row["a"]("cat") + 0.5 * row["c"]("cat"), atol=1e-6, rtol=0)
-    torch.testing.assert_close(state[EMBED][vocab["<tool>"]], 0.2 * row["c"]("<tool>"), atol=1e-6, rtol=0)
-    torch.testing.assert_close(state[EMBED][vocab["the"]], row["b"]("dog"), atol=1e-6, rtol=0)
+    close = lambda got, want: torch.testing.assert_close(got, want, atol=1e-6, rtol=0)  # noqa: E731
+    close(state[EMBED][vocab["cat"]], 0.5 * row["a"]("cat") + 0.5 * row["c"]("cat"))  # weights 0.5 a + (0.3 + 0.2) c
+    close(state[EMBED][vocab["<tool>"]], 0.2 * row["c"]("<tool>"))
+    close(state[EMBED][vocab["the"]], row["b"]("dog"))
     assert not state[EMBED][vocab["zebra"]].any()
     padding = state[EMBED][13:]  # each model's padding rows are its mean row, so the merge's is the merged mean
-    torch.testing.assert_close(padding, state[EMBED][:13].mean(dim=0).expand(3, -1), atol=1e-6, rtol=0)
+    close(padding, state[EMBED][:13].mean(dim=0).expand(3, -1))
 
 
 # (d) mergekit 0.1.5 in process on the same models and YAML
@@ -242,7 +245,8 @@ def test_rows_match_mergekit_token_by_token(models, tmp_path, name):
      "field 'tokenizer.tokens.cat.source': '/x' is not one of the merged models"),
     (lambda c, p: c.update(tokenizer_source=None, tokenizer={"source": "union", "tokens": {"cat": {}}}),
      "field 'tokenizer.tokens.cat.source': a source is needed"),
-    (lambda c, p: c.update(tokenizer_source=None, tokenizer={"source": "union", "tokens": {"cat": {"source": str(p["b"])}}}),
+    (lambda c, p: c.update(tokenizer_source=None,
+                           tokenizer={"source": "union", "tokens": {"cat": {"source": str(p["b"])}}}),
      "has no token 'cat'"),
     (lambda c, p: c.update(tokenizer_source=None, tokenizer={"source": "union", "tokens": {"cat": {"forse": True}}}),
      "field 'tokenizer.tokens.cat.forse' is not supported by evofuse merge (supported: source, force)"),
