@@ -208,6 +208,10 @@ PARITY = {
     # mergekit's tokenizer base without base_model is any referenced model (set order): name it
     "linear_tokenizer_base": lambda p: {**_linear(p, {"a": 0.5, "b": 0.5}), "tokenizer_source": "base",
                                         "base_model": str(p["a"])},
+    "linear_tokenizer_of_a_model": lambda p: {**_linear(p, {"a": 0.5, "b": 0.5}), "tokenizer_source": str(p["c"])},
+    "slerp_union": lambda p: {
+        "merge_method": "slerp", "base_model": str(p["b"]), "tokenizer_source": "union", "parameters": {"t": 0.4},
+        "models": [{"model": str(p["b"])}, {"model": str(p["c"])}]},
     "linear_tokens_padding": lambda p: {
         **{k: v for k, v in _linear(p, {"a": 0.5, "b": 0.3, "c": 0.2}).items() if k != "tokenizer_source"},
         "tokenizer": {"source": "union", "pad_to_multiple_of": 16, "tokens": {
@@ -288,3 +292,31 @@ def test_unmatched_embeddings_exit_2_naming_the_field(models, tmp_path, capsys):
         assert main(["merge", str(path), str(tmp_path / "out"), "--quiet"]) == 2
         err = capsys.readouterr().err.strip()
         assert err.count("\n") == 0 and message in err, err
+
+
+def _weights_only(model: Path, out: Path) -> Path:
+    """A copy of a model directory without its tokenizer files."""
+    out.mkdir()
+    for name in ("config.json", "model.safetensors"):
+        (out / name).write_bytes((model / name).read_bytes())
+    return out
+
+
+def test_a_model_without_tokenizer_has_the_bases_vocabulary(models, tmp_path):
+    """mergekit: a model whose tokenizer cannot be loaded is taken to share the base's (a warning)."""
+    config = _linear(models, {"a": 0.5})
+    bare = _weights_only(models["a"], tmp_path / "bare")
+    config["models"].append({"model": str(bare), "parameters": {"weight": 0.5}})
+    with pytest.warns(UserWarning, match="using the base's vocabulary"):
+        out = _run(config, tmp_path)
+    assert _vocab(out) == _vocab(models["a"])
+    assert torch.equal(_state(out)[EMBED], _state(models["a"])[EMBED])  # a merged with itself
+
+
+def test_a_base_without_tokenizer_is_one_line(models, tmp_path):
+    config = _linear(models, {"a": 0.5})
+    bare = _weights_only(models["a"], tmp_path / "bare")
+    config["models"].insert(0, {"model": str(bare), "parameters": {"weight": 0.5}})
+    with pytest.raises(MergeConfigError, match="field 'models.0.model': cannot load a tokenizer from") as info:
+        _run(config, tmp_path)
+    assert "\n" not in str(info.value)
