@@ -20,7 +20,13 @@ re-indexed so output row i holds token i before the merge method sees it. A mode
 token brings its own row; a model that lacks it brings the token's default row (mergekit's):
 the row of the one model that has it; else the base's, when the base has it; else the mean of
 the rows of the models that have it; zero when none has it. The merge method then combines rows
-of one token. Tokens a model's tokenizer has at ids >= its config's `vocab_size` count as absent.
+of one token. A model whose tokenizer cannot be loaded is taken to have the base's (a warning).
+
+Where evofuse departs from mergekit: without `base_model` the base is the first model (mergekit
+takes any one, from a set); a token at an id >= its model's config `vocab_size` counts as absent
+(mergekit warns, then fails on the missing index); a base tokenizer with such tokens is refused
+(mergekit strips them from BPE tokenizers); a `tokens:` entry that needs a source and has none is
+a one-line error (mergekit raises NotImplementedError).
 """
 from __future__ import annotations
 
