@@ -212,6 +212,11 @@ PARITY = {
     "slerp_union": lambda p: {
         "merge_method": "slerp", "base_model": str(p["b"]), "tokenizer_source": "union", "parameters": {"t": 0.4},
         "models": [{"model": str(p["b"])}, {"model": str(p["c"])}]},
+    # embeddings from a alone, the head from b alone: a token its one model lacks gets a zero row
+    "passthrough_slices_union": lambda p: {
+        "merge_method": "passthrough", "tokenizer_source": "union",
+        "slices": [{"sources": [{"model": str(p["a"]), "layer_range": [0, 2]}]},
+                   {"sources": [{"model": str(p["b"]), "layer_range": [1, 2]}]}]},
     "linear_tokens_padding": lambda p: {
         **{k: v for k, v in _linear(p, {"a": 0.5, "b": 0.3, "c": 0.2}).items() if k != "tokenizer_source"},
         "tokenizer": {"source": "union", "pad_to_multiple_of": 16, "tokens": {
