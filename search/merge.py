@@ -16,13 +16,16 @@ Accepted YAML (mergekit's, for evofuse's methods; any other key is refused by na
     parameters: {normalize: true, weight: [0, 0.5, 1]}   # shared; gradients and filters allowed
     dtype: bfloat16             # the computation dtype: inputs are cast to it on load
     out_dtype: float32          # optional: the result's (default: dtype, else as stored)
-    tokenizer_source: base      # optional: base (default) or a model path; `union` is refused
+    tokenizer_source: union     # optional: union, base or a model path (rows re-indexed to its vocabulary)
+    tokenizer: {source: union, tokens: {...}, pad_to_multiple_of: 64}   # or this (not both)
 
 Semantics are mergekit 0.1.5's (`evolve.recipe`, `evolve.merge_methods`, `evolve.slices`): a
 gradient runs over each slice; a passthrough of stacked ranges makes a model of another depth
 (config.json gets its `num_hidden_layers` and per-layer lists); with a float16 / bfloat16
 `dtype`, the task-vector merges and passthrough compute in that dtype with mergekit's rounding,
-the others (linear, slerp, ...) in float32 as mergekit's do. Relative model paths are taken
+the others (linear, slerp, ...) in float32 as mergekit's do. Without a tokenizer source the
+reference's tokenizer files are copied; with one, embeddings and LM heads are re-indexed to its
+vocabulary first (`search.tokenizer_union`). Relative model paths are taken
 from the current directory (as mergekit does), then from the config's directory. Each slice's
 merge is a `Recipe`, as a search uses.
 
@@ -46,7 +49,7 @@ import pickle
 import sys
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
-from typing import Any, Iterable, Literal, Optional
+from typing import Any, Callable, Iterable, Literal, Optional
 
 import torch
 from pydantic import ValidationError, field_validator, model_validator
@@ -66,6 +69,17 @@ from search.models.tensors import (
     write_sharded_streaming,
 )
 from search.schema import Strict, read_yaml
+from search.tokenizer_union import (
+    TokenEntry,
+    TokenizerEntry,
+    VocabularyError,
+    VocabularyPlan,
+    align_rows,
+    aligned_index,
+    is_vocabulary_tensor,
+    plan_vocabulary,
+    tokenizer_setting,
+)
 
 __all__ = ["MergeConfigError", "MergeConfig", "load_config", "run_merge"]
 
@@ -113,6 +127,7 @@ class MergeConfig(Strict):
     dtype: Optional[Literal["float32", "float16", "bfloat16", "float64"]] = None
     out_dtype: Optional[Literal["float32", "float16", "bfloat16", "float64"]] = None
     tokenizer_source: Optional[str] = None
+    tokenizer: Optional[TokenizerEntry] = None
 
     @field_validator("merge_method")
     @classmethod
@@ -133,6 +148,8 @@ class MergeConfig(Strict):
     def models_or_slices(self) -> "MergeConfig":
         if (self.models is None) == (self.slices is None):
             raise ValueError("give either 'models' or 'slices' (as mergekit: exactly one of them)")
+        if self.tokenizer_source is not None and self.tokenizer is not None:
+            raise ValueError("give either 'tokenizer_source' or 'tokenizer' (as mergekit: not both)")
         return self
 
 
@@ -143,7 +160,8 @@ def _field_error(exc: ValidationError) -> str:
     if error["type"] == "extra_forbidden":
         names = [p for p in error["loc"] if isinstance(p, str)][:-1]  # the mappings above the key
         owner = {(): MergeConfig, ("models",): ModelEntry, ("slices",): SliceEntry,
-                 ("slices", "sources"): SliceSourceEntry}.get(tuple(names), MergeConfig)
+                 ("slices", "sources"): SliceSourceEntry, ("tokenizer",): TokenizerEntry}.get(
+            tuple(names), TokenEntry if names[:2] == ["tokenizer", "tokens"] else MergeConfig)
         return (f"field {where!r} is not supported by evofuse merge "
                 f"(supported: {', '.join(owner.model_fields)})")
     return f"field {where!r}: {error['msg'].removeprefix('Value error, ')}"
@@ -254,15 +272,17 @@ def read_config(directory: Path) -> dict:
         return {}
 
 
-def write_side_files(out_dir: Path, config: dict, config_dir: Path, tokenizer_dir: Path,
+def write_side_files(out_dir: Path, config: dict, config_dir: Path, tokenizer_dir: Path | None,
                      out_dtype_name: str | None) -> None:
+    """config.json, the generation config and the tokenizer files (none when `tokenizer_dir` is None)."""
     config = dict(config)
     if out_dtype_name is not None:  # transformers 5 writes "dtype", older ones "torch_dtype"
         keys = [k for k in ("dtype", "torch_dtype") if k in config] or ["dtype"]
         for key in keys:
             config[key] = out_dtype_name
     atomic_write_text(out_dir / "config.json", json.dumps(config, indent=2, sort_keys=True) + "\n")
-    copies = [(config_dir, "generation_config.json")] + [(tokenizer_dir, name) for name in TOKENIZER_FILES]
+    copies = [(config_dir, "generation_config.json")] + [(tokenizer_dir, name) for name in TOKENIZER_FILES
+                                                         if tokenizer_dir is not None]
     for directory, name in copies:
         if (directory / name).is_file():
             atomic_write_bytes(out_dir / name, (directory / name).read_bytes())
@@ -299,6 +319,44 @@ def _model_fields(config: MergeConfig) -> dict[str, str]:
     return fields
 
 
+def _plan_vocabulary(config: MergeConfig, config_path: str | Path, config_dir: Path, directories: dict[str, Path],
+                     fields: dict[str, str], reference: str, allow_pickle: bool) -> VocabularyPlan | None:
+    """The output vocabulary when the config names a tokenizer source (None: copy the reference's)."""
+    setting = tokenizer_setting(config.tokenizer_source, config.tokenizer)
+    if setting is None:
+        return None
+    source_dir = None
+    if setting.source not in ("union", "base"):
+        source_dir = directories.get(setting.source) or resolve_model(setting.source, config_dir, setting.field,
+                                                                      allow_pickle)
+    models = [reference] + [ref for ref in fields if ref != reference]
+    configs = {ref: read_config(directories[ref]) for ref in models}
+    try:
+        return plan_vocabulary(setting, models, directories, configs, fields, source_dir)
+    except VocabularyError as exc:
+        raise MergeConfigError(f"{config_path}: {exc}") from None
+
+
+def _aligned_index(index: dict, vocabulary: VocabularyPlan, ref: str, field: str, config_path: str | Path) -> dict:
+    try:
+        return aligned_index(index, vocabulary, ref, field)
+    except VocabularyError as exc:
+        raise MergeConfigError(f"{config_path}: {exc}") from None
+
+
+def _vocabulary_aligner(vocabulary: VocabularyPlan, slice_bases: list[str | None],
+                        config_path: str | Path) -> Callable[[OutputTensor, dict], dict]:
+    """Re-indexes a vocabulary tensor's inputs to the output vocabulary; other tensors pass as they are."""
+    def align(spec: OutputTensor, loaded: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+        if not is_vocabulary_tensor(spec.inputs[0][1]):
+            return loaded
+        try:
+            return align_rows(vocabulary, loaded, slice_bases[spec.slice_index])
+        except VocabularyError as exc:
+            raise MergeConfigError(f"{config_path}: {exc}") from None
+    return align
+
+
 def compute_dtype(method: str, in_dtype: torch.dtype | None, stored: Iterable[torch.dtype]) -> torch.dtype | None:
     """The dtype the merge arithmetic runs in, as in mergekit 0.1.5: the task-vector family
     computes in its inputs' dtype (`dtype`, else the promotion of the stored dtypes), every
@@ -329,17 +387,14 @@ def run_merge(config_path: str | Path, out_dir: str | Path, *, allow_pickle: boo
         raise MergeConfigError(f"{out}: is a file, not a directory (OUT is the merged model's directory)")
     fields = _model_fields(config)
     directories = {ref: resolve_model(ref, config_dir, field, allow_pickle) for ref, field in fields.items()}
-    tokenizer_ref = config.tokenizer_source or "base"
-    if tokenizer_ref == "union":
-        raise MergeConfigError(f"{config_path}: field 'tokenizer_source': 'union' (a merged vocabulary) is not "
-                               f"supported; use 'base' or a model whose tokenizer fits every input")
     reference = config.base_model or (config.models[0].model if config.models else config.slices[0].sources[0].model)
-    tokenizer_dir = directories[reference] if tokenizer_ref == "base" else resolve_model(
-        tokenizer_ref, config_dir, "tokenizer_source", allow_pickle)
+    vocabulary = _plan_vocabulary(config, config_path, config_dir, directories, fields, reference, allow_pickle)
 
     sources = _open_sources(directories, reference)
     try:
         indexes = {ref: {n: (i.shape, i.dtype) for n, i in s.tensors.items()} for ref, s in sources.items()}
+        if vocabulary is not None:  # vocabulary tensors as the merge sees them: the output's rows
+            indexes = {ref: _aligned_index(indexes[ref], vocabulary, ref, fields[ref], config_path) for ref in indexes}
         if config.slices is None:  # every input the same tensors (the reference's names and shapes)
             check_same_tensors({str(directories[r]): indexes[r] for r in sources}, "", quote=True,
                                error=MergeConfigError)
@@ -366,11 +421,16 @@ def run_merge(config_path: str | Path, out_dir: str | Path, *, allow_pickle: boo
         out_config = configs[reference]
         if config.slices is not None:
             out_config = layered_config(out_config, configs, output_slices)
+        align = None
+        if vocabulary is not None:
+            out_config = {**out_config, "vocab_size": vocabulary.size}
+            align = _vocabulary_aligner(vocabulary, [entry.base_model or config.base_model for entry in slices],
+                                        config_path)
         out.mkdir(parents=True, exist_ok=True)
         threads = torch.get_num_threads()
         torch.set_num_threads(compute_threads)
         try:
-            _stream(recipes, tensors, sources, plan, in_dtype, work_dtype, out, max_shard_bytes, quiet)
+            _stream(recipes, tensors, sources, plan, in_dtype, work_dtype, out, max_shard_bytes, quiet, align)
         finally:
             torch.set_num_threads(threads)
     except RecipeError as exc:
@@ -384,14 +444,17 @@ def run_merge(config_path: str | Path, out_dir: str | Path, *, allow_pickle: boo
     if out_dtype_name is None:
         stored = {d for _, d, _ in plan if d.is_floating_point}
         out_dtype_name = next((k for k, v in DTYPES.items() if stored == {v}), None)
+    tokenizer_dir = directories[reference] if vocabulary is None else None  # no source: the reference's files
     write_side_files(out, out_config, directories[reference], tokenizer_dir, out_dtype_name)
+    if vocabulary is not None:
+        vocabulary.save(out)
     atomic_write_text(out / RUN_CONFIG_NAME, text)
     return out
 
 
 def _stream(recipes: list[Recipe], tensors: list[OutputTensor], sources: dict[str, Any], plan: list[TensorSpec],
             in_dtype: torch.dtype | None, work_dtype: torch.dtype | None, out: Path, max_shard_bytes: int,
-            quiet: bool) -> None:
+            quiet: bool, align: Callable[[OutputTensor, dict], dict] | None = None) -> None:
     """A three-stage pipeline: tensor p + 2 is read (helper thread) while p + 1 is merged
     (another) and p is written (this thread, in file order).
 
@@ -426,6 +489,8 @@ def _stream(recipes: list[Recipe], tensors: list[OutputTensor], sources: dict[st
         def merge(position: int) -> torch.Tensor:
             loaded = reads.pop(position).result()
             spec = tensors[position]
+            if align is not None:  # vocabulary tensors: row i of every input is token i
+                loaded = align(spec, loaded)
             return materialize_tensor(recipes[spec.slice_index], spec.param_name, loaded,
                                       compute_dtype=work_dtype).to(dtypes[spec.name])
 

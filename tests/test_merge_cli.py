@@ -117,7 +117,7 @@ def test_out_dtype_and_relative_paths(models, tmp_path, monkeypatch):
     (lambda c: c["models"][0]["parameters"].update(wieght=1), "unknown parameter 'wieght' for op 'ties'"),
     (lambda c: c.update(dtype="float8"), "field 'dtype'"),
     (lambda c: c["models"][1].update(model="/nonexistent/model"), "field 'models.1.model': /nonexistent/model"),
-    (lambda c: c.update(tokenizer_source="union"), "field 'tokenizer_source': 'union' (a merged vocabulary) is not supported"),
+    (lambda c: c.update(tokenizer_source="union", tokenizer={"source": "base"}), "give either 'tokenizer_source' or 'tokenizer'"),
     (lambda c: c["models"].append(dict(c["models"][0])), "is listed twice"),
 ])
 def test_bad_configs_raise_one_line_naming_the_field(models, tmp_path, mutate, message):
