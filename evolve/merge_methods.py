@@ -64,6 +64,8 @@ __all__ = [
     "drop_chunk",
     "dare_l1_scale",
     "task_vector_merge_low_precision",
+    "combine_task_vectors_low_precision",
+    "LOW_PRECISION",
     "slerp",
 ]
 
@@ -339,13 +341,12 @@ def task_vector_merge_low_precision(
     """`task_vector_merge` for float16 / bfloat16 inputs, rounding where mergekit 0.1.5 does.
 
     mergekit computes the task-vector family in the inputs' dtype, on whole tensors: every
-    `tau_i`, its trim mask and `w_i tau_i` are rounded to that dtype, then the vote, the
-    agreeing sum and the divisor are each ONE reduction over the inputs (`sum(dim=0)`, which
-    accumulates in float32 and rounds once), then the division, lambda and `+ base`, each
-    rounded. Doing the same operations in the same order gives its numbers bit for bit (the
-    float32 chunked engine would be closer to the exact merge, but not what a mergekit user's
-    fp16/bf16 YAML produced). Magnitude trimming keeps mergekit's selection (a sort of the
-    float32 magnitudes); DARE uses evofuse's seeded masks with mergekit's L1 rescaling.
+    `tau_i` and its trim mask are rounded to that dtype, then combined by
+    `combine_task_vectors_low_precision` (each sum over the inputs one reduction). Doing the
+    same operations in the same order gives its numbers bit for bit (the float32 chunked engine
+    would be closer to the exact merge, but not what a mergekit user's fp16/bf16 YAML produced).
+    Magnitude trimming keeps mergekit's selection (a sort of the float32 magnitudes); DARE uses
+    evofuse's seeded masks with mergekit's L1 rescaling (in float32 for float16 inputs).
     """
     dtype = base.dtype
     if not tensors:
@@ -369,6 +370,22 @@ def task_vector_merge_low_precision(
                     masked = masked * (before / after)
             delta = masked.to(dtype)
         deltas[i] = delta
+    return combine_task_vectors_low_precision(base, deltas, weights, consensus=consensus,
+                                              normalize=normalize, scale=scale)
+
+
+def combine_task_vectors_low_precision(base: torch.Tensor, deltas: torch.Tensor, weights: Sequence[float], *,
+                                       consensus: bool, normalize: bool, scale: float) -> torch.Tensor:
+    """`base + lambda * combine(w_i d_i)` in base's (float16 / bfloat16) dtype, as mergekit 0.1.5.
+
+    `deltas` (N, shape) holds the sparsified task vectors in that dtype and is weighted in
+    place. Every step rounds to the dtype, and each sum over the inputs is one reduction
+    (`sum(dim=0)` accumulates in float32 and rounds once), as in mergekit's generalised task
+    arithmetic: weights rounded to the dtype, `w_i d_i`, the sign vote (TIES / DELLA /
+    breadcrumbs_ties) and the agreeing sum and divisor, or the plain sum and the weights' sum,
+    then the division, lambda (a Python float) and `+ base`.
+    """
+    dtype = base.dtype
     coefficients = torch.tensor(list(weights), dtype=dtype, device=base.device).view(-1, *([1] * base.dim()))
     deltas.mul_(coefficients)  # w_i tau_i, rounded
     if consensus:

@@ -39,9 +39,15 @@ fp32); where they cannot be equal it is said below. With `tau_i = x_i - base`:
   importance `>= median + 1.5 IQR` take `base + tau`, the rest keep the base. The quartiles
   are order statistics at `int(q (n - 1))` of the whole tensor. mergekit estimates them from
   1M entries drawn at random (unseeded) when a tensor has more; we always use the exact ones,
-  so on such tensors the two differ by mergekit's sampling noise (equal on smaller ones).
+  so on such tensors the two differ by mergekit's sampling noise (equal on smaller ones). The
+  result is float32 for float16 / bfloat16 inputs (mergekit's mask is float32), which
+  `evofuse merge` casts straight to the output dtype as mergekit does.
 
-Computation is in the dtype `evolve.materialize` gives (float32, float64 for float64 inputs).
+Computation is in the dtype `evolve.materialize` gives: float32 (float64 for float64 inputs), or
+the float16 / bfloat16 of an `evofuse merge` YAML's `dtype`, where every step rounds as mergekit's
+does (the task-vector merges combine through `combine_task_vectors_low_precision`; DELLA masks
+float16 in float32 as mergekit does), so the results are mergekit's bit for bit
+(`tests/test_mergekit_lowdtype.py`).
 """
 from __future__ import annotations
 
@@ -50,7 +56,15 @@ from typing import Callable, Sequence
 import numpy as np
 import torch
 
-from evolve.merge_methods import DENSITY, INT8_MASK, LAMBDA, WEIGHT, sign_consensus_combine
+from evolve.merge_methods import (
+    DENSITY,
+    INT8_MASK,
+    LAMBDA,
+    LOW_PRECISION,
+    WEIGHT,
+    combine_task_vectors_low_precision,
+    sign_consensus_combine,
+)
 from evolve.recipe import RecipeError
 from evolve.registry import Operator, ParamSpec, TensorCall, as_bool, as_float, register_operator
 from evolve.rng import DRAW_LEVELS, derive_seed, uniform16_chunks
@@ -86,8 +100,9 @@ def l1_rescaled(delta: torch.Tensor, keep: torch.Tensor) -> torch.Tensor:
 
 def _order_statistics(flat: torch.Tensor, ranks: Sequence[int]) -> list[float]:
     """The values at 0-based ascending `ranks` of a 1-D tensor (introselect on the CPU)."""
-    if flat.device.type == "cpu":
-        part = np.partition(flat.numpy(), list(ranks))  # a sorted copy at those positions
+    if flat.device.type == "cpu":  # numpy has no bfloat16: float32 holds float16 / bfloat16 values exactly
+        values = flat.float() if flat.dtype in LOW_PRECISION else flat
+        part = np.partition(values.numpy(), list(ranks))  # a sorted copy at those positions
         return [float(part[r]) for r in ranks]
     return [float(flat.kthvalue(r + 1).values) for r in ranks]
 
@@ -100,10 +115,11 @@ def breadcrumbs_prune(delta: torch.Tensor, density: float, gamma: float, rescale
     kept = int(density * count)
     outliers = int(gamma * count)
     smallest = max(0, count - kept - outliers)  # fewer outliers go when density + gamma > 1
-    # mergekit's ranking: torch's (unstable) ascending sort, so that equal magnitudes at the
-    # window's edges are chosen as mergekit chooses them (O(n log n); an O(n) selection
-    # would have to pick among ties differently)
-    ascending = torch.sort(delta.abs().reshape(-1)).indices  # (n,)
+    # mergekit's ranking: torch's (unstable) ascending sort, of float32 magnitudes on the CPU
+    # as mergekit sorts them, so that equal magnitudes at the window's edges are chosen as
+    # mergekit chooses them (O(n log n); an O(n) selection would pick among ties differently)
+    magnitude = delta.abs().reshape(-1)  # (n,)
+    ascending = torch.sort(magnitude.float() if magnitude.device.type == "cpu" else magnitude).indices
     keep = torch.zeros(count, dtype=torch.bool, device=delta.device)
     keep[ascending[smallest:smallest + kept]] = True
     keep = keep.view(delta.shape)
@@ -136,8 +152,11 @@ def della_prune(delta: torch.Tensor, density: float, epsilon: float, seed: int, 
         keep[start:stop] = torch.from_numpy(draws.astype(np.int32)).to(rows.device) < threshold
         start = stop
     keep = keep.view(rows.shape)
-    pruned = l1_rescaled(rows, keep) if rescale else rows * keep
-    return pruned.reshape(delta.shape)
+    # mergekit masks and rescales float16 in float32 on the CPU (its bernoulli has no float16
+    # kernel there), then rounds: the same here, which also keeps the L1 sums from overflowing
+    work = torch.float32 if rows.dtype == torch.float16 and rows.device.type == "cpu" else rows.dtype
+    pruned = l1_rescaled(rows.to(work), keep) if rescale else rows.to(work) * keep
+    return pruned.to(rows.dtype).reshape(delta.shape)
 
 
 # --- the merges -----------------------------------------------------------------------------
@@ -154,6 +173,10 @@ def sparse_task_merge(base: torch.Tensor, tensors: Sequence[torch.Tensor], weigh
     """
     if not tensors:
         return base.clone()
+    if base.dtype in LOW_PRECISION:  # mergekit's rounding: whole (N, shape) sums in the dtype
+        deltas = torch.stack([prune(i, x - base) for i, x in enumerate(tensors)])  # (N, shape)
+        return combine_task_vectors_low_precision(base, deltas, weights, consensus=consensus,
+                                                  normalize=normalize, scale=scale)
     coefficients = [float(w) for w in torch.tensor(weights, dtype=base.dtype)]  # as mergekit: compute dtype
     deltas = [prune(i, x - base).mul_(c) for i, (x, c) in enumerate(zip(tensors, coefficients))]
     if consensus:
@@ -216,7 +239,9 @@ def arcee_fusion(base: torch.Tensor, tensor: torch.Tensor) -> torch.Tensor:
     q1, median, q3 = (torch.tensor(v, dtype=base.dtype) for v in
                       _order_statistics(flat, [int(q * last) for q in FUSION_QUANTILES]))
     threshold = median + 1.5 * (q3 - q1)  # 0-d, in the compute dtype
-    return base + delta * (importance >= threshold).to(base.dtype)
+    # the mask is float32 as mergekit's: for float16 / bfloat16 inputs the kept sum `base + tau`
+    # is then formed (and returned) in float32, unrounded, as mergekit returns it
+    return base + delta * (importance >= threshold).float()
 
 
 # --- registration -------------------------------------------------------------------------

@@ -26,8 +26,13 @@ in `evolve.merge_methods`; inputs are never written to. Numerics follow mergekit
   directions of the flattened models, by at most `max_iter` (10) fixed-point steps stopped
   when the tangent step's norm is below `tol` (1e-5); directions of norm `<= tol` take no
   part, and one closer than `tol` radians to the current mean adds no tangent; the result is
-  scaled by the mean norm. All in fp32 (fp64 for fp64 inputs): an iteration stops where
-  mergekit's does unless the tangent norm lands within rounding of `tol`.
+  scaled by the mean norm. Norms in fp32 (fp64 for fp64 inputs), the rest in the inputs' dtype,
+  rounded as mergekit rounds.
+
+Computation is in the dtype `evolve.materialize` gives (float32, float64 for float64 inputs, or
+an `evofuse merge` YAML's float16 / bfloat16 `dtype`); each function runs mergekit's operations in
+mergekit's order, so in float16 / bfloat16 it rounds where mergekit does and gives its numbers bit
+for bit (`tests/test_mergekit_lowdtype.py`).
 
 `nuslerp` and `multislerp` take an optional base in mergekit. The registry has no "optional"
 base use yet, so both are declared with a required base (the task-vector form); the functions
@@ -132,33 +137,38 @@ def nuslerp(tensors: Sequence[torch.Tensor], weights: Sequence[float], base: tor
 
 def multislerp(tensors: Sequence[torch.Tensor], weights: Sequence[float], base: torch.Tensor | None = None,
                normalize_weights: bool = True, eps: float = 1e-8) -> torch.Tensor:
-    """Weighted mean on the hypersphere via the tangent space at the weighted unit mean."""
+    """Weighted mean on the hypersphere via the tangent space at the weighted unit mean.
+
+    The inputs are stacked and every weighted sum over them is one reduction (`sum(dim=0)`),
+    as mergekit computes it: in float16 / bfloat16 such a sum accumulates in float32 and
+    rounds once, where adding the inputs one by one would round after each.
+    """
     if len(tensors) == 1:
         return tensors[0].clone()
     shape = tensors[0].shape
-    points = [(x if base is None else x - base).reshape(-1) for x in tensors]  # N x (n,)
-    w = torch.tensor(weights, dtype=points[0].dtype, device=points[0].device)  # (N,)
+    points = torch.stack(list(tensors))  # (N, shape)
+    if base is not None:
+        points -= base  # task vectors
+    flat = points.view(len(tensors), -1)  # (N, n)
+    w = torch.tensor(weights, dtype=points.dtype, device=points.device)  # (N,)
     if normalize_weights:
         w = w / w.sum()
-    norms = torch.stack([torch.linalg.vector_norm(p) for p in points])  # (N,)
-    units = [p / (norm + eps) for p, norm in zip(points, norms)]
-    mean = units[0] * w[0]  # (n,) the weighted mean of the unit vectors
-    for u, wi in zip(units[1:], w[1:]):
-        mean.add_(u * wi)
+    norms = torch.linalg.vector_norm(flat, dim=-1, keepdim=True)  # (N, 1)
+    units = flat / (norms + eps)  # (N, n)
+    mean = (units * w.view(-1, 1)).sum(dim=0)  # (n,) the weighted mean of the unit vectors
     mean_norm = torch.linalg.vector_norm(mean)
     if mean_norm < eps:
-        if len(points) != 2:
+        if len(tensors) != 2:
             raise RecipeError("multislerp: the weighted mean of the inputs' directions is zero "
                               "(opposite inputs with balancing weights); change 'weight'")
         result = points[0] * w[0] + points[1] * w[1]
-        return result.view(shape) if base is None else result.view(shape) + base
+        return result if base is None else result + base
     mean = mean / mean_norm  # a point on the unit sphere
-    tangent = torch.zeros_like(mean)
-    for u, wi in zip(units, w):
-        tangent.add_((u - (u * mean).sum() * mean) * wi)  # w_i times u_i projected onto m's tangent space
+    tangents = units - (units * mean).sum(dim=-1, keepdim=True) * mean  # (N, n) projections onto m's tangent space
+    tangent = (tangents * w.view(-1, 1)).sum(dim=0)  # (n,)
     step = torch.linalg.vector_norm(tangent) + eps
     result = mean * torch.cos(step) + tangent * (torch.sin(step) / step)  # exponential map at m
-    result = result * (norms * w).sum()  # back to the weighted mean norm
+    result = result * (norms.squeeze(-1) * w).sum()  # back to the weighted mean norm
     return result.view(shape) if base is None else result.view(shape) + base
 
 
@@ -166,37 +176,51 @@ def multislerp(tensors: Sequence[torch.Tensor], weights: Sequence[float], base: 
 
 
 def karcher(tensors: Sequence[torch.Tensor], max_iter: int = 10, tol: float = 1e-5) -> torch.Tensor:
-    """Equal-weight Karcher mean of the directions, scaled by the mean norm."""
+    """Equal-weight Karcher mean of the directions, scaled by the mean norm.
+
+    Rounding as mergekit's: norms (and the steps' lengths) in float32 (float64 for float64
+    inputs), as 0-d tensors; every tensor-sized value in the inputs' dtype, each step rounded
+    to it, tensors in their own shapes, as mergekit keeps them.
+    """
     if len(tensors) == 1:
         return tensors[0].clone()
+    dtype = tensors[0].dtype
+    norm_dtype = torch.float64 if dtype == torch.float64 else torch.float32
+
+    def norm(x: torch.Tensor) -> torch.Tensor:  # 0-d, in norm_dtype
+        return torch.linalg.vector_norm(x.to(norm_dtype))
+
+    def unit(x: torch.Tensor, length: torch.Tensor) -> torch.Tensor:  # x / |x|, rounded to the dtype
+        return (x / length).to(dtype)
+
     alpha = 1.0 / len(tensors)
-    norms = [torch.linalg.vector_norm(x) for x in tensors]  # 0-d each
-    active = [(x / norm).reshape(-1) for x, norm in zip(tensors, norms) if norm.item() > tol]
+    norms = [norm(x) for x in tensors]  # 0-d each
+    active = [unit(x, n) for x, n in zip(tensors, norms) if n.item() > tol]
     if not active:
         return torch.zeros_like(tensors[0])
     share = alpha / sum([alpha] * len(active))  # the equal weights renormalised over the active ones
     mean = torch.zeros_like(active[0])
-    for unit in active:
-        mean += share * unit
-    mean_norm = torch.linalg.vector_norm(mean)
-    mean = active[0].clone() if mean_norm.item() < tol else mean / mean_norm
+    for direction in active:
+        mean += share * direction
+    mean_norm = norm(mean)
+    mean = active[0].clone() if mean_norm.item() < tol else unit(mean, mean_norm)
     for _ in range(max_iter):
         tangent = torch.zeros_like(mean)  # the Riemannian gradient: sum of weighted log maps
-        for unit in active:
-            cos = torch.dot(mean, unit).clamp(-1.0, 1.0)
+        for direction in active:
+            cos = torch.dot(mean.reshape(-1), direction.reshape(-1)).clamp(-1.0, 1.0)  # 0-d, in the dtype
             theta = torch.arccos(cos)
             if theta.item() < tol:
                 continue
-            tangent += share * (theta / torch.sin(theta)) * (unit - cos * mean)
-        step = torch.linalg.vector_norm(tangent)
+            tangent += share * (theta / torch.sin(theta)) * (direction - cos * mean)
+        step = norm(tangent)
         if step.item() < tol:
             break
-        mean = torch.cos(step) * mean + torch.sin(step) * (tangent / step)  # exponential map
-        length = torch.linalg.vector_norm(mean)
+        mean = (torch.cos(step) * mean + torch.sin(step) * (tangent / step)).to(dtype)  # exponential map
+        length = norm(mean)
         if length.item() > tol:
-            mean = mean / length
-    scale = sum(alpha * norm for norm in norms)  # the mean norm, zero-norm inputs included
-    return (scale * mean).view(tensors[0].shape)
+            mean = unit(mean, length)
+    scale = sum(alpha * n for n in norms)  # the mean norm (0-d), zero-norm inputs included
+    return scale * mean
 
 
 # --- registration -------------------------------------------------------------------------

@@ -22,10 +22,10 @@ Accepted YAML (mergekit's, for evofuse's methods; any other key is refused by na
 Semantics are mergekit 0.1.5's (`evolve.recipe`, `evolve.merge_methods`, `evolve.slices`): a
 gradient runs over each slice; a passthrough of stacked ranges makes a model of another depth
 (config.json gets its `num_hidden_layers` and per-layer lists); with a float16 / bfloat16
-`dtype`, the task-vector merges and passthrough compute in that dtype with mergekit's rounding,
-the others (linear, slerp, ...) in float32 as mergekit's do. Without a tokenizer source the
-reference's tokenizer files are copied; with one, embeddings and LM heads are re-indexed to its
-vocabulary first (`search.tokenizer_union`). Relative model paths are taken
+`dtype`, every method but linear and slerp computes in that dtype with mergekit's rounding,
+those two in float32 as mergekit's do. Without a tokenizer source the reference's tokenizer files
+are copied; with one, embeddings and LM heads are re-indexed to its vocabulary first
+(`search.tokenizer_union`). Relative model paths are taken
 from the current directory (as mergekit does), then from the config's directory. Each slice's
 merge is a `Recipe`, as a search uses.
 
@@ -89,9 +89,10 @@ DEFAULT_SHARD_BYTES = 5_000_000_000  # mergekit's default --out-shard-size (5B)
 TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json", "vocab.json",
                    "merges.txt", "tokenizer.model", "added_tokens.json", "chat_template.jinja")
 RUN_CONFIG_NAME = "mergekit_config.yml"
-# mergekit 0.1.5 runs these in the inputs' dtype (GeneralizedTaskArithmeticMerge, passthrough); evofuse
-# matches it for these and computes every other method in float32 (mergekit's linear and slerp do too)
-INPUT_DTYPE_METHODS = frozenset({"task_arithmetic", "ties", "dare_linear", "dare_ties", "passthrough"})
+# mergekit 0.1.5 runs every method in its inputs' dtype (the config's `dtype`, else the stored
+# ones promoted), except these two, which compute in float32 (float64 for float64 inputs) and
+# round the result to the inputs' dtype; evofuse does the same
+FLOAT32_METHODS = frozenset({"linear", "slerp"})
 
 
 class MergeConfigError(EvofuseError):
@@ -358,10 +359,10 @@ def _vocabulary_aligner(vocabulary: VocabularyPlan, slice_bases: list[str | None
 
 
 def compute_dtype(method: str, in_dtype: torch.dtype | None, stored: Iterable[torch.dtype]) -> torch.dtype | None:
-    """The dtype the merge arithmetic runs in, as in mergekit 0.1.5: the task-vector family
-    computes in its inputs' dtype (`dtype`, else the promotion of the stored dtypes), every
-    other method in float32 (float64 when an input is)."""
-    if method not in INPUT_DTYPE_METHODS:
+    """The dtype the merge arithmetic runs in, as in mergekit 0.1.5: the inputs' dtype (`dtype`,
+    else the promotion of the stored dtypes), except linear and slerp: float32 (float64 when an
+    input is; None here, materialize's default)."""
+    if method in FLOAT32_METHODS:
         return None
     if in_dtype is not None:
         return in_dtype
@@ -465,6 +466,7 @@ def _stream(recipes: list[Recipe], tensors: list[OutputTensor], sources: dict[st
     """
     names = [name for name, _, _ in plan]
     dtypes = {name: dtype for name, dtype, _ in plan}
+    shapes = {name: shape for name, _, shape in plan}
     buffers: list[dict[str, Any]] = [{}, {}, {}]
 
     def load(position: int) -> dict[str, torch.Tensor]:
@@ -491,8 +493,13 @@ def _stream(recipes: list[Recipe], tensors: list[OutputTensor], sources: dict[st
             spec = tensors[position]
             if align is not None:  # vocabulary tensors: row i of every input is token i
                 loaded = align(spec, loaded)
-            return materialize_tensor(recipes[spec.slice_index], spec.param_name, loaded,
-                                      compute_dtype=work_dtype).to(dtypes[spec.name])
+            recipe = recipes[spec.slice_index]
+            if work_dtype is None:  # linear, slerp: float32 inside, rounded to the inputs' dtype as mergekit's
+                return materialize_tensor(recipe, spec.param_name, loaded).to(dtypes[spec.name])
+            # the others: the method's result cast once, straight to the output dtype, as mergekit
+            # casts it (arcee_fusion's is float32 even for float16 / bfloat16 inputs)
+            out = torch.empty(shapes[spec.name], dtype=dtypes[spec.name])
+            return materialize_tensor(recipe, spec.param_name, loaded, out=out, compute_dtype=work_dtype)
 
         merges = {0: merger.submit(merge, 0)} if names else {}
         state = {"position": 0}
