@@ -141,19 +141,29 @@ def test_two_node_ray_cluster(tmp_path):
         shutil.rmtree(temp_dir, ignore_errors=True)
 
 
-def test_compress_mode_budget_and_pareto_export(tmp_path):
+@pytest.fixture(scope="module")
+def compress_run(tmp_path_factory) -> Path:
+    """One timed compress run of the tiny base, shared by the tests that read it: seed 1, whose
+    NSGA-II draws include plans over the budget (seed 0's, since the samplers are reseeded per
+    trial for exact resume, happen to have none), with latency as a third objective."""
+    tmp = tmp_path_factory.mktemp("compress")
+    raw = yaml.safe_load((ROOT / "configs" / "tiny-compress.yaml").read_text())
+    raw["seed"] = 1
+    raw["compress"]["latency"] = {"batch_size": 1, "seq_len": 32, "repeats": 3}
+    (tmp / "compress.yaml").write_text(yaml.safe_dump(raw))
+    run_dir = tmp / "run"
+    proc = evofuse("search", str(tmp / "compress.yaml"), "--run-dir", str(run_dir), "--quiet")
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    return run_dir
+
+
+def test_compress_mode_budget_and_pareto_export(compress_run, tmp_path):
     import json
 
     from search.fitness import TaskSpec, build_task
     from search.models.sources import load_model
 
-    run_dir = tmp_path / "run"
-    # seed 1: its NSGA-II draws include plans over the budget (seed 0's, since the samplers are
-    # reseeded per trial for exact resume, happen to have none)
-    raw = yaml.safe_load((ROOT / "configs" / "tiny-compress.yaml").read_text())
-    (tmp_path / "compress.yaml").write_text(yaml.safe_dump({**raw, "seed": 1}))
-    proc = evofuse("search", str(tmp_path / "compress.yaml"), "--run-dir", str(run_dir), "--quiet")
-    assert proc.returncode == 0, proc.stderr[-3000:]
+    run_dir = compress_run
     store = RunStore(run_dir)
     state = store.read_state()
     budget = 0.9 * state["dense_params"]
@@ -185,17 +195,10 @@ def test_compress_mode_budget_and_pareto_export(tmp_path):
         assert task.evaluate(model)["score"] == pytest.approx(recipe["dev"]["pydoc"]["score"], rel=1e-5)
 
 
-def test_latency_as_a_third_objective(tmp_path):
+def test_latency_as_a_third_objective(compress_run):
     """compress.latency: every candidate is timed, the study has three objectives, and the Pareto
     set is non-dominated on (score, parameters, latency) among the candidates within budget."""
-    raw = yaml.safe_load((ROOT / "configs" / "tiny-compress.yaml").read_text())
-    raw["compress"]["latency"] = {"batch_size": 1, "seq_len": 32, "repeats": 3}
-    config = tmp_path / "timed.yaml"
-    config.write_text(yaml.safe_dump(raw))
-    run_dir = tmp_path / "run"
-    proc = evofuse("search", str(config), "--run-dir", str(run_dir), "--quiet")
-    assert proc.returncode == 0, proc.stderr[-3000:]
-
+    run_dir = compress_run
     store = RunStore(run_dir)
     state = store.read_state()
     scored = [e for e in store.read_journal() if e["split"] == "dev" and e["status"] == "ok"]
