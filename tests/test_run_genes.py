@@ -30,7 +30,7 @@ from search.tuning.gene_plans import GenePlacer, candidate_genes, grid_of, struc
 from search.tuning.planner import Planner
 from search.tuning.space import GeneSpace, SpaceConfig
 
-from test_run_safety import cluster, forkserver, snapshot, study_trials  # noqa: F401  (fixtures and helpers)
+from test_run_safety import cluster, forkserver, snapshot  # noqa: F401  (its forked evofuse processes on one Ray cluster)
 
 ROOT = Path(__file__).resolve().parent.parent
 GRID = WidthGrid(step=0.0625, max_level=8)
@@ -108,6 +108,22 @@ def test_plans_are_their_genes_compiled_and_on_their_trials_budget():
         population = [{"id": c.id, "plan": list(c.plan)} for c in asked]
     assert {"ranking", "mutation", "crossover"} <= kinds
     assert size < dense
+
+
+def test_a_joint_candidate_breeds_from_the_member_it_challenges():
+    """The Evolver target is the gene parent when it has structure (crossover: the first
+    parent); a dense target (an expert) leaves the choice to the candidate's seed."""
+    budget_parents = [("a", Genes((REMOVE, KEEP, KEEP, KEEP), (0, 1, 1, 0))), ("b", Genes((KEEP, KEEP, REMOVE, KEEP), (2, 0, 0, 0)))]
+    settings, (budget, action) = GeneSpace(), trial_budget(
+        {"depth": "remove_blocks", "block_count": 1, "width": "prune_width", "width_ratio": 0.1}, 4, GRID)
+    ranking = ("sleb", [0.3, 0.1, 0.4, 0.2])
+    for k in range(20):
+        genes, origin = candidate_genes(gene_rng(0, f"g001-{k:03d}"), budget, action, GRID, settings, ranking,
+                                        budget_parents, "b", 4)
+        assert genes.budget() == budget and (origin.get("mutation") or origin["crossover"][0]) == "b"
+    dense_target = {json.dumps(candidate_genes(gene_rng(0, f"g001-{k:03d}"), budget, action, GRID, settings, ranking,
+                                               budget_parents, "arith", 4)[1]) for k in range(20)}
+    assert any('"a"' in o for o in dense_target) and any('"b"' in o for o in dense_target)
 
 
 # ------------------------------------------------------------------------------ a real run
