@@ -168,6 +168,48 @@ def compile_plan(genes: Genes, grid: WidthGrid, knobs: PlanKnobs = PlanKnobs()) 
     return plan
 
 
+def genes_of_plan(plan: Sequence[dict], num_blocks: int, grid: WidthGrid) -> Genes | None:
+    """The gene set `compile_plan` compiled into `plan` (its inverse), or None when the plan is
+    not one (a `count` ranked by importance, a uniform float ratio, a ratio off the grid, steps
+    out of compile_plan's order). Steps other than prune_width / remove_blocks / fuse_blocks
+    (a TTM step) are not structure genes and are passed over; an empty plan is the dense model."""
+    levels, blocks = [0] * num_blocks, [KEEP] * num_blocks
+    order = [step.get("op") for step in plan if step.get("op") in ("prune_width", "remove_blocks", "fuse_blocks")]
+    if order != sorted(order, key=("prune_width", "remove_blocks", "fuse_blocks").index) or len(set(order)) != len(order):
+        return None
+    removed: list[int] = []
+    for step in plan:
+        op = step.get("op")
+        if op == "prune_width":
+            if not isinstance(step.get("ratio"), dict):
+                return None
+            for layer, ratio in step["ratio"].items():
+                level = round(float(ratio) / grid.step)
+                if abs(grid.ratio(level) - float(ratio)) > 1e-9 or not 0 <= int(layer) < num_blocks:
+                    return None
+                levels[int(layer)] = level
+        elif op in ("remove_blocks", "fuse_blocks"):
+            if step.get("blocks") is None:
+                return None
+            # fuse_blocks positions count after the removal: map them back to original positions
+            remaining = [i for i in range(num_blocks) if i not in removed]
+            positions = list(step["blocks"]) if op == "remove_blocks" else [remaining[p] for p in step["blocks"] if p < len(remaining)]
+            if len(positions) != len(step["blocks"]):
+                return None
+            for i in positions:
+                blocks[i] = REMOVE if op == "remove_blocks" else FUSE
+            removed += positions if op == "remove_blocks" else []
+    try:
+        return Genes(tuple(blocks), tuple(levels))
+    except GeneError:  # a width level on an out block: not compiled from genes
+        return None
+
+
+def with_out_action(genes: Genes, action: str) -> Genes:
+    """The same gene set with every out block taken out by `action` (remove or fuse)."""
+    return Genes(tuple(a if a == KEEP else action for a in genes.blocks), genes.levels)
+
+
 def width_unit_params(config, grid: WidthGrid) -> int:
     """Parameters one width unit stands for: `grid.step` of one layer's targeted parameters."""
     from compression.width import LayerDims
@@ -215,9 +257,10 @@ def level_switch(genes: Genes, rng: random.Random, grid: WidthGrid, prior: Seque
     blocks, levels = list(genes.blocks), list(genes.levels)
     out, kept = genes.out, genes.kept
     can_depth = bool(out) and bool(kept)
-    donors = [i for i in kept if levels[i] > 0]
     takers = [i for i in kept if levels[i] < grid.max_level]
-    can_width = bool(donors) and any(t != d for t in takers for d in donors)
+    # a donor needs a taker other than itself (the only layer below max_level cannot give to itself)
+    donors = [i for i in kept if levels[i] > 0 and any(t != i for t in takers)]
+    can_width = bool(donors)
     if not can_depth and not can_width:
         return genes
     share = depth_share if depth_share is not None else (len(out) / (len(out) + sum(levels) or 1))
@@ -244,14 +287,16 @@ def mutate(genes: Genes, rng: random.Random, grid: WidthGrid, max_switches: int 
     return genes
 
 
-def repair(genes: Genes, budget: Budget, rng: random.Random, grid: WidthGrid) -> Genes:
+def repair(genes: Genes, budget: Budget, rng: random.Random, grid: WidthGrid,
+           prior: Sequence[float] | None = None) -> Genes:
     """The nearest gene set on `budget` by random single moves: blocks back in / out (a block
-    going out becomes `remove`, keeping its `fuse` if it had one), levels down / up."""
+    going out becomes `remove`, keeping its `fuse` if it had one; `prior[i]` weighs how likely
+    block i is the one), levels down / up."""
     blocks, levels = list(genes.blocks), list(genes.levels)
     while (out := [i for i, a in enumerate(blocks) if a != KEEP]) and len(out) > budget.blocks_out:
         blocks[_pick(rng, out)] = KEEP
     while len(out := [i for i, a in enumerate(blocks) if a != KEEP]) < budget.blocks_out:
-        goes = _pick(rng, [i for i, a in enumerate(blocks) if a == KEEP])
+        goes = _pick(rng, [i for i, a in enumerate(blocks) if a == KEEP], prior)
         blocks[goes], levels[goes] = REMOVE, 0
     levels = [lv if a == KEEP else 0 for a, lv in zip(blocks, levels)]
     while sum(levels) > budget.width_units:
@@ -263,13 +308,15 @@ def repair(genes: Genes, budget: Budget, rng: random.Random, grid: WidthGrid) ->
     return Genes(tuple(blocks), tuple(levels))
 
 
-def crossover(a: Genes, b: Genes, rng: random.Random, grid: WidthGrid, budget: Budget) -> Genes:
-    """Uniform per-block crossover of (action, level), then `repair` onto the budget."""
+def crossover(a: Genes, b: Genes, rng: random.Random, grid: WidthGrid, budget: Budget,
+              prior: Sequence[float] | None = None) -> Genes:
+    """Uniform per-block crossover of (action, level), then `repair` onto the budget (`prior`:
+    which blocks the repair prefers to take out)."""
     if len(a.blocks) != len(b.blocks):
         raise GeneError(f"crossover: parents have {len(a.blocks)} and {len(b.blocks)} blocks")
     picks = [(a if rng.random() < 0.5 else b) for _ in a.blocks]
     child = Genes(tuple(p.blocks[i] for i, p in enumerate(picks)), tuple(p.levels[i] for i, p in enumerate(picks)))
-    return repair(child, budget, rng, grid)
+    return repair(child, budget, rng, grid, prior)
 
 
 def uniform_levels(kept: Sequence[int], num_blocks: int, width_units: int) -> list[int]:
@@ -306,6 +353,6 @@ def ranking_prior(scores: Sequence[float], strength: float = 0.5) -> list[float]
 
 __all__ = [
     "ACTIONS", "Budget", "FUSE", "GeneError", "Genes", "KEEP", "PlanKnobs", "REMOVE", "WidthGrid",
-    "budget_for", "compile_plan", "crossover", "from_ranking", "gene_rng", "level_switch", "mutate",
-    "ranking_prior", "repair", "uniform_levels", "width_unit_params",
+    "budget_for", "compile_plan", "crossover", "from_ranking", "gene_rng", "genes_of_plan", "level_switch", "mutate",
+    "ranking_prior", "repair", "uniform_levels", "width_unit_params", "with_out_action",
 ]

@@ -2,7 +2,9 @@
 
 `Candidate` (in the spirit of Optuna's `FrozenTrial`) is everything needed to make a model:
 its id, its recipe (how the weights are made), its plan (how the structure changes), the
-Optuna trial that asked the plan, the generation that bred it and the member it challenges.
+Optuna trial that asked the plan, the generation that bred it and the member it challenges;
+with structure genes (`compress.space.genes`), the genes its plan was compiled from and where
+they came from (journalled as `genes: {blocks, levels, from}`; rows without it read as before).
 `Evaluation` is one scoring of a candidate on one split: status, metrics per task, parameter
 count, latency, timings, the worker, the reason of a failure and the stage it reached. The
 journal row of an evaluation is `Evaluation.to_json()`, read back by `Evaluation.from_json`;
@@ -20,6 +22,7 @@ from dataclasses import dataclass, field, replace
 from functools import cached_property
 from typing import Any, Mapping
 
+from compression.genes import Genes
 from compression.plan import parse_plan
 from evolve.population import WORST, finite_or_worst, make_member
 from evolve.recipe import Recipe
@@ -41,6 +44,8 @@ class Candidate:
     trial: int | None = None  # the Optuna trial that asked the plan
     generation: int | None = None
     target: str | None = None  # the population member it challenges (merge mode)
+    genes: Genes | None = None  # the structure genes the plan was compiled from (compress.space.genes)
+    genes_from: Mapping[str, Any] | None = None  # how: {"ranking": c} | {"mutation": id} | {"crossover": [a, b]}
 
     def __post_init__(self) -> None:
         object.__setattr__(self, "plan", tuple(dict(step) for step in self.plan or ()))
@@ -60,10 +65,13 @@ class Candidate:
             data["generation"] = self.generation
         if self.target is not None:
             data["target"] = self.target
+        if self.genes is not None:
+            data["genes"] = {**self.genes.to_data(), "from": dict(self.genes_from or {})}
         return data
 
     @classmethod
     def from_json(cls, data: Mapping[str, Any]) -> "Candidate":
+        genes = data.get("genes")
         return cls(
             id=data["id"],
             recipe=Recipe.from_dict(data["recipe"]),
@@ -71,6 +79,8 @@ class Candidate:
             trial=data.get("trial"),
             generation=data.get("generation"),
             target=data.get("target"),
+            genes=Genes.from_data({k: genes[k] for k in ("blocks", "levels")}) if genes else None,
+            genes_from=dict(genes.get("from") or {}) if genes else None,
         )
 
     @classmethod
@@ -127,7 +137,7 @@ class Evaluation:
 
     @classmethod
     def from_json(cls, row: Mapping[str, Any]) -> "Evaluation":
-        known = {"id", "recipe", "plan", "trial", "generation", "target", "split", "status", "metrics",
+        known = {"id", "recipe", "plan", "trial", "generation", "target", "genes", "split", "status", "metrics",
                  "score", "attempts", "timing", *cls._SCALARS}
         return cls(
             candidate=Candidate.from_json(row),

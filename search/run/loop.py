@@ -77,6 +77,7 @@ class Search:
             latency=config.compress.latency.model_dump() if compressing and config.compress.latency else None,
             proxy=config.fitness.proxy.model_dump() if config.fitness.proxy else None,
         )
+        self.parent_dirs = parent_dirs
         self.base_config = AutoConfig.from_pretrained(spec.template_dir, trust_remote_code=False)
         self.pool = EvaluatorPool(spec, workers.count, workers.num_cpus, workers.num_gpus, workers.max_retries)
         self.weights = WeightBank(self.store, names, list(config.evolver.exclude))
@@ -146,13 +147,17 @@ class Search:
         self.mode.open(self.store, self.base_config, self.log)
 
     def open_planner(self):
+        from search.tuning.gene_plans import open_gene_placer
         from search.tuning.planner import Planner
         from search.tuning.study import open_study
 
         compress = self.config.compress
         study = open_study(self.store.root, self.config.name, compress.sampler, self.config.seed,
                            self.mode.generation_size(self.population), self.mode.objectives.directions)
-        planner = Planner(study, compress.space, self.base_config, num_blocks(self.base_config), self.mode.objectives.max_params)
+        blocks = num_blocks(self.base_config)
+        genes = open_gene_placer(compress.space, blocks, self.config.seed, study,
+                                 self.parent_dirs[self.mode.structure_parent()], self.log)
+        planner = Planner(study, compress.space, self.base_config, blocks, self.mode.objectives.max_params, genes=genes)
         if not study.trials and compress.budget_anchors:
             queued = planner.enqueue_anchors(limit=self.mode.generation_size(self.population))
             if queued:
@@ -170,8 +175,8 @@ class Search:
             return offspring
         asked, skipped = [], 0
         for candidate in offspring:
-            plan, trial, over = self.planner.ask()
-            asked.append(Candidate(candidate.id, candidate.recipe, tuple(plan), trial, generation, candidate.target))
+            planned, over = self.planner.ask_candidate(candidate, self.population)
+            asked.append(planned)
             skipped += over
         if skipped:
             self.log(f"generation {generation + 1}: {skipped} plans predicted over the size budget, told PRUNED, not scored")

@@ -7,6 +7,9 @@ candidates a generation tries, and which members survive.
 - compress: `compress.candidates` plans per generation from the Optuna study, all over one
   parent's weights; NSGA-II survivor selection; the Pareto front of every candidate scored.
 - joint: Evolver offspring, each with a plan from the study; NSGA-II; the Pareto front.
+  With `compress.space.genes` (both), a candidate's plan is its structure genes placing the
+  trial's budget (search/tuning/gene_plans.py): bred from the member it challenges (joint) or
+  from population members drawn by its own seed (compress).
 - recipe: merge recipes asked from an Optuna study (search/run/recipe_mode.py).
 """
 from __future__ import annotations
@@ -35,6 +38,11 @@ class Mode:
 
     def generation_size(self, population: list) -> int:
         return len(population)
+
+    def structure_parent(self) -> str:
+        """The parent whose model the candidates' structure starts from (structure genes'
+        importance rankings are scored on it): the base, whatever the weights are merged from."""
+        return self.config.parents.base.name
 
     def offspring(self, toolbox, population: list, generation: int) -> list[Candidate]:
         """This generation's candidates, before any plan is asked."""
@@ -84,6 +92,9 @@ class CompressMode(JointMode):
 
     def generation_size(self, population: list) -> int:
         return self.config.compress.candidates
+
+    def structure_parent(self) -> str:
+        return self.population_ids()[0]  # the compressed weights
 
     def offspring(self, toolbox, population, generation):
         weights = self.population_ids()[0]

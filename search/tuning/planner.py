@@ -8,18 +8,24 @@ does not fit the model (a FAIL trial once scored), goes on as it is; after `MAX_
 last plan is scored whatever its size. With a budget, the first generation's plans are anchors
 sized to it (`search.tuning.space.budget_anchors`), queued before the first ask.
 
+With structure genes (`compress.space.genes`), the trial gives the knobs and the budget, and
+the candidate's genes place it (search/tuning/gene_plans.py): `ask_candidate` returns the
+candidate with the compiled plan and its genes, sized against the budget like any plan.
+
 Resume: a trial asked before a kill but not yet checkpointed (RUNNING, not asked by this
 process) is asked again as it was (`_next_trial`), and the count of plans skipped is read from
 the study, so a resumed run asks the same trials, numbered alike, as an uninterrupted one.
 """
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
+from typing import Callable
 
 import optuna
 
 from compression.plan import PlanError, parse_plan, predict_num_params
 
+from search.tuning.gene_plans import GenePlacer
 from search.tuning.space import SpaceConfig, budget_anchors, suggest_plan
 from search.tuning.study import prune_over_budget, reopen, set_size_constraint, tell_result
 
@@ -33,6 +39,7 @@ class Planner:
     base_config: object  # the dense model's transformers config
     num_layers: int
     max_params: float | None = None
+    genes: GenePlacer | None = None  # structure genes place each trial's budget (None: plans as suggested)
     live: dict = field(default_factory=dict)  # trial number -> the trial asked in this process
 
     def predicted_params(self, plan: list) -> int | None:
@@ -48,16 +55,34 @@ class Planner:
 
     def ask(self) -> tuple[list, int, int]:
         """(plan, trial number, plans skipped): ask until a plan is predicted to fit the budget."""
+        plan, number, skipped, _ = self._ask(lambda trial: (suggest_plan(trial, self.space, self.num_layers), None))
+        return plan, number, skipped
+
+    def ask_candidate(self, candidate, population: list) -> tuple[object, int]:
+        """(the candidate with its plan, trial and, with genes, its genes; plans skipped)."""
+        if self.genes is None:
+            plan, number, skipped = self.ask()
+            return replace(candidate, plan=tuple(plan), trial=number), skipped
+
+        def propose(trial):
+            plan, genes, origin = self.genes.propose(trial, candidate.id, candidate.target, population)
+            return plan, (genes, origin)
+
+        plan, number, skipped, (genes, origin) = self._ask(propose)
+        return replace(candidate, plan=tuple(plan), trial=number, genes=genes, genes_from=origin), skipped
+
+    def _ask(self, propose: Callable) -> tuple[list, int, int, object]:
+        """Ask trials until `propose(trial) -> (plan, extra)` gives a plan predicted to fit."""
         while True:
             trial = self._next_trial()
-            plan = suggest_plan(trial, self.space, self.num_layers)
+            plan, extra = propose(trial)
             skipped = self._pruned_before(trial.number)
             if self.max_params is None:
-                return self._asked(trial, plan, skipped)
+                return (*self._asked(trial, plan, skipped), extra)
             predicted = self.predicted_params(plan)
             set_size_constraint(trial, predicted, self.max_params)
             if predicted is None or predicted <= self.max_params or skipped + 1 >= MAX_PLAN_ASKS:
-                return self._asked(trial, plan, skipped)
+                return (*self._asked(trial, plan, skipped), extra)
             prune_over_budget(self.study, trial, predicted, self.max_params)
 
     def _next_trial(self):
@@ -100,10 +125,16 @@ class Planner:
         self.study.tell(trial_number, state=optuna.trial.TrialState.PRUNED)
 
     def enqueue_anchors(self, limit: int) -> int:
-        """Queue the first generation's plans: anchors sized to the budget; how many."""
+        """Queue the first generation's plans: anchors sized to the budget; how many. With
+        genes, an anchor is sized as its budget spread evenly, and the anchors take the space's
+        importance criteria in turn, so each ranking starts a candidate of the first generation."""
         if self.max_params is None:
             return 0
-        anchors = budget_anchors(self.space, self.num_layers, self.fits, limit=limit)
+        plan_of = self.genes.uniform_plan if self.genes is not None else None
+        anchors = budget_anchors(self.space, self.num_layers, self.fits, limit=limit, plan_of=plan_of)
+        if self.genes is not None:
+            anchors = [{**params, "importance": self.space.importance[k % len(self.space.importance)]}
+                       for k, params in enumerate(anchors)]
         for params in anchors:
             self.study.enqueue_trial(params)
         return len(anchors)

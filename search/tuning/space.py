@@ -13,6 +13,10 @@ population of three random plans rarely holds the good ones, and NSGA-II only re
 holds): for each combination of step kinds, single steps first, a plan with every chosen step at
 one common strength s in [0, 1] (block count and width ratio from the low to the high end of
 their range, TT rank from high to low), s the least that fits the budget.
+
+`genes` (`GeneSpace`, off by default) puts structure genes on every candidate: the trial still
+suggests every parameter, and its depth and width parameters become the candidate's budget,
+which its genes place across blocks and layers (search/tuning/gene_plans.py).
 """
 from __future__ import annotations
 
@@ -20,7 +24,7 @@ import math
 from itertools import combinations
 from typing import Callable, Literal
 
-from pydantic import Field, model_validator
+from pydantic import Field, field_validator, model_serializer, model_validator
 
 from search.schema import Strict
 
@@ -54,6 +58,31 @@ class CalibrationConfig(Strict):
     num_sequences: int = Field(32, ge=1)
 
 
+class GeneSpace(Strict):
+    """`compress.space.genes`: structure genes on every candidate (`true` for these defaults).
+
+    Width levels lie on a grid: level l removes l * step of a kept layer's targeted parameters
+    (the trial's width_target), at most max_level levels per layer."""
+
+    step: float = Field(0.0625, gt=0, lt=1)
+    max_level: int = Field(8, ge=1)
+    crossover: float = Field(0.5, ge=0, le=1)  # share of bred candidates crossed with a second member
+    max_switches: int = Field(3, ge=1)  # level switches per mutation: 1..max_switches, small ones likelier
+    prior_strength: float = Field(0.5, ge=0, le=1)  # how much the trial's ranking biases which blocks go out
+    importance_samples: int = Field(4, ge=1)  # calibration windows the rankings are scored on
+
+    @model_validator(mode="after")
+    def _grid_below_one(self) -> "GeneSpace":
+        if self.step * self.max_level >= 1:
+            raise ValueError(f"max_level: {self.max_level} levels of step {self.step} remove a whole layer (need step * max_level < 1)")
+        return self
+
+    @property
+    def widest(self) -> float:
+        """The largest width ratio a layer can take."""
+        return round(self.step * self.max_level, 10)
+
+
 class SpaceConfig(Strict):
     depth: list[Literal["none", "remove_blocks", "fuse_blocks"]] = ["none", "remove_blocks"]
     block_count: IntRange = IntRange(low=1, high=4)
@@ -69,6 +98,35 @@ class SpaceConfig(Strict):
     ttm_rank: IntRange = IntRange(low=8, high=64, log=True)
     ttm_modules: str = "mlp"
     calibration: CalibrationConfig = CalibrationConfig()
+    genes: GeneSpace | None = None  # structure genes place each trial's budget (search/tuning/gene_plans.py)
+
+    @field_validator("genes", mode="before")
+    @classmethod
+    def _genes_switch(cls, value):
+        """`genes: true` is the default gene space, `false` (or null) none."""
+        if value is True:
+            return {}
+        return None if value is False else value
+
+    @model_validator(mode="after")
+    def _genes_fit_the_space(self) -> "SpaceConfig":
+        if self.genes is None:
+            return self
+        if set(self.depth) == {"none"} and set(self.width) == {"none"}:
+            raise ValueError("genes: the space has no depth or width step for genes to place (depth and width are 'none' only)")
+        if "prune_width" in self.width and self.width_ratio.high > self.genes.widest:
+            raise ValueError(f"width_ratio.high: {self.width_ratio.high} is past the widest gene level "
+                             f"(genes.max_level {self.genes.max_level} x genes.step {self.genes.step} = {self.genes.widest})")
+        return self
+
+    @model_serializer(mode="wrap")
+    def _omit_genes_when_off(self, handler):
+        """A space without genes dumps as before genes existed, so its run's fingerprint (and
+        the resume of runs made before) stays the same."""
+        data = handler(self)
+        if data.get("genes", 0) is None:
+            data.pop("genes")
+        return data
 
 
 def block_count_range(space: SpaceConfig, num_layers: int) -> tuple[int, int]:
@@ -141,13 +199,18 @@ def params_at_strength(space: SpaceConfig, num_layers: int, kinds: dict[str, str
     return params
 
 
-def budget_anchors(space: SpaceConfig, num_layers: int, fits: Callable[[list[dict]], bool], limit: int) -> list[dict]:
+def budget_anchors(space: SpaceConfig, num_layers: int, fits: Callable[[list[dict]], bool], limit: int,
+                   plan_of: Callable[[dict], list[dict]] | None = None) -> list[dict]:
     """Up to `limit` Optuna parameter sets for the first generation (see the module doc).
-    `fits(plan)` says whether a plan is known to be within the budget."""
+    `fits(plan)` says whether a plan is known to be within the budget; `plan_of(params)` is the
+    plan a parameter set stands for (default: `suggest_plan`'s)."""
     import optuna
 
     def plan_at(kinds: dict[str, str], strength: float) -> list[dict]:
-        return suggest_plan(optuna.trial.FixedTrial(params_at_strength(space, num_layers, kinds, strength)), space, num_layers)
+        params = params_at_strength(space, num_layers, kinds, strength)
+        if plan_of is not None:
+            return plan_of(params)
+        return suggest_plan(optuna.trial.FixedTrial(params), space, num_layers)
 
     kinds = step_kinds(space)
     anchors = []
