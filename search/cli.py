@@ -12,7 +12,7 @@ import sys
 from dataclasses import replace
 from pathlib import Path
 
-from search.errors import BAD_INPUT, one_line
+from search.errors import BAD_INPUT, RunFailed, one_line
 
 
 # ---- verbs --------------------------------------------------------------------------------
@@ -339,15 +339,27 @@ def _print_summary(root: Path, quiet: bool) -> None:
     print(results_table(root))
 
 
+def quiet_transformers(quiet: bool) -> None:
+    """Transformers' loading bars off (our own bars say what is happening), and with --quiet
+    its warnings too. Through the environment while transformers is not imported yet: it reads
+    these settings on import, so a command that never loads a model (`merge`) never pays the
+    second it takes to import it."""
+    if "transformers" in sys.modules:
+        from transformers.utils import logging as hf_logging
+
+        hf_logging.disable_progress_bar()
+        if quiet:
+            hf_logging.set_verbosity_error()
+        return
+    os.environ.setdefault("HF_HUB_DISABLE_PROGRESS_BARS", "1")
+    if quiet:
+        os.environ["TRANSFORMERS_VERBOSITY"] = "error"
+
+
 def main(argv: list[str] | None = None) -> int:
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
     args = build_parser().parse_args(argv)
-    from transformers.utils import logging as hf_logging
-
-    hf_logging.disable_progress_bar()  # our own bars say what is happening; loading bars are noise
-    if getattr(args, "quiet", False) or getattr(args, "json", False):
-        hf_logging.set_verbosity_error()
-    from search.run.session import RunFailed
+    quiet_transformers(getattr(args, "quiet", False) or getattr(args, "json", False))
     from search.run.lock import RunLock
 
     try:

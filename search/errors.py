@@ -25,6 +25,10 @@ class RunDirError(EvofuseError):
     """A run directory that cannot be used as asked (locked, not writable); one line."""
 
 
+class RunFailed(Exception):
+    """A run that cannot go on (every candidate of a generation failed); one line, exit 1."""
+
+
 BAD_INPUT: tuple[type[Exception], ...] = (EvofuseError, CompressionError, RecipeError)
 
 
@@ -34,4 +38,4 @@ def one_line(exc: BaseException) -> str:
     return text.splitlines()[0] if text else type(exc).__name__
 
 
-__all__ = ["EvofuseError", "ConfigError", "RunDirError", "BAD_INPUT", "one_line"]
+__all__ = ["EvofuseError", "ConfigError", "RunDirError", "RunFailed", "BAD_INPUT", "one_line"]

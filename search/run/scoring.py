@@ -16,6 +16,7 @@ from tqdm.auto import tqdm
 
 from compression.plan import PlanError, check_plan
 
+from search.errors import RunFailed
 from search.run import faults
 from search.run.candidate import Candidate, Evaluation
 from search.run.store import RunStore
@@ -23,10 +24,6 @@ from search.run.weights import WeightBank
 from search.run.workers import EvaluatorPool, ScoreJob
 
 STOPPED = "stopped"  # the status (and journal stage key) of a candidate stopped by staged fitness
-
-
-class RunFailed(Exception):
-    """A run that cannot go on (every candidate of a generation failed); one line, exit 1."""
 
 
 def check_generation(evaluations, what: str) -> None:
