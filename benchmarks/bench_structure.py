@@ -192,7 +192,7 @@ def markdown(part: str, rows: list[dict], meta: dict, a) -> str:
     evolved = next((r for r in rows if "search_tokens" in r), None)
     if evolved:
         lines += ["", f"Search: {evolved['search_tokens']:,} forward tokens, {evolved['search_s'] / 60:.1f} min "
-                  f"({evolved['replacements']} of {len(evolved.get('kl_history', [])) - 1 or a.width_generations} generations "
+                  f"({evolved['replacements']} of {a.depth_generations if part == 'depth' else a.width_generations} generations "
                   f"replaced the parent); calibration KL to dense {evolved['init_kl'] if part == 'width' else min(evolved['init_kl'].values()):.4f} "
                   f"at the start → {evolved['final_kl']:.4f}."]
         if part == "depth":

@@ -41,18 +41,10 @@ LAYERS = 4  # the tiny Llama's depth
 @pytest.fixture(scope="module")
 def weights() -> dict[str, dict[str, torch.Tensor]]:
     """A tiny base and three 'fine-tunes' (base + seeded noise), as float32 state dicts."""
-    from search.models.tiny import tiny_llama
+    from test_mergekit_methods import noisy_fine_tunes
 
-    state = {}
-    for label, seed, scale in (("base", None, 0), ("a", 11, 0.02), ("b", 12, 0.03), ("c", 13, 0.015)):
-        model = tiny_llama(seed=0)
-        if seed is not None:
-            g = torch.Generator().manual_seed(seed)
-            with torch.no_grad():
-                for p in model.parameters():
-                    p.add_(scale * torch.randn(p.shape, generator=g))
-        state[label] = {name: t.detach().clone() for name, t in model.state_dict().items()}
-    return state
+    return {label: {name: t.detach().clone() for name, t in model.state_dict().items()}
+            for label, model in noisy_fine_tunes()}
 
 
 # case -> (method, {input: its parameters} in the YAML's order, base or None, shared parameters).

@@ -40,14 +40,10 @@ NEW_METHODS = ("della", "della_linear", "breadcrumbs", "breadcrumbs_ties", "mode
 SIGMAS = 5  # binomial tolerance: |z| > 5 has probability 6e-7 per comparison
 
 
-@pytest.fixture(scope="module")
-def models(tmp_path_factory) -> dict[str, Path]:
-    """A tiny base and three 'fine-tunes' (base + seeded noise), saved as HF directories."""
-    from search.models.tiny import byte_tokenizer, tiny_llama
+def noisy_fine_tunes():
+    """(label, model): a tiny base and three 'fine-tunes' (the base plus seeded noise)."""
+    from search.models.tiny import tiny_llama
 
-    root = tmp_path_factory.mktemp("method_models")
-    tokenizer = byte_tokenizer()
-    paths = {}
     for label, seed, scale in (("base", None, 0), ("a", 11, 0.02), ("b", 12, 0.03), ("c", 13, 0.015)):
         model = tiny_llama(seed=0)
         if seed is not None:
@@ -55,6 +51,18 @@ def models(tmp_path_factory) -> dict[str, Path]:
             with torch.no_grad():
                 for p in model.parameters():
                     p.add_(scale * torch.randn(p.shape, generator=g))
+        yield label, model
+
+
+@pytest.fixture(scope="module")
+def models(tmp_path_factory) -> dict[str, Path]:
+    """A tiny base and three 'fine-tunes' (base + seeded noise), saved as HF directories."""
+    from search.models.tiny import byte_tokenizer
+
+    root = tmp_path_factory.mktemp("method_models")
+    tokenizer = byte_tokenizer()
+    paths = {}
+    for label, model in noisy_fine_tunes():
         paths[label] = root / label
         model.save_pretrained(paths[label])
         tokenizer.save_pretrained(paths[label])
