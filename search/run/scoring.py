@@ -42,6 +42,12 @@ def journal_key(evaluation: Evaluation) -> tuple:
     return evaluation.id, evaluation.split, STOPPED if evaluation.status == STOPPED else evaluation.stage
 
 
+def is_whole(job: ScoreJob, task_weights: dict[str, float]) -> bool:
+    """Whether a job scores every item of every task of the run: its score is comparable with
+    a member's (a staged subset's or a proxy's is not: progress bars say so)."""
+    return job.indices is None and job.subsample is None and (job.tasks is None or set(job.tasks) == set(task_weights))
+
+
 def stage_weights(job: ScoreJob, task_weights: dict[str, float]) -> dict[str, float]:
     """The aggregate's weights over the tasks a job scores (a proxy task weighs 1)."""
     if job.tasks is None:
@@ -115,7 +121,8 @@ class Scorer:
             nxt = follow(evaluation)
             if nxt is None:
                 bar.update(1)
-                bar.set_postfix(best=f"{max(r.score for r in results.values()):.4f}")
+                label = "best" if is_whole(job, self.task_weights) else "stage best"
+                bar.set_postfix({label: f"{max(r.score for r in results.values()):.4f}"})
                 return None
             todo[nxt.id] = nxt
             return nxt, self.weights.inputs_of(nxt.candidate.recipe)
