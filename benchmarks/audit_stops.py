@@ -38,7 +38,7 @@ from search.fitness import TaskSpec, build_task  # noqa: E402
 from search.fitness.spec import aggregate  # noqa: E402
 from search.fitness.staged import false_rejection_rate, spearman  # noqa: E402
 from search.results.export import Replay, _journal_by_id  # noqa: E402
-from search.results.staging import STOPPED, last_stage  # noqa: E402
+from search.results.staging import STOPPED, full_dev_rows, last_stage  # noqa: E402
 from search.run.store import RunStore  # noqa: E402
 
 
@@ -62,9 +62,8 @@ def upper_bound(failures: int, n: int, confidence: float = 0.95) -> float:
 
 def stops_to_audit(rows: list[dict], last: int) -> tuple[list[dict], dict[str, dict]]:
     """The paired test's stops and every full (last-stage) dev row of the run, by id."""
-    dev = [r for r in rows if r["split"] == "dev"]
-    full = {r["id"]: r for r in dev if r["status"] == "ok" and r.get("stage") in (None, last)}
-    stops = [r for r in dev if r["status"] == STOPPED and r.get("rule", "margin") == "margin"]
+    full = {r["id"]: r for r in full_dev_rows(rows, last) if r["status"] == "ok"}
+    stops = [r for r in rows if r["split"] == "dev" and r["status"] == STOPPED and r.get("rule", "margin") == "margin"]
     return stops, full
 
 

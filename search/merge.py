@@ -320,9 +320,10 @@ def _model_fields(config: MergeConfig) -> dict[str, str]:
     return fields
 
 
-def _plan_vocabulary(config: MergeConfig, config_path: str | Path, config_dir: Path, directories: dict[str, Path],
-                     fields: dict[str, str], reference: str, allow_pickle: bool) -> VocabularyPlan | None:
-    """The output vocabulary when the config names a tokenizer source (None: copy the reference's)."""
+def _plan_vocabulary(config: MergeConfig, config_dir: Path, directories: dict[str, Path], configs: dict[str, dict],
+                     fields: dict[str, str], allow_pickle: bool) -> VocabularyPlan | None:
+    """The output vocabulary when the config names a tokenizer source (None: copy the reference's);
+    `configs` holds every model's config.json, the reference's first."""
     setting = tokenizer_setting(config.tokenizer_source, config.tokenizer)
     if setting is None:
         return None
@@ -330,31 +331,15 @@ def _plan_vocabulary(config: MergeConfig, config_path: str | Path, config_dir: P
     if setting.source not in ("union", "base"):
         source_dir = directories.get(setting.source) or resolve_model(setting.source, config_dir, setting.field,
                                                                       allow_pickle)
-    models = [reference] + [ref for ref in fields if ref != reference]
-    configs = {ref: read_config(directories[ref]) for ref in models}
-    try:
-        return plan_vocabulary(setting, models, directories, configs, fields, source_dir)
-    except VocabularyError as exc:
-        raise MergeConfigError(f"{config_path}: {exc}") from None
+    return plan_vocabulary(setting, list(configs), directories, configs, fields, source_dir)
 
 
-def _aligned_index(index: dict, vocabulary: VocabularyPlan, ref: str, field: str, config_path: str | Path) -> dict:
-    try:
-        return aligned_index(index, vocabulary, ref, field)
-    except VocabularyError as exc:
-        raise MergeConfigError(f"{config_path}: {exc}") from None
-
-
-def _vocabulary_aligner(vocabulary: VocabularyPlan, slice_bases: list[str | None],
-                        config_path: str | Path) -> Callable[[OutputTensor, dict], dict]:
+def _vocabulary_aligner(vocabulary: VocabularyPlan, slice_bases: list[str | None]) -> Callable[[OutputTensor, dict], dict]:
     """Re-indexes a vocabulary tensor's inputs to the output vocabulary; other tensors pass as they are."""
     def align(spec: OutputTensor, loaded: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
         if not is_vocabulary_tensor(spec.inputs[0][1]):
             return loaded
-        try:
-            return align_rows(vocabulary, loaded, slice_bases[spec.slice_index])
-        except VocabularyError as exc:
-            raise MergeConfigError(f"{config_path}: {exc}") from None
+        return align_rows(vocabulary, loaded, slice_bases[spec.slice_index])
     return align
 
 
@@ -389,17 +374,20 @@ def run_merge(config_path: str | Path, out_dir: str | Path, *, allow_pickle: boo
     fields = _model_fields(config)
     directories = {ref: resolve_model(ref, config_dir, field, allow_pickle) for ref, field in fields.items()}
     reference = config.base_model or (config.models[0].model if config.models else config.slices[0].sources[0].model)
-    vocabulary = _plan_vocabulary(config, config_path, config_dir, directories, fields, reference, allow_pickle)
+    configs = {ref: read_config(directories[ref]) for ref in [reference] + [r for r in directories if r != reference]}
+    try:
+        vocabulary = _plan_vocabulary(config, config_dir, directories, configs, fields, allow_pickle)
+    except VocabularyError as exc:
+        raise MergeConfigError(f"{config_path}: {exc}") from None
 
     sources = _open_sources(directories, reference)
     try:
         indexes = {ref: {n: (i.shape, i.dtype) for n, i in s.tensors.items()} for ref, s in sources.items()}
         if vocabulary is not None:  # vocabulary tensors as the merge sees them: the output's rows
-            indexes = {ref: _aligned_index(indexes[ref], vocabulary, ref, fields[ref], config_path) for ref in indexes}
+            indexes = {ref: aligned_index(indexes[ref], vocabulary, ref, fields[ref]) for ref in indexes}
         if config.slices is None:  # every input the same tensors (the reference's names and shapes)
             check_same_tensors({str(directories[r]): indexes[r] for r in sources}, "", quote=True,
                                error=MergeConfigError)
-        configs = {ref: read_config(directories[ref]) for ref in sources}  # the reference first
         layer_counts = {ref: count_layers(configs[ref], indexes[ref]) for ref in sources}
         slices = normalized_slices(config, layer_counts)
         recipes = [build_slice_recipe(config, entry, s, entry.sources[0].layer_range[1] - entry.sources[0].layer_range[0])
@@ -425,8 +413,7 @@ def run_merge(config_path: str | Path, out_dir: str | Path, *, allow_pickle: boo
         align = None
         if vocabulary is not None:
             out_config = {**out_config, "vocab_size": vocabulary.size}
-            align = _vocabulary_aligner(vocabulary, [entry.base_model or config.base_model for entry in slices],
-                                        config_path)
+            align = _vocabulary_aligner(vocabulary, [entry.base_model or config.base_model for entry in slices])
         out.mkdir(parents=True, exist_ok=True)
         threads = torch.get_num_threads()
         torch.set_num_threads(compute_threads)
@@ -434,7 +421,7 @@ def run_merge(config_path: str | Path, out_dir: str | Path, *, allow_pickle: boo
             _stream(recipes, tensors, sources, plan, in_dtype, work_dtype, out, max_shard_bytes, quiet, align)
         finally:
             torch.set_num_threads(threads)
-    except RecipeError as exc:
+    except (RecipeError, VocabularyError) as exc:  # a vocabulary error may come from the merge thread
         raise MergeConfigError(f"{config_path}: {exc}") from None
     except TensorFileError as exc:
         raise MergeConfigError(str(exc)) from None

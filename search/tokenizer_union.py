@@ -160,8 +160,8 @@ def tokens_to_append(base_vocab: Mapping[str, int], vocabularies: Sequence[Model
     return list(plain), list(added.values())
 
 
-def union_tokenizer(base_directory: Path, vocabularies: Sequence[ModelVocabulary], field: str):
-    tokenizer = load_tokenizer(base_directory, field)  # a fresh copy of the base's tokenizer
+def union_tokenizer(tokenizer, vocabularies: Sequence[ModelVocabulary]):
+    """The base's tokenizer (changed in place) with the other models' missing tokens added."""
     plain, added = tokens_to_append(tokenizer.get_vocab(), vocabularies)
     if plain:
         tokenizer.add_tokens(plain)
@@ -216,10 +216,11 @@ def plan_vocabulary(setting: TokenizerSetting, models: Sequence[str], directorie
             vocabularies[model] = ModelVocabulary(vocabularies[base].tokens, vocabularies[base].added,
                                                   model_vocabulary(base_tokenizer, configs[model]).size)
     check_base_fits(vocabularies[base], setting, fields[base])
+    # the vocabularies above are copies: the base's tokenizer itself can become the output's
     if setting.source == "union":
-        tokenizer = union_tokenizer(directories[base], list(vocabularies.values()), fields[base])
+        tokenizer = union_tokenizer(base_tokenizer, list(vocabularies.values()))
     elif setting.source == "base":
-        tokenizer = load_tokenizer(directories[base], fields[base])
+        tokenizer = base_tokenizer
     else:
         tokenizer = load_tokenizer(source_directory, setting.field)
     new_tokens = [token for token in setting.tokens if token not in tokenizer.get_vocab()]
