@@ -162,6 +162,14 @@ def table(rows: list[dict]) -> str:
     return "\n".join(lines)
 
 
+def kept_rows(path: Path, new: list[dict]) -> list[dict]:
+    """The earlier results' rows of runs not measured again (`--only joint` keeps the merge pair)."""
+    if not path.is_file():
+        return []
+    again = {r["run"] for r in new}
+    return [r for r in json.loads(path.read_text())["rows"] if r["run"] not in again]
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--quick", action="store_true", help="tiny models, two seeds")
@@ -189,6 +197,7 @@ def main() -> None:
                         args.full_generations)
     name = "staged_quick" if args.quick else "staged"
     RESULTS.mkdir(parents=True, exist_ok=True)
+    rows = kept_rows(RESULTS / f"{name}.json", rows) + rows
     (RESULTS / f"{name}.json").write_text(json.dumps({"rows": rows, "wall_s": round(time.time() - started)}, indent=1))
     text = f"# Staged fitness vs full scoring ({'tiny models' if args.quick else 'SmolLM2-135M demo experts'})\n\n{table(rows)}\n"
     (RESULTS / f"{name}.md").write_text(text)

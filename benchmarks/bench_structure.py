@@ -102,7 +102,7 @@ def search_settings(a, **overrides):
     from compression.structure_search import StructureSearch
 
     base = dict(offspring=a.offspring, stages=[{"windows": w, "survivors": s} for w, s in a.stages],
-                importance_samples=a.importance_samples, seed=a.seed)
+                importance_samples=a.importance_samples, seed=a.seed, fitness=a.fitness)
     return StructureSearch.model_validate({**base, **overrides})
 
 
@@ -129,8 +129,9 @@ def run_depth(a, write) -> None:
     pruned, _ = applied(model, result.plan, pool)  # rankings were passed in: result.tokens / seconds are the search's own
     rows.append({"method": "evolved", "out": result.genes.out, **measure(pruned, test, held),
                  "search_tokens": result.tokens, "search_s": round(result.seconds, 1), "rank_tokens": rank_tokens,
-                 "rank_s": round(rank_s, 1), "start": result.history[0]["from"], "init_kl": result.history[0]["init_kl"],
-                 "final_kl": result.history[-1]["kl"], "kl_history": [h["kl"] for h in result.history],
+                 "rank_s": round(rank_s, 1), "start": result.history[0]["from"], "fitness": settings.fitness,
+                 "init_loss": result.history[0]["init_loss"], "final_loss": result.history[-1]["loss"],
+                 "loss_history": [h["loss"] for h in result.history],
                  "replacements": sum(1 for h in result.history if h.get("replaced"))})
     write(rows)
     plan = compile_plan(with_recovery(result.genes, "fuse"), settings.grid, settings.knobs)
@@ -156,7 +157,7 @@ def run_width(a, write) -> None:
     pruned, secs = applied(model, result.plan, pool)
     rows.append({"method": "evolved levels (LIAR)", "levels": list(result.genes.levels), **measure(pruned, test, held),
                  "compress_s": secs, "search_tokens": result.tokens, "search_s": round(result.seconds, 1),
-                 "final_kl": result.history[-1]["kl"], "init_kl": result.history[0]["kl"],
+                 "fitness": settings.fitness, "final_loss": result.history[-1]["loss"], "init_loss": result.history[0]["loss"],
                  "replacements": sum(1 for h in result.history if h.get("replaced"))})
     write(rows)
 
@@ -191,14 +192,15 @@ def markdown(part: str, rows: list[dict], meta: dict, a) -> str:
                      f"{r['heldout_ppl']:.2f} | {r['heldout_ppl'] / dense['heldout_ppl']:.2f} | {what} |")
     evolved = next((r for r in rows if "search_tokens" in r), None)
     if evolved:
+        fitness_name = {"kl": "KL to dense", "nll": "NLL"}[evolved["fitness"]]
         lines += ["", f"Search: {evolved['search_tokens']:,} forward tokens, {evolved['search_s'] / 60:.1f} min "
                   f"({evolved['replacements']} of {a.depth_generations if part == 'depth' else a.width_generations} generations "
-                  f"replaced the parent); calibration KL to dense {evolved['init_kl'] if part == 'width' else min(evolved['init_kl'].values()):.4f} "
-                  f"at the start → {evolved['final_kl']:.4f}."]
+                  f"replaced the parent); calibration {fitness_name} {evolved['init_loss'] if part == 'width' else min(evolved['init_loss'].values()):.4f} "
+                  f"at the start → {evolved['final_loss']:.4f}."]
         if part == "depth":
             lines += [f"Rankings: {evolved['rank_tokens']:,} forward tokens, {evolved['rank_s'] / 60:.1f} min "
                       f"(Macro Influence and SLEB: one pass per block); start: {evolved['start']}; "
-                      f"KL of each ranking's set: " + ", ".join(f"{k} {v:.4f}" for k, v in evolved["init_kl"].items()) + "."]
+                      f"{fitness_name} of each ranking's set: " + ", ".join(f"{k} {v:.4f}" for k, v in evolved["init_loss"].items()) + "."]
             rank_best = min(r["test_ppl"] for r in rows if r["method"] in ("block_influence", "macro_influence", "sleb"))
             held_best = min(r["heldout_ppl"] for r in rows if r["method"] in ("block_influence", "macro_influence", "sleb"))
             lines += [f"Evolved / best ranking: test {evolved['test_ppl'] / rank_best:.2f}×, held-out {evolved['heldout_ppl'] / held_best:.2f}×."]
@@ -213,6 +215,8 @@ def parse_args(argv=None):
     p.add_argument("--threads", type=int, default=2)
     p.add_argument("--blocks-out", type=int, default=8)
     p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--fitness", choices=["kl", "nll"], default="kl",
+                   help="the search's fitness: KL to the dense model, or the calibration text's NLL")
     p.add_argument("--suffix", default="", help="appended to the results' name")
     for key, value in FULL.items():
         if key != "stages":

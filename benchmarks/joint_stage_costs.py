@@ -15,7 +15,15 @@ kinds of plan the joint demo's anchors use (depth, width, both at the 75% budget
 Then the best a KL-first stage can do: judged per hour against full scoring if every candidate
 stopped after the proxy, (plan + dev) / (plan + kl + ref).
 
-    python -m benchmarks.joint_stage_costs   # ~3 min on 2 idle cores
+Second table: the same budgets as structure genes (`compress.space.genes`, the plans compiled
+to explicit blocks and per-layer levels, so no candidate ranks blocks) with λ offspring sharing
+one Evolver recipe (`evolver.share_recipe`): per recipe, the KL reference and one pass of width
+statistics over every layer (`collect_width_stats(..., every_layer=True)`, what an actor caches);
+per candidate, the plan from those statistics (`plan s`) and the KL stage. A full-scoring run
+pays `own plan s` (the step's own statistics pass) + dev per candidate; the bound for λ is
+(own plan + dev) / ((ref + stats) / λ + plan + kl), again if every candidate stopped at KL.
+
+    python -m benchmarks.joint_stage_costs   # ~5 min on 2 idle cores
 """
 from __future__ import annotations
 
@@ -31,7 +39,10 @@ ROOT = Path(__file__).resolve().parent.parent
 RESULTS = ROOT / "benchmarks" / "results"
 sys.path.insert(0, str(ROOT))
 
+from compression.genes import KEEP, Budget, Genes, WidthGrid, compile_plan, from_ranking, uniform_levels  # noqa: E402
+from compression.importance import importance_fn  # noqa: E402
 from compression.plan import apply_plan, parse_plan  # noqa: E402
+from compression.width import collect_width_stats, prune_with_stats  # noqa: E402
 from search.config import load_config  # noqa: E402
 from search.fitness import TaskSpec, build_task  # noqa: E402
 from search.models.datasets import calibration_windows  # noqa: E402
@@ -46,6 +57,52 @@ PLANS = {  # the joint demo's anchors at the 75% budget (benchmarks/results/join
         {"op": "remove_blocks", "count": 5, "importance": "block_influence"},
         {"op": "prune_width", "ratio": 0.18, "criterion": "second_moment", "reconstruct": "liar", "target": "both"}],
 }
+
+
+GRID = WidthGrid()  # 1/16 steps of FFN + attention, up to 8/16
+SHARED = (4, 8)  # λ: offspring sharing a recipe
+
+
+def gene_plans(model, calibration) -> dict[str, list[dict]]:
+    """The anchors' budgets as compiled gene sets: blocks by Block Influence on the dense model
+    (scored once per run), width levels spread evenly (the first generation's genes)."""
+    scores = importance_fn("block_influence")(model, calibration.take(4))
+    n = len(scores)
+
+    def genes(blocks_out: int, width_units: int) -> list[dict]:
+        if blocks_out:
+            out = from_ranking(scores, Budget(blocks_out, width_units))
+            return compile_plan(out, GRID)
+        return compile_plan(Genes((KEEP,) * n, tuple(uniform_levels(list(range(n)), n, width_units))), GRID)
+
+    return {"depth: 10 blocks out": genes(10, 0), "width: level 5 of 16 everywhere (LIAR)": genes(0, 5 * n),
+            "both: 5 blocks + level 3 (LIAR)": genes(5, 3 * (n - 5))}
+
+
+def shared_recipe_rows(model, calibration, kl, reference, ref_s, tasks) -> list[dict]:
+    rows = []
+    for name, raw in gene_plans(model, calibration).items():
+        steps = parse_plan(raw)
+        _, own_s = timed(lambda: apply_plan(copy.deepcopy(model), steps, calibration))
+        width = steps[0] if steps[0].op == "prune_width" else None
+        grams, stats_s = timed(lambda: collect_width_stats(model, width, calibration, every_layer=True)) if width else ({}, 0.0)
+
+        def from_stats():
+            pruned = copy.deepcopy(model)
+            if width is not None:
+                pruned = prune_with_stats(pruned, width, grams)
+            return apply_plan(pruned, steps[1:] if width is not None else steps, calibration).eval()
+
+        pruned, plan_s = timed(from_stats)
+        _, kl_s = timed(lambda: kl.evaluate(pruned, reference=reference))
+        _, dev_s = timed(lambda: [task.evaluate(pruned) for task in tasks.values()])
+        row = {"plan": name, "own_plan_s": own_s, "stats_s": stats_s, "kl_ref_s": ref_s, "plan_s": plan_s,
+               "kl_s": kl_s, "dev_s": dev_s}
+        for lam in SHARED:
+            row[f"bound_{lam}"] = round((own_s + dev_s) / ((ref_s + stats_s) / lam + plan_s + kl_s), 2)
+        rows.append(row)
+        print(row, flush=True)
+    return rows
 
 
 def timed(fn):
@@ -75,10 +132,17 @@ def main() -> None:
             rows.append({"plan": name, "plan_s": plan_s, "kl_s": kl_s, "kl_ref_s": ref_s, "dev_s": dev_s,
                          "bound": round((plan_s + dev_s) / (plan_s + kl_s + ref_s), 2)})
             print(rows[-1], flush=True)
+        shared = shared_recipe_rows(model, calibration, kl, reference, ref_s, tasks)
     lines = ["| plan | plan s | kl s | kl ref s (per recipe) | dev s | judged/h bound (all stop at KL) |", "|---|---|---|---|---|---|"]
     lines += [f"| {r['plan']} | {r['plan_s']} | {r['kl_s']} | {r['kl_ref_s']} | {r['dev_s']} | {r['bound']}x |" for r in rows]
+    lines += ["", "Structure genes, λ offspring sharing one recipe (per recipe: kl ref, stats; per candidate: plan, kl):", "",
+              "| plan | own plan s (full run) | stats s (per recipe) | kl ref s (per recipe) | plan s (from stats) | kl s | dev s | "
+              + " | ".join(f"bound, λ = {lam}" for lam in SHARED) + " |",
+              "|---|---|---|---|---|---|---|" + "---|" * len(SHARED)]
+    lines += [f"| {r['plan']} | {r['own_plan_s']} | {r['stats_s']} | {r['kl_ref_s']} | {r['plan_s']} | {r['kl_s']} | "
+              f"{r['dev_s']} | " + " | ".join(f"{r[f'bound_{lam}']}x" for lam in SHARED) + " |" for r in shared]
     RESULTS.mkdir(parents=True, exist_ok=True)
-    (RESULTS / "joint_stage_costs.json").write_text(json.dumps(rows, indent=1))
+    (RESULTS / "joint_stage_costs.json").write_text(json.dumps({"ranked": rows, "shared_recipe": shared}, indent=1))
     text = ("# Joint candidate: making it vs judging it (one thread, fp32, SmolLM2-135M demo expert)\n\n"
             + "\n".join(lines) + "\n")
     (RESULTS / "joint_stage_costs.md").write_text(text)

@@ -1,4 +1,4 @@
-"""Structure search: EvoPress-style (1+λ) evolution of structure genes with staged KL-to-dense fitness.
+"""Structure search: EvoPress-style (1+λ) evolution of structure genes with staged calibration fitness.
 
     settings = StructureSearch.model_validate(yaml.safe_load(open("search.yaml")))
     result = run_structure_search(model, calibration, settings, state_path="state.json")
@@ -8,12 +8,17 @@ Fitness. The mean KL(P_dense || P_candidate) of next-token distributions over ca
 windows (EvoPress's choice): no labels, and it measures exactly what compression breaks. The
 dense distributions are computed once per pool window and kept as the top `top_k` log-probs
 plus the tail mass (KL over k + 1 buckets; merging outcomes never increases a KL, so this is a
-lower bound that tightens with k, exact at k = V). A candidate is never built: blocks it keeps
-are replayed one at a time (`compression.arch.run_block`) on the calibration windows, out blocks
-are skipped, and a kept block with width level l > 0 is replaced by its pruned variant, computed
-once per (layer, level) with prune_width's own code and statistics (one-shot statistics of the
-unpruned model, exactly what the compiled plan's prune_width step does), so the scored model is
-the model `--plan` replays (tests/test_structure.py). Fusion is scored as removal: recovery is
+lower bound that tightens with k, exact at k = V). Or (`fitness: nll`) the mean next-token
+negative log-likelihood of the calibration text itself: the quantity perplexity exponentiates,
+so a search for the lowest perplexity selects on what it is judged by (SmolLM2, 8 of 30 blocks
+out: the NLL search's set has lower perplexity than every importance ranking's on the test and
+held-out texts, the KL search's on held-out text only; README, "Evolved structure").
+A candidate is never built: blocks it keeps are replayed one at a time
+(`compression.arch.run_block`) on the calibration windows, out blocks are skipped, and a kept
+block with width level l > 0 is replaced by its pruned variant, computed once per (layer,
+level) with prune_width's own code and statistics (one-shot statistics of the unpruned model,
+exactly what the compiled plan's prune_width step does), so the scored model is the model
+`--plan` replays (tests/test_structure.py). Fusion is scored as removal: recovery is
 training, run once on the winner by the compiled plan (`recovery: fuse`).
 
 Selection, per generation g (EvoPress's multi-step selection):
@@ -41,7 +46,7 @@ import json
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Callable
+from typing import Callable, Literal
 
 import torch
 import torch.nn as nn
@@ -89,6 +94,7 @@ class StructureSearch(BaseModel):
     prior: ImportanceName | None = None  # ranking that biases which block a mutation takes out
     prior_strength: NonNegativeFloat = 0.5
     max_switches: PositiveInt = 3
+    fitness: Literal["kl", "nll"] = "kl"  # KL to the dense model, or the calibration text's own NLL
     top_k: PositiveInt = 256  # dense log-probs kept per position (KL over top_k + 1 buckets)
     batch_size: PositiveInt = 4
     seed: int = 0
@@ -156,19 +162,26 @@ def bucket_kl(logp: torch.Tensor, logq: torch.Tensor) -> torch.Tensor:
     return torch.where(logp > NEG_INF, terms, torch.zeros_like(terms)).sum(-1)
 
 
+def next_token_nll(logq: torch.Tensor, ids: torch.Tensor) -> torch.Tensor:
+    """-log Q(x_{t+1} | x_<=t) at every position that has a next token.  (B, T, V), (B, T) -> (B, T-1)"""
+    return -logq[:, :-1].gather(-1, ids[:, 1:].unsqueeze(-1).to(logq.device)).squeeze(-1)
+
+
 class StructureEvaluator:
-    """Scores gene sets by KL to the dense model on calibration windows, without building them."""
+    """Scores gene sets on calibration windows without building them: the mean per-position KL
+    to the dense model (`fitness="kl"`) or next-token NLL of the windows (`"nll"`); lower is better."""
 
     def __init__(self, model: nn.Module, pool: CalibrationData, grid: WidthGrid, knobs: PlanKnobs,
-                 max_level: int = 0, top_k: int = 256, batch_size: int = 4):
+                 max_level: int = 0, top_k: int = 256, batch_size: int = 4, fitness: str = "kl"):
         self.model, self.pool, self.grid, self.batch_size = model.eval(), pool, grid, batch_size
+        self.fitness = fitness
         self.blocks = list(arch.decoder_blocks(model))
         self.calls = arch.capture_block_calls(model, pool.seq_len)
         self.tokens = 0  # forward tokens spent so far
         self.variants = width_variants(model, pool, grid, knobs, max_level) if max_level > 0 else {}
         if max_level > 0:
             self.tokens += pool.input_ids.numel()  # the statistics pass
-        self.reference = self._dense_reference(top_k)
+        self.reference = self._dense_reference(top_k) if fitness == "kl" else None
 
     def _block(self, genes: Genes, i: int) -> nn.Module:
         return self.variants[(i, genes.levels[i])] if genes.levels[i] else self.blocks[i]
@@ -210,13 +223,13 @@ class StructureEvaluator:
             self.tokens += ids.numel()
         return DenseReference(torch.cat(tops), torch.cat(idxs), torch.cat(tails))
 
-    def kl(self, genes: Genes, windows: list[int]) -> float:
-        """Mean KL(P_dense || P_genes) per position over the given pool windows."""
-        return self.kls([genes], windows)[0]
+    def loss(self, genes: Genes, windows: list[int]) -> float:
+        """Mean KL(P_dense || P_genes), or NLL, per position over the given pool windows."""
+        return self.losses([genes], windows)[0]
 
     @torch.no_grad()
-    def kls(self, candidates: list[Genes], windows: list[int], base: Genes | None = None) -> list[float]:
-        """`kl` of every candidate on the same windows. Blocks before the first position where a
+    def losses(self, candidates: list[Genes], windows: list[int], base: Genes | None = None) -> list[float]:
+        """`loss` of every candidate on the same windows. Blocks before the first position where a
         candidate differs from `base` (default: the first candidate) compute what they compute
         for `base`, so each candidate starts from `base`'s hidden state there: an offspring
         mutated at blocks m.. costs only those blocks (the same numbers, fewer block forwards)."""
@@ -227,15 +240,21 @@ class StructureEvaluator:
             rows = torch.tensor(windows[first:first + self.batch_size])
             ids = self.pool.input_ids[rows]  # (B, T)
             prefix = self._prefix(base, ids, max(starts))
-            ref = self.reference
-            logp = torch.cat([ref.top_logprobs[rows], ref.tail_logprob[rows].unsqueeze(-1)], dim=-1)  # (B, T, k+1)
             for c, genes in enumerate(candidates):
                 logits = self.logits(genes, ids, start=starts[c], hidden=prefix[starts[c]])
                 logq = torch.log_softmax(logits.float(), dim=-1).cpu()  # (B, T, V)
-                totals[c] += bucket_kl(logp, top_k_buckets(logq, ref.top_indices[rows])).sum().item()
-            positions += ids.numel()
-        self.tokens += positions * len(candidates)
+                totals[c] += self._position_losses(logq, rows, ids).sum().item()
+            positions += ids.numel() if self.fitness == "kl" else ids[:, 1:].numel()
+            self.tokens += ids.numel() * len(candidates)
         return [total / positions for total in totals]
+
+    def _position_losses(self, logq: torch.Tensor, rows: torch.Tensor, ids: torch.Tensor) -> torch.Tensor:
+        """Per-position loss of a candidate's log-probs (B, T, V) on pool windows `rows`."""
+        if self.fitness == "nll":
+            return next_token_nll(logq, ids).double()  # (B, T-1)
+        ref = self.reference
+        logp = torch.cat([ref.top_logprobs[rows], ref.tail_logprob[rows].unsqueeze(-1)], dim=-1)  # (B, T, k+1)
+        return bucket_kl(logp, top_k_buckets(logq, ref.top_indices[rows]))  # (B, T)
 
 
 def first_difference(a: Genes, b: Genes) -> int:
@@ -294,12 +313,12 @@ def windows_for(settings: StructureSearch, generation: int, pool_size: int) -> l
 
 def select(evaluator: StructureEvaluator, candidates: list[Genes], settings: StructureSearch,
            windows: list[int]) -> tuple[int, float]:
-    """Multi-step selection: (index of the winner among candidates, its last-stage KL)."""
+    """Multi-step selection: (index of the winner among candidates, its last-stage loss)."""
     alive = list(range(len(candidates)))
     scores: dict[int, float] = {}
     for stage in settings.stages:
         chosen = windows[:stage.windows]
-        scores = dict(zip(alive, evaluator.kls([candidates[c] for c in alive], chosen, base=candidates[0])))
+        scores = dict(zip(alive, evaluator.losses([candidates[c] for c in alive], chosen, base=candidates[0])))
         alive = sorted(alive, key=lambda c: (scores[c], c))[:stage.survivors]
     return alive[0], scores[alive[0]]
 
@@ -374,34 +393,35 @@ def run_structure_search(model: nn.Module, calibration: CalibrationData, setting
         rankings, extra_tokens = importance_rankings(model, calibration, settings)
     evaluator = StructureEvaluator(model, calibration, settings.grid, settings.knobs,
                                    max_level=settings.grid.max_level if budget.width_units else 0,
-                                   top_k=settings.top_k, batch_size=settings.batch_size)
+                                   top_k=settings.top_k, batch_size=settings.batch_size, fitness=settings.fitness)
     prior = ranking_prior(rankings[settings.prior], settings.prior_strength) if settings.prior else None
     if state is None:
         evaluator.tokens += extra_tokens
         inits = initial_candidates(rankings or {}, budget, settings, n)
         windows = windows_for(settings, 0, calibration.num_sequences)[:needed]
-        kls = dict(zip(inits, evaluator.kls(list(inits.values()), windows)))
-        best = min(kls, key=lambda name: (kls[name], list(inits).index(name)))
-        state = {"fingerprint": fingerprint, "generation": 0, "parent": inits[best].to_data(),
-                 "history": [{"generation": 0, "kl": kls[best], "from": best, "init_kl": kls}],
+        losses = dict(zip(inits, evaluator.losses(list(inits.values()), windows)))
+        best = min(losses, key=lambda name: (losses[name], list(inits).index(name)))
+        state = {"fingerprint": fingerprint, "fitness": settings.fitness, "generation": 0, "parent": inits[best].to_data(),
+                 "history": [{"generation": 0, "loss": losses[best], "from": best, "init_loss": losses}],
                  "tokens": evaluator.tokens, "seconds": time.perf_counter() - started}
         _save_state(path, state)
         if log:
-            log(f"structure search: start from {best} (KL {kls[best]:.4f}; {', '.join(f'{k} {v:.4f}' for k, v in kls.items())})")
+            log(f"structure search: start from {best} ({settings.fitness} {losses[best]:.4f}; "
+                f"{', '.join(f'{k} {v:.4f}' for k, v in losses.items())})")
     else:
         evaluator.tokens = 0
     parent = Genes.from_data(state["parent"])
     tokens_before, seconds_before = state["tokens"], state["seconds"] - (time.perf_counter() - started)
     for generation in range(state["generation"] + 1, settings.generations + 1):
         candidates = [parent, *offspring_of(parent, settings, generation, prior)]
-        winner, kl = select(evaluator, candidates, settings, windows_for(settings, generation, calibration.num_sequences))
+        winner, loss = select(evaluator, candidates, settings, windows_for(settings, generation, calibration.num_sequences))
         parent = candidates[winner]
-        state["history"].append({"generation": generation, "kl": kl, "replaced": winner != 0, "out": parent.out})
+        state["history"].append({"generation": generation, "loss": loss, "replaced": winner != 0, "out": parent.out})
         state.update(generation=generation, parent=parent.to_data(), tokens=tokens_before + evaluator.tokens,
                      seconds=seconds_before + time.perf_counter() - started)
         _save_state(path, state)
         if log:
-            log(f"generation {generation}/{settings.generations}: KL {kl:.4f}{' (new parent)' if winner else ''}")
+            log(f"generation {generation}/{settings.generations}: {settings.fitness} {loss:.4f}{' (new parent)' if winner else ''}")
         if stop_after is not None and generation >= stop_after:
             break
     final = with_recovery(parent, settings.recovery)

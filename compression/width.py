@@ -231,11 +231,12 @@ def sliced_linear(linear: nn.Linear, rows=None, cols=None, weight=None, bias=Non
         weight = weight[:, cols] if cols is not None else weight
     if bias is None and linear.bias is not None:
         bias = linear.bias.data[rows] if rows is not None else linear.bias.data
-    new = nn.Linear(weight.shape[1], weight.shape[0], bias=bias is not None, device=w.device, dtype=w.dtype)
-    with torch.no_grad():
-        new.weight.copy_(weight.to(w.dtype))
-        if bias is not None:
-            new.bias.copy_(bias.to(w.dtype))
+    # Built on the meta device: a real one would first fill its weight with Kaiming-uniform
+    # draws, a quarter of a LIAR width plan's time on SmolLM2, only to overwrite them.
+    new = nn.Linear(weight.shape[1], weight.shape[0], bias=bias is not None, device="meta", dtype=w.dtype)
+    new.weight = nn.Parameter(weight.to(device=w.device, dtype=w.dtype, copy=True))
+    if bias is not None:
+        new.bias = nn.Parameter(bias.to(device=w.device, dtype=w.dtype, copy=True))
     return new
 
 
@@ -386,24 +387,46 @@ def watched_projections(model: nn.Module, cuts: dict[int, LayerCut]) -> dict[str
     return watched
 
 
-def collect_width_stats(model: nn.Module, step: PruneWidthStep, calibration: CalibrationData | None) -> dict[str, GramAccumulator]:
-    """One streaming pass of the (unpruned) model over the calibration batches."""
-    if step.reconstruct == "none" and step.criterion not in NEEDS_GRAM:
+def targeted_projections(model: nn.Module, target: str) -> dict[str, nn.Linear]:
+    """Every block's output projection a step with this `target` may cut the input of, named
+    as in `watched_projections`: the statistics any ratios of such a step can need."""
+    watched = {}
+    for i, block in enumerate(decoder_blocks(model)):
+        if target in ("ffn", "both"):
+            watched[f"{i}.ffn"] = block.mlp.down_proj
+        if target in ("heads", "both"):
+            watched[f"{i}.attn"] = block.self_attn.o_proj
+    return watched
+
+
+def needs_stats(step: PruneWidthStep) -> bool:
+    """Whether the step's criterion or reconstruction reads calibration statistics."""
+    return step.reconstruct != "none" or step.criterion in NEEDS_GRAM
+
+
+def collect_width_stats(model: nn.Module, step: PruneWidthStep, calibration: CalibrationData | None,
+                        every_layer: bool = False) -> dict[str, GramAccumulator]:
+    """One streaming pass of the (unpruned) model over the calibration batches: the statistics
+    of the layers the step cuts, or with `every_layer` of every layer its target reaches (one
+    pass that serves any ratios of the same target, samples and batches on the same weights)."""
+    if not needs_stats(step):
         return {}
     if calibration is None:
         raise PlanError(f"calibration: prune_width with criterion {step.criterion!r} and reconstruct "
                         f"{step.reconstruct!r} needs calibration data")
     data = calibration if step.samples is None else calibration.take(step.samples)
+    watched = targeted_projections(model, step.target) if every_layer else watched_projections(model, layer_cuts(model, step))
     was_training = model.training
     model.eval()
     try:
-        return collect_input_grams(model, data.batches(step.batch_size), watched_projections(model, layer_cuts(model, step)))
+        return collect_input_grams(model, data.batches(step.batch_size), watched)
     finally:
         model.train(was_training)
 
 
 def prune_with_stats(model: nn.Module, step: PruneWidthStep, grams: dict[str, GramAccumulator]) -> nn.Module:
-    """Apply the cuts using already collected statistics (names as in `watched_projections`)."""
+    """Apply the cuts using already collected statistics (names as in `watched_projections`;
+    statistics of other layers are ignored)."""
     blocks = decoder_blocks(model)
     for i, cut in layer_cuts(model, step).items():
         prune_attention(blocks[i].self_attn, cut, grams.get(f"{i}.attn"), step)

@@ -75,12 +75,14 @@ def make_offspring(
     strategy: str = "evolver",
     reference: str = "schedule",
     per_member: int = 1,
+    shared_recipe: bool = False,
 ) -> list[Offspring]:
     """`per_member` offspring recipes per population member, in member order (deterministic).
 
     With several per member (EvoPress's (1 + lambda)), each draws its own reference (or DE
     donors) and seed; ids run on, member i's k-th offspring is number i * per_member + k, so
-    one offspring per member keeps the ids and draws it always had."""
+    one offspring per member keeps the ids and draws it always had. `shared_recipe`: a member's
+    offspring all carry its first offspring's recipe (joint runs: they differ in their plans)."""
     if len(member_ids) < 2 or (strategy == "de_rand_1" and len(member_ids) < 4):
         need = 4 if strategy == "de_rand_1" else 2
         raise ValueError(f"evolver.strategy {strategy}: needs a population of at least {need}, got {len(member_ids)}")
@@ -89,6 +91,9 @@ def make_offspring(
     for i, k in ((i, k) for i in range(len(member_ids)) for k in range(per_member)):
         target = member_ids[i]
         cid = offspring_id(generation, i * per_member + k)
+        if k > 0 and shared_recipe:
+            out.append(Offspring(cid, target, out[-1].recipe))
+            continue
         seed = derive_seed(run_seed, cid)
         if strategy == "evolver":
             ref = member_ids[choose_reference(i, scores, generation, generations, reference, rng)]

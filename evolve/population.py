@@ -105,7 +105,7 @@ def pareto_front_of(members: Iterable) -> list:
 
 
 def make_toolbox(run_seed: int, generations: int, F: float, CR: float, strategy: str, reference: str,
-                 per_member: int = 1) -> base.Toolbox:
+                 per_member: int = 1, shared_recipe: bool = False) -> base.Toolbox:
     """`toolbox.offspring(population, generation)` and `toolbox.select(target, child) -> winner`."""
     toolbox = base.Toolbox()
 
@@ -121,6 +121,7 @@ def make_toolbox(run_seed: int, generations: int, F: float, CR: float, strategy:
             strategy=strategy,
             reference=reference,
             per_member=per_member,
+            shared_recipe=shared_recipe,
         )
 
     toolbox.register("offspring", offspring)

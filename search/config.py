@@ -115,6 +115,10 @@ class EvolverConfig(Strict):
     # EvoPress's (1 + lambda): offspring per member and generation; with staged fitness all are
     # judged on the first stage and the best `fitness.advance` of each member's go on.
     offspring_per_member: int = Field(1, ge=1)
+    # Joint runs: a member's offspring share one Evolver recipe and differ in their plans, so the
+    # work a recipe needs before any plan (its dense KL reference, its width statistics) is done
+    # once per recipe instead of once per candidate.
+    share_recipe: bool = False
     # The paper's "merge the population" mode: after each generation, this merge of the whole
     # population is scored too (a hall-of-fame candidate, never a population member).
     merge_population: Optional[str] = None
@@ -127,6 +131,9 @@ class ProxyTask(Strict):
     kind: Literal["kl", "perplexity"] = "kl"
     data: str = "pydoc:train"
     options: dict[str, Any] = Field(default_factory=dict)
+    # Judge the plan here without its width reconstruction (LIAR / greedy: units chosen by the
+    # step's criterion, weights left as they are); a candidate that goes on is rebuilt with it.
+    unreconstructed: bool = False
 
 
 class FitnessConfig(Strict):
@@ -256,6 +263,8 @@ class RunConfig(Strict):
             raise ValueError("evolver.subsample: use fitness.stages instead (they cannot be combined)")
         if self.fitness.staged and any(t.kind == "lm_eval" for t in self.tasks):
             raise ValueError("fitness.stages: lm_eval tasks give no per-example scores to stage on")
+        if self.evolver.share_recipe and self.mode != "joint":
+            raise ValueError(f"evolver.share_recipe: for joint runs (offspring sharing a recipe differ only in their plans; this run's mode is {self.mode})")
         if self.fitness.proxy is not None and self.mode in ("merge", "recipe"):
             raise ValueError("fitness.proxy: a proxy first stage is for compress / joint runs (merge candidates have no plan)")
         parents = [p.name for p in self.parents.all()]

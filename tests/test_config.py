@@ -44,6 +44,7 @@ def test_shipped_configs_load():
         (lambda r: r["parents"]["experts"][0].update(source="no/such/dir"), "parents.experts[0].source: 'no/such/dir' is not a directory"),
         (lambda r: r["workers"].update(count=0), "workers.count: Input should be greater than or equal to 1"),
         (lambda r: r.setdefault("compress", {}).update(latency={"repeats": 0}), "compress.latency.repeats: Input should be greater than or equal to 1"),
+        (lambda r: r["evolver"].update(share_recipe=True), "evolver.share_recipe: for joint runs"),
     ],
 )
 def test_bad_config_names_the_field(tmp_path, mutate, expected):

@@ -63,3 +63,17 @@ def test_one_to_one_greedy_selection_and_json_round_trip():
     assert toolbox.select(parent, nan_child) is parent and nan_child.fitness.values[0] == WORST
     back = member_from_json(member_to_json(better))
     assert back == better and back.fitness.values == better.fitness.values
+
+
+def test_a_members_offspring_can_share_one_recipe():
+    kw = dict(run_seed=3, generations=4, F=0.5, CR=0.5, per_member=3)
+    own = make_offspring(["x", "y", "z"], [0.1, 0.2, 0.3], 1, **kw)
+    shared = make_offspring(["x", "y", "z"], [0.1, 0.2, 0.3], 1, shared_recipe=True, **kw)
+    assert [o.id for o in shared] == [o.id for o in own] and [o.target for o in shared] == [o.target for o in own]
+    for member in range(3):
+        siblings = shared[member * 3:(member + 1) * 3]
+        assert len({o.recipe.fingerprint() for o in siblings}) == 1
+        assert siblings[0].recipe.seed == own[member * 3].recipe.seed  # drawn as the first offspring's
+    assert len({o.recipe.fingerprint() for o in shared}) == 3
+    assert len({o.recipe.fingerprint() for o in own}) == 9
+

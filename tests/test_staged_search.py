@@ -144,6 +144,72 @@ def test_a_kl_proxy_first_stage_in_a_joint_run(tmp_path):
         assert trial.state == optuna.trial.TrialState.PRUNED and trial.user_attrs["pruned_reason"] == stop["reason"]
 
 
+def shared_recipe_run(tmp_path: Path, **proxy_settings) -> Path:
+    """A staged joint run whose members' offspring share a recipe: genes, a KL first stage."""
+    proxy = {"kind": "kl", "data": "pydoc:train", "options": {"seq_len": 32, "num_sequences": 4}, **proxy_settings}
+    config = staged_config(tmp_path, "tiny-joint.yaml", stages=[1.0], proxy=proxy, audit=0.0)
+    raw = yaml.safe_load(config.read_text())
+    raw["evolver"].update(generations=1, offspring_per_member=3, share_recipe=True)
+    raw["compress"]["space"].update(genes=True, width=["prune_width"], width_ratio={"low": 0.1, "high": 0.5})
+    raw["workers"]["count"] = 2
+    config.write_text(yaml.safe_dump(raw))
+    proc = evofuse("search", str(config), "--run-dir", str(tmp_path / "run"), "--quiet")
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    return tmp_path / "run"
+
+
+@pytest.fixture(scope="module")
+def shared_run(tmp_path_factory) -> Path:
+    return shared_recipe_run(tmp_path_factory.mktemp("shared"))
+
+
+def test_offspring_sharing_a_recipe_differ_in_their_plans(shared_run):
+    """`evolver.share_recipe`: a member's offspring carry one Evolver recipe (its dense KL
+    reference and width statistics are computed once per actor) and their own genes' plans."""
+    first = [e for e in RunStore(shared_run).read_journal() if e.get("stage") == 0]
+    families: dict[str, list[dict]] = {}
+    for row in first:
+        families.setdefault(row["target"], []).append(row)
+    assert len(families) == 3 and all(len(rows) == 3 for rows in families.values())
+    for rows in families.values():
+        assert len({json.dumps(r["recipe"], sort_keys=True) for r in rows}) == 1
+        assert len({json.dumps(r["plan"], sort_keys=True) for r in rows}) == 3
+        assert all(r["status"] == "ok" and r["metrics"]["_proxy"]["kl"] > 0 for r in rows)
+    assert len({json.dumps(r["recipe"], sort_keys=True) for r in first}) == 3
+
+
+def test_an_unreconstructed_first_stage_rebuilds_what_goes_on(shared_run, tmp_path):
+    """`fitness.proxy.unreconstructed`: the KL stage judges each plan without LIAR; the dev
+    stage scores the reconstructed model, exactly what a run without the option scores."""
+    run = shared_recipe_run(tmp_path, unreconstructed=True)
+    rows = {(e["id"], e.get("stage")): e for e in RunStore(run).read_journal() if e["split"] == "dev"}
+    reference = {(e["id"], e.get("stage")): e for e in RunStore(shared_run).read_journal() if e["split"] == "dev"}
+    proxy = [(rows[k], reference[k]) for k in rows if k[1] == 0 and k in reference and rows[k]["plan"] == reference[k]["plan"]]
+    assert proxy and all(a["metrics"]["_proxy"]["kl"] != b["metrics"]["_proxy"]["kl"] for a, b in proxy)
+    full = [(rows[k], reference[k]) for k in rows if k[1] == 1 and k in reference and rows[k]["plan"] == reference[k]["plan"]]
+    assert full, "no candidate went on in both runs"
+    for a, b in full:
+        assert a["metrics"] == b["metrics"] and a["num_params"] == b["num_params"], a["id"]
+
+
+def test_an_idle_actor_takes_work_on_the_recipe_it_holds():
+    from collections import deque
+
+    from evolve.recipe import Recipe
+    from search.run.candidate import Candidate
+    from search.run.workers import ScoreJob, take_for
+
+    recipes = {name: Recipe(op="evolver", inputs=(name, "ref"), params={"F": 0.5, "CR": 0.5}, seed=1) for name in "abc"}
+    queue = deque((ScoreJob(Candidate(id=f"{name}{k}", recipe=recipes[name], generation=0, target=name)), {}, 0)
+                  for name in "aabbcc" for k in [len(name)])
+    fp = {name: r.fingerprint() for name, r in recipes.items()}
+    assert take_for(queue, fp["b"], {fp["a"], fp["b"]})[0].candidate.recipe == recipes["b"]  # its own recipe
+    assert take_for(queue, fp["b"], {fp["a"], fp["b"]})[0].candidate.recipe == recipes["b"]
+    assert take_for(queue, fp["b"], {fp["a"], fp["b"]})[0].candidate.recipe == recipes["c"]  # one no actor holds
+    assert take_for(queue, None, {fp["a"], fp["c"]})[0].candidate.recipe == recipes["a"]  # else the first
+    assert [e[0].candidate.recipe for e in queue] == [recipes["a"], recipes["c"]]
+
+
 def test_unstaged_generations_score_the_items_the_parents_were_scored_on(tmp_path):
     """A task's own `subsample` option picks fixed items (seed 0, as for the parents); only
     `evolver.subsample` draws afresh per generation."""

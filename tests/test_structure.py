@@ -90,8 +90,22 @@ def test_genes_compile_to_a_plan_that_replays_the_scored_model(model8, calibrati
     assert torch.allclose(replayed(input_ids=ids, use_cache=False).logits, scored, atol=1e-5)
     assert sum(p.numel() for p in replayed.parameters()) == predict_num_params(parse_plan(plan), model8.config)
     dense = Genes((KEEP,) * N_BLOCKS, (0,) * N_BLOCKS)
-    assert evaluator.kl(dense, [0, 1]) == pytest.approx(0.0, abs=1e-9)
-    assert evaluator.kl(genes, [0, 1]) > 0
+    assert evaluator.loss(dense, [0, 1]) == pytest.approx(0.0, abs=1e-9)
+    assert evaluator.loss(genes, [0, 1]) > 0
+
+
+def test_nll_fitness_is_the_replayed_models_cross_entropy(model8, calibration):
+    genes = Genes((KEEP, REMOVE, KEEP, KEEP, KEEP, KEEP, REMOVE, KEEP), (0, 0, 2, 0, 1, 0, 0, 0))
+    pool = calibration.take(3)
+    evaluator = StructureEvaluator(model8, pool, GRID, PlanKnobs(), max_level=GRID.max_level, batch_size=2, fitness="nll")
+    replayed = apply_plan(copy.deepcopy(model8), parse_plan(compile_plan(genes, GRID)), pool).eval()
+    with torch.no_grad():
+        logits = replayed(input_ids=pool.input_ids, use_cache=False).logits  # (3, T, V)
+    expected = torch.nn.functional.cross_entropy(logits[:, :-1].flatten(0, 1).double(), pool.input_ids[:, 1:].flatten())
+    assert evaluator.loss(genes, [0, 1, 2]) == pytest.approx(float(expected), rel=1e-5)
+    assert evaluator.reference is None  # no dense pass for an NLL search
+    dense = Genes((KEEP,) * N_BLOCKS, (0,) * N_BLOCKS)
+    assert evaluator.losses([dense, genes], [2, 0, 1]) == pytest.approx([evaluator.loss(dense, [0, 1, 2]), float(expected)], rel=1e-5)
 
 
 def test_fused_blocks_compile_to_positions_after_removal():
@@ -117,10 +131,10 @@ def test_a_resumed_structure_search_equals_an_uninterrupted_one(model8, calibrat
     run_structure_search(model8, pool, settings, state_path=state, stop_after=2)
     resumed = run_structure_search(model8, pool, settings, state_path=state)
     assert resumed.genes == whole.genes and resumed.plan == whole.plan
-    assert [h["kl"] for h in resumed.history] == [h["kl"] for h in whole.history]
+    assert [h["loss"] for h in resumed.history] == [h["loss"] for h in whole.history]
     assert len(whole.history) == settings.generations + 1
     assert whole.genes.budget() == budget_for(N_BLOCKS, 2, 0.25, GRID)
-    assert whole.history[-1]["kl"] <= whole.history[0]["kl"] or any(h.get("replaced") for h in whole.history)
+    assert whole.history[-1]["loss"] <= whole.history[0]["loss"] or any(h.get("replaced") for h in whole.history)
     with pytest.raises(SearchSettingsError, match="other settings"):
         run_structure_search(model8, pool, _settings(seed=6), state_path=state)
 
@@ -177,6 +191,6 @@ def test_candidates_sharing_a_prefix_score_as_alone(model8, calibration):
     budget = budget_for(N_BLOCKS, 2, 0.25, GRID)
     parent = from_ranking([3, 1, 4, 1, 5, 9, 2, 6], budget)
     family = [parent] + [mutate(parent, gene_rng(0, k), GRID) for k in range(4)]
-    together = evaluator.kls(family, [0, 1, 2])
-    alone = [evaluator.kl(genes, [0, 1, 2]) for genes in family]
+    together = evaluator.losses(family, [0, 1, 2])
+    alone = [evaluator.loss(genes, [0, 1, 2]) for genes in family]
     assert together == pytest.approx(alone, rel=1e-9, abs=1e-12)

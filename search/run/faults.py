@@ -53,9 +53,12 @@ def crash_once(candidate_id: str) -> None:
         os._exit(1)
 
 
-def poison_weights(candidate_id: str, params: dict) -> None:
+def poison_weights(candidate_id: str, params: dict) -> bool:
+    """NaN weights for the named candidate; True when this one was poisoned."""
     if os.environ.get(NAN_ENV) == candidate_id:
         next(iter(params.values())).fill_(float("nan"))
+        return True
+    return False
 
 
 def _armed(label: str, hit: int) -> bool:

@@ -76,6 +76,7 @@ class Search:
             calibration=config.compress.space.calibration.model_dump(),
             latency=config.compress.latency.model_dump() if compressing and config.compress.latency else None,
             proxy=config.fitness.proxy.model_dump() if config.fitness.proxy else None,
+            shared_recipes=config.evolver.share_recipe,
         )
         self.parent_dirs = parent_dirs
         self.base_config = AutoConfig.from_pretrained(spec.template_dir, trust_remote_code=False)
@@ -94,7 +95,7 @@ class Search:
         self.restore(state)
         evo = self.config.evolver
         toolbox = make_toolbox(self.config.seed, evo.generations, evo.F, evo.CR, evo.strategy, evo.reference,
-                               per_member=evo.offspring_per_member)
+                               per_member=evo.offspring_per_member, shared_recipe=evo.share_recipe)
         for generation in range(state["generation"], evo.generations):
             state = self.run_generation(toolbox, generation, state)
         return self.finish(state)

@@ -56,6 +56,7 @@ class WorkerSpec:
     calibration: dict = field(default_factory=dict)  # CalibrationConfig fields: data, seq_len, num_sequences
     latency: dict | None = None  # {batch_size, seq_len, repeats, warmup}: time each candidate too
     proxy: dict | None = None  # staged fitness: the first stage's task ({kind, data, options}), named PROXY
+    shared_recipes: bool = False  # candidates share recipes (evolver.share_recipe): cache per-recipe statistics
 
 
 def all_finite(tensors) -> bool:
@@ -122,7 +123,9 @@ class Evaluator:
             TaskSpec(kind=t["kind"], data=t[split], name=t["name"], options=t.get("options") or {}), self.tokenizer
         )
         self._calibration = None
-        self._references: dict[tuple[str, str], Any] = {}  # (recipe fingerprint, task) -> KL reference
+        self._weights_key: str | None = None  # what the working model holds: its recipe's fingerprint
+        self._references: dict[tuple[str, str], Any] = {}  # (weights key, task) -> KL reference
+        self._width_stats: tuple | None = None  # ((weights key, target, samples, batch size), grams)
         self._planned: tuple | None = None  # (candidate key, its compressed model): kept for its next stage
 
     def task(self, name: str, split: str):
@@ -145,16 +148,21 @@ class Evaluator:
         start = time.perf_counter()
         candidate = job.candidate
         faults.crash_once(candidate.id)
-        key = (candidate.id, candidate.recipe.fingerprint(), json.dumps(candidate.plan, sort_keys=True))
+        reconstruct = not (job.tasks == (PROXY,) and self.spec.proxy.get("unreconstructed"))
+        key = (candidate.id, candidate.recipe.fingerprint(), json.dumps(candidate.plan, sort_keys=True), reconstruct)
         if self._planned is not None and self._planned[0] == key:
             model = self._planned[1]  # the next stage of the candidate this actor just scored
         else:
-            weights = {wid: from_numpy_state(ray.get(ref)) for wid, ref in refs.items()}
-            materialize(candidate.recipe, weights, self.spec.names, self.spec.exclude, out=self.params)
-            del weights
-            faults.poison_weights(candidate.id, self.params)
+            fingerprint = candidate.recipe.fingerprint()
+            if self._weights_key != fingerprint:  # a sibling sharing the recipe finds it made
+                weights = {wid: from_numpy_state(ray.get(ref)) for wid, ref in refs.items()}
+                materialize(candidate.recipe, weights, self.spec.names, self.spec.exclude, out=self.params)
+                del weights
+                self._weights_key = fingerprint
+            if faults.poison_weights(candidate.id, self.params):
+                self._weights_key = f"{fingerprint}:poisoned:{candidate.id}"  # never reused
             self._planned = None  # free the previous candidate's compressed model first
-            model = self._apply_plan(candidate) if candidate.plan else self.model
+            model = self._apply_plan(candidate, reconstruct) if candidate.plan else self.model
             if candidate.plan:
                 self._planned = (key, model)
         materialized = time.perf_counter()
@@ -185,7 +193,7 @@ class Evaluator:
         """KL tasks compare a compressed candidate with its own dense weights (still in the
         working model before the plan): the reference log-probs, cached per recipe. A
         candidate without a plan is its own reference (KL 0)."""
-        fingerprint, split = candidate.recipe.fingerprint(), job.split
+        fingerprint, split = self._weights_key, job.split
         references = {}
         for name in job.tasks or self._run_tasks:
             if self._task_specs[name]["kind"] != "kl":
@@ -197,17 +205,50 @@ class Evaluator:
             references[name] = self._references[key]
         return references
 
-    def _apply_plan(self, candidate: Candidate):
-        """Apply a plan to a copy of the working model (the working model keeps its shape)."""
-        from compression.plan import apply_plan
+    def _apply_plan(self, candidate: Candidate, reconstruct: bool = True):
+        """Apply a plan to a copy of the working model (the working model keeps its shape);
+        without `reconstruct`, width steps skip their reconstruction (`proxy.unreconstructed`).
 
+        When candidates share recipes (`evolver.share_recipe`), a plan that starts by pruning
+        width takes its statistics from a cache of one entry per recipe: gathered once for every
+        layer the step's target reaches, they serve every plan over the same weights
+        (bit-identical to the step's own pass: the same batches, and each projection's
+        statistics are its own), so the candidates of a recipe pay one calibration pass."""
+        from compression.plan import apply_plan
+        from compression.width import layer_cuts, needs_stats, prune_with_stats
+
+        steps = list(candidate.steps) if reconstruct else [without_reconstruction(step) for step in candidate.steps]
+        model = copy.deepcopy(self.model)
+        if self.spec.shared_recipes and steps and steps[0].op == "prune_width" and needs_stats(steps[0]):
+            layer_cuts(model, steps[0])  # a step that does not fit fails before any pass
+            model = prune_with_stats(model, steps[0], self._recipe_width_stats(steps[0]))
+            steps = steps[1:]
+        return apply_plan(model, steps, self.calibration()).eval()
+
+    def calibration(self):
         from search.models.datasets import calibration_windows
 
         if self._calibration is None:
             c = self.spec.calibration
             self._calibration = calibration_windows(self.tokenizer, c["data"], c["seq_len"], c["num_sequences"])
-        model = copy.deepcopy(self.model)
-        return apply_plan(model, candidate.steps, self._calibration).eval()
+        return self._calibration
+
+    def _recipe_width_stats(self, step) -> dict:
+        """Every targeted layer's input statistics on the working model (see `_apply_plan`)."""
+        from compression.width import collect_width_stats
+
+        key = (self._weights_key, step.target, step.samples, step.batch_size)
+        if self._width_stats is None or self._width_stats[0] != key:
+            self._width_stats = None  # free the previous recipe's before gathering these
+            self._width_stats = (key, collect_width_stats(self.model, step, self.calibration(), every_layer=True))
+        return self._width_stats[1]
+
+
+def without_reconstruction(step):
+    """A width step choosing the same number of units by its criterion, reconstructing nothing."""
+    if step.op == "prune_width" and step.reconstruct != "none":
+        return step.model_copy(update={"reconstruct": "none"})
+    return step
 
 
 def init_ray(address: str | None, num_cpus: int | None = None, quiet: bool = True) -> None:
@@ -341,10 +382,12 @@ class EvaluatorPool:
         queue = deque((job, refs, 0) for job, refs in jobs)
         running: dict = {}  # future -> (actor index, job, refs, attempt)
         idle = list(range(len(self.actors)))
+        recipe_of: dict[int, str] = {}  # actor index -> the recipe its working model last held
         while queue or running:
             while queue and idle:
-                job, refs, attempt = queue.popleft()
                 index = idle.pop()
+                job, refs, attempt = take_for(queue, recipe_of.get(index), set(recipe_of.values()))
+                recipe_of[index] = job.candidate.recipe.fingerprint()
                 future = self.actors[index].evaluate.remote(job, refs)
                 running[future] = (index, job, refs, attempt)
             done, _ = ray.wait(list(running), num_returns=1)
@@ -381,6 +424,19 @@ class EvaluatorPool:
 
         for actor in self.actors:
             ray.kill(actor)
+
+
+def take_for(queue: deque, held: str | None, elsewhere: set[str]):
+    """The queued (job, refs, attempt) an idle actor takes: the first of the recipe it already
+    holds (its KL reference and statistics are cached), else the first of a recipe no actor
+    holds (so actors spread over recipes instead of each paying for the same), else the first."""
+    recipes = [job.candidate.recipe.fingerprint() for job, _, _ in queue]
+    at = next((i for i, r in enumerate(recipes) if r == held), None)
+    if at is None:
+        at = next((i for i, r in enumerate(recipes) if r not in elsewhere), 0)
+    chosen = queue[at]
+    del queue[at]
+    return chosen
 
 
 def _failed(job: ScoreJob, reason: str, attempts: int) -> dict:
