@@ -42,7 +42,7 @@ sys.path.insert(0, str(ROOT))
 from compression.genes import KEEP, Budget, Genes, WidthGrid, compile_plan, from_ranking, uniform_levels  # noqa: E402
 from compression.importance import importance_fn  # noqa: E402
 from compression.plan import apply_plan, parse_plan  # noqa: E402
-from compression.width import collect_width_stats, prune_with_stats  # noqa: E402
+from compression.width import apply_plan_from_stats, collect_width_stats  # noqa: E402
 from search.config import load_config  # noqa: E402
 from search.fitness import TaskSpec, build_task  # noqa: E402
 from search.models.datasets import calibration_windows  # noqa: E402
@@ -88,10 +88,9 @@ def shared_recipe_rows(model, calibration, kl, reference, ref_s, tasks) -> list[
         grams, stats_s = timed(lambda: collect_width_stats(model, width, calibration, every_layer=True)) if width else ({}, 0.0)
 
         def from_stats():
-            pruned = copy.deepcopy(model)
-            if width is not None:
-                pruned = prune_with_stats(pruned, width, grams)
-            return apply_plan(pruned, steps[1:] if width is not None else steps, calibration).eval()
+            if width is None:
+                return apply_plan(copy.deepcopy(model), steps, calibration).eval()
+            return apply_plan_from_stats(copy.deepcopy(model), steps, grams, calibration).eval()
 
         pruned, plan_s = timed(from_stats)
         _, kl_s = timed(lambda: kl.evaluate(pruned, reference=reference))

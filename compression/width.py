@@ -435,6 +435,15 @@ def prune_with_stats(model: nn.Module, step: PruneWidthStep, grams: dict[str, Gr
     return model
 
 
+def apply_plan_from_stats(model: nn.Module, steps: list, grams: dict[str, GramAccumulator], calibration) -> nn.Module:
+    """`apply_plan`, its first step a `prune_width` that takes already gathered statistics
+    (`collect_width_stats(..., every_layer=True)` on these weights) instead of its own pass."""
+    from compression.plan import apply_plan
+
+    layer_cuts(model, steps[0])  # a step that does not fit fails before any work
+    return apply_plan(prune_with_stats(model, steps[0], grams), steps[1:], calibration)
+
+
 def pruned_shape(skeleton: nn.Module, step: PruneWidthStep) -> nn.Module:
     """Shapes after the cuts: which units go depends on the data, how many does not."""
     blocks = decoder_blocks(skeleton)

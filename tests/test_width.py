@@ -129,7 +129,7 @@ def _duplicate_ffn_neurons(model, layer, scale):
 def test_statistics_of_every_layer_serve_any_ratios_bit_identically(calibration, target):
     """One pass gathered for every layer a target reaches (what a run caches per recipe) gives
     each plan exactly the model its own prune_width pass gives."""
-    from compression.width import collect_width_stats, prune_with_stats
+    from compression.width import apply_plan_from_stats, collect_width_stats
 
     data = calibration.take(4)
     first = _step(ratio={0: 0.5, 2: 0.25}, target=target, reconstruct="liar", criterion="second_moment")[0]
@@ -137,7 +137,7 @@ def test_statistics_of_every_layer_serve_any_ratios_bit_identically(calibration,
     for ratio in ({0: 0.5, 2: 0.25}, {1: 0.125, 3: 0.625}, 0.375):
         step = first.model_copy(update={"ratio": ratio})
         own = apply_plan(tiny_llama(seed=0), [step], data)
-        shared = prune_with_stats(tiny_llama(seed=0), step, grams)
+        shared = apply_plan_from_stats(tiny_llama(seed=0), [step], grams, data)
         want, got = own.state_dict(), shared.state_dict()
         assert list(want) == list(got) and all(torch.equal(want[k], got[k]) for k in want), ratio
 

@@ -215,14 +215,12 @@ class Evaluator:
         (bit-identical to the step's own pass: the same batches, and each projection's
         statistics are its own), so the candidates of a recipe pay one calibration pass."""
         from compression.plan import apply_plan
-        from compression.width import layer_cuts, needs_stats, prune_with_stats
+        from compression.width import apply_plan_from_stats, needs_stats
 
         steps = list(candidate.steps) if reconstruct else [without_reconstruction(step) for step in candidate.steps]
         model = copy.deepcopy(self.model)
         if self.spec.shared_recipes and steps and steps[0].op == "prune_width" and needs_stats(steps[0]):
-            layer_cuts(model, steps[0])  # a step that does not fit fails before any pass
-            model = prune_with_stats(model, steps[0], self._recipe_width_stats(steps[0]))
-            steps = steps[1:]
+            return apply_plan_from_stats(model, steps, self._recipe_width_stats(steps[0]), self.calibration()).eval()
         return apply_plan(model, steps, self.calibration()).eval()
 
     def calibration(self):
