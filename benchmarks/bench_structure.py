@@ -69,7 +69,7 @@ def load(a):
     from search.models.sources import load_model
 
     torch.set_num_threads(a.threads)
-    model, tokenizer = load_model(a.model)
+    model, tokenizer = load_model(a.model, dtype=getattr(torch, a.dtype), device=a.device)
     return model.eval(), tokenizer
 
 
@@ -162,6 +162,10 @@ def run_width(a, write) -> None:
     write(rows)
 
 
+def device_name(device: str) -> str:
+    return f"cuda ({torch.cuda.get_device_name(0)})" if device.startswith("cuda") else "cpu"
+
+
 def writer(a, part: str):
     name = f"structure{'_quick' if a.quick else ''}_{part}{a.suffix}"
     load_start = os.getloadavg()
@@ -169,7 +173,8 @@ def writer(a, part: str):
     def write(rows):
         RESULTS.mkdir(parents=True, exist_ok=True)
         meta = {"settings": {k: v for k, v in vars(a).items()}, "load_average_start": load_start,
-                "load_average_now": os.getloadavg(), "device": "cpu", "torch_threads": torch.get_num_threads()}
+                "load_average_now": os.getloadavg(), "device": device_name(a.device), "dtype": a.dtype,
+                "torch_threads": torch.get_num_threads()}
         (RESULTS / f"{name}.json").write_text(json.dumps({"meta": meta, "rows": rows}, indent=1))
         (RESULTS / f"{name}.md").write_text(markdown(part, rows, meta, a))
 
@@ -178,12 +183,16 @@ def writer(a, part: str):
 
 def markdown(part: str, rows: list[dict], meta: dict, a) -> str:
     dense = rows[0]
-    cmd = f"benchmarks/bench_structure.py{' --quick' if a.quick else ''} --part {part}"
+    cmd = f"benchmarks/bench_structure.py{' --quick' if a.quick else ''} --part {part} --fitness {a.fitness}"
+    if meta["device"] == "cpu":
+        where = (f"CPU, {meta['torch_threads']} threads, run with nice; load average at start "
+                 f"{meta['load_average_start'][0]:.2f}, now {meta['load_average_now'][0]:.2f} (2-core machine shared with other jobs).")
+    else:
+        cmd += f" --device {a.device} --dtype {a.dtype}"
+        where = f"{meta['device']}, {a.dtype}."
     lines = [f"# Structure search, {part}, {a.model} (`{cmd}`)", "",
              f"Perplexity on {a.eval_windows} windows of 512 tokens: pydoc test split and held-out stdlib docstrings "
-             f"(never selected on). Calibration: {a.pool} windows of 128 tokens of pydoc:train. CPU, "
-             f"{meta['torch_threads']} threads, run with nice; load average at start "
-             f"{meta['load_average_start'][0]:.2f}, now {meta['load_average_now'][0]:.2f} (2-core machine shared with other jobs).", "",
+             f"(never selected on). Calibration: {a.pool} windows of 128 tokens of pydoc:train. {where}", "",
              "| method | params (M) | test ppl | × dense | held-out ppl | × dense | blocks out / levels |",
              "|---|---|---|---|---|---|---|"]
     for r in rows:
@@ -218,6 +227,8 @@ def parse_args(argv=None):
     p.add_argument("--fitness", choices=["kl", "nll"], default="kl",
                    help="the search's fitness: KL to the dense model, or the calibration text's NLL")
     p.add_argument("--suffix", default="", help="appended to the results' name")
+    p.add_argument("--device", default="cpu", help="cpu or cuda: where the model, search and evaluation run")
+    p.add_argument("--dtype", choices=["float32", "bfloat16"], default="float32")
     for key, value in FULL.items():
         if key != "stages":
             p.add_argument(f"--{key.replace('_', '-')}", type=type(value), default=None)

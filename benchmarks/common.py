@@ -14,7 +14,7 @@ def window_perplexity(model, windows: torch.Tensor, batch_size: int = 2) -> floa
     model.eval()
     nll, predicted = 0.0, 0
     for start in range(0, windows.shape[0], batch_size):
-        batch = windows[start : start + batch_size]  # (b, T)
+        batch = windows[start : start + batch_size].to(model.device)  # (b, T)
         logits = model(input_ids=batch, use_cache=False).logits[:, :-1].float()  # (b, T-1, V)
         nll += F.cross_entropy(logits.flatten(0, 1), batch[:, 1:].flatten(), reduction="sum").item()
         predicted += batch[:, 1:].numel()

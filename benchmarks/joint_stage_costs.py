@@ -24,9 +24,13 @@ pays `own plan s` (the step's own statistics pass) + dev per candidate; the boun
 (own plan + dev) / ((ref + stats) / λ + plan + kl), again if every candidate stopped at KL.
 
     python -m benchmarks.joint_stage_costs   # ~5 min on 2 idle cores
+    python -m benchmarks.joint_stage_costs --device cuda --dtype bfloat16 --base --suffix _h200
+        # on a GPU machine; --base: the base model stands in for the expert (no fine-tuning there;
+        # the costs, not the scores, are what this measures)
 """
 from __future__ import annotations
 
+import argparse
 import copy
 import json
 import sys
@@ -107,14 +111,32 @@ def shared_recipe_rows(model, calibration, kl, reference, ref_s, tasks) -> list[
 def timed(fn):
     start = time.perf_counter()
     out = fn()
+    if torch.cuda.is_available():
+        torch.cuda.synchronize()  # a GPU step counts when its kernels are done, not when they are queued
     return out, round(time.perf_counter() - start, 2)
 
 
-def main() -> None:
-    torch.set_num_threads(1)
+def parse_args(argv=None):
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument("--device", default="cpu")
+    p.add_argument("--dtype", choices=["float32", "bfloat16"], default="float32")
+    p.add_argument("--threads", type=int, default=1)
+    p.add_argument("--base", action="store_true", help="measure on the base model instead of the first demo expert")
+    p.add_argument("--suffix", default="", help="appended to the results' name")
+    return p.parse_args(argv)
+
+
+def where(a) -> str:
+    device = f"cuda ({torch.cuda.get_device_name(0)})" if a.device.startswith("cuda") else f"CPU, {a.threads} thread(s)"
+    return f"{device}, {a.dtype}, SmolLM2-135M {'base model' if a.base else 'demo expert'}"
+
+
+def main(argv=None) -> None:
+    a = parse_args(argv)
+    torch.set_num_threads(a.threads)
     config = load_config(ROOT / "configs" / "joint-demo.yaml")
-    expert = resolve_parents(config, quiet=True)[config.parents.experts[0].name]
-    model, tokenizer = load_model(expert, dtype=torch.float32, device=torch.device("cpu"))
+    source = config.parents.base.source if a.base else resolve_parents(config, quiet=True)[config.parents.experts[0].name]
+    model, tokenizer = load_model(source, dtype=getattr(torch, a.dtype), device=torch.device(a.device))
     c = config.compress.space.calibration
     calibration = calibration_windows(tokenizer, c.data, c.seq_len, c.num_sequences)
     proxy = config.fitness.proxy
@@ -141,10 +163,11 @@ def main() -> None:
     lines += [f"| {r['plan']} | {r['own_plan_s']} | {r['stats_s']} | {r['kl_ref_s']} | {r['plan_s']} | {r['kl_s']} | "
               f"{r['dev_s']} | " + " | ".join(f"{r[f'bound_{lam}']}x" for lam in SHARED) + " |" for r in shared]
     RESULTS.mkdir(parents=True, exist_ok=True)
-    (RESULTS / "joint_stage_costs.json").write_text(json.dumps({"ranked": rows, "shared_recipe": shared}, indent=1))
-    text = ("# Joint candidate: making it vs judging it (one thread, fp32, SmolLM2-135M demo expert)\n\n"
+    (RESULTS / f"joint_stage_costs{a.suffix}.json").write_text(
+        json.dumps({"where": where(a), "ranked": rows, "shared_recipe": shared}, indent=1))
+    text = (f"# Joint candidate: making it vs judging it ({where(a)})\n\n"
             + "\n".join(lines) + "\n")
-    (RESULTS / "joint_stage_costs.md").write_text(text)
+    (RESULTS / f"joint_stage_costs{a.suffix}.md").write_text(text)
     print(text)
 
 
