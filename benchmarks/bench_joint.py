@@ -115,20 +115,28 @@ def run(quick: bool, earlier_timings: dict) -> dict:
     joint_raw["name"] = "bench-joint"
     generations = joint_raw["evolver"]["generations"]
     population = len(joint_raw["parents"]["experts"]) + int(joint_raw["evolver"].get("include_base", False))
-    budget = generations * population  # candidates the joint search scores
+    per_generation = population * joint_raw["evolver"].get("offspring_per_member", 1)
+    budget = generations * per_generation  # candidates the joint search judges (a stopped one counts)
     timings = Timings(earlier_timings)
     joint_dir = WORK / "joint"
     timings.run("joint", write_config(joint_raw, "joint"), joint_dir)
 
-    merge_raw = {k: v for k, v in joint_raw.items() if k != "compress"}
+    # The baselines judge candidates as the joint does (the same fitness stages); what only a
+    # joint run has stays with it: shared recipes (λ plans of one recipe) and the KL proxy in
+    # the merge half (a merge candidate has no plan to measure against its dense weights).
+    fitness = joint_raw.get("fitness")
+    merge_raw = {k: v for k, v in joint_raw.items() if k not in ("compress", "fitness")}
     merge_raw.update(name="bench-merge", mode="merge", export_top=1)
-    merge_raw["evolver"] = {**joint_raw["evolver"], "generations": max(1, generations // 2)}
+    merge_raw["evolver"] = {k: v for k, v in joint_raw["evolver"].items() if k != "share_recipe"}
+    merge_raw["evolver"]["generations"] = max(1, generations // 2)
+    if fitness:
+        merge_raw["fitness"] = {k: v for k, v in fitness.items() if k != "proxy"}
     merge_dir = WORK / "merge"
     timings.run("merge", write_config(merge_raw, "merge"), merge_dir)
     merged = next((merge_dir / "exports").glob("*/config.json")).parent
 
     space = joint_raw["compress"]["space"]
-    remaining = max(1, budget - merge_raw["evolver"]["generations"] * population)
+    remaining = max(1, budget - merge_raw["evolver"]["generations"] * per_generation)
     baselines = {
         "merge+ShortGPT": {**space, "depth": ["remove_blocks"], "width": ["none"], "importance": ["block_influence"]},
         "merge+width": {**space, "depth": ["none"], "width": ["prune_width"]},
@@ -146,6 +154,7 @@ def run(quick: bool, earlier_timings: dict) -> dict:
                          "max_params": joint_raw["compress"].get("max_params")},  # the same size budget
             "workers": joint_raw["workers"],
             "export_top": 0,
+            **({"fitness": fitness} if fitness else {}),
         }
         run_dir = WORK / label.replace("+", "-")
         timings.run(label, write_config(raw, label.replace("+", "-")), run_dir)
@@ -187,14 +196,14 @@ def to_markdown(result: dict) -> str:
         f"Dense model: {result['dense_params']:,} parameters; comparison at <= {result['limit_params']:,.0f} (25% fewer).",
         f"Evaluation budget per approach: {result['evaluation_budget']} candidates. Wall times: {result['timings_s']}.",
         "",
-        "| approach | best dev score <= 75% size | its params | best test score <= 75% size | its params |",
-        "|---|---|---|---|---|",
+        "| approach | best dev score <= 75% size | its params | its id (g<generation - 1>-…) | best test score <= 75% size | its params |",
+        "|---|---|---|---|---|---|",
     ]
     for name, row in result["at_75_percent"].items():
         dev, test = row["dev"], row["test"]
         lines.append(
-            f"| {name} | {dev['dev']:.4f} | {dev['params']:,} | {test['test']:.4f} | {test['params']:,} |"
-            if dev and test else f"| {name} | - | - | - | - |"
+            f"| {name} | {dev['dev']:.4f} | {dev['params']:,} | {dev['id']} | {test['test']:.4f} | {test['params']:,} |"
+            if dev and test else f"| {name} | - | - | - | - | - |"
         )
     lines += ["", "Baseline front members within the budget that the joint front dominates (no larger, no worse, not equal):", ""]
     for name, row in result.get("joint_dominates", {}).items():

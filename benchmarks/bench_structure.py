@@ -102,18 +102,17 @@ def search_settings(a, **overrides):
     from compression.structure_search import StructureSearch
 
     base = dict(offspring=a.offspring, stages=[{"windows": w, "survivors": s} for w, s in a.stages],
-                importance_samples=a.importance_samples, seed=a.seed, fitness=a.fitness)
+                importance_samples=a.importance_samples, seed=a.seed, fitness=a.fitness, fresh_final=a.fresh_final)
     return StructureSearch.model_validate({**base, **overrides})
 
 
 def run_depth(a, write) -> None:
-    from compression.genes import Budget, PlanKnobs, compile_plan, from_ranking
+    from compression.genes import Budget, compile_plan, from_ranking
     from compression.structure_search import importance_rankings, run_structure_search, with_recovery
 
     model, tokenizer = load(a)
     pool, test, held = data(tokenizer, a)
-    settings = search_settings(a, blocks_out=a.blocks_out, generations=a.depth_generations,
-                               knobs=PlanKnobs(fuse_steps=a.fuse_steps).model_dump())
+    settings = search_settings(a, blocks_out=a.blocks_out, generations=a.depth_generations, knobs=plan_knobs(a))
     rows = [{"method": "dense", "out": [], **measure(model, test, held)}]
     write(rows)
     start = time.perf_counter()
@@ -138,6 +137,30 @@ def run_depth(a, write) -> None:
     fused, fuse_s = applied(model, plan, pool)
     rows.append({"method": "evolved + FuseGPT", "out": result.genes.out, **measure(fused, test, held), "compress_s": fuse_s})
     write(rows)
+
+
+def run_fuse(a, write) -> None:
+    """FuseGPT recovery alone on a given block set (`--fuse-blocks`, e.g. an earlier run's evolved
+    set) with `--fuse-steps` steps per block: how far more recovery steps go, without a new search."""
+    from compression.genes import FUSE, KEEP, Genes, compile_plan
+
+    model, tokenizer = load(a)
+    pool, test, held = data(tokenizer, a)
+    settings = search_settings(a, blocks_out=len(a.fuse_blocks), knobs=plan_knobs(a))
+    n = len(model.model.layers)
+    genes = Genes(tuple(FUSE if i in a.fuse_blocks else KEEP for i in range(n)), (0,) * n)
+    rows = [{"method": "dense", "out": [], **measure(model, test, held)}]
+    write(rows)
+    fused, fuse_s = applied(model, compile_plan(genes, settings.grid, settings.knobs), pool)
+    rows.append({"method": f"given set + FuseGPT ({a.fuse_steps} steps/block)", "out": sorted(a.fuse_blocks),
+                 **measure(fused, test, held), "compress_s": fuse_s})
+    write(rows)
+
+
+def plan_knobs(a) -> dict:
+    from compression.genes import PlanKnobs
+
+    return PlanKnobs(fuse_steps=a.fuse_steps).model_dump()
 
 
 def run_width(a, write) -> None:
@@ -184,6 +207,10 @@ def writer(a, part: str):
 def markdown(part: str, rows: list[dict], meta: dict, a) -> str:
     dense = rows[0]
     cmd = f"benchmarks/bench_structure.py{' --quick' if a.quick else ''} --part {part} --fitness {a.fitness}"
+    if a.fresh_final:
+        cmd += " --fresh-final"
+    if part == "fuse":
+        cmd += f" --fuse-blocks {','.join(map(str, a.fuse_blocks))} --fuse-steps {a.fuse_steps}"
     if meta["device"] == "cpu":
         where = (f"CPU, {meta['torch_threads']} threads, run with nice; load average at start "
                  f"{meta['load_average_start'][0]:.2f}, now {meta['load_average_now'][0]:.2f} (2-core machine shared with other jobs).")
@@ -196,7 +223,7 @@ def markdown(part: str, rows: list[dict], meta: dict, a) -> str:
              "| method | params (M) | test ppl | × dense | held-out ppl | × dense | blocks out / levels |",
              "|---|---|---|---|---|---|---|"]
     for r in rows:
-        what = r.get("out") if part == "depth" else r.get("levels")
+        what = r.get("out") if part in ("depth", "fuse") else r.get("levels")
         lines.append(f"| {r['method']} | {r['params'] / 1e6:.1f} | {r['test_ppl']:.2f} | {r['test_ppl'] / dense['test_ppl']:.2f} | "
                      f"{r['heldout_ppl']:.2f} | {r['heldout_ppl'] / dense['heldout_ppl']:.2f} | {what} |")
     evolved = next((r for r in rows if "search_tokens" in r), None)
@@ -219,7 +246,9 @@ def markdown(part: str, rows: list[dict], meta: dict, a) -> str:
 def parse_args(argv=None):
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--quick", action="store_true")
-    p.add_argument("--part", choices=["depth", "width", "all"], default="all")
+    p.add_argument("--part", choices=["depth", "width", "fuse", "all"], default="all")
+    p.add_argument("--fuse-blocks", type=lambda text: [int(i) for i in text.split(",")], default=None,
+                   help="--part fuse: the block indices to fuse, comma-separated")
     p.add_argument("--model", default="smollm2-135m")
     p.add_argument("--threads", type=int, default=2)
     p.add_argument("--blocks-out", type=int, default=8)
@@ -227,6 +256,8 @@ def parse_args(argv=None):
     p.add_argument("--fitness", choices=["kl", "nll"], default="kl",
                    help="the search's fitness: KL to the dense model, or the calibration text's NLL")
     p.add_argument("--suffix", default="", help="appended to the results' name")
+    p.add_argument("--fresh-final", action="store_true",
+                   help="the parent meets the finalists on last-stage windows the earlier stages did not use")
     p.add_argument("--device", default="cpu", help="cpu or cuda: where the model, search and evaluation run")
     p.add_argument("--dtype", choices=["float32", "bfloat16"], default="float32")
     for key, value in FULL.items():
@@ -242,8 +273,11 @@ def parse_args(argv=None):
 
 def main(argv=None) -> None:
     a = parse_args(argv)
+    if a.part == "fuse" and not a.fuse_blocks:
+        raise SystemExit("--part fuse needs --fuse-blocks")
+    runs = {"depth": run_depth, "width": run_width, "fuse": run_fuse}
     for part in (["depth", "width"] if a.part == "all" else [a.part]):
-        (run_depth if part == "depth" else run_width)(a, writer(a, part))
+        runs[part](a, writer(a, part))
 
 
 if __name__ == "__main__":

@@ -9,7 +9,9 @@
 #      rankings, + FuseGPT recovery: bench_structure.py --part depth, fp32 on the GPU;
 #   2. what a joint candidate costs to make and to judge at each fitness stage, bf16 on the GPU
 #      (joint_stage_costs.py, the base model standing in for the expert);
-#   3. the width search (25% of FFN + attention, LIAR), fp32 on the GPU.
+#   3. the width search (25% of FFN + attention, LIAR), fp32 on the GPU;
+#   4. a five times longer depth search (200 generations of (1+16)) with FuseGPT at 100 steps per block.
+# On an H200 the four took 89 + 37 + 59 + 319 s.
 # Results land in benchmarks/results/*_h200.* and, with the logs, in $OUT/results.tgz.
 #
 # Usage there: GGUF_PIECES="first second" bash benchmarks/device_checks.sh
@@ -35,4 +37,6 @@ step() {  # step NAME SECONDS COMMAND...: one check, its log kept even when it f
 step depth 240 python3 benchmarks/bench_structure.py --part depth --fitness nll --device cuda --threads 8 --suffix _nll_h200
 step costs 150 python3 -m benchmarks.joint_stage_costs --device cuda --dtype bfloat16 --base --threads 8 --suffix _h200
 step width 150 python3 benchmarks/bench_structure.py --part width --fitness nll --device cuda --threads 8 --suffix _nll_h200
+step long 400 python3 benchmarks/bench_structure.py --part depth --fitness nll --device cuda --threads 8 \
+    --depth-generations 200 --offspring 16 --fuse-steps 100 --suffix _nll_long_h200
 tar czf "$OUT/results.tgz" -C benchmarks/results $(cd benchmarks/results && ls ./*_h200.* 2>/dev/null) -C "$OUT" $(cd "$OUT" && ls ./*.log)

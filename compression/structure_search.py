@@ -95,6 +95,12 @@ class StructureSearch(BaseModel):
     prior_strength: NonNegativeFloat = 0.5
     max_switches: PositiveInt = 3
     fitness: Literal["kl", "nll"] = "kl"  # KL to the dense model, or the calibration text's own NLL
+    # The parent skips the earlier stages and meets their finalists on the last stage's windows,
+    # drawn after the earlier stages' windows (none of them reused): a finalist's last-stage loss
+    # is then not lowered by having been picked on those windows (the winner's curse), and the
+    # parent cannot be knocked out by one stage-1 window. Off: every stage takes a prefix of the
+    # generation's windows and the parent runs through every stage like an offspring.
+    fresh_final: bool = False
     top_k: PositiveInt = 256  # dense log-probs kept per position (KL over top_k + 1 buckets)
     batch_size: PositiveInt = 4
     seed: int = 0
@@ -311,13 +317,33 @@ def windows_for(settings: StructureSearch, generation: int, pool_size: int) -> l
     return order
 
 
+def stage_windows(settings: StructureSearch, windows: list[int]) -> list[list[int]]:
+    """The pool windows each stage scores on: prefixes of the generation's order; with
+    `fresh_final`, the last stage's come after the longest earlier prefix instead."""
+    chosen = [windows[:stage.windows] for stage in settings.stages]
+    if settings.fresh_final and len(settings.stages) > 1:
+        used = settings.stages[-2].windows  # stage windows only grow: the earlier stages used this prefix
+        chosen[-1] = windows[used:used + settings.stages[-1].windows]
+    return chosen
+
+
+def windows_needed(settings: StructureSearch) -> int:
+    """How many pool windows a generation's stages read (see `stage_windows`)."""
+    if settings.fresh_final and len(settings.stages) > 1:
+        return settings.stages[-2].windows + settings.stages[-1].windows
+    return settings.stages[-1].windows
+
+
 def select(evaluator: StructureEvaluator, candidates: list[Genes], settings: StructureSearch,
            windows: list[int]) -> tuple[int, float]:
-    """Multi-step selection: (index of the winner among candidates, its last-stage loss)."""
-    alive = list(range(len(candidates)))
+    """Multi-step selection: (index of the winner among candidates, its last-stage loss).
+    candidates[0] is the parent; it wins ties (lowest index first)."""
+    fresh = settings.fresh_final and len(settings.stages) > 1
+    alive = list(range(1 if fresh else 0, len(candidates)))
     scores: dict[int, float] = {}
-    for stage in settings.stages:
-        chosen = windows[:stage.windows]
+    for number, (stage, chosen) in enumerate(zip(settings.stages, stage_windows(settings, windows))):
+        if fresh and number == len(settings.stages) - 1:
+            alive = [0, *alive]
         scores = dict(zip(alive, evaluator.losses([candidates[c] for c in alive], chosen, base=candidates[0])))
         alive = sorted(alive, key=lambda c: (scores[c], c))[:stage.survivors]
     return alive[0], scores[alive[0]]
@@ -382,9 +408,10 @@ def run_structure_search(model: nn.Module, calibration: CalibrationData, setting
     started = time.perf_counter()
     n = arch.num_blocks(model)
     budget = budget_for(n, settings.blocks_out, settings.width_ratio, settings.grid)
-    needed = settings.stages[-1].windows
+    needed = windows_needed(settings)
     if calibration.num_sequences < needed:
-        raise SearchSettingsError(f"stages[{len(settings.stages) - 1}].windows: {needed} > the {calibration.num_sequences} calibration windows")
+        raise SearchSettingsError(f"stages[{len(settings.stages) - 1}].windows: the stages need {needed} windows, "
+                                  f"more than the {calibration.num_sequences} calibration windows")
     path = Path(state_path) if state_path is not None else None
     fingerprint = settings.fingerprint()
     state = _load_state(path, fingerprint)

@@ -194,3 +194,52 @@ def test_candidates_sharing_a_prefix_score_as_alone(model8, calibration):
     together = evaluator.losses(family, [0, 1, 2])
     alone = [evaluator.loss(genes, [0, 1, 2]) for genes in family]
     assert together == pytest.approx(alone, rel=1e-9, abs=1e-12)
+
+
+class TableEvaluator:
+    """Stands in for StructureEvaluator in `select`: the loss of candidate c on window w is
+    table[c][w], averaged over the windows; every call is recorded."""
+
+    def __init__(self, candidates: list[Genes], table: list[dict[int, float]]):
+        self.index = {genes: c for c, genes in enumerate(candidates)}
+        self.table, self.calls = table, []
+
+    def losses(self, candidates, windows, base=None):
+        rows = [self.index[genes] for genes in candidates]
+        self.calls.append((rows, list(windows)))
+        return [sum(self.table[c][w] for w in windows) / len(windows) for c in rows]
+
+
+def _parent_and_offspring(count: int) -> list[Genes]:
+    parent = Genes((KEEP,) * N_BLOCKS, (0,) * N_BLOCKS)
+    return [parent] + [Genes(tuple(REMOVE if i == k else KEEP for i in range(N_BLOCKS)), (0,) * N_BLOCKS)
+                       for k in range(count)]
+
+
+def test_fresh_final_stage_meets_the_parent_on_windows_the_first_stage_did_not_see():
+    from compression.structure_search import select, windows_needed
+
+    candidates = _parent_and_offspring(3)
+    # window 7 flatters offspring 1 and 2 (the first stage's pick); on windows 3 and 5 the parent is best
+    table = [{7: 2.0, 3: 1.0, 5: 1.0}, {7: 0.1, 3: 1.5, 5: 1.5}, {7: 0.2, 3: 1.45, 5: 1.45}, {7: 3.0, 3: 0.0, 5: 0.0}]
+    stages = [{"windows": 1, "survivors": 2}, {"windows": 2, "survivors": 1}]
+    order = [7, 3, 5, 1]
+
+    fresh = _settings(stages=stages, fresh_final=True)
+    evaluator = TableEvaluator(candidates, table)
+    assert select(evaluator, candidates, fresh, order) == (0, 1.0)  # the parent stays
+    assert evaluator.calls == [([1, 2, 3], [7]), ([0, 1, 2], [3, 5])]  # parent only in the final, on fresh windows
+    assert windows_needed(fresh) == 3
+
+    prefix = _settings(stages=stages)  # default: every stage a prefix, the parent in every stage
+    evaluator = TableEvaluator(candidates, table)
+    assert select(evaluator, candidates, prefix, order) == (1, 0.8)  # window 7 carries offspring 1 through
+    assert evaluator.calls == [([0, 1, 2, 3], [7]), ([1, 2], [7, 3])]
+    assert windows_needed(prefix) == 2
+
+
+def test_fresh_final_needs_windows_beyond_the_earlier_stages(model8, calibration):
+    settings = _settings(stages=[{"windows": 2, "survivors": 2}, {"windows": 3, "survivors": 1}], fresh_final=True)
+    with pytest.raises(SearchSettingsError, match=r"stages\[1\].windows: the stages need 5 windows") as info:
+        run_structure_search(model8, calibration.take(4), settings)
+    assert "\n" not in str(info.value)
