@@ -2,8 +2,11 @@
 saved, and the audit's false-rejection rate and rank agreement.
 
 Time saved is an estimate from the run's own timings: a candidate scored in full costs about
-the mean scoring time of the run's last-stage evaluations (F); a staged candidate cost what its
-stages cost (its audit excepted), so  saved = sum over judged candidates of (F - paid).
+what a promoted candidate paid to be made (materialising its weights and applying its plan, in
+whichever stage did it) plus its last stage's scoring, averaged over the run's promoted
+candidates (F); a staged candidate cost what its stages cost (its audit excepted), so
+saved = sum over judged candidates of (F - paid), negative when the earlier stages cost more
+than the full scorings they spared.
 A false rejection is an audited candidate stopped by the paired test whose full dev score is at
 least its rival's (merge: the member it challenged; compress / joint: the front member that
 stopped it; that member costs no more by construction). Only the paired test's stops are
@@ -47,8 +50,12 @@ def staged_summary(rows: list[dict], last: int | None) -> dict | None:
     def cost(e: Evaluation) -> float:
         return e.timing.get("score_s", 0.0) + e.timing.get("materialize_s", 0.0)
 
-    promoted = [full[c] for c in judged if c not in stops and c in full]
-    full_cost = mean(cost(e) for e in promoted) if promoted else math.nan
+    def unstaged_cost(cid: str) -> float:  # what a full-scoring run pays for this candidate
+        made = sum(e.timing.get("materialize_s", 0.0) for (c, _), e in by_stage.items() if c == cid)
+        return made + full[cid].timing.get("score_s", 0.0)
+
+    promoted = [c for c in judged if c not in stops and c in full]
+    full_cost = mean(unstaged_cost(c) for c in promoted) if promoted else math.nan
     paid = sum(cost(e) for (cid, k), e in by_stage.items() if not (cid in stops and k == last))
     audited = [c for c in stops if c in full and stops[c].extra.get("rival") in full]
     # the false-rejection rate is the paired test's: a sibling stopped because a better offspring
@@ -77,7 +84,9 @@ def format_staged(summary: dict) -> list[str]:
     lines = [f"staged       {summary['judged']} judged, {summary['fully_scored']} scored in full, "
              f"{summary['stopped']} stopped (per stage {summary['stopped_per_stage']})"]
     if summary["saved_s"] is not None:
-        lines.append(f"  scoring    {summary['scoring_s']:.0f} s spent, about {summary['saved_s']:.0f} s saved against full scoring")
+        saved = summary["saved_s"]
+        versus = f"about {saved:.0f} s saved against" if saved >= 0 else f"about {-saved:.0f} s more than"
+        lines.append(f"  scoring    {summary['scoring_s']:.0f} s spent, {versus} full scoring")
     if summary["audited"]:
         rate = summary["false_rejection_rate"]
         shown = "-" if rate is None else f"{rate:.1%} of {summary['audited_margin_stops']} stopped by the paired test"
