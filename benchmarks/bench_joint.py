@@ -48,16 +48,15 @@ def search_or_resume(config: Path, run_dir: Path) -> bool:
 
 
 class Timings(dict):
-    """Wall time per run; a run reused from an earlier invocation keeps that invocation's time."""
-
-    def __init__(self, earlier: dict):
-        super().__init__()
-        self.earlier = earlier
+    """Wall time per run; a run reused from an earlier invocation counts its logbook's generations."""
 
     def run(self, label: str, config: Path, run_dir: Path) -> None:
+        from search.run.store import RunStore
+
         start = time.time()
         reused = search_or_resume(config, run_dir)
-        self[f"{label}_s"] = self.earlier.get(f"{label}_s") if reused else round(time.time() - start, 1)
+        logged = sum(row["wall_s"] for row in RunStore(run_dir).read_logbook())
+        self[f"{label}_s"] = round(logged if reused else time.time() - start, 1)
 
 
 def write_config(raw: dict, name: str) -> Path:
@@ -99,6 +98,12 @@ def pinned_space(space: dict, plan: list[dict]) -> dict:
     return pinned
 
 
+def explicit(plan: list[dict]) -> bool:
+    """A plan compiled from structure genes (explicit blocks, per-layer ratios): no search-space
+    ranges pin it, so the ablation (which re-runs the space pinned to the plan) does not apply."""
+    return any("blocks" in step or isinstance(step.get("ratio"), dict) for step in plan)
+
+
 def dominated(points: list[dict], by: list[dict], limit: float, split: str) -> list[dict]:
     """The members of `points` within `limit` that some member of `by` dominates: no larger and
     no worse on `split` (strictly better in one of the two)."""
@@ -109,7 +114,7 @@ def dominated(points: list[dict], by: list[dict], limit: float, split: str) -> l
     return [p for p in within if any(q[split] is not None and beats(q, p) for q in by)]
 
 
-def run(quick: bool, earlier_timings: dict) -> dict:
+def run(quick: bool) -> dict:
     WORK.mkdir(parents=True, exist_ok=True)
     joint_raw = yaml.safe_load((ROOT / "configs" / ("tiny-joint.yaml" if quick else "joint-demo.yaml")).read_text())
     joint_raw["name"] = "bench-joint"
@@ -117,7 +122,7 @@ def run(quick: bool, earlier_timings: dict) -> dict:
     population = len(joint_raw["parents"]["experts"]) + int(joint_raw["evolver"].get("include_base", False))
     per_generation = population * joint_raw["evolver"].get("offspring_per_member", 1)
     budget = generations * per_generation  # candidates the joint search judges (a stopped one counts)
-    timings = Timings(earlier_timings)
+    timings = Timings()
     joint_dir = WORK / "joint"
     timings.run("joint", write_config(joint_raw, "joint"), joint_dir)
 
@@ -170,7 +175,7 @@ def run(quick: bool, earlier_timings: dict) -> dict:
     limit = 0.75 * dense
     joint_best = best_under(fronts["joint"], limit, "dev")
     ablation = None
-    if joint_best:
+    if joint_best and not explicit(joint_best["plan"]):
         plan_on_merged = compress_merged("merge+joint-plan", pinned_space(space, joint_best["plan"]), 1, 1)
         ablation = {"plan": joint_best["plan"], "joint_weights": joint_best,
                     "merged_weights": next(p for p in plan_on_merged if p["plan"])}
@@ -232,8 +237,7 @@ def main() -> None:
 
         shutil.rmtree(WORK)
     name = "joint_quick" if args.quick else "joint"
-    earlier = RESULTS / f"{name}.json"
-    result = run(args.quick, json.loads(earlier.read_text()).get("timings_s", {}) if args.keep and earlier.is_file() else {})
+    result = run(args.quick)
     RESULTS.mkdir(parents=True, exist_ok=True)
     (RESULTS / f"{name}.json").write_text(json.dumps(result, indent=1))
     text = to_markdown(result)
