@@ -86,6 +86,7 @@ __all__ = ["MergeConfigError", "MergeConfig", "load_config", "run_merge"]
 DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16,
           "float64": torch.float64}
 DEFAULT_SHARD_BYTES = 5_000_000_000  # mergekit's default --out-shard-size (5B)
+MERGE_WORKERS = 2  # tensors merged at once: both cores of a small machine, one more input set in memory
 TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json", "vocab.json",
                    "merges.txt", "tokenizer.model", "added_tokens.json", "chat_template.jinja")
 RUN_CONFIG_NAME = "mergekit_config.yml"
@@ -443,21 +444,26 @@ def run_merge(config_path: str | Path, out_dir: str | Path, *, allow_pickle: boo
 def _stream(recipes: list[Recipe], tensors: list[OutputTensor], sources: dict[str, Any], plan: list[TensorSpec],
             in_dtype: torch.dtype | None, work_dtype: torch.dtype | None, out: Path, max_shard_bytes: int,
             quiet: bool, align: Callable[[OutputTensor, dict], dict] | None = None) -> None:
-    """A three-stage pipeline: tensor p + 2 is read (helper thread) while p + 1 is merged
-    (another) and p is written (this thread, in file order).
+    """A three-stage pipeline: tensor p + W + 1 is read (helper thread) while p + 1 .. p + W
+    are merged (W = MERGE_WORKERS threads, one tensor each) and p is written (this thread, in
+    file order).
 
-    Read buffers rotate over three sets: reading p + 2 reuses p - 1's, which is written by
+    Read buffers rotate over W + 2 sets: reading p + W + 1 reuses p - 1's, which is written by
     then (the writer asks for p only after writing p - 1), while p's inputs stay untouched
     until p is written (a merge may return a view of an input). On a SmolLM2 linear merge,
-    writing was a fifth of the time and merging a quarter: overlapped, not added.
+    writing was a fifth of the time and merging a quarter: overlapped, not added. A TIES merge
+    is mostly merging, one core's work per tensor: two tensors at a time use both cores of a
+    small machine (each tensor's merge is independent and seeded by itself, so the output is
+    the same bytes whatever the order).
     """
     names = [name for name, _, _ in plan]
     dtypes = {name: dtype for name, dtype, _ in plan}
     shapes = {name: shape for name, _, shape in plan}
-    buffers: list[dict[str, Any]] = [{}, {}, {}]
+    workers = MERGE_WORKERS
+    buffers: list[dict[str, Any]] = [{} for _ in range(workers + 2)]
 
     def load(position: int) -> dict[str, torch.Tensor]:
-        slot = buffers[position % 3]
+        slot = buffers[position % len(buffers)]
         loaded = {}
         for model_id, source_name in tensors[position].inputs:
             tensor, slot[model_id] = sources[model_id].read(source_name, slot.get(model_id))
@@ -472,8 +478,8 @@ def _stream(recipes: list[Recipe], tensors: list[OutputTensor], sources: dict[st
 
         total = sum(nbytes_of(dtype, shape) for _, dtype, shape in plan)
         progress = tqdm(total=total, unit="B", unit_scale=True, desc="merge", file=sys.stderr)
-    with ThreadPoolExecutor(max_workers=1) as reader, ThreadPoolExecutor(max_workers=1) as merger:
-        reads = {p: reader.submit(load, p) for p in range(min(2, len(names)))}
+    with ThreadPoolExecutor(max_workers=1) as reader, ThreadPoolExecutor(max_workers=workers) as merger:
+        reads = {p: reader.submit(load, p) for p in range(min(workers + 1, len(names)))}
 
         def merge(position: int) -> torch.Tensor:
             loaded = reads.pop(position).result()
@@ -488,7 +494,7 @@ def _stream(recipes: list[Recipe], tensors: list[OutputTensor], sources: dict[st
             out = torch.empty(shapes[spec.name], dtype=dtypes[spec.name])
             return materialize_tensor(recipe, spec.param_name, loaded, out=out, compute_dtype=work_dtype)
 
-        merges = {0: merger.submit(merge, 0)} if names else {}
+        merges = {p: merger.submit(merge, p) for p in range(min(workers, len(names)))}
         state = {"position": 0}
 
         def produce(name: str) -> torch.Tensor:
@@ -496,10 +502,10 @@ def _stream(recipes: list[Recipe], tensors: list[OutputTensor], sources: dict[st
             assert names[position] == name, f"merge asked for {name!r}, planned {names[position]!r}"
             merged = merges.pop(position).result()
             state["position"] = position + 1
-            if position + 2 < len(names):
-                reads[position + 2] = reader.submit(load, position + 2)
-            if position + 1 < len(names):
-                merges[position + 1] = merger.submit(merge, position + 1)
+            if position + workers + 1 < len(names):
+                reads[position + workers + 1] = reader.submit(load, position + workers + 1)
+            if position + workers < len(names):
+                merges[position + workers] = merger.submit(merge, position + workers)
             if progress is not None:
                 progress.update(nbytes_of(merged.dtype, merged.shape))
             return merged

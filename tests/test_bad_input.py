@@ -287,6 +287,7 @@ def test_bad_input_is_one_line_exit_2_and_changes_nothing(case, finished_run, tm
     ctx = Ctx(tmp_path, tmp_path / "run")
     shutil.copytree(finished_run, ctx.run)
     argv = setup(ctx, monkeypatch) if setup is read_only else setup(ctx)
+    capsys.readouterr()  # what making the inputs printed (a save's progress bar) is not the command's
     before = tree(ctx.run)
     try:
         code = main(argv)
