@@ -142,16 +142,16 @@ def run_depth(a, write) -> None:
 def run_fuse(a, write) -> None:
     """FuseGPT recovery alone on a given block set (`--fuse-blocks`, e.g. an earlier run's evolved
     set) with `--fuse-steps` steps per block: how far more recovery steps go, without a new search."""
-    from compression.genes import FUSE, KEEP, Genes, compile_plan
+    from compression.genes import FUSE, KEEP, Genes, PlanKnobs, WidthGrid, compile_plan
 
     model, tokenizer = load(a)
     pool, test, held = data(tokenizer, a)
-    settings = search_settings(a, blocks_out=len(a.fuse_blocks), knobs=plan_knobs(a))
     n = len(model.model.layers)
     genes = Genes(tuple(FUSE if i in a.fuse_blocks else KEEP for i in range(n)), (0,) * n)
     rows = [{"method": "dense", "out": [], **measure(model, test, held)}]
     write(rows)
-    fused, fuse_s = applied(model, compile_plan(genes, settings.grid, settings.knobs), pool)
+    plan = compile_plan(genes, WidthGrid(), PlanKnobs(**plan_knobs(a)))
+    fused, fuse_s = applied(model, plan, pool)
     rows.append({"method": f"given set + FuseGPT ({a.fuse_steps} steps/block)", "out": sorted(a.fuse_blocks),
                  **measure(fused, test, held), "compress_s": fuse_s})
     write(rows)

@@ -317,28 +317,29 @@ def windows_for(settings: StructureSearch, generation: int, pool_size: int) -> l
     return order
 
 
+def final_stage_start(settings: StructureSearch) -> int:
+    """Where the last stage's windows begin in the generation's order: 0 (a prefix, like every
+    stage), or with `fresh_final` after the longest earlier prefix (stage windows only grow)."""
+    return settings.stages[-2].windows if settings.fresh_final and len(settings.stages) > 1 else 0
+
+
 def stage_windows(settings: StructureSearch, windows: list[int]) -> list[list[int]]:
-    """The pool windows each stage scores on: prefixes of the generation's order; with
-    `fresh_final`, the last stage's come after the longest earlier prefix instead."""
-    chosen = [windows[:stage.windows] for stage in settings.stages]
-    if settings.fresh_final and len(settings.stages) > 1:
-        used = settings.stages[-2].windows  # stage windows only grow: the earlier stages used this prefix
-        chosen[-1] = windows[used:used + settings.stages[-1].windows]
-    return chosen
+    """The pool windows each stage scores on: prefixes of the generation's order, the last
+    stage's from `final_stage_start`."""
+    start = final_stage_start(settings)
+    return [windows[:stage.windows] for stage in settings.stages[:-1]] + [windows[start:start + settings.stages[-1].windows]]
 
 
 def windows_needed(settings: StructureSearch) -> int:
-    """How many pool windows a generation's stages read (see `stage_windows`)."""
-    if settings.fresh_final and len(settings.stages) > 1:
-        return settings.stages[-2].windows + settings.stages[-1].windows
-    return settings.stages[-1].windows
+    """How many pool windows a generation's stages read."""
+    return final_stage_start(settings) + settings.stages[-1].windows
 
 
 def select(evaluator: StructureEvaluator, candidates: list[Genes], settings: StructureSearch,
            windows: list[int]) -> tuple[int, float]:
     """Multi-step selection: (index of the winner among candidates, its last-stage loss).
     candidates[0] is the parent; it wins ties (lowest index first)."""
-    fresh = settings.fresh_final and len(settings.stages) > 1
+    fresh = final_stage_start(settings) > 0
     alive = list(range(1 if fresh else 0, len(candidates)))
     scores: dict[int, float] = {}
     for number, (stage, chosen) in enumerate(zip(settings.stages, stage_windows(settings, windows))):
