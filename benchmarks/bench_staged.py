@@ -6,7 +6,9 @@ member: the search as it was), once staged (the config's own `fitness` and
 `evolver.offspring_per_member`). Reported per run:
 
 - candidates judged (a candidate stopped at the first stage counts) per hour of wall time and
-  per hour of actor time (scoring + materialising, summed over actors: robust to a shared CPU);
+  per hour of actor time (scoring + materialising, summed over actors: robust to a shared CPU),
+  the actor time of the run's audits (full scorings of stopped candidates, a measurement) shown
+  apart and per hour also without them;
 - the best member's dev and test aggregate, and the generation it was bred in;
 - for staged runs: stage counts, audited candidates, the false-rejection rate and the Spearman
   correlation of first-stage and full dev scores.
@@ -86,7 +88,11 @@ def measure(run_dir: Path, name: str, full: bool) -> dict:
     # A stop's journal row repeats the timing of the stage row it stops: count each scoring once.
     scorings = [e for e in dev if e["id"].startswith("g") and e["status"] != "stopped"]
     actor_s = sum(cost(e) for e in scorings)
-    full_costs = [cost(e) for e in full_dev_rows(scorings, last_stage(load_config(store.config_path)))]
+    # an audit (`fitness.audit`) is the full scoring of a stopped candidate: measurement, not search
+    stopped = {e["id"] for e in dev if e["status"] == "stopped"}
+    last = last_stage(load_config(store.config_path))
+    audit_s = sum(cost(e) for e in scorings if e["id"] in stopped and e.get("stage") == last)
+    full_costs = [cost(e) for e in full_dev_rows(scorings, last)]
     search_s = sum(r["wall_s"] for r in logbook)
     best = max(state["population"] + state["hall_of_fame"], key=lambda m: m["score"])
     test = {e["id"]: e for e in journal if e["split"] == "test"}
@@ -97,6 +103,8 @@ def measure(run_dir: Path, name: str, full: bool) -> dict:
         "judged": judged,
         "search_wall_s": round(search_s, 1),
         "actor_s": round(actor_s, 1),
+        "audit_actor_s": round(audit_s, 1),
+        "judged_per_hour_actor_without_audit": round(judged / (actor_s - audit_s) * 3600, 1) if actor_s > audit_s else None,
         "judged_per_hour_wall": round(judged / search_s * 3600, 1) if search_s else None,
         "judged_per_hour_actor": round(judged / actor_s * 3600, 1) if actor_s else None,
         "actor_s_per_judged": round(actor_s / judged, 1) if judged else None,
@@ -146,7 +154,7 @@ def side_by_side(config: Path, label: str, seed: int, keep: bool, full_generatio
 
 def table(rows: list[dict]) -> str:
     head = ["run", "scoring", "gens", "judged", "search s", "judged/h (wall)", "judged/h (actor)",
-            "actor s / judged", "actor s / full eval.", "best (gen)", "best dev", "best test", "stopped",
+            "audit actor s", "actor s / judged", "actor s / full eval.", "best (gen)", "best dev", "best test", "stopped",
             "false rej.", "Spearman 1st/full"]
     lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
     for r in rows:
@@ -155,7 +163,7 @@ def table(rows: list[dict]) -> str:
         rho = s.get("spearman_first_vs_full")
         lines.append("| " + " | ".join(str(x) for x in [
             r["run"], r["scoring"], r["generations"], r["judged"], r["search_wall_s"], r["judged_per_hour_wall"],
-            r["judged_per_hour_actor"], r.get("actor_s_per_judged"), r.get("actor_s_per_full_evaluation"),
+            r["judged_per_hour_actor"], r.get("audit_actor_s", "-"), r.get("actor_s_per_judged"), r.get("actor_s_per_full_evaluation"),
             f"{r['best_id']} ({r['best_generation']})", r["best_dev"], r["best_test"],
             s.get("stopped", "-"), "-" if frr is None else f"{frr:.1%} of {s['audited_margin_stops']}", "-" if rho is None else f"{rho:.2f}",
         ]) + " |")

@@ -145,7 +145,7 @@ class FitnessConfig(Strict):
     stages: list[float] = Field(default_factory=lambda: [1.0])
     confidence: float = Field(0.9, gt=0.5, lt=1)
     min_items: int = Field(4, ge=1)  # each task's first stage scores at least this many items
-    advance: int = Field(1, ge=1)  # merge runs: offspring per member that go on past stage 1
+    advance: int = Field(1, ge=1)  # offspring per member that go on past each stage but the last
     audit: float = Field(0.0, ge=0, le=1)  # fraction of stopped candidates fully scored anyway
     proxy: Optional[ProxyTask] = None  # compress / joint: the first stage scores this task instead
 

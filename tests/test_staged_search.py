@@ -144,10 +144,11 @@ def test_a_kl_proxy_first_stage_in_a_joint_run(tmp_path):
         assert trial.state == optuna.trial.TrialState.PRUNED and trial.user_attrs["pruned_reason"] == stop["reason"]
 
 
-def shared_recipe_run(tmp_path: Path, **proxy_settings) -> Path:
-    """A staged joint run whose members' offspring share a recipe: genes, a KL first stage."""
+def shared_recipe_run(tmp_path: Path, advance: int = 3, audit: float = 0.0, **proxy_settings) -> Path:
+    """A staged joint run whose members' offspring share a recipe: genes, a KL first stage; with
+    the default `advance` every sibling the front does not dominate goes on."""
     proxy = {"kind": "kl", "data": "pydoc:train", "options": {"seq_len": 32, "num_sequences": 4}, **proxy_settings}
-    config = staged_config(tmp_path, "tiny-joint.yaml", stages=[1.0], proxy=proxy, audit=0.0)
+    config = staged_config(tmp_path, "tiny-joint.yaml", stages=[1.0], proxy=proxy, audit=audit, advance=advance)
     raw = yaml.safe_load(config.read_text())
     raw["evolver"].update(generations=1, offspring_per_member=3, share_recipe=True)
     raw["compress"]["space"].update(genes=True, width=["prune_width"], width_ratio={"low": 0.1, "high": 0.5})
@@ -192,6 +193,64 @@ def test_an_unreconstructed_first_stage_rebuilds_what_goes_on(shared_run, tmp_pa
         assert a["metrics"] == b["metrics"] and a["num_params"] == b["num_params"], a["id"]
 
 
+def test_joint_siblings_go_on_by_their_lead_over_the_front():
+    """Compress / joint (1 + lambda): of one member's offspring the `advance` best go on, ranked by
+    the paired lead over the front members no larger than each (a candidate smaller than the whole
+    front: over its smallest members)."""
+    plan = plan_stages([1.0], {"acc": 8}, seed=0, min_items=4, proxy=True)
+    judge = StageJudge(plan, {"acc": 1.0}, confidence=0.9, advance=1, run_seed=0, audit=0.0)
+    kl = _proxy_row
+    small = kl("small", [-2.0] * 8)  # front member of 50 parameters, KL 2 per window
+    big = kl("big", [-0.5] * 8)  # front member of 100
+    size = {"small": 50, "big": 100, "a": 60, "b": 120, "c": 40, "d": 120}
+    rows = {"a": kl("a", [-1.5] * 8), "b": kl("b", [-0.2] * 8), "c": kl("c", [-9.0] * 8), "d": kl("d", [-0.4] * 8)}
+    front = [(small, (50.0,)), (big, (100.0,))]
+    costs_of = lambda r: (float(size[r.id]),)  # noqa: E731
+    # leads: a +0.5 over small; b +0.3 over big (its harder rival); d +0.1; c, smaller than all,
+    # against small: -7.0
+    two = [rows["a"].candidate, rows["b"].candidate]
+    assert set(judge.pareto_siblings(0, rows, front, two, costs_of)) == {"b"}
+    three = [rows["b"].candidate, rows["c"].candidate, rows["d"].candidate]
+    stopped = judge.pareto_siblings(0, rows, front, three, costs_of)
+    assert set(stopped) == {"c", "d"} and all(rule == "sibling" and rival == "b" for _, rival, rule in stopped.values())
+    c_best = _proxy_row("c", [-1.0] * 8)  # smaller than the front and better than its smallest: +1.0
+    assert set(judge.pareto_siblings(0, {**rows, "c": c_best}, front, three, costs_of)) == {"b", "d"}
+    # the first generation: only the dense parents, larger than every offspring: the best KL goes on
+    dense = [(kl("parent", [0.0] * 8), (200.0,))]
+    assert set(judge.pareto_siblings(0, rows, dense, [rows["a"].candidate, rows["b"].candidate], costs_of)) == {"a"}
+
+
+def _proxy_row(cid: str, values: list[float]) -> Evaluation:
+    """A KL stage row: per-window value -KL sum, weight 1."""
+    candidate = Candidate(id=cid, recipe=Recipe(op="copy", inputs=("m",)), target="m")
+    metrics = {"_proxy": {"score": sum(values) / len(values), "examples": _examples(values)}}
+    return Evaluation(candidate, "dev", "ok", metrics, score=sum(values) / len(values), stage=0)
+
+
+def test_siblings_in_a_joint_run_stop_beyond_the_best(tmp_path):
+    """With `advance: 1` one offspring per member goes on past the KL stage; the rest are
+    journalled as sibling stops against the one that went on, and (`audit: 1.0`) scored in full
+    anyway: in a joint run a sibling stop can be a false rejection."""
+    run = shared_recipe_run(tmp_path, advance=1, audit=1.0, unreconstructed=True)
+    journal = RunStore(run).read_journal()
+    families: dict[str, set[str]] = {}
+    for row in journal:
+        if row.get("stage") == 0 and row["split"] == "dev":
+            families.setdefault(row["target"], set()).add(row["id"])
+    stops = {e["id"]: e for e in journal if e["status"] == "stopped"}
+    full = {e["id"]: e for e in journal if e.get("stage") == 1 and e["status"] == "ok"}
+    siblings = [s for s in stops.values() if s["rule"] == "sibling"]
+    assert siblings, "no sibling stop: the rule was not exercised"
+    for ids in families.values():
+        went_on = [cid for cid in ids if cid in full and cid not in stops]
+        assert len(went_on) <= 1
+        for cid in ids & {s["id"] for s in siblings}:
+            assert stops[cid]["rival"] == went_on[0] and cid in full, "audited against the sibling that went on"
+    status = evofuse("status", str(run), "--json")
+    staged = json.loads(status.stdout)["staged"]
+    assert staged["audited"] >= len(siblings) and staged["false_rejection_rate"] is not None
+
+
 def test_an_idle_actor_takes_work_on_the_recipe_it_holds():
     from collections import deque
 
@@ -232,3 +291,38 @@ def test_unstaged_generations_score_the_items_the_parents_were_scored_on(tmp_pat
     search.config.evolver.subsample = 0.5
     search.score([candidate], generation=2, state={})
     assert (search.scorer.jobs[-1].subsample, search.scorer.jobs[-1].subsample_seed) == (0.5, 2)
+
+
+def test_an_unreconstructed_width_step_chooses_units_on_the_proxy_windows():
+    """With shared recipes the KL stage's unreconstructed width step reads statistics gathered on
+    the proxy's own windows (a quarter of the calibration pass in the joint demo); the rebuilt
+    candidate reads the plan's calibration."""
+    import copy
+
+    import torch
+
+    from compression.width import collect_width_stats, prune_with_stats
+    from search.models.datasets import calibration_windows
+    from search.models.sources import resolve_source
+    from search.run.workers import Evaluator, WorkerSpec, without_reconstruction
+
+    proxy = {"kind": "kl", "data": "pydoc:train", "options": {"seq_len": 32, "num_sequences": 2}, "unreconstructed": True}
+    spec = WorkerSpec(template_dir=str(resolve_source("tiny-llama")), tasks=[], names=[], proxy=proxy, shared_recipes=True,
+                      calibration={"data": "pydoc:dev", "seq_len": 32, "num_sequences": 16})
+    evaluator = Evaluator(spec)
+    evaluator._weights_key = "recipe"
+    plan = [{"op": "prune_width", "ratio": 0.25, "target": "ffn", "criterion": "second_moment", "reconstruct": "liar"}]
+    candidate = Candidate(id="c", recipe=Recipe(op="copy", inputs=("base",)), plan=plan)
+    step = without_reconstruction(candidate.steps[0])
+
+    def pruned_on(windows):
+        stats = collect_width_stats(evaluator.model, step, windows, every_layer=True)
+        return prune_with_stats(copy.deepcopy(evaluator.model), step, stats).state_dict()
+
+    on_proxy = pruned_on(calibration_windows(evaluator.tokenizer, "pydoc:train", 32, 2))
+    on_plan = pruned_on(evaluator.calibration())
+    judged = evaluator._apply_plan(candidate, reconstruct=False).state_dict()
+    assert all(torch.equal(judged[k], on_proxy[k]) for k in on_proxy)
+    assert any(not torch.equal(on_plan[k], on_proxy[k]) for k in on_proxy), "the two windows chose the same units"
+    rebuilt = evaluator._apply_plan(candidate, reconstruct=True).state_dict()
+    assert any(not torch.equal(rebuilt[k], judged[k]) for k in judged)  # LIAR's reconstruction, on the plan's windows

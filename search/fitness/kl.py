@@ -36,9 +36,10 @@ What a reference stores (on the CPU, option `reference_dtype`: float16 (default)
 Rounding. The candidate's log-probs (or buckets) are rounded to the storage dtype exactly as the
 reference's were, and both sides are renormalised (log_softmax over V, or over the k + 1
 buckets) before the sum. So a model scored against its own reference gives exactly 0, and both
-sides are proper distributions. Log-softmax, renormalising and sums run in float64 (a (T, V)
-temporary per window): a KL of 1e-2 nats is a small difference of log-probs near -5, and float32
-alone would cost it about 1e-3 of its value. float16 storage keeps a log-prob to 11 bits (0.002
+sides are proper distributions. Renormalising and sums run in float64 (a (T, V) temporary per
+window): a KL of 1e-2 nats is a small difference of log-probs near -5, and float32 alone would
+cost it about 1e-3 of its value; the log-softmax of the logits runs in float64 for float32
+storage and in float32 for float16 storage, whose rounding is four orders coarser. float16 storage keeps a log-prob to 11 bits (0.002
 nats at log p ~ -5), which moved kl by 2.4e-4 of itself on a tiny model (tests/test_kl.py);
 float32 storage (twice the memory) matches a float64 computation to ~1e-8 relative.
 """
@@ -100,14 +101,20 @@ def top_k_buckets(logp: torch.Tensor, indices: torch.Tensor) -> torch.Tensor:
 
 
 def kl_sum(logp: torch.Tensor, logq: torch.Tensor) -> torch.Tensor:
-    """sum_v P(v) (log P(v) - log Q(v)) over the last dim, with 0 log 0 = 0.  (..., K) x2 -> (...)"""
-    terms = logp.exp() * (logp - logq)  # (..., K)
-    return torch.where(logp > NEG_INF, terms, torch.zeros_like(terms)).sum(-1)
+    """sum_v P(v) (log P(v) - log Q(v)) over the last dim, with 0 log 0 = 0: where P(v) = 0 the
+    term is NaN (0 * -inf) and nansum counts it 0; a NaN log-prob of Q makes the KL NaN only
+    through the renormalisation before (log_softmax spreads it over the row).  (..., K) x2 -> (...)"""
+    return (logp.exp() * (logp - logq)).nansum(-1)
 
 
-def log_probs(logits: torch.Tensor) -> torch.Tensor:
-    """Next-token log-probs in float64, one window at a time.  (T, V) -> (T, V)"""
-    return torch.log_softmax(logits.double(), dim=-1)
+def log_probs(logits: torch.Tensor, storage: torch.dtype) -> torch.Tensor:
+    """Next-token log-probs, one window at a time, for storage in `storage`: computed in float64
+    for float32 storage, in float32 for float16 (its error, ~1e-6 at log p ~ -20, is four orders
+    below float16's step there, so the stored values are the same but for rare ties at a rounding
+    boundary; reference and candidate take the same path, so Q == P still gives 0).
+    (T, V) -> (T, V)"""
+    precise = torch.float64 if storage == torch.float32 else torch.float32
+    return torch.log_softmax(logits.to(precise), dim=-1)
 
 
 def stored(x: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
@@ -142,7 +149,7 @@ class KLTask(FitnessTask):
         parts: list[dict[str, torch.Tensor]] = []
         with EvalMode(model):
             for _, logits in self._batched_logits(model, list(range(len(self.windows))), progress, "kl reference"):
-                parts.extend(self._store(log_probs(row)) for row in logits)  # row: (T, V)
+                parts.extend(self._store(log_probs(row, self.dtype)) for row in logits)  # row: (T, V)
         stacked = {key: torch.stack([p[key] for p in parts]) for key in parts[0]}  # (N, T, ...)
         return KLReference(self.windows.clone(), self.top_k, logits.shape[-1], **stacked)
 
@@ -178,7 +185,7 @@ class KLTask(FitnessTask):
                 )
             for n, row_logits in zip(batch, logits):  # row_logits: (T, V)
                 logp, top = reference.window(n, logits.device)  # (T, V) or (T, k + 1), ids (T, k)
-                kl_t = self._position_kl(logp, log_probs(row_logits), top)  # (T,)
+                kl_t = self._position_kl(logp, log_probs(row_logits, self.dtype), top)  # (T,)
                 window_kl.append(float(kl_t.sum()))
         positions = len(rows) * self.seq_len
         kl = sum(window_kl) / positions

@@ -7,11 +7,11 @@ whichever stage did it) plus its last stage's scoring, averaged over the run's p
 candidates (F); a staged candidate cost what its stages cost (its audit excepted), so
 saved = sum over judged candidates of (F - paid), negative when the earlier stages cost more
 than the full scorings they spared.
-A false rejection is an audited candidate stopped by the paired test whose full dev score is at
-least its rival's (merge: the member it challenged; compress / joint: the front member that
-stopped it; that member costs no more by construction). Only the paired test's stops are
-audited: siblings stopped because a better offspring of the same member went on were never
-rejected against the member.
+A false rejection is an audited stopped candidate whose full dev score is at least its rival's:
+for a stop of the paired test, the member it challenged (merge) or the front member that
+stopped it (compress / joint; that member costs no more by construction); for a compress /
+joint sibling stop, the sibling that went on in its place. A merge run's sibling stops are
+never audited: they were not rejected against the member.
 """
 from __future__ import annotations
 
@@ -58,10 +58,10 @@ def staged_summary(rows: list[dict], last: int | None) -> dict | None:
     full_cost = mean(unstaged_cost(c) for c in promoted) if promoted else math.nan
     paid = sum(cost(e) for (cid, k), e in by_stage.items() if not (cid in stops and k == last))
     audited = [c for c in stops if c in full and stops[c].extra.get("rival") in full]
-    # the false-rejection rate is the paired test's: a sibling stopped because a better offspring
-    # of the same member went on was not rejected by a test
+    # rejections that can be false: the paired test's, and compress / joint sibling stops (a merge
+    # run never audits its sibling stops)
     audits = [(stops[c].score, full[c].score, full[stops[c].extra["rival"]].score)
-              for c in audited if stops[c].extra.get("rule", "margin") == "margin"]
+              for c in audited if stops[c].extra.get("rule", "margin") in ("margin", "sibling")]
     first = {cid: e.score for (cid, k), e in by_stage.items() if k == 0}
     both = [c for c in judged if c in first and c in full]
     return {
@@ -89,7 +89,7 @@ def format_staged(summary: dict) -> list[str]:
         lines.append(f"  scoring    {summary['scoring_s']:.0f} s spent, {versus} full scoring")
     if summary["audited"]:
         rate = summary["false_rejection_rate"]
-        shown = "-" if rate is None else f"{rate:.1%} of {summary['audited_margin_stops']} stopped by the paired test"
+        shown = "-" if rate is None else f"{rate:.1%} of {summary['audited_margin_stops']} that could be false"
         lines.append(f"  audit      {summary['audited']} stopped candidates scored in full: false-rejection rate {shown}")
     return lines
 

@@ -12,18 +12,21 @@ After each stage but the last, a candidate goes on while it can still win:
   than the one-sided paired margin at `fitness.confidence`; of one member's offspring (with
   `evolver.offspring_per_member` > 1) only the best `fitness.advance` by stage score go on;
 - compress / joint: no member of the current front, with no more parameters (and no more
-  latency), beats it by more than that margin.
+  latency), beats it by more than that margin; of one member's offspring the `fitness.advance`
+  that lead the front furthest at their own size go on (`StageJudge.pareto_siblings`). Without
+  siblings each candidate runs through its stages in one chain on one actor (depth first);
+  with them a generation is scored stage by stage, since siblings are compared.
 A stopped candidate is journalled (status `stopped`, the stage it reached, its partial
 metrics, the reason), told to Optuna as PRUNED and never selected; with `fitness.audit`, a
-seeded fraction of those the paired test stopped is fully scored anyway (journal rows marked
-`audit`) so the run measures its false rejections.
+seeded fraction of those the paired test stopped (compress / joint: and of the siblings stopped
+beside the one that went on) is fully scored anyway so the run measures its false rejections.
 """
 from __future__ import annotations
 
 from dataclasses import dataclass, replace
 from typing import Mapping
 
-from search.fitness.staged import audit_selected, compare, dominated_beyond_margin, stage_subsets
+from search.fitness.staged import audit_selected, compare, dominated_beyond_margin, paired_difference, stage_subsets
 from search.run.candidate import Candidate, Evaluation
 from search.run.scoring import STOPPED, Scorer
 from search.run.workers import PROXY, ScoreJob
@@ -82,12 +85,13 @@ class StageJudge:
     advance: int
     run_seed: int
     audit: float
+    audit_siblings: bool = False  # compress / joint: a sibling stop can be a false rejection too
 
     def merge_survivors(self, stage: int, rows: Mapping[str, Evaluation], rivals: Mapping[str, Evaluation | None],
                         candidates: list[Candidate]) -> dict[str, tuple]:
         """{candidate id: (reason, rival id, rule)} for the merge-run candidates stopped after `stage`."""
         tasks, weights = self.plan.tasks[stage], weights_for(self.plan.tasks[stage], self.task_weights)
-        stopped, alive_by_target = {}, {}
+        stopped, alive = {}, []
         for c in candidates:
             row = rows[c.id]
             mine = examples_of(row, tasks)
@@ -102,13 +106,9 @@ class StageJudge:
                     stopped[c.id] = (f"stage {stage + 1}: {verdict.diff:+.4f} against {c.target} on {verdict.n} items, "
                                      f"beyond the margin {verdict.margin:.4f}", c.target, "margin")
                     continue
-            alive_by_target.setdefault(c.target, []).append(c)
-        for siblings in alive_by_target.values():
-            ranked = sorted(siblings, key=lambda c: (-rows[c.id].score, c.id))
-            for c in ranked[self.advance:]:
-                stopped[c.id] = (f"stage {stage + 1}: {len(ranked) - self.advance} of {len(ranked)} siblings stop, "
-                                 f"{ranked[0].id} scored higher", c.target, "sibling")
-        return stopped
+            alive.append(c)
+        ranks = lambda c: (-rows[c.id].score, c.id)  # noqa: E731
+        return {**stopped, **sibling_stops(alive, ranks, self.advance, stage, "scored higher")}
 
     def pareto_survivors(self, stage: int, rows: Mapping[str, Evaluation], front: list[tuple[Evaluation, tuple]],
                          candidates: list[Candidate], costs_of) -> dict[str, tuple]:
@@ -130,13 +130,67 @@ class StageJudge:
                     break
         return stopped
 
+    def pareto_siblings(self, stage: int, rows: Mapping[str, Evaluation], front: list[tuple[Evaluation, tuple]],
+                        candidates: list[Candidate], costs_of) -> dict[str, tuple]:
+        """{candidate id: (reason, rival id, rule)} for the compress / joint offspring of one member
+        beyond its best `advance` after `stage` (EvoPress's (1 + lambda): all are judged on the
+        cheap stage, the most promising go on).
+
+        Siblings differ in size, so a raw stage score would favour the largest. Each is ranked by
+        its lead over the front where it would enter: the paired difference of its stage score
+        against every front member with no more parameters (and latency), the smallest of them.
+        A candidate smaller than every front member is measured against the smallest members
+        instead (its lead is then usually negative: it must be about as good as a larger member
+        to go on). An earlier rule ranked such a candidate first, as opening a new part of the
+        front, and in the joint demo it promoted an 83M-parameter plan over a 96M sibling whose
+        full dev score would have been the run's best. In the first generation, whose front is
+        the dense parents, this ranks the siblings by their stage score."""
+        tasks, weights = self.plan.tasks[stage], weights_for(self.plan.tasks[stage], self.task_weights)
+        usable = [(examples_of(e, tasks), costs) for e, costs in front if e is not None and examples_of(e, tasks)]
+
+        def lead(c: Candidate) -> float:
+            mine, costs = examples_of(rows[c.id], tasks), costs_of(rows[c.id])
+            below = [theirs for theirs, member_costs in usable if all(m <= x for m, x in zip(member_costs, costs))]
+            if not below and usable:  # smaller than the whole front: its smallest members
+                smallest = min(member_costs for _, member_costs in usable)
+                below = [theirs for theirs, member_costs in usable if member_costs == smallest]
+            return min((paired_difference(mine, theirs, weights)[0] for theirs in below), default=0.0)
+
+        ranks = lambda c: (-lead(c), -rows[c.id].score, c.id)  # noqa: E731
+        return sibling_stops(candidates, ranks, self.advance, stage, "leads the front further", against_leader=True)
+
     def audited(self, candidate_id: str, rule: str | None) -> bool:
-        """Whether a stopped candidate is fully scored anyway: a seeded draw among the stops of
-        the paired test (`margin`), the only rejections that can be false. A sibling stop (a
-        better offspring of the same member went on) rejects nothing the member would have
-        kept, and with (1 + lambda) offspring it is most stops: auditing it would cost full
-        evaluations without measuring a false rejection."""
-        return self.audit > 0 and rule == "margin" and audit_selected(self.run_seed, candidate_id, self.audit)
+        """Whether a stopped candidate is fully scored anyway: a seeded draw among the stops that
+        can be false rejections. The paired test's (`margin`) always can. In a merge run a
+        sibling stop (a better offspring of the same member went on) rejects nothing the member
+        would have kept, and with (1 + lambda) offspring it is most stops: auditing it would cost
+        full evaluations without measuring a false rejection. In a compress / joint run it can:
+        the sibling that went on was chosen on the cheap stage, and the stopped one, scored in
+        full, might have beaten it (`audit_siblings`)."""
+        auditable = rule == "margin" or (rule == "sibling" and self.audit_siblings)
+        return self.audit > 0 and auditable and audit_selected(self.run_seed, candidate_id, self.audit)
+
+
+def sibling_stops(candidates: list[Candidate], rank, advance: int, stage: int, why: str,
+                  against_leader: bool = False) -> dict[str, tuple]:
+    """{candidate id: (reason, rival, "sibling")} for each member's offspring ranked (by `rank`,
+    first is best) beyond its best `advance`; the rival is the member, or (`against_leader`) the
+    sibling ranked first, whose full score an audit of the stop is compared with."""
+    by_target: dict[str, list[Candidate]] = {}
+    for c in candidates:
+        by_target.setdefault(c.target, []).append(c)
+    stopped = {}
+    for siblings in by_target.values():
+        ranked = sorted(siblings, key=rank)
+        for c in ranked[advance:]:
+            stopped[c.id] = (f"stage {stage + 1}: {len(ranked) - advance} of {len(ranked)} siblings stop, {ranked[0].id} {why}",
+                             ranked[0].id if against_leader else c.target, "sibling")
+    return stopped
+
+
+def has_siblings(candidates: list[Candidate]) -> bool:
+    """Whether some member has several offspring here (`evolver.offspring_per_member` > 1)."""
+    return len({c.target for c in candidates}) < len(candidates)
 
 
 def failed_at(row: Evaluation, stage: int) -> tuple:
@@ -165,7 +219,7 @@ class StagedScoring:
 
     def score(self, candidates: list[Candidate], desc: str, hall_of_fame: list[dict]) -> dict[str, Evaluation]:
         """Each candidate's outcome: its last stage's evaluation, or its stop."""
-        if self.pareto:
+        if self.pareto and not has_siblings(candidates):
             return self.score_depth_first(candidates, desc, hall_of_fame)
         alive, outcome = list(candidates), {}
         for stage in range(self.plan.count):
@@ -212,7 +266,10 @@ class StagedScoring:
             rivals = {c.target: self.member_row(c.target, stage) for c in alive}
             return self.judge.merge_survivors(stage, rows, rivals, alive)
         front = [(self.member_row(m["id"], stage), self.costs(m.get("params"), m.get("latency_ms"))) for m in hall_of_fame]
-        return self.judge.pareto_survivors(stage, rows, front, alive, lambda r: self.costs(r.num_params, r.latency_ms))
+        costs_of = lambda r: self.costs(r.num_params, r.latency_ms)  # noqa: E731
+        stopped = self.judge.pareto_survivors(stage, rows, front, alive, costs_of)
+        alive = [c for c in alive if c.id not in stopped]
+        return {**stopped, **self.judge.pareto_siblings(stage, rows, front, alive, costs_of)}
 
     def member_row(self, member_id: str, stage: int) -> Evaluation | None:
         """A member's journalled scores for comparisons at `stage`: its row of that stage when
@@ -250,7 +307,8 @@ def staged_scoring(config, dev_items: Mapping[str, int], scorer: Scorer, mode) -
     """The staged scoring of a run (`config.fitness`), over its dev tasks' item counts."""
     fitness, weights = config.fitness, {t.name: t.weight for t in config.tasks}
     plan = plan_stages(fitness.stages, dev_items, config.seed, fitness.min_items, fitness.proxy is not None)
-    judge = StageJudge(plan, weights, fitness.confidence, fitness.advance, config.seed, fitness.audit)
+    judge = StageJudge(plan, weights, fitness.confidence, fitness.advance, config.seed, fitness.audit,
+                       audit_siblings=mode.front_of_all)
     return StagedScoring(scorer, plan, judge, pareto=mode.front_of_all, latency=mode.objectives.latency)
 
 
