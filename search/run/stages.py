@@ -69,6 +69,11 @@ def examples_of(evaluation: Evaluation, tasks: tuple[str, ...]) -> dict[str, dic
     return found if evaluation.ok and all(found.values()) else None
 
 
+def front_examples(front: list[tuple[Evaluation | None, tuple]], tasks: tuple[str, ...]) -> list[tuple[str, dict, tuple]]:
+    """(member id, per-example scores on `tasks`, costs) of the front members that have them."""
+    return [(e.id, examples_of(e, tasks), costs) for e, costs in front if e is not None and examples_of(e, tasks)]
+
+
 def weights_for(tasks: tuple[str, ...], task_weights: Mapping[str, float]) -> dict[str, float]:
     """The aggregate's task weights restricted to a stage's tasks (the proxy weighs 1)."""
     return {t: (1.0 if t == PROXY else task_weights[t]) for t in tasks}
@@ -116,7 +121,7 @@ class StageJudge:
         dominates beyond the margin after `stage`; `front` holds (the member's evaluation at this
         stage, its costs)."""
         tasks, weights = self.plan.tasks[stage], weights_for(self.plan.tasks[stage], self.task_weights)
-        usable = [(e.id, examples_of(e, tasks), costs) for e, costs in front if e is not None and examples_of(e, tasks)]
+        usable = front_examples(front, tasks)
         stopped = {}
         for c in candidates:
             row = rows[c.id]
@@ -146,14 +151,14 @@ class StageJudge:
         full dev score would have been the run's best. In the first generation, whose front is
         the dense parents, this ranks the siblings by their stage score."""
         tasks, weights = self.plan.tasks[stage], weights_for(self.plan.tasks[stage], self.task_weights)
-        usable = [(examples_of(e, tasks), costs) for e, costs in front if e is not None and examples_of(e, tasks)]
+        usable = front_examples(front, tasks)
 
         def lead(c: Candidate) -> float:
             mine, costs = examples_of(rows[c.id], tasks), costs_of(rows[c.id])
-            below = [theirs for theirs, member_costs in usable if all(m <= x for m, x in zip(member_costs, costs))]
+            below = [theirs for _, theirs, member_costs in usable if all(m <= x for m, x in zip(member_costs, costs))]
             if not below and usable:  # smaller than the whole front: its smallest members
-                smallest = min(member_costs for _, member_costs in usable)
-                below = [theirs for theirs, member_costs in usable if member_costs == smallest]
+                smallest = min(member_costs for _, _, member_costs in usable)
+                below = [theirs for _, theirs, member_costs in usable if member_costs == smallest]
             return min((paired_difference(mine, theirs, weights)[0] for theirs in below), default=0.0)
 
         ranks = lambda c: (-lead(c), -rows[c.id].score, c.id)  # noqa: E731

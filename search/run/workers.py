@@ -122,10 +122,10 @@ class Evaluator:
         self._build_task = lambda t, split: build_task(
             TaskSpec(kind=t["kind"], data=t[split], name=t["name"], options=t.get("options") or {}), self.tokenizer
         )
-        self._calibration: dict[str, Any] = {}  # "plan" / "proxy" -> calibration windows
+        self._calibration = None
         self._weights_key: str | None = None  # what the working model holds: its recipe's fingerprint
         self._references: dict[tuple[str, str], Any] = {}  # (weights key, task) -> KL reference
-        self._width_stats: tuple | None = None  # ((weights key, windows, target, samples, batch size), grams)
+        self._width_stats: tuple | None = None  # ((weights key, plan windows?, target, samples, batch size), grams)
         self._planned: tuple | None = None  # (candidate key, its compressed model): kept for its next stage
 
     def task(self, name: str, split: str):
@@ -210,7 +210,8 @@ class Evaluator:
 
         Without `reconstruct` (`proxy.unreconstructed`, the KL stage) width steps choose their
         units by their criterion and reconstruct nothing. With shared recipes, the statistics
-        that choice reads come from the proxy's own windows: the KL stage then costs a recipe
+        that choice reads come from the proxy's own windows (a `kl` proxy's; another kind of proxy
+        reads the plan's calibration): the KL stage then costs a recipe
         one forward pass over the proxy's tokens (8 x 128 in the joint demo) instead of one over
         the plan's calibration (32 x 128), a quarter of the recipe's work before any plan. (Every
         other step, block importance included, reads the plan's calibration as always.) A
@@ -228,32 +229,34 @@ class Evaluator:
         model = copy.deepcopy(self.model)
         if self.spec.shared_recipes and steps and steps[0].op == "prune_width" and needs_stats(steps[0]):
             first = steps[0] if reconstruct else steps[0].model_copy(update={"samples": None})  # every proxy window
-            stats = self._recipe_width_stats(first, "plan" if reconstruct else "proxy")
+            stats = self._recipe_width_stats(first, self.calibration() if reconstruct else self.proxy_windows())
             return apply_plan_from_stats(model, steps, stats, self.calibration()).eval()
         return apply_plan(model, steps, self.calibration()).eval()
 
-    def calibration(self, windows: str = "plan"):
-        """The plan's calibration windows, or (`"proxy"`) the proxy task's own."""
+    def calibration(self):
         from search.models.datasets import calibration_windows
 
-        if windows not in self._calibration:
-            if windows == "proxy":
-                options = self.spec.proxy.get("options") or {}
-                source = (self.spec.proxy["data"], options.get("seq_len", 128), options.get("num_sequences", 8))
-            else:
-                c = self.spec.calibration
-                source = (c["data"], c["seq_len"], c["num_sequences"])
-            self._calibration[windows] = calibration_windows(self.tokenizer, *source)
-        return self._calibration[windows]
+        if self._calibration is None:
+            c = self.spec.calibration
+            self._calibration = calibration_windows(self.tokenizer, c["data"], c["seq_len"], c["num_sequences"])
+        return self._calibration
 
-    def _recipe_width_stats(self, step, windows: str) -> dict:
-        """Every targeted layer's input statistics on the working model (see `_apply_plan`)."""
+    def proxy_windows(self):
+        """The proxy task's own token windows (a `kl` proxy's), else the plan's calibration."""
+        from compression.calibration import CalibrationData
+
+        windows = getattr(self.task(PROXY, "dev"), "windows", None)
+        return CalibrationData(windows) if windows is not None else self.calibration()
+
+    def _recipe_width_stats(self, step, windows) -> dict:
+        """Every targeted layer's input statistics on the working model over `windows` (see
+        `_apply_plan`)."""
         from compression.width import collect_width_stats
 
-        key = (self._weights_key, windows, step.target, step.samples, step.batch_size)
+        key = (self._weights_key, windows is self._calibration, step.target, step.samples, step.batch_size)
         if self._width_stats is None or self._width_stats[0] != key:
             self._width_stats = None  # free the previous recipe's before gathering these
-            self._width_stats = (key, collect_width_stats(self.model, step, self.calibration(windows), every_layer=True))
+            self._width_stats = (key, collect_width_stats(self.model, step, windows, every_layer=True))
         return self._width_stats[1]
 
 
