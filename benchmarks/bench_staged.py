@@ -118,12 +118,12 @@ def measure(run_dir: Path, name: str, full: bool) -> dict:
 
 
 def compare(config: Path, label: str, seeds: list[int], keep: bool, concurrent: int | None = None,
-            full_generations: int | None = None) -> list[dict]:
+            full_generations: int | None = None, tag: str = "") -> list[dict]:
     if concurrent:
         return [row for seed in seeds for row in side_by_side(config, label, seed, keep, concurrent)]
     rows = []
     for seed in seeds:
-        staged = variant(config, f"{label}-staged-s{seed}", seed, full=False, generations=None, keep=keep)
+        staged = variant(config, f"{label}-staged{tag}-s{seed}", seed, full=False, generations=None, keep=keep)
         per_generation = staged["search_wall_s"] / max(1, staged["generations"])
         generations = full_generations
         if generations is None:  # as many full-scoring generations as fit in the staged run's time
@@ -188,7 +188,11 @@ def main() -> None:
     parser.add_argument("--seeds", type=int, nargs="+", help="seeds of each pair (default: 0; --quick: 0 1)")
     parser.add_argument("--full-generations", type=int, metavar="N",
                         help="generations of the full-scoring runs, one after the other (no probe run)")
+    parser.add_argument("--config", type=Path, help="with --only: this config instead of the demo's (a variant to compare)")
+    parser.add_argument("--tag", default="", help="appended to the staged runs' names (--tag=-l8: a variant's runs)")
     args = parser.parse_args()
+    if args.config and not args.only:
+        parser.error("--config needs --only")
     started = time.time()
     if args.quick:
         pairs = [("merge", ROOT / "configs" / "tiny-staged.yaml"), ("joint", ROOT / "configs" / "tiny-joint-staged.yaml")]
@@ -201,8 +205,8 @@ def main() -> None:
     for label, config in pairs:
         if args.only and label != args.only:
             continue
-        rows += compare(config, ("quick-" if args.quick else "") + label, seeds, args.keep, args.concurrent,
-                        args.full_generations)
+        rows += compare(args.config or config, ("quick-" if args.quick else "") + label, seeds, args.keep,
+                        args.concurrent, args.full_generations, args.tag)
     name = "staged_quick" if args.quick else "staged"
     RESULTS.mkdir(parents=True, exist_ok=True)
     rows = kept_rows(RESULTS / f"{name}.json", rows) + rows

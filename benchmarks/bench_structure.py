@@ -102,7 +102,8 @@ def search_settings(a, **overrides):
     from compression.structure_search import StructureSearch
 
     base = dict(offspring=a.offspring, stages=[{"windows": w, "survivors": s} for w, s in a.stages],
-                importance_samples=a.importance_samples, seed=a.seed, fitness=a.fitness, fresh_final=a.fresh_final)
+                importance_samples=a.importance_samples, seed=a.seed, fitness=a.fitness, fresh_final=a.fresh_final,
+                stats_windows=a.stats_windows)
     return StructureSearch.model_validate({**base, **overrides})
 
 
@@ -209,6 +210,10 @@ def markdown(part: str, rows: list[dict], meta: dict, a) -> str:
     cmd = f"benchmarks/bench_structure.py{' --quick' if a.quick else ''} --part {part} --fitness {a.fitness}"
     if a.fresh_final:
         cmd += " --fresh-final"
+    if a.pool != (QUICK if a.quick else FULL)["pool"]:
+        cmd += f" --pool {a.pool}"
+    if a.stats_windows:
+        cmd += f" --stats-windows {a.stats_windows}"
     if part == "fuse":
         cmd += f" --fuse-blocks {','.join(map(str, a.fuse_blocks))} --fuse-steps {a.fuse_steps}"
     if meta["device"] == "cpu":
@@ -217,9 +222,11 @@ def markdown(part: str, rows: list[dict], meta: dict, a) -> str:
     else:
         cmd += f" --device {a.device} --dtype {a.dtype}"
         where = f"{meta['device']}, {a.dtype}."
+    stats_note = (f" (the search's width statistics on the first {a.stats_windows}, its stages on the other "
+                  f"{a.pool - a.stats_windows}; every pruned model below is built on all {a.pool})") if a.stats_windows else ""
     lines = [f"# Structure search, {part}, {a.model} (`{cmd}`)", "",
              f"Perplexity on {a.eval_windows} windows of 512 tokens: pydoc test split and held-out stdlib docstrings "
-             f"(never selected on). Calibration: {a.pool} windows of 128 tokens of pydoc:train. {where}", "",
+             f"(never selected on). Calibration: {a.pool} windows of 128 tokens of pydoc:train{stats_note}. {where}", "",
              "| method | params (M) | test ppl | × dense | held-out ppl | × dense | blocks out / levels |",
              "|---|---|---|---|---|---|---|"]
     for r in rows:
@@ -258,6 +265,8 @@ def parse_args(argv=None):
     p.add_argument("--suffix", default="", help="appended to the results' name")
     p.add_argument("--fresh-final", action="store_true",
                    help="the parent meets the finalists on last-stage windows the earlier stages did not use")
+    p.add_argument("--stats-windows", type=int, default=0,
+                   help="width statistics on the pool's first N windows, the search's stages on the rest")
     p.add_argument("--device", default="cpu", help="cpu or cuda: where the model, search and evaluation run")
     p.add_argument("--dtype", choices=["float32", "bfloat16"], default="float32")
     for key, value in FULL.items():

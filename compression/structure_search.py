@@ -18,7 +18,9 @@ A candidate is never built: blocks it keeps are replayed one at a time
 block with width level l > 0 is replaced by its pruned variant, computed once per (layer,
 level) with prune_width's own code and statistics (one-shot statistics of the unpruned model,
 exactly what the compiled plan's prune_width step does), so the scored model is the model
-`--plan` replays (tests/test_structure.py). Fusion is scored as removal: recovery is
+`--plan` replays on the same statistics windows (tests/test_structure.py). With `stats_windows`
+those are the pool's first windows and the stages score on the others (held out from the
+reconstruction's regression). Fusion is scored as removal: recovery is
 training, run once on the winner by the compiled plan (`recovery: fuse`).
 
 Selection, per generation g (EvoPress's multi-step selection):
@@ -101,6 +103,11 @@ class StructureSearch(BaseModel):
     # parent cannot be knocked out by one stage-1 window. Off: every stage takes a prefix of the
     # generation's windows and the parent runs through every stage like an offspring.
     fresh_final: bool = False
+    # Width statistics (the data LIAR's or the greedy reconstruction's regression is fitted on)
+    # come from the pool's first `stats_windows` windows, and the stages draw only from the rest:
+    # a width level is then judged by how its reconstruction does on text it was not fitted to,
+    # not rewarded for fitting the very windows it is scored on. 0: the whole pool is both.
+    stats_windows: NonNegativeInt = 0
     top_k: PositiveInt = 256  # dense log-probs kept per position (KL over top_k + 1 buckets)
     batch_size: PositiveInt = 4
     seed: int = 0
@@ -178,15 +185,19 @@ class StructureEvaluator:
     to the dense model (`fitness="kl"`) or next-token NLL of the windows (`"nll"`); lower is better."""
 
     def __init__(self, model: nn.Module, pool: CalibrationData, grid: WidthGrid, knobs: PlanKnobs,
-                 max_level: int = 0, top_k: int = 256, batch_size: int = 4, fitness: str = "kl"):
+                 max_level: int = 0, top_k: int = 256, batch_size: int = 4, fitness: str = "kl",
+                 stats: CalibrationData | None = None):
+        """`pool`: the windows candidates are scored on; `stats`: those the width variants'
+        statistics are gathered on (default: the pool)."""
         self.model, self.pool, self.grid, self.batch_size = model.eval(), pool, grid, batch_size
         self.fitness = fitness
         self.blocks = list(arch.decoder_blocks(model))
         self.calls = arch.capture_block_calls(model, pool.seq_len)
         self.tokens = 0  # forward tokens spent so far
-        self.variants = width_variants(model, pool, grid, knobs, max_level) if max_level > 0 else {}
+        stats = pool if stats is None else stats
+        self.variants = width_variants(model, stats, grid, knobs, max_level) if max_level > 0 else {}
         if max_level > 0:
-            self.tokens += pool.input_ids.numel()  # the statistics pass
+            self.tokens += stats.input_ids.numel()  # the statistics pass
         self.reference = self._dense_reference(top_k) if fitness == "kl" else None
 
     def _block(self, genes: Genes, i: int) -> nn.Module:
@@ -399,20 +410,32 @@ def _load_state(path: Path | None, fingerprint: str) -> dict | None:
     return state
 
 
+def split_pool(calibration: CalibrationData, settings: StructureSearch) -> tuple[CalibrationData, CalibrationData]:
+    """(the windows width statistics are gathered on, the windows the stages score on)."""
+    if not settings.stats_windows:
+        return calibration, calibration
+    if settings.stats_windows >= calibration.num_sequences:
+        raise SearchSettingsError(f"stats_windows: {settings.stats_windows} leaves none of the "
+                                  f"{calibration.num_sequences} calibration windows to score on")
+    return calibration.split(settings.stats_windows)
+
+
 def run_structure_search(model: nn.Module, calibration: CalibrationData, settings: StructureSearch,
                          state_path: str | Path | None = None, log: Callable[[str], None] | None = None,
                          stop_after: int | None = None, rankings: dict[str, list[float]] | None = None) -> SearchResult:
     """Evolve the structure of `model` on `calibration` (the pool of windows every stage draws
-    from). `state_path`: journal, resumed when present. `stop_after`: end after that generation
-    (as if killed; for tests). `rankings`: precomputed importance scores (the benchmark shares
+    from, less the first `stats_windows`, which only the width statistics read). `state_path`:
+    journal, resumed when present. `stop_after`: end after that generation (as if killed; for tests). `rankings`: precomputed importance scores (the benchmark shares
     them with its baselines)."""
     started = time.perf_counter()
     n = arch.num_blocks(model)
     budget = budget_for(n, settings.blocks_out, settings.width_ratio, settings.grid)
     needed = windows_needed(settings)
+    stats, calibration = split_pool(calibration, settings)
     if calibration.num_sequences < needed:
+        beyond = f" beyond the {settings.stats_windows} stats_windows" if settings.stats_windows else ""
         raise SearchSettingsError(f"stages[{len(settings.stages) - 1}].windows: the stages need {needed} windows, "
-                                  f"more than the {calibration.num_sequences} calibration windows")
+                                  f"more than the {calibration.num_sequences} calibration windows{beyond}")
     path = Path(state_path) if state_path is not None else None
     fingerprint = settings.fingerprint()
     state = _load_state(path, fingerprint)
@@ -421,7 +444,8 @@ def run_structure_search(model: nn.Module, calibration: CalibrationData, setting
         rankings, extra_tokens = importance_rankings(model, calibration, settings)
     evaluator = StructureEvaluator(model, calibration, settings.grid, settings.knobs,
                                    max_level=settings.grid.max_level if budget.width_units else 0,
-                                   top_k=settings.top_k, batch_size=settings.batch_size, fitness=settings.fitness)
+                                   top_k=settings.top_k, batch_size=settings.batch_size, fitness=settings.fitness,
+                                   stats=stats)
     prior = ranking_prior(rankings[settings.prior], settings.prior_strength) if settings.prior else None
     if state is None:
         evaluator.tokens += extra_tokens
@@ -464,5 +488,5 @@ def _save_state(path: Path | None, state: dict) -> None:
 
 __all__ = [
     "DenseReference", "SearchResult", "SearchSettingsError", "Stage", "StructureEvaluator", "StructureSearch",
-    "bucket_kl", "first_difference", "run_structure_search", "top_k_buckets", "width_variants",
+    "bucket_kl", "first_difference", "run_structure_search", "split_pool", "top_k_buckets", "width_variants",
 ]

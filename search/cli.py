@@ -377,5 +377,22 @@ def main(argv: list[str] | None = None) -> int:
         RunLock.release_all()
 
 
+# Verbs that leave nothing for the interpreter's teardown once they return: no Ray runtime, no
+# child process, every file written, fsynced and closed. After them the `evofuse` executable
+# exits at once: unloading torch and the modules took 0.5 s of a 3.5 s `evofuse merge` here.
+FAST_EXIT_VERBS = frozenset({"merge"})
+
+
+def console() -> None:
+    """The `evofuse` executable (pyproject's console script): `main` with the process's arguments."""
+    code = main()
+    verb = next((arg for arg in sys.argv[1:] if not arg.startswith("-")), None)
+    if verb in FAST_EXIT_VERBS:
+        sys.stdout.flush()
+        sys.stderr.flush()
+        os._exit(code)
+    sys.exit(code)
+
+
 if __name__ == "__main__":
-    sys.exit(main())
+    console()

@@ -444,33 +444,36 @@ def run_merge(config_path: str | Path, out_dir: str | Path, *, allow_pickle: boo
 def _stream(recipes: list[Recipe], tensors: list[OutputTensor], sources: dict[str, Any], plan: list[TensorSpec],
             in_dtype: torch.dtype | None, work_dtype: torch.dtype | None, out: Path, max_shard_bytes: int,
             quiet: bool, align: Callable[[OutputTensor, dict], dict] | None = None) -> None:
-    """A three-stage pipeline: tensor p + W + 1 is read (helper thread) while p + 1 .. p + W
+    """A three-stage pipeline: tensor p + W + 1 is loaded (helper thread) while p + 1 .. p + W
     are merged (W = MERGE_WORKERS threads, one tensor each) and p is written (this thread, in
     file order).
 
-    Read buffers rotate over W + 2 sets: reading p + W + 1 reuses p - 1's, which is written by
-    then (the writer asks for p only after writing p - 1), while p's inputs stay untouched
-    until p is written (a merge may return a view of an input). On a SmolLM2 linear merge,
-    writing was a fifth of the time and merging a quarter: overlapped, not added. A TIES merge
-    is mostly merging, one core's work per tensor: two tensors at a time use both cores of a
-    small machine (each tensor's merge is independent and seeded by itself, so the output is
-    the same bytes whatever the order).
+    Inputs are views of the memory-mapped files, not copies: a SmolLM2 linear merge read its
+    three 538 MB inputs in 0.46 s with `preadv` into buffers and in 0.09 s through the mapping.
+    A tensor's pages leave the resident set once the output it feeds is written (a merge may
+    return a view of an input), so at most W + 2 tensors' inputs are resident. Writing was a
+    fifth of a linear merge's time and merging a quarter: overlapped, not added. A TIES merge is
+    mostly merging, one core's work per tensor: two tensors at a time use both cores of a small
+    machine (each tensor's merge is independent and seeded by itself, so the output is the same
+    bytes whatever the order).
     """
     names = [name for name, _, _ in plan]
     dtypes = {name: dtype for name, dtype, _ in plan}
     shapes = {name: shape for name, _, shape in plan}
     workers = MERGE_WORKERS
-    buffers: list[dict[str, Any]] = [{} for _ in range(workers + 2)]
 
     def load(position: int) -> dict[str, torch.Tensor]:
-        slot = buffers[position % len(buffers)]
         loaded = {}
         for model_id, source_name in tensors[position].inputs:
-            tensor, slot[model_id] = sources[model_id].read(source_name, slot.get(model_id))
+            tensor = sources[model_id].view(source_name)
             if in_dtype is not None and tensor.is_floating_point() and tensor.dtype != in_dtype:
                 tensor = tensor.to(in_dtype)  # mergekit's `dtype`: inputs are cast on load
             loaded[model_id] = tensor
         return loaded
+
+    def release(position: int) -> None:
+        for model_id, source_name in tensors[position].inputs:
+            sources[model_id].release(source_name)
 
     progress = None
     if not quiet:
@@ -501,6 +504,8 @@ def _stream(recipes: list[Recipe], tensors: list[OutputTensor], sources: dict[st
             position = state["position"]
             assert names[position] == name, f"merge asked for {name!r}, planned {names[position]!r}"
             merged = merges.pop(position).result()
+            if position > 0:
+                release(position - 1)  # written by now
             state["position"] = position + 1
             if position + workers + 1 < len(names):
                 reads[position + workers + 1] = reader.submit(load, position + workers + 1)
@@ -511,6 +516,7 @@ def _stream(recipes: list[Recipe], tensors: list[OutputTensor], sources: dict[st
             return merged
 
         write_sharded_streaming(out, plan, produce, max_shard_bytes)
+        release(len(names) - 1)
     if progress is not None:
         progress.close()
 

@@ -163,6 +163,22 @@ def test_command_line_exit_code_on_bad_input(tmp_path):
     assert done.stderr.strip().count("\n") == 0 and "field 'models'" in done.stderr
 
 
+def test_the_executable_exits_at_once_after_merge_with_its_code_and_output(models, tmp_path):
+    """`evofuse merge` skips the interpreter's teardown (search.cli.console): the exit code,
+    stderr's line and the merged files are all there."""
+    config = _write(tmp_path, _ties(models))
+    done = subprocess.run([sys.executable, "-m", "search.cli", "merge", str(config), str(tmp_path / "out"), "--quiet"],
+                          capture_output=True, text=True, cwd=ROOT)
+    assert done.returncode == 0, done.stderr
+    run_merge(config, tmp_path / "in_process", quiet=True)
+    assert (tmp_path / "out" / "model-00001-of-00001.safetensors").read_bytes() == \
+        (tmp_path / "in_process" / "model-00001-of-00001.safetensors").read_bytes()
+    bad = _write(tmp_path, "merge_method: ties\nmodels: []\n")
+    done = subprocess.run([sys.executable, "-m", "search.cli", "merge", str(bad), str(tmp_path / "out2")],
+                          capture_output=True, text=True, cwd=ROOT)
+    assert done.returncode == 2 and done.stderr.startswith("evofuse merge: ") and "field 'models'" in done.stderr
+
+
 # --- search/models/tensors.py: the streaming writer and the same-tensors check --------------
 
 
@@ -234,6 +250,33 @@ def test_streaming_writer_leaves_nothing_when_produce_fails(tmp_path):
     with pytest.raises(ValueError, match="the header says"):  # a tensor that does not match its spec
         write_safetensors_streaming(old, specs, lambda name: tensors[name].double())
     assert [p.name for p in tmp_path.iterdir()] == ["old.safetensors"] and old.read_bytes() == b"previous"
+
+
+def test_mapped_views_read_every_dtype_misaligned_and_released_tensors_alike(tmp_path):
+    from search.models.tensors import SafetensorsSource, TensorFileError, write_safetensors_streaming
+
+    specs, tensors = _specs_and_tensors()
+    tensors["0.four"] = torch.tensor([1, 2, 3, 4], dtype=torch.uint8)  # first: a.weight .. c.ids stay aligned,
+    specs = [("0.four", torch.uint8, (4,))] + specs                      # e.scalar (float64) does not
+    path = tmp_path / "model.safetensors"
+    write_safetensors_streaming(path, specs, lambda name: tensors[name])
+    before = path.read_bytes()
+    source = SafetensorsSource(tmp_path)
+    assert source.tensors["a.weight"].start % 4 == 0 and source.tensors["e.scalar"].start % 8 != 0
+    views = {name: source.view(name) for name in tensors}
+    for name, tensor in tensors.items():
+        assert views[name].dtype == tensor.dtype and torch.equal(views[name], tensor), name
+    views["a.weight"].add_(1)  # a stray in-place write stays private: the file keeps its bytes
+    for name in tensors:
+        source.release(name)
+    assert torch.equal(views["b.bf16"], tensors["b.bf16"])  # released pages read back from the file
+    assert torch.equal(views["a.weight"], tensors["a.weight"])  # ... the private write included
+    assert path.read_bytes() == before
+    source.close()
+    for cut in ("a.weight", "e.scalar"):  # mapped, read
+        path.write_bytes(before[: source.tensors[cut].start + 4])  # the file ends inside the tensor
+        with pytest.raises(TensorFileError, match=f"truncated while reading tensor '{cut}'"):
+            SafetensorsSource(tmp_path).view(cut)
 
 
 def test_same_tensors_check_names_the_model_and_the_tensor():

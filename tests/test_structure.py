@@ -243,3 +243,26 @@ def test_fresh_final_needs_windows_beyond_the_earlier_stages(model8, calibration
     with pytest.raises(SearchSettingsError, match=r"stages\[1\].windows: the stages need 5 windows") as info:
         run_structure_search(model8, calibration.take(4), settings)
     assert "\n" not in str(info.value)
+
+
+def test_stats_windows_fit_the_width_variants_and_the_stages_score_on_the_rest(model8, calibration):
+    from compression.structure_search import split_pool
+
+    settings = _settings(width_ratio=0.25, stats_windows=3, stages=[{"windows": 2, "survivors": 1}], generations=1)
+    stats, pool = split_pool(calibration.take(6), settings)
+    assert torch.equal(stats.input_ids, calibration.input_ids[:3]) and torch.equal(pool.input_ids, calibration.input_ids[3:6])
+    genes = Genes((KEEP,) * N_BLOCKS, (2, 0, 1, 3, 0, 2, 0, 0))
+    evaluator = StructureEvaluator(model8, pool, GRID, PlanKnobs(), max_level=GRID.max_level, top_k=16, stats=stats)
+    # the scored model is the plan replayed on the statistics windows, scored on pool windows
+    replayed = apply_plan(copy.deepcopy(model8), parse_plan(compile_plan(genes, GRID)), stats).eval()
+    with torch.no_grad():
+        assert torch.allclose(replayed(input_ids=pool.input_ids, use_cache=False).logits,
+                              evaluator.logits(genes, pool.input_ids), atol=1e-5)
+        fitted_on_pool = apply_plan(copy.deepcopy(model8), parse_plan(compile_plan(genes, GRID)), pool).eval()
+        assert not torch.allclose(fitted_on_pool(input_ids=pool.input_ids, use_cache=False).logits,
+                                  evaluator.logits(genes, pool.input_ids), atol=1e-4)
+    assert evaluator.tokens == stats.input_ids.numel() + pool.input_ids.numel()  # statistics + dense reference
+    with pytest.raises(SearchSettingsError, match=r"stages\[0\].windows: .* beyond the 3 stats_windows"):
+        run_structure_search(model8, calibration.take(4), settings)
+    with pytest.raises(SearchSettingsError, match=r"stats_windows: 6 leaves none of the 6"):
+        split_pool(calibration.take(6), _settings(stats_windows=6))

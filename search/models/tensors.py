@@ -5,8 +5,9 @@ tensor name to `{"dtype", "shape", "data_offsets": [begin, end]}` (offsets relat
 of the header; an optional `"__metadata__"` of strings), then the raw little-endian bytes.
 
 * Reading: `read_header` parses one file's header without touching the data;
-  `SafetensorsSource` reads one tensor at a time into reusable caller-owned buffers with plain
-  `preadv` (no memory map, so the pages read do not pile up in the resident set).
+  `SafetensorsSource` gives one tensor at a time: `view` maps the file (no copy; `release`
+  drops a tensor's pages from the resident set once used, so they do not pile up there), `read`
+  copies into a reusable caller-owned buffer with plain `preadv`.
   `PickleSource` is the same interface over `.bin` pickles (`weights_only=True`), used only
   when a caller allows pickles.
 * Writing: the header is computed from the specs `(name, dtype, shape)` alone, so a file is
@@ -22,6 +23,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import mmap
 import os
 import tempfile
 from dataclasses import dataclass
@@ -124,7 +126,7 @@ def weight_files(directory: Path) -> list[Path]:
 
 
 class SafetensorsSource:
-    """One model directory's tensors, read one at a time into caller-owned buffers."""
+    """One model directory's tensors, one at a time: mapped views, or reads into caller-owned buffers."""
 
     def __init__(self, directory: Path):
         self.directory = directory
@@ -132,6 +134,7 @@ class SafetensorsSource:
         for file in weight_files(directory):
             self.tensors.update(read_header(file))
         self._handles: dict[Path, Any] = {}
+        self._maps: dict[Path, mmap.mmap] = {}
 
     def read(self, name: str, buffer: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
         """(tensor `name`, the buffer holding it): read into `buffer` (flat uint8) when it is
@@ -152,10 +155,49 @@ class SafetensorsSource:
             done += got
         return raw.view(info.dtype).view(info.shape), buffer
 
+    def view(self, name: str) -> torch.Tensor:
+        """Tensor `name` without a copy: a view of the file's pages, memory-mapped copy-on-write
+        (a stray in-place write never reaches the file, and `release` discards it: callers treat
+        views as read-only, as the merge operators treat their inputs). Its pages stay in the
+        resident set until `release(name)`. A tensor not aligned to its element size is read
+        (copied) instead."""
+        info = self.tensors[name]
+        itemsize = torch.empty((), dtype=info.dtype).element_size()
+        if info.nbytes == 0 or info.start % itemsize:
+            return self.read(name)[0]
+        mapping = self._mapping(info.file)
+        if info.start + info.nbytes > len(mapping):
+            raise TensorFileError(f"{info.file}: truncated while reading tensor {name!r}")
+        flat = torch.frombuffer(mapping, dtype=info.dtype, count=info.nbytes // itemsize, offset=info.start)
+        return flat.view(info.shape)
+
+    def release(self, name: str) -> None:
+        """Drop tensor `name`'s mapped pages from the resident set (they stay in the page cache;
+        a view still alive reads them back on its next access)."""
+        info = self.tensors[name]
+        mapping = self._maps.get(info.file)
+        if mapping is None or not hasattr(mapping, "madvise") or info.nbytes == 0:
+            return
+        begin = info.start - info.start % mmap.PAGESIZE
+        mapping.madvise(mmap.MADV_DONTNEED, begin, min(info.start + info.nbytes, len(mapping)) - begin)
+
+    def _mapping(self, file: Path) -> mmap.mmap:
+        mapping = self._maps.get(file)
+        if mapping is None:
+            with open(file, "rb") as handle:
+                mapping = self._maps[file] = mmap.mmap(handle.fileno(), 0, access=mmap.ACCESS_COPY)
+        return mapping
+
     def close(self) -> None:
         for handle in self._handles.values():
             handle.close()
         self._handles.clear()
+        for mapping in self._maps.values():
+            try:
+                mapping.close()
+            except BufferError:  # a tensor still views it: unmapped when the last such tensor goes
+                pass
+        self._maps.clear()
 
 
 class PickleSource:
@@ -171,6 +213,12 @@ class PickleSource:
 
     def read(self, name: str, buffer: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor | None]:
         return self._state[name], buffer
+
+    def view(self, name: str) -> torch.Tensor:
+        return self._state[name]  # torch.load(mmap=True) already maps the file
+
+    def release(self, name: str) -> None:
+        pass
 
     def close(self) -> None:
         self._state.clear()
