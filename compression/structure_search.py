@@ -78,6 +78,9 @@ class Stage(BaseModel):
     survivors: PositiveInt  # how many go on to the next stage (the last stage: 1, the new parent)
 
 
+ADDED_SETTINGS = ("stats_windows",)  # StructureSearch fields newer than the state files in use
+
+
 class StructureSearch(BaseModel):
     """The settings of one structure search (the YAML of `evofuse compress --search`)."""
 
@@ -146,7 +149,10 @@ class StructureSearch(BaseModel):
             raise SearchSettingsError(first_validation_error(exc, str(path), unknown_key="unknown key")) from None
 
     def fingerprint(self) -> str:
-        return hashlib.sha256(self.model_dump_json().encode()).hexdigest()[:16]
+        """What a state file must match to be resumed. Settings added since the state format
+        stay out of it at their default, so a search started before they existed still resumes."""
+        unset = {name for name in ADDED_SETTINGS if getattr(self, name) == type(self).model_fields[name].default}
+        return hashlib.sha256(self.model_dump_json(exclude=unset).encode()).hexdigest()[:16]
 
 
 # ------------------------------------------------------------------------------ the fitness

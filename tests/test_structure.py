@@ -266,3 +266,10 @@ def test_stats_windows_fit_the_width_variants_and_the_stages_score_on_the_rest(m
         run_structure_search(model8, calibration.take(4), settings)
     with pytest.raises(SearchSettingsError, match=r"stats_windows: 6 leaves none of the 6"):
         split_pool(calibration.take(6), _settings(stats_windows=6))
+
+
+def test_settings_added_later_keep_earlier_state_files_resumable():
+    # fingerprints written by the version before `stats_windows` existed (commit fa8b35e)
+    assert StructureSearch().fingerprint() == "2394f1202c222c59"
+    assert StructureSearch(width_ratio=0.25, fitness="nll", seed=3).fingerprint() == "26a14d208d7f3792"
+    assert StructureSearch(stats_windows=8).fingerprint() != StructureSearch().fingerprint()
