@@ -516,7 +516,8 @@ def _stream(recipes: list[Recipe], tensors: list[OutputTensor], sources: dict[st
             return merged
 
         write_sharded_streaming(out, plan, produce, max_shard_bytes)
-        release(len(names) - 1)
+        if names:
+            release(len(names) - 1)
     if progress is not None:
         progress.close()
 

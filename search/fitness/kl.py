@@ -39,9 +39,10 @@ buckets) before the sum. So a model scored against its own reference gives exact
 sides are proper distributions. Renormalising and sums run in float64 (a (T, V) temporary per
 window): a KL of 1e-2 nats is a small difference of log-probs near -5, and float32 alone would
 cost it about 1e-3 of its value; the log-softmax of the logits runs in float64 for float32
-storage and in float32 for float16 storage, whose rounding is four orders coarser. float16 storage keeps a log-prob to 11 bits (0.002
-nats at log p ~ -5), which moved kl by 2.4e-4 of itself on a tiny model (tests/test_kl.py);
-float32 storage (twice the memory) matches a float64 computation to ~1e-8 relative.
+storage and in float32 for float16 storage, whose rounding is four orders coarser. float16
+storage keeps a log-prob to 11 bits (0.002 nats at log p ~ -5), which moved kl by 2.4e-4 of
+itself on a tiny model (tests/test_kl.py); float32 storage (twice the memory) matches a float64
+computation to ~1e-8 relative.
 """
 from __future__ import annotations
 

@@ -84,7 +84,7 @@ def nbytes_of(dtype: torch.dtype, shape: Sequence[int]) -> int:
     count = 1
     for size in shape:
         count *= size
-    return count * torch.empty((), dtype=dtype).element_size()
+    return count * dtype.itemsize
 
 
 # --- reading ------------------------------------------------------------------------------
@@ -162,7 +162,7 @@ class SafetensorsSource:
         resident set until `release(name)`. A tensor not aligned to its element size is read
         (copied) instead."""
         info = self.tensors[name]
-        itemsize = torch.empty((), dtype=info.dtype).element_size()
+        itemsize = info.dtype.itemsize
         if info.nbytes == 0 or info.start % itemsize:
             return self.read(name)[0]
         mapping = self._mapping(info.file)
