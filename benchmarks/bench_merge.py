@@ -10,6 +10,8 @@ What it measures (issue 6), on SmolLM2-135M in fp32:
    run the same YAML from the command line, alternating (evofuse, mergekit, evofuse, ...),
    median of 5 (3 with --quick) wall-clock seconds, the ratio mergekit / evofuse per pair, and
    peak RSS of each run (`/usr/bin/time -f %M`). The outputs are compared (max abs diff).
+   TIES is also run a third time in each pair without the native kernel (`EVOFUSE_NATIVE=0`:
+   torch path, same output bits), so the kernel's gain is measured in the same alternation.
    mergekit-yaml is this venv's (mergekit 0.1.5 is a test dependency), else one in its own
    virtual environment (created on first use: benchmarks/.work/mergekit-venv).
 3. One Evolver offspring of the whole model in process (mutation + binomial crossover over
@@ -36,6 +38,7 @@ import torch
 
 ROOT = Path(__file__).resolve().parents[1]
 WORK = ROOT / "benchmarks" / ".work" / "merge"
+NATIVE_METHODS = ("ties",)  # merges with a native kernel: also timed without it
 RESULTS = ROOT / "benchmarks" / "results"
 MERGEKIT_VENV = ROOT / "benchmarks" / ".work" / "mergekit-venv"
 NOISE = 0.02
@@ -138,10 +141,11 @@ def ensure_mergekit() -> Path:
     return exe
 
 
-def timed(command: list[str]) -> tuple[float, float]:
+def timed(command: list[str], env: dict[str, str] | None = None) -> tuple[float, float]:
     """(wall seconds, peak RSS in GB) of one command, via /usr/bin/time."""
     started = time.perf_counter()
-    done = subprocess.run(["/usr/bin/time", "-f", "%M"] + command, capture_output=True, text=True)
+    done = subprocess.run(["/usr/bin/time", "-f", "%M"] + command, capture_output=True, text=True,
+                          env=None if env is None else {**os.environ, **env})
     wall = time.perf_counter() - started
     if done.returncode != 0:
         raise RuntimeError(f"{' '.join(command)} failed:\n{done.stderr[-3000:]}")
@@ -209,7 +213,12 @@ def bench_method(method: str, paths: dict[str, Path], mergekit: Path, evofuse: l
         m = timed([str(mergekit), str(config), str(out_m)])
         rows.append({"evofuse_s": e[0], "evofuse_rss_gb": e[1], "mergekit_s": m[0], "mergekit_rss_gb": m[1],
                      "ratio": m[0] / e[0]})
-        log(f"{method} run {run + 1}: evofuse {e[0]:.2f} s {e[1]:.2f} GB | mergekit {m[0]:.2f} s {m[1]:.2f} GB")
+        if method in NATIVE_METHODS:  # the same merge without the native kernel (evolve/native.py)
+            shutil.rmtree(out_e, ignore_errors=True)
+            rows[-1]["evofuse_torch_path_s"] = timed(evofuse + [str(config), str(out_e), "--quiet"],
+                                                     env={"EVOFUSE_NATIVE": "0"})[0]
+        log(f"{method} run {run + 1}: evofuse {e[0]:.2f} s {e[1]:.2f} GB | mergekit {m[0]:.2f} s {m[1]:.2f} GB"
+            + (f" | evofuse torch path {rows[-1]['evofuse_torch_path_s']:.2f} s" if method in NATIVE_METHODS else ""))
     result = {
         "method": method,
         "runs": rows,
@@ -219,6 +228,10 @@ def bench_method(method: str, paths: dict[str, Path], mergekit: Path, evofuse: l
         "evofuse_peak_rss_gb": max(r["evofuse_rss_gb"] for r in rows),
         "mergekit_peak_rss_gb": max(r["mergekit_rss_gb"] for r in rows),
     }
+    if method in NATIVE_METHODS:
+        result["evofuse_torch_path_median_s"] = statistics.median(r["evofuse_torch_path_s"] for r in rows)
+    shutil.rmtree(out_e, ignore_errors=True)  # compare the default path's output (the torch path's is the same bits)
+    timed(evofuse + [str(config), str(out_e), "--quiet"])
     result["max_abs_diff"], result["coordinates_differing"], where = compare_outputs(out_e, out_m)
     if method == "ties":
         result["differing_at_threshold_ties"] = at_threshold_ties(where, paths, 0.5)
@@ -302,6 +315,13 @@ def write_results(result: dict, quick: bool) -> Path:
         lines.append(f"| {m['method']} | {m['evofuse_median_s']:.2f} | {m['mergekit_median_s']:.2f} | "
                      f"{m['ratio_median']:.1f}x | {m['evofuse_peak_rss_gb']:.2f} | {m['mergekit_peak_rss_gb']:.2f} | "
                      f"{m['max_abs_diff']:.1e} | {differing} of 134.5M |")
+    native = [m for m in result["methods"] if "evofuse_torch_path_median_s" in m]
+    if native:
+        lines += ["", "The same evofuse merges without the native TIES kernel (`EVOFUSE_NATIVE=0`, the torch path; "
+                  "same output bits), run in the same alternation: " + "; ".join(
+                      f"{m['method']} {m['evofuse_torch_path_median_s']:.2f} s, "
+                      f"{m['mergekit_median_s'] / m['evofuse_torch_path_median_s']:.1f}x mergekit's median" for m in native)
+                  + "."]
     if any("differing_at_threshold_ties" in m for m in result["methods"]):
         lines += ["", "TIES: where several entries of a task vector have exactly the k-th largest magnitude, "
                   "mergekit keeps whichever its unstable `torch.argsort` puts first (implementation-defined); "

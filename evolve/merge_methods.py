@@ -39,6 +39,10 @@ in chunks of 2^16 coordinates so that every temporary stays in cache; TIES finds
 threshold in O(n) (`magnitude_cut`) instead of sorting, and selects agreeing entries with
 arithmetic rather than boolean masks (`torch.where` / masked ops with random masks cost
 ~10 ns a coordinate here, branch mispredictions; float and numpy compare/multiply ~0.3-1 ns).
+On float32 CPU tensors both TIES passes (the threshold's bracket count and the combine) run in
+the native kernel of `evolve/native.py` when a C compiler is at hand: one loop per pass instead
+of one torch / numpy operation per step, the same bits (3 x 134.5M coordinates, one thread:
+2.4 s -> 1.2 s).
 """
 from __future__ import annotations
 
@@ -48,6 +52,7 @@ from typing import Sequence
 import numpy as np
 import torch
 
+from evolve import native
 from evolve.recipe import RecipeError
 from evolve.registry import Operator, ParamSpec, TensorCall, as_bool, as_float, register_operator
 from evolve.rng import derive_seed, keep_mask_chunks
@@ -189,16 +194,14 @@ def magnitude_cut(tensor: torch.Tensor, base: torch.Tensor, density: float, chun
         high_rank, low_rank = max(1, int(centre - margin)), min(m, int(centre + margin) + 1)
         bounds = np.partition(sample, [m - low_rank, m - high_rank])
         lower, upper = bounds[m - low_rank], bounds[m - high_rank]
-        above, inside = 0, []
-        scratch = torch.empty(min(chunk, count), dtype=tensor.dtype)
-        for start in range(0, count, chunk):
-            stop = min(start + chunk, count)
-            magnitude = torch.sub(flat_x[start:stop], flat_b[start:stop], out=scratch[: stop - start]).abs_().numpy()
-            above += int(np.count_nonzero(magnitude > upper))
-            inside.append(magnitude[(magnitude >= lower) & (magnitude <= upper)])
-        inside = np.concatenate(inside)
+        if native.available(flat_x, flat_b):  # one fused pass; room for twice the expected count
+            bracket = native.magnitude_bracket(flat_x, flat_b, float(lower), float(upper),
+                                               min(count, 2 * (low_rank - high_rank + 1) * SAMPLE_STRIDE + 4096))
+        else:
+            bracket = _bracket_chunks(flat_x, flat_b, lower, upper, chunk)
+        above, inside = bracket if bracket is not None else (0, np.empty(0, dtype=np.float32))
         rank = k - above  # the target's rank among the bracketed values, from the top
-        if 1 <= rank <= inside.shape[0]:
+        if bracket is not None and 1 <= rank <= inside.shape[0]:
             threshold = np.partition(inside, inside.shape[0] - rank)[inside.shape[0] - rank]
             return _tied_choice(flat_x, flat_b, k, float(threshold),
                                 k - above - int(np.count_nonzero(inside > threshold)),
@@ -207,6 +210,20 @@ def magnitude_cut(tensor: torch.Tensor, base: torch.Tensor, density: float, chun
     threshold = kth_largest(magnitude, k)
     return _tied_choice(flat_x, flat_b, k, threshold, k - int(np.count_nonzero(magnitude > threshold)),
                         int(np.count_nonzero(magnitude == threshold)), mergekit_order)
+
+
+def _bracket_chunks(flat_x: torch.Tensor, flat_b: torch.Tensor, lower: float, upper: float,
+                    chunk: int) -> tuple[int, np.ndarray]:
+    """(#|x - b| > upper, the values of |x - b| in [lower, upper] in index order), chunk by chunk."""
+    count = flat_x.numel()
+    above, inside = 0, []
+    scratch = torch.empty(min(chunk, count), dtype=flat_x.dtype)
+    for start in range(0, count, chunk):
+        stop = min(start + chunk, count)
+        magnitude = torch.sub(flat_x[start:stop], flat_b[start:stop], out=scratch[: stop - start]).abs_().numpy()
+        above += int(np.count_nonzero(magnitude > upper))
+        inside.append(magnitude[(magnitude >= lower) & (magnitude <= upper)])
+    return above, np.concatenate(inside)
 
 
 def kth_largest(values: np.ndarray, k: int) -> float:
@@ -286,6 +303,10 @@ def task_vector_merge(
     total = float(torch.tensor(coefficients, dtype=base.dtype).sum())
     cuts = [magnitude_cut(t, base, d, chunk, mergekit_order) for t, d in zip(tensors, densities)] \
         if sparsify == "magnitude" else [None] * len(tensors)
+    if consensus and sparsify != "random" and all(c is None or c.tied is None for c in cuts) \
+            and native.available(base, out, *tensors):  # TIES in one fused loop, the same bits
+        return native.ties_merge(base, tensors, coefficients, [None if c is None else c.threshold for c in cuts],
+                                 [0 if c is None else c.ties for c in cuts], normalize, scale, out)
     masks = [keep_mask_chunks(seed, count, d, chunk) for seed, d in zip(seeds, densities)] \
         if sparsify == "random" else [None] * len(tensors)
     drop_scales = [dare_l1_scale(x, base, seed, d, chunk) if rescale and d < 1 else 1.0
