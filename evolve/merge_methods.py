@@ -199,13 +199,14 @@ def magnitude_cut(tensor: torch.Tensor, base: torch.Tensor, density: float, chun
                                                min(count, 2 * (low_rank - high_rank + 1) * SAMPLE_STRIDE + 4096))
         else:
             bracket = _bracket_chunks(flat_x, flat_b, lower, upper, chunk)
-        above, inside = bracket if bracket is not None else (0, np.empty(0, dtype=np.float32))
-        rank = k - above  # the target's rank among the bracketed values, from the top
-        if bracket is not None and 1 <= rank <= inside.shape[0]:
-            threshold = np.partition(inside, inside.shape[0] - rank)[inside.shape[0] - rank]
-            return _tied_choice(flat_x, flat_b, k, float(threshold),
-                                k - above - int(np.count_nonzero(inside > threshold)),
-                                int(np.count_nonzero(inside == threshold)), mergekit_order)
+        if bracket is not None:  # None: more inside than the kernel had room for
+            above, inside = bracket
+            rank = k - above  # the target's rank among the bracketed values, from the top
+            if 1 <= rank <= inside.shape[0]:
+                threshold = np.partition(inside, inside.shape[0] - rank)[inside.shape[0] - rank]
+                return _tied_choice(flat_x, flat_b, k, float(threshold),
+                                    k - above - int(np.count_nonzero(inside > threshold)),
+                                    int(np.count_nonzero(inside == threshold)), mergekit_order)
     magnitude = (flat_x - flat_b).abs_().numpy()  # small tensor, or the bracket missed
     threshold = kth_largest(magnitude, k)
     return _tied_choice(flat_x, flat_b, k, threshold, k - int(np.count_nonzero(magnitude > threshold)),
@@ -303,7 +304,7 @@ def task_vector_merge(
     total = float(torch.tensor(coefficients, dtype=base.dtype).sum())
     cuts = [magnitude_cut(t, base, d, chunk, mergekit_order) for t, d in zip(tensors, densities)] \
         if sparsify == "magnitude" else [None] * len(tensors)
-    if consensus and sparsify != "random" and all(c is None or c.tied is None for c in cuts) \
+    if consensus and sparsify in (None, "magnitude") and all(c is None or c.tied is None for c in cuts) \
             and native.available(base, out, *tensors):  # TIES in one fused loop, the same bits
         return native.ties_merge(base, tensors, coefficients, [None if c is None else c.threshold for c in cuts],
                                  [0 if c is None else c.ties for c in cuts], normalize, scale, out)
