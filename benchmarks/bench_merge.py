@@ -203,22 +203,27 @@ def bench_method(method: str, paths: dict[str, Path], mergekit: Path, evofuse: l
     config = WORK / f"{method}.yml"
     config.write_text(CONFIGS[method].format(**{k: str(v) for k, v in paths.items()}))
     out_e, out_m = WORK / f"out_evofuse_{method}", WORK / f"out_mergekit_{method}"
-    rows = []
-    for run in range(repeats):
+    native = method in NATIVE_METHODS
+
+    def fresh(out: Path, command: list[str], env: dict[str, str] | None = None) -> tuple[float, float]:
         # each run writes into a fresh directory, as a user's first merge does: replacing the last
         # run's 538 MB file frees its pages and blocks inside the timed command (0.16 s here)
-        shutil.rmtree(out_e, ignore_errors=True)
-        e = timed(evofuse + [str(config), str(out_e), "--quiet"])
-        shutil.rmtree(out_m, ignore_errors=True)
-        m = timed([str(mergekit), str(config), str(out_m)])
-        rows.append({"evofuse_s": e[0], "evofuse_rss_gb": e[1], "mergekit_s": m[0], "mergekit_rss_gb": m[1],
-                     "ratio": m[0] / e[0]})
-        if method in NATIVE_METHODS:  # the same merge without the native kernel (evolve/native.py)
-            shutil.rmtree(out_e, ignore_errors=True)
-            rows[-1]["evofuse_torch_path_s"] = timed(evofuse + [str(config), str(out_e), "--quiet"],
-                                                     env={"EVOFUSE_NATIVE": "0"})[0]
+        shutil.rmtree(out, ignore_errors=True)
+        return timed(command, env)
+
+    evofuse_run = evofuse + [str(config), str(out_e), "--quiet"]
+    rows = []
+    for run in range(repeats):
+        e = fresh(out_e, evofuse_run)
+        m = fresh(out_m, [str(mergekit), str(config), str(out_m)])
+        row = {"evofuse_s": e[0], "evofuse_rss_gb": e[1], "mergekit_s": m[0], "mergekit_rss_gb": m[1],
+               "ratio": m[0] / e[0]}
+        if native:  # the same merge without the native kernel (evolve/native.py): the same output bits
+            # (tests/test_native.py), so whichever path wrote out_e last is what is compared below
+            row["evofuse_torch_path_s"] = fresh(out_e, evofuse_run, {"EVOFUSE_NATIVE": "0"})[0]
+        rows.append(row)
         log(f"{method} run {run + 1}: evofuse {e[0]:.2f} s {e[1]:.2f} GB | mergekit {m[0]:.2f} s {m[1]:.2f} GB"
-            + (f" | evofuse torch path {rows[-1]['evofuse_torch_path_s']:.2f} s" if method in NATIVE_METHODS else ""))
+            + (f" | evofuse torch path {row['evofuse_torch_path_s']:.2f} s" if native else ""))
     result = {
         "method": method,
         "runs": rows,
@@ -228,10 +233,8 @@ def bench_method(method: str, paths: dict[str, Path], mergekit: Path, evofuse: l
         "evofuse_peak_rss_gb": max(r["evofuse_rss_gb"] for r in rows),
         "mergekit_peak_rss_gb": max(r["mergekit_rss_gb"] for r in rows),
     }
-    if method in NATIVE_METHODS:
+    if native:
         result["evofuse_torch_path_median_s"] = statistics.median(r["evofuse_torch_path_s"] for r in rows)
-    shutil.rmtree(out_e, ignore_errors=True)  # compare the default path's output (the torch path's is the same bits)
-    timed(evofuse + [str(config), str(out_e), "--quiet"])
     result["max_abs_diff"], result["coordinates_differing"], where = compare_outputs(out_e, out_m)
     if method == "ties":
         result["differing_at_threshold_ties"] = at_threshold_ties(where, paths, 0.5)
