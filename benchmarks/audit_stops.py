@@ -6,9 +6,14 @@ false-rejection rate. This benchmark scores *every* candidate stopped by the pai
 (rule `margin`) on the full dev sets, outside the run (the run directory is only read), and
 reports:
 
-- the false-rejection rate: stopped candidates whose full dev score is at least their rival's
-  (the member each challenged) — they would have replaced it had they been scored in full;
-  with a one-sided 95% upper bound (Clopper-Pearson), so "0 of 30" reads as "at most 9.5%";
+- the false-rejection rate: stopped candidates that full scoring would have selected — their
+  full dev score is at least their rival's (the member each challenged) and that of every
+  sibling (an offspring of the same member, same generation) that went on and was scored in
+  full, since (1 + lambda) replaces a member by its best offspring only
+  (`search.results.staging.selection_bars`); with a one-sided 95% upper bound
+  (Clopper-Pearson), so "0 of 30" reads as "at most 9.5%";
+- apart, the paired test's own error against the member alone: stops whose full score is at
+  least their rival's, whether or not a sibling that went on scored higher;
 - the Spearman correlation of first-stage and full dev scores over the audited candidates;
 - a check that the offline scoring is the run's: candidates the run scored in full (its own
   audits and promoted ones) are re-scored here and must give the same dev score.
@@ -38,7 +43,8 @@ from search.fitness import TaskSpec, build_task  # noqa: E402
 from search.fitness.spec import aggregate  # noqa: E402
 from search.fitness.staged import false_rejection_rate, spearman  # noqa: E402
 from search.results.export import Replay, _journal_by_id  # noqa: E402
-from search.results.staging import STOPPED, full_dev_rows, last_stage  # noqa: E402
+from search.results.staging import STOPPED, full_dev_rows, last_stage, selection_bars  # noqa: E402
+from search.run.candidate import Evaluation  # noqa: E402
 from search.run.store import RunStore  # noqa: E402
 
 
@@ -115,8 +121,16 @@ def audit(run_dir: Path, limit: int | None, checks: int) -> dict:
                         "rival_full_score": full[rival]["score"] if rival in full else scorer.dev_score(rival),
                         "run_audited": cid in full})
         print(f"{cid}: stage {stop['score']:.4f} full {own:.4f} rival {rival} {audited[-1]['rival_full_score']:.4f}", flush=True)
-    triples = [(a["stage_score"], a["full_score"], a["rival_full_score"]) for a in audited]
-    wins = sum(a["full_score"] >= a["rival_full_score"] for a in audited)
+    scored = {**{cid: r["score"] for cid, r in full.items()},
+              **{a["id"]: a["full_score"] for a in audited}, **{a["rival"]: a["rival_full_score"] for a in audited}}
+    staged = [Evaluation.from_json(r) for r in rows if r["split"] == "dev" and r.get("stage") is not None]
+    stopped = {e.id: e for e in staged if e.status == STOPPED and e.id in {a["id"] for a in audited}}
+    bars = selection_bars(stopped, scored, staged, merge=True)
+    for a in audited:
+        a["selection_bar"] = bars[a["id"]]
+    triples = [(a["stage_score"], a["full_score"], a["selection_bar"]) for a in audited]
+    wins = sum(a["full_score"] >= a["selection_bar"] for a in audited)
+    beat_member = sum(a["full_score"] >= a["rival_full_score"] for a in audited)
     return {
         "run": run_dir.name,
         "stops_by_paired_test": len(stops),
@@ -124,6 +138,8 @@ def audit(run_dir: Path, limit: int | None, checks: int) -> dict:
         "false_rejections": wins,
         "false_rejection_rate": false_rejection_rate(triples) if triples else None,
         "false_rejection_upper_95": round(upper_bound(wins, len(audited)), 4),
+        "beat_member": beat_member,
+        "beat_member_upper_95": round(upper_bound(beat_member, len(audited)), 4),
         "spearman_stage_vs_full": spearman([t[0] for t in triples], [t[1] for t in triples]) if len(triples) > 1 else None,
         "max_abs_diff_vs_run": max((abs(a - b) for _, a, b in agreement), default=None),
         "agreement_checked": len(agreement),
@@ -134,7 +150,7 @@ def audit(run_dir: Path, limit: int | None, checks: int) -> dict:
 
 def table(results: list[dict]) -> str:
     head = ["run", "paired-test stops", "audited", "false rejections", "rate", "95% upper bound",
-            "Spearman stage/full", "offline vs run (max |diff|, n)", "audit s"]
+            "beat the member alone", "Spearman stage/full", "offline vs run (max |diff|, n)", "audit s"]
     lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
     for r in results:
         rate = r["false_rejection_rate"]
@@ -142,6 +158,7 @@ def table(results: list[dict]) -> str:
         lines.append("| " + " | ".join(str(x) for x in [
             r["run"], r["stops_by_paired_test"], r["audited"], r["false_rejections"],
             "-" if rate is None else f"{rate:.1%}", f"{r['false_rejection_upper_95']:.1%}",
+            f"{r['beat_member']} ({r['beat_member'] / max(1, r['audited']):.1%}, at most {r['beat_member_upper_95']:.1%})",
             "-" if rho is None else f"{rho:.2f}", f"{r['max_abs_diff_vs_run']:.1e}, {r['agreement_checked']}",
             r["audit_s"]]) + " |")
     return "\n".join(lines)

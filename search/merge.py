@@ -31,10 +31,13 @@ merge is a `Recipe`, as a search uses.
 
 How it streams (`search.models.tensors`): safetensors headers are read first (every input
 checked for the same tensor names and shapes, the output shards and their headers planned),
-then for each tensor the inputs' bytes are read into reused buffers (no memory map, so touched
-pages do not pile up in the process' resident set), merged, and appended to the open output
-shard. Reading, merging and writing overlap (three threads, one tensor apart): at most three
-tensors per input, two merged tensors and the merge's temporaries are in memory at once.
+then each tensor's inputs are taken as views of the memory-mapped files (their pages leave the
+process' resident set once the output they feed is written), merged, and appended to the open
+output shard, whose pages the kernel is asked to start writing to disk at once. Reading, merging and
+writing overlap (a reader, two merge threads and the writer): merges run ahead of the writer by
+two tensors and by up to LOOKAHEAD_BYTES (128 MiB) of merged output more, so that a large tensor
+being merged or written does not leave the other thread idle; what is in memory at once is
+bounded by that, not by the model's size.
 
 Output: `model-0000i-of-0000N.safetensors` + `model.safetensors.index.json`, `config.json`
 (the reference's: the base, else the first model; dtype set to the output's, depth the slices'), generation config and tokenizer files from the tokenizer source,
@@ -87,6 +90,9 @@ DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.
           "float64": torch.float64}
 DEFAULT_SHARD_BYTES = 5_000_000_000  # mergekit's default --out-shard-size (5B)
 MERGE_WORKERS = 2  # tensors merged at once: both cores of a small machine, one more input set in memory
+# Merged bytes that may wait, beyond the next tensor to write, for the writer (`_stream`): while
+# one thread merges or writes a large tensor, the other goes on with the next ones
+LOOKAHEAD_BYTES = 128 << 20
 TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json", "vocab.json",
                    "merges.txt", "tokenizer.model", "added_tokens.json", "chat_template.jinja")
 RUN_CONFIG_NAME = "mergekit_config.yml"
@@ -444,22 +450,30 @@ def run_merge(config_path: str | Path, out_dir: str | Path, *, allow_pickle: boo
 def _stream(recipes: list[Recipe], tensors: list[OutputTensor], sources: dict[str, Any], plan: list[TensorSpec],
             in_dtype: torch.dtype | None, work_dtype: torch.dtype | None, out: Path, max_shard_bytes: int,
             quiet: bool, align: Callable[[OutputTensor, dict], dict] | None = None) -> None:
-    """A three-stage pipeline: tensor p + W + 1 is loaded (helper thread) while p + 1 .. p + W
-    are merged (W = MERGE_WORKERS threads, one tensor each) and p is written (this thread, in
-    file order).
+    """A three-stage pipeline: tensors are loaded (helper thread) ahead of their merges (W =
+    MERGE_WORKERS threads, one tensor each) and written in file order (this thread).
 
     Inputs are views of the memory-mapped files, not copies: a SmolLM2 linear merge read its
     three 538 MB inputs in 0.46 s with `preadv` into buffers and in 0.09 s through the mapping.
-    A tensor's pages leave the resident set once the output it feeds is written (a merge may
-    return a view of an input), so at most W + 2 tensors' inputs are resident. Writing was a
-    fifth of a linear merge's time and merging a quarter: overlapped, not added. A TIES merge is
-    mostly merging, one core's work per tensor: two tensors at a time use both cores of a small
-    machine (each tensor's merge is independent and seeded by itself, so the output is the same
-    bytes whatever the order).
+    A tensor's pages leave the resident set once it is merged (once it is written when the
+    merge returned a view of it). Writing was a fifth of a linear merge's time and merging a
+    quarter: overlapped, not added. A TIES merge is mostly merging, one core's work per tensor:
+    two tensors at a time use both cores of a small machine (each tensor's merge is independent
+    and seeded by itself, so the output is the same bytes whatever the order).
+
+    How far merges run ahead of the writer: at least W tensors, and more while the merged bytes
+    waiting beyond the next tensor to write stay within LOOKAHEAD_BYTES. With W tensors only,
+    SmolLM2's 28M-coordinate embedding (a third of a second of TIES on one core, then a quarter
+    of a second to write) left the other merge thread idle for most of both; with the
+    look-ahead it merges the following layers meanwhile. Memory: at most W tensors plus
+    LOOKAHEAD_BYTES of outputs wait at once, whatever the model size; a tensor's inputs are
+    released as soon as it is merged, unless its output is a view of one of them (then once
+    it is written).
     """
     names = [name for name, _, _ in plan]
     dtypes = {name: dtype for name, dtype, _ in plan}
     shapes = {name: shape for name, _, shape in plan}
+    sizes = [nbytes_of(dtype, shape) for _, dtype, shape in plan]
     workers = MERGE_WORKERS
 
     def load(position: int) -> dict[str, torch.Tensor]:
@@ -479,10 +493,12 @@ def _stream(recipes: list[Recipe], tensors: list[OutputTensor], sources: dict[st
     if not quiet:
         from tqdm import tqdm
 
-        total = sum(nbytes_of(dtype, shape) for _, dtype, shape in plan)
-        progress = tqdm(total=total, unit="B", unit_scale=True, desc="merge", file=sys.stderr)
+        progress = tqdm(total=sum(sizes), unit="B", unit_scale=True, desc="merge", file=sys.stderr)
     with ThreadPoolExecutor(max_workers=1) as reader, ThreadPoolExecutor(max_workers=workers) as merger:
-        reads = {p: reader.submit(load, p) for p in range(min(workers + 1, len(names)))}
+        reads: dict[int, Any] = {}
+        merges: dict[int, Any] = {}
+        released: set[int] = set()  # positions whose inputs were released as soon as merged
+        state = {"position": 0, "next_merge": 0, "ahead": 0}  # ahead: bytes of positions > position + 1 submitted
 
         def merge(position: int) -> torch.Tensor:
             loaded = reads.pop(position).result()
@@ -491,35 +507,64 @@ def _stream(recipes: list[Recipe], tensors: list[OutputTensor], sources: dict[st
                 loaded = align(spec, loaded)
             recipe = recipes[spec.slice_index]
             if work_dtype is None:  # linear, slerp: float32 inside, rounded to the inputs' dtype as mergekit's
-                return materialize_tensor(recipe, spec.param_name, loaded).to(dtypes[spec.name])
-            # the others: the method's result cast once, straight to the output dtype, as mergekit
-            # casts it (arcee_fusion's is float32 even for float16 / bfloat16 inputs)
-            out = torch.empty(shapes[spec.name], dtype=dtypes[spec.name])
-            return materialize_tensor(recipe, spec.param_name, loaded, out=out, compute_dtype=work_dtype)
+                merged = materialize_tensor(recipe, spec.param_name, loaded).to(dtypes[spec.name])
+            else:
+                # the others: the method's result cast once, straight to the output dtype, as
+                # mergekit casts it (arcee_fusion's is float32 even for float16 / bfloat16 inputs)
+                out = torch.empty(shapes[spec.name], dtype=dtypes[spec.name])
+                merged = materialize_tensor(recipe, spec.param_name, loaded, out=out, compute_dtype=work_dtype)
+            if not any(_shares_memory(merged, tensor) for tensor in loaded.values()):
+                released.add(position)  # its inputs are done with: only the output waits for the writer
+                reader.submit(release, position)  # by the reader thread: dropping pages stalls the caller
+            return merged
 
-        merges = {p: merger.submit(merge, p) for p in range(min(workers, len(names)))}
-        state = {"position": 0}
+        def schedule() -> None:
+            """Submit loads and merges up to W tensors past the write position, and further while
+            the bytes beyond the next tensor to write stay within LOOKAHEAD_BYTES."""
+            position = state["position"]
+            while state["next_merge"] < len(names):
+                q = state["next_merge"]
+                beyond = q > position + 1
+                if q >= position + workers and state["ahead"] + (sizes[q] if beyond else 0) > LOOKAHEAD_BYTES:
+                    break
+                for r in (q, q + 1):  # its inputs, and the next tensor's ahead of its merge
+                    if r < len(names) and r not in reads:
+                        reads[r] = reader.submit(load, r)
+                merges[q] = merger.submit(merge, q)
+                state["ahead"] += sizes[q] if beyond else 0
+                state["next_merge"] = q + 1
 
         def produce(name: str) -> torch.Tensor:
             position = state["position"]
             assert names[position] == name, f"merge asked for {name!r}, planned {names[position]!r}"
             merged = merges.pop(position).result()
-            if position > 0:
-                release(position - 1)  # written by now
+            if position > 0 and position - 1 not in released:
+                release(position - 1)  # written by now (its output was a view of an input)
             state["position"] = position + 1
-            if position + workers + 1 < len(names):
-                reads[position + workers + 1] = reader.submit(load, position + workers + 1)
-            if position + workers < len(names):
-                merges[position + workers] = merger.submit(merge, position + workers)
+            if position + 2 < state["next_merge"]:  # position + 2 is now the next but one to write
+                state["ahead"] -= sizes[position + 2]
+            schedule()
             if progress is not None:
                 progress.update(nbytes_of(merged.dtype, merged.shape))
             return merged
 
-        write_sharded_streaming(out, plan, produce, max_shard_bytes)
-        if names:
+        schedule()
+        try:
+            write_sharded_streaming(out, plan, produce, max_shard_bytes)
+        except BaseException:  # a failed merge or write: the merges queued ahead need not run
+            for future in [*merges.values(), *reads.values()]:
+                future.cancel()
+            raise
+        if names and len(names) - 1 not in released:
             release(len(names) - 1)
     if progress is not None:
         progress.close()
+
+
+def _shares_memory(a: torch.Tensor, b: torch.Tensor) -> bool:
+    """Whether a's first byte lies in b's bytes (a merge that returned a view of an input)."""
+    start = b.data_ptr()
+    return a.device == b.device and start <= a.data_ptr() < start + b.numel() * b.element_size()
 
 
 if __name__ == "__main__":  # `python -m search.merge CONFIG OUT` is `evofuse merge CONFIG OUT`

@@ -309,3 +309,61 @@ def test_sliced_config_rebuilds_depth_and_per_layer_lists():
     assert out["layer_types"] == ["full", "sliding", "full", "b1", "b2", "b3"]
     with pytest.raises(RecipeError, match="per-layer field 'layer_types'"):
         layered_config(a, {"a": a, "b": {"layer_types": ["x"]}}, slices)
+
+
+def _merge_trace(models, tmp_path, monkeypatch, lookahead: int, slow: str | None = None):
+    """Merge `_ties(models)` with LOOKAHEAD_BYTES = lookahead, recording in order each merge's
+    start ("merge", name) and each tensor handed to the writer ("write", name); the merge of
+    `slow` takes a tenth of a second longer."""
+    import threading
+    import time
+
+    import search.merge as merge_module
+
+    events, lock = [], threading.Lock()
+    materialize, write = merge_module.materialize_tensor, merge_module.write_sharded_streaming
+
+    def traced_materialize(recipe, name, loaded, **kwargs):
+        with lock:
+            events.append(("merge", name))
+        if name == slow:
+            time.sleep(0.1)
+        return materialize(recipe, name, loaded, **kwargs)
+
+    def traced_write(out, plan, produce, max_shard_bytes):
+        def traced_produce(name):
+            tensor = produce(name)
+            with lock:
+                events.append(("write", name))
+            return tensor
+        return write(out, plan, traced_produce, max_shard_bytes)
+
+    monkeypatch.setattr(merge_module, "materialize_tensor", traced_materialize)
+    monkeypatch.setattr(merge_module, "write_sharded_streaming", traced_write)
+    monkeypatch.setattr(merge_module, "LOOKAHEAD_BYTES", lookahead)
+    out = run_merge(_write(tmp_path, _ties(models)), tmp_path / f"out-{lookahead}", quiet=True)
+    return out, events
+
+
+def test_merges_run_ahead_of_the_writer_within_the_budget(models, tmp_path, monkeypatch):
+    """A slow first tensor does not stall the others (they are merged while it is), the
+    merged-but-unwritten bytes stay within W tensors plus LOOKAHEAD_BYTES, and the output is the
+    same bytes as without look-ahead."""
+    from search.merge import MERGE_WORKERS
+
+    sizes = {name: t.numel() * t.element_size() for name, t in load_file(next(models["a"].glob("*.safetensors"))).items()}
+    _, order = _merge_trace(models, tmp_path, monkeypatch, 0)
+    first = next(name for kind, name in order if kind == "write")  # the first tensor of the file
+    budget = 3 * max(sizes.values())
+    ahead_out, ahead = _merge_trace(models, tmp_path, monkeypatch, budget, slow=first)
+    plain_out, plain = _merge_trace(models, tmp_path, monkeypatch, 0, slow=first)
+    assert ahead.index(("write", first)) > MERGE_WORKERS + 1, "the other thread went on while the first was slow"
+    assert plain.index(("write", first)) <= MERGE_WORKERS, "without look-ahead, W tensors at most"
+    written: set[str] = set()
+    started: list[str] = []
+    for kind, name in ahead:
+        (started.append if kind == "merge" else written.add)(name)
+        waiting = [n for n in started if n not in written]
+        assert sum(sizes[n] for n in waiting[MERGE_WORKERS:]) <= budget, waiting
+    for shard in ahead_out.glob("*.safetensors"):
+        assert shard.read_bytes() == (plain_out / shard.name).read_bytes()

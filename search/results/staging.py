@@ -7,16 +7,24 @@ whichever stage did it) plus its last stage's scoring, averaged over the run's p
 candidates (F); a staged candidate cost what its stages cost (its audit excepted), so
 saved = sum over judged candidates of (F - paid), negative when the earlier stages cost more
 than the full scorings they spared.
-A false rejection is an audited stopped candidate whose full dev score is at least its rival's:
-for a stop of the paired test, the member it challenged (merge) or the front member that
-stopped it (compress / joint; that member costs no more by construction); for a compress /
-joint sibling stop, the sibling that went on in its place. A merge run's sibling stops are
-never audited: they were not rejected against the member.
+A false rejection is an audited stopped candidate that full scoring would have selected: its
+full dev score is at least the bar it had to clear. For a stop of the paired test the bar is
+its rival's full score — the member it challenged (merge) or the front member that stopped it
+(compress / joint; that member costs no more by construction); for a compress / joint sibling
+stop, the sibling that went on in its place. A merge run's sibling stops are never audited:
+they were not rejected against the member.
+With several offspring per member (merge, (1 + lambda)), a member is replaced by at most one
+of them, the best; so the bar of a merge margin stop is the best full score among its rival
+and the siblings (same member, same generation) that went on and were scored in full. A stop
+that beat the member in full but not a sibling that went on would not have been selected by
+full scoring either; such stops are counted apart (`beat_rival_only`), so the status shows
+both the rate that matters for selection and the paired test's own error against the member.
 """
 from __future__ import annotations
 
 import math
 from statistics import mean
+from typing import Mapping
 
 from search.fitness.staged import false_rejection_rate, spearman
 from search.run.candidate import Evaluation
@@ -36,8 +44,32 @@ def full_dev_rows(rows: list[dict], last: int | None) -> list[dict]:
     return [r for r in rows if r.get("split") == "dev" and r["status"] != STOPPED and r.get("stage") in (None, last)]
 
 
-def staged_summary(rows: list[dict], last: int | None) -> dict | None:
-    """Counts and audit figures of a staged run's dev evaluations; None for an unstaged run."""
+def selection_bars(stops: Mapping[str, Evaluation], full: Mapping[str, float],
+                   staged: list[Evaluation], merge: bool) -> dict[str, float]:
+    """{stopped candidate id: the full dev score it had to reach to be selected}, for the stops
+    scored in full whose rival was too (module docstring): its rival's full score, and in a
+    merge run also that of every sibling (same generation, same member) that went on and was
+    scored in full. `full`: full dev scores by candidate id; `staged`: the run's staged rows."""
+    families: dict[tuple, set[str]] = {}
+    for e in staged:
+        families.setdefault((e.candidate.generation, e.candidate.target), set()).add(e.id)
+    bars = {}
+    for cid, stop in stops.items():
+        rival = stop.extra.get("rival")
+        if cid not in full or rival not in full:
+            continue
+        bar = full[rival]
+        if merge and stop.extra.get("rule", "margin") == "margin":
+            went_on = families[(stop.candidate.generation, stop.candidate.target)] - set(stops)
+            bar = max([bar] + [full[s] for s in went_on if s in full])
+        bars[cid] = bar
+    return bars
+
+
+def staged_summary(rows: list[dict], last: int | None, merge: bool = False) -> dict | None:
+    """Counts and audit figures of a staged run's dev evaluations; None for an unstaged run.
+    `merge`: a merge run (one objective), whose margin stops also had to beat the siblings
+    that went on (`selection_bars`)."""
     if last is None:
         return None
     dev = [Evaluation.from_json(r) for r in rows if r.get("split") == "dev"]
@@ -57,11 +89,13 @@ def staged_summary(rows: list[dict], last: int | None) -> dict | None:
     promoted = [c for c in judged if c not in stops and c in full]
     full_cost = mean(unstaged_cost(c) for c in promoted) if promoted else math.nan
     paid = sum(cost(e) for (cid, k), e in by_stage.items() if not (cid in stops and k == last))
-    audited = [c for c in stops if c in full and stops[c].extra.get("rival") in full]
+    bars = selection_bars(stops, {c: e.score for c, e in full.items()}, staged, merge)
+    audited = sorted(bars)
     # rejections that can be false: the paired test's, and compress / joint sibling stops (a merge
     # run never audits its sibling stops)
-    audits = [(stops[c].score, full[c].score, full[stops[c].extra["rival"]].score)
-              for c in audited if stops[c].extra.get("rule", "margin") in ("margin", "sibling")]
+    can_be_false = [c for c in audited if stops[c].extra.get("rule", "margin") in ("margin", "sibling")]
+    audits = [(stops[c].score, full[c].score, bars[c]) for c in can_be_false]
+    beat_rival_only = sum(full[stops[c].extra["rival"]].score <= full[c].score < bars[c] for c in can_be_false)
     first = {cid: e.score for (cid, k), e in by_stage.items() if k == 0}
     both = [c for c in judged if c in first and c in full]
     return {
@@ -72,6 +106,7 @@ def staged_summary(rows: list[dict], last: int | None) -> dict | None:
         "audited": len(audited),
         "audited_margin_stops": len(audits),
         "false_rejection_rate": false_rejection_rate(audits) if audits else None,
+        "beat_rival_only": beat_rival_only,
         "spearman_audited": spearman([stops[c].score for c in audited], [full[c].score for c in audited]) if len(audited) > 1 else None,
         "spearman_first_vs_full": spearman([first[c] for c in both], [full[c].score for c in both]) if len(both) > 1 else None,
         "scoring_s": round(paid, 1),
@@ -91,7 +126,9 @@ def format_staged(summary: dict) -> list[str]:
         rate = summary["false_rejection_rate"]
         shown = "-" if rate is None else f"{rate:.1%} of {summary['audited_margin_stops']} that could be false"
         lines.append(f"  audit      {summary['audited']} stopped candidates scored in full: false-rejection rate {shown}")
+        if summary.get("beat_rival_only"):
+            lines.append(f"             ({summary['beat_rival_only']} more beat their member in full, but not a sibling that went on)")
     return lines
 
 
-__all__ = ["staged_summary", "format_staged", "full_dev_rows", "last_stage"]
+__all__ = ["staged_summary", "format_staged", "full_dev_rows", "last_stage", "selection_bars"]
