@@ -32,8 +32,7 @@ merge is a `Recipe`, as a search uses.
 How it streams (`search.models.tensors`): safetensors headers are read first (every input
 checked for the same tensor names and shapes, the output shards and their headers planned),
 then each tensor's inputs are taken as views of the memory-mapped files (their pages leave the
-process' resident set once the output they feed is written), merged, and appended to the open
-output shard, whose pages the kernel is asked to start writing to disk at once. Reading, merging and
+process' resident set once the tensor is merged), merged, and appended to the open output shard, whose pages the kernel is asked to start writing to disk at once. Reading, merging and
 writing overlap (a reader, two merge threads and the writer): merges run ahead of the writer by
 two tensors and by up to LOOKAHEAD_BYTES (128 MiB) of merged output more, so that a large tensor
 being merged or written does not leave the other thread idle; what is in memory at once is
