@@ -109,7 +109,11 @@ def replay(run_dir: Path, audit_file: Path) -> dict:
     for rule in RULES:
         wins = 0
         for family in families:
-            leader = max([advanced[family], *passing[rule][family]], key=lambda c: stage_score[c])
+            # the sibling that went on, if any did (every sibling of a family can be stopped)
+            contenders = ([advanced[family]] if family in advanced else []) + passing[rule][family]
+            if not contenders:
+                continue
+            leader = max(contenders, key=lambda c: stage_score[c])
             own = audited[leader]["full_score"] if leader in audited else full[leader]["score"]
             wins += own > full[family[1]]["score"]
         replaced[rule] = wins
