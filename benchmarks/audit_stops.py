@@ -124,7 +124,8 @@ def audit(run_dir: Path, limit: int | None, checks: int) -> dict:
     scored = {**{cid: r["score"] for cid, r in full.items()},
               **{a["id"]: a["full_score"] for a in audited}, **{a["rival"]: a["rival_full_score"] for a in audited}}
     staged = [Evaluation.from_json(r) for r in rows if r["split"] == "dev" and r.get("stage") is not None]
-    stopped = {e.id: e for e in staged if e.status == STOPPED and e.id in {a["id"] for a in audited}}
+    audited_ids = {a["id"] for a in audited}
+    stopped = {e.id: e for e in staged if e.status == STOPPED and e.id in audited_ids}
     bars = selection_bars(stopped, scored, staged, merge=True)
     for a in audited:
         a["selection_bar"] = bars[a["id"]]

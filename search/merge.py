@@ -497,7 +497,7 @@ def _stream(recipes: list[Recipe], tensors: list[OutputTensor], sources: dict[st
         reads: dict[int, Any] = {}
         merges: dict[int, Any] = {}
         released: set[int] = set()  # positions whose inputs were released as soon as merged
-        state = {"position": 0, "next_merge": 0, "ahead": 0}  # ahead: bytes of positions > position + 1 submitted
+        state = {"position": 0, "next_merge": 0}  # the next tensor to write, the next to submit
 
         def merge(position: int) -> torch.Tensor:
             loaded = reads.pop(position).result()
@@ -523,14 +523,12 @@ def _stream(recipes: list[Recipe], tensors: list[OutputTensor], sources: dict[st
             position = state["position"]
             while state["next_merge"] < len(names):
                 q = state["next_merge"]
-                beyond = q > position + 1
-                if q >= position + workers and state["ahead"] + (sizes[q] if beyond else 0) > LOOKAHEAD_BYTES:
+                if q >= position + workers and sum(sizes[position + 2:q + 1]) > LOOKAHEAD_BYTES:
                     break
                 for r in (q, q + 1):  # its inputs, and the next tensor's ahead of its merge
                     if r < len(names) and r not in reads:
                         reads[r] = reader.submit(load, r)
                 merges[q] = merger.submit(merge, q)
-                state["ahead"] += sizes[q] if beyond else 0
                 state["next_merge"] = q + 1
 
         def produce(name: str) -> torch.Tensor:
@@ -540,8 +538,6 @@ def _stream(recipes: list[Recipe], tensors: list[OutputTensor], sources: dict[st
             if position > 0 and position - 1 not in released:
                 release(position - 1)  # written by now (its output was a view of an input)
             state["position"] = position + 1
-            if position + 2 < state["next_merge"]:  # position + 2 is now the next but one to write
-                state["ahead"] -= sizes[position + 2]
             schedule()
             if progress is not None:
                 progress.update(nbytes_of(merged.dtype, merged.shape))
