@@ -14,7 +14,10 @@ reports:
   (Clopper-Pearson), so "0 of 30" reads as "at most 9.5%";
 - apart, the paired test's own error against the member alone: stops whose full score is at
   least their rival's, whether or not a sibling that went on scored higher;
-- the Spearman correlation of first-stage and full dev scores over the audited candidates;
+- with `--siblings F`, a seeded fraction F of the sibling stops (a better-ranked offspring of the
+  same member went on) scored too, and counted apart: one is false when it beats the member and
+  the sibling that went on, i.e. when the first stage ranked the siblings wrongly;
+- the Spearman correlation of first-stage and full dev scores over the audited candidates (both kinds);
 - a check that the offline scoring is the run's: candidates the run scored in full (its own
   audits and promoted ones) are re-scored here and must give the same dev score.
 
@@ -41,7 +44,7 @@ sys.path.insert(0, str(ROOT))
 from search.config import load_config  # noqa: E402
 from search.fitness import TaskSpec, build_task  # noqa: E402
 from search.fitness.spec import aggregate  # noqa: E402
-from search.fitness.staged import false_rejection_rate, spearman  # noqa: E402
+from search.fitness.staged import audit_selected, false_rejection_rate, spearman  # noqa: E402
 from search.results.export import Replay, _journal_by_id  # noqa: E402
 from search.results.staging import STOPPED, full_dev_rows, last_stage, selection_bars  # noqa: E402
 from search.run.candidate import Evaluation  # noqa: E402
@@ -66,10 +69,13 @@ def upper_bound(failures: int, n: int, confidence: float = 0.95) -> float:
     return high
 
 
-def stops_to_audit(rows: list[dict], last: int) -> tuple[list[dict], dict[str, dict]]:
-    """The paired test's stops and every full (last-stage) dev row of the run, by id."""
+def stops_to_audit(rows: list[dict], last: int, siblings: float = 0.0, seed: int = 0) -> tuple[list[dict], dict[str, dict]]:
+    """The paired test's stops, a seeded fraction `siblings` of the sibling stops, and every full
+    (last-stage) dev row of the run, by id."""
     full = {r["id"]: r for r in full_dev_rows(rows, last) if r["status"] == "ok"}
-    stops = [r for r in rows if r["split"] == "dev" and r["status"] == STOPPED and r.get("rule", "margin") == "margin"]
+    stopped = [r for r in rows if r["split"] == "dev" and r["status"] == STOPPED]
+    stops = [r for r in stopped if r.get("rule", "margin") == "margin"]
+    stops += [r for r in stopped if r.get("rule") == "sibling" and audit_selected(seed, f"sibling:{r['id']}", siblings)]
     return stops, full
 
 
@@ -103,11 +109,12 @@ class OfflineScorer:
         return aggregate(scores, self.weights)
 
 
-def audit(run_dir: Path, limit: int | None, checks: int) -> dict:
+def audit(run_dir: Path, limit: int | None, checks: int, siblings: float = 0.0) -> dict:
     store = RunStore(run_dir)
     rows = store.read_journal()
-    last = last_stage(load_config(store.config_path))
-    stops, full = stops_to_audit(rows, last)
+    config = load_config(store.config_path)
+    last = last_stage(config)
+    stops, full = stops_to_audit(rows, last, siblings, config.seed)
     scorer = OfflineScorer(run_dir)
     started = time.time()
     # the run's own full scores, re-scored: the offline scoring must be the run's
@@ -117,7 +124,7 @@ def audit(run_dir: Path, limit: int | None, checks: int) -> dict:
     for stop in stops[:limit]:
         cid, rival = stop["id"], stop.get("rival")
         own = full[cid]["score"] if cid in full else scorer.dev_score(cid)
-        audited.append({"id": cid, "stage_score": stop["score"], "full_score": own, "rival": rival,
+        audited.append({"id": cid, "rule": stop.get("rule", "margin"), "stage_score": stop["score"], "full_score": own, "rival": rival,
                         "rival_full_score": full[rival]["score"] if rival in full else scorer.dev_score(rival),
                         "run_audited": cid in full})
         print(f"{cid}: stage {stop['score']:.4f} full {own:.4f} rival {rival} {audited[-1]['rival_full_score']:.4f}", flush=True)
@@ -129,19 +136,28 @@ def audit(run_dir: Path, limit: int | None, checks: int) -> dict:
     bars = selection_bars(stopped, scored, staged, merge=True)
     for a in audited:
         a["selection_bar"] = bars[a["id"]]
+    sibling_audits = [a for a in audited if a["rule"] == "sibling"]
+    audited = [a for a in audited if a["rule"] == "margin"]
     triples = [(a["stage_score"], a["full_score"], a["selection_bar"]) for a in audited]
     wins = sum(a["full_score"] >= a["selection_bar"] for a in audited)
     beat_member = sum(a["full_score"] >= a["rival_full_score"] for a in audited)
+    sibling_wins = sum(a["full_score"] >= a["selection_bar"] for a in sibling_audits)
+    both = audited + sibling_audits
     return {
         "run": run_dir.name,
-        "stops_by_paired_test": len(stops),
+        "stops_by_paired_test": sum(s.get("rule", "margin") == "margin" for s in stops),
+        "sibling_stops": sum(r["split"] == "dev" and r["status"] == STOPPED and r.get("rule") == "sibling" for r in rows),
+        "siblings_audited": len(sibling_audits),
+        "sibling_false_rejections": sibling_wins,
+        "sibling_false_upper_95": round(upper_bound(sibling_wins, len(sibling_audits)), 4) if sibling_audits else None,
+        "sibling_candidates": sibling_audits,
         "audited": len(audited),
         "false_rejections": wins,
         "false_rejection_rate": false_rejection_rate(triples) if triples else None,
         "false_rejection_upper_95": round(upper_bound(wins, len(audited)), 4),
         "beat_member": beat_member,
         "beat_member_upper_95": round(upper_bound(beat_member, len(audited)), 4),
-        "spearman_stage_vs_full": spearman([t[0] for t in triples], [t[1] for t in triples]) if len(triples) > 1 else None,
+        "spearman_stage_vs_full": spearman([a["stage_score"] for a in both], [a["full_score"] for a in both]) if len(both) > 1 else None,
         "max_abs_diff_vs_run": max((abs(a - b) for _, a, b in agreement), default=None),
         "agreement_checked": len(agreement),
         "audit_s": round(time.time() - started, 1),
@@ -149,19 +165,28 @@ def audit(run_dir: Path, limit: int | None, checks: int) -> dict:
     }
 
 
+def sibling_cell(r: dict) -> str:
+    if not r.get("siblings_audited"):
+        return "-"
+    return (f"{r['siblings_audited']} of {r['sibling_stops']}, {r['sibling_false_rejections']} "
+            f"(at most {r['sibling_false_upper_95']:.1%})")
+
+
 def table(results: list[dict]) -> str:
     head = ["run", "paired-test stops", "audited", "false rejections", "rate", "95% upper bound",
-            "beat the member alone", "Spearman stage/full", "offline vs run (max |diff|, n)", "audit s"]
+            "beat the member alone", "Spearman stage/full", "offline vs run (max |diff|, n)",
+            "sibling stops: audited, false (95% upper bound)", "audit s"]
     lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
     for r in results:
         rate = r["false_rejection_rate"]
         rho = r["spearman_stage_vs_full"]
         lines.append("| " + " | ".join(str(x) for x in [
             r["run"], r["stops_by_paired_test"], r["audited"], r["false_rejections"],
-            "-" if rate is None else f"{rate:.1%}", f"{r['false_rejection_upper_95']:.1%}",
-            f"{r['beat_member']} ({r['beat_member'] / max(1, r['audited']):.1%}, at most {r['beat_member_upper_95']:.1%})",
+            "-" if rate is None else f"{rate:.1%}", "-" if not r["audited"] else f"{r['false_rejection_upper_95']:.1%}",
+            "-" if not r["audited"] else
+            f"{r['beat_member']} ({r['beat_member'] / r['audited']:.1%}, at most {r['beat_member_upper_95']:.1%})",
             "-" if rho is None else f"{rho:.2f}", f"{r['max_abs_diff_vs_run']:.1e}, {r['agreement_checked']}",
-            r["audit_s"]]) + " |")
+            sibling_cell(r), r["audit_s"]]) + " |")
     return "\n".join(lines)
 
 
@@ -170,14 +195,17 @@ def main() -> None:
     parser.add_argument("runs", nargs="+", type=Path, help="finished staged merge run directories")
     parser.add_argument("--limit", type=int, help="audit at most this many stops per run")
     parser.add_argument("--checks", type=int, default=2, help="fully scored candidates re-scored to check the scoring")
+    parser.add_argument("--siblings", type=float, default=0.0,
+                        help="also score this seeded fraction of the sibling stops in full")
     parser.add_argument("--threads", type=int, default=1)
     parser.add_argument("--name", default="staged_audit")
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
-    results = [audit(run, args.limit, args.checks) for run in args.runs]
+    results = [audit(run, args.limit, args.checks, args.siblings) for run in args.runs]
     RESULTS.mkdir(parents=True, exist_ok=True)
     (RESULTS / f"{args.name}.json").write_text(json.dumps(results, indent=1))
-    text = f"# Every paired-test stop of staged demo runs, scored in full after the run\n\n{table(results)}\n"
+    sampled = f", and {args.siblings:.0%} of the sibling stops," if args.siblings else ""
+    text = f"# Every paired-test stop{sampled} of staged demo runs, scored in full after the run\n\n{table(results)}\n"
     (RESULTS / f"{args.name}.md").write_text(text)
     print(text)
 

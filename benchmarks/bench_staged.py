@@ -118,20 +118,23 @@ def measure(run_dir: Path, name: str, full: bool) -> dict:
 
 
 def compare(config: Path, label: str, seeds: list[int], keep: bool, concurrent: int | None = None,
-            full_generations: int | None = None, tag: str = "") -> list[dict]:
+            full_generations: int | None = None, tag: str = "", staged_only: bool = False) -> list[dict]:
     if concurrent:
         return [row for seed in seeds for row in side_by_side(config, label, seed, keep, concurrent)]
     rows = []
     for seed in seeds:
         staged = variant(config, f"{label}-staged{tag}-s{seed}", seed, full=False, generations=None, keep=keep)
         per_generation = staged["search_wall_s"] / max(1, staged["generations"])
+        staged["wall_s_per_generation"] = round(per_generation, 1)
+        if staged_only:  # a variant of the staged run, compared with full runs measured before
+            rows.append(staged)
+            continue
         generations = full_generations
         if generations is None:  # as many full-scoring generations as fit in the staged run's time
             probe = variant(config, f"{label}-full-probe-s{seed}", seed, full=True, generations=1, keep=keep)
             generations = max(1, round(staged["search_wall_s"] / max(probe["search_wall_s"], 1e-9)))
         full = variant(config, f"{label}-full-s{seed}", seed, full=True, generations=generations, keep=keep)
         full["equal_time_generations"] = generations
-        staged["wall_s_per_generation"] = round(per_generation, 1)
         rows += [staged, full]
     return rows
 
@@ -190,6 +193,7 @@ def main() -> None:
                         help="generations of the full-scoring runs, one after the other (no probe run)")
     parser.add_argument("--config", type=Path, help="with --only: this config instead of the demo's (a variant to compare)")
     parser.add_argument("--tag", default="", help="appended to the staged runs' names (--tag=-l8: a variant's runs)")
+    parser.add_argument("--staged-only", action="store_true", help="the staged runs alone (full runs measured before)")
     args = parser.parse_args()
     if args.config and not args.only:
         parser.error("--config needs --only")
@@ -206,7 +210,7 @@ def main() -> None:
         if args.only and label != args.only:
             continue
         rows += compare(args.config or config, ("quick-" if args.quick else "") + label, seeds, args.keep,
-                        args.concurrent, args.full_generations, args.tag)
+                        args.concurrent, args.full_generations, args.tag, args.staged_only)
     name = "staged_quick" if args.quick else "staged"
     RESULTS.mkdir(parents=True, exist_ok=True)
     rows = kept_rows(RESULTS / f"{name}.json", rows) + rows

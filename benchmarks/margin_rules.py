@@ -1,28 +1,26 @@
-"""Replays a staged merge run's paired-test stops under other margin rules, offline (issue 14).
+"""Replays a staged merge run's first-stage decisions under other rules, offline (issue 14).
 
-`benchmarks/audit_stops.py` scores every candidate the paired test stopped in full and says which
-stops were false (the candidate would have beaten its rival). This script asks what other rules
-for the margin would have done with the same first-stage data: for each stop it recomputes the
-paired comparison from the journalled per-example scores (the candidate's stage subset against
-its rival's items) under
+`benchmarks/audit_stops.py` scores every candidate the paired test stopped in full. With those
+scores and the run's journal, this script asks what other rules would have done with the same
+first-stage data. A rule is a variance estimate and an order:
 
-- `current`: `search.fitness.staged.compare` as the run used it (reproduces every stop);
-- `floor`: accuracy tasks (values in {0, 1}, weight 1) get a variance of at least the one their
-  discordant pairs give with half a pseudo-count each, p10 = (b + 1/2) / (n + 1) and likewise p01:
-  Var(d) >= p10 + p01 - (p10 - p01)^2, so two candidates that agree on all of 3-4 items no longer
-  count as exactly equal;
-- `welch`: the t quantile at Welch-Satterthwaite degrees of freedom (sum of per-task variances
-  squared over the sum of their squares divided by n_t - 1) instead of n - #tasks;
-- `floor+welch`: both;
+- variance `plug-in`: the per-item paired differences' sample variance, as the runs before
+  2026-12-01 used it (zero for a right/wrong task on which two candidates agree on every item);
+  `floor`: `search.fitness.staged.compare` as it is now, whose right/wrong tasks' variance is at
+  least `discordance_variance_floor` (half a pseudo-count per cell of the 2 x 2 table);
+- order `filter`: the paired test first, then the best stage score among the siblings that pass
+  goes on (the runs' order before 2026-12-01); `ranked`: the best stage score among all siblings
+  is the one contender, and goes on if it passes the test (`StageJudge.merge_survivors` now).
 
-and counts, per rule, the false and the true stops it would still make, and, in the
-member-generations with margin stops, how many members would have been replaced: under each rule
-the sibling that goes on is the best first-stage score among those the margin lets on (the run's
-own order), and it replaces its member when its full dev score is higher (every margin stop was
-scored in full by the audit, the run's own choice by the run). With `fitness.advance: 1` a rule
-that stops less costs no extra full evaluation in those families: one sibling goes on either way.
+Per rule, over the (generation, member) families of the run: how many promote a sibling (one
+full evaluation each), how many members the promoted sibling replaces (its full dev score beats
+the member's), and the paired-test stops with their false ones (a stop whose full score beats the
+member and the promoted sibling: full scoring would have selected it). Every candidate these
+rules promote or stop by the test has a full score: the run scored its promoted ones, the audit
+every one the run's test stopped, and a rule here only ever promotes or tests a sibling ranked
+at or above the run's promoted one (or one the run's test stopped).
 
-    python -m benchmarks.margin_rules benchmarks/.work/staged/merge-staged-s2 benchmarks/results/staged_audit_s2.json
+    python -m benchmarks.margin_rules benchmarks/.work/staged/merge-staged-s3 benchmarks/results/staged_audit_s3.json
 """
 from __future__ import annotations
 
@@ -38,89 +36,80 @@ from scipy import stats
 
 from search.fitness.staged import compare
 
-RULES = ("current", "floor", "welch", "floor+welch")
+VARIANCES = ("plug-in", "floor")
+ORDERS = ("filter", "ranked")
 
 
 def examples(row: dict) -> dict[str, dict]:
     return {task: m["examples"] for task, m in row["metrics"].items() if isinstance(m, dict) and "examples" in m}
 
 
-def task_terms(candidate: dict, rival: dict, floor: bool) -> tuple[float, list[tuple[float, int]]]:
-    """(aggregate difference, [(variance of task t's term, n_t - 1)]) with equal task weights."""
-    share = 1.0 / len(candidate)
-    diff, terms = 0.0, []
+def plug_in_stops(candidate: dict, rival: dict, confidence: float) -> bool:
+    """The paired test with the plain sample variance (equal task weights, as the demo's)."""
+    share, diff, variance, n = 1.0 / len(candidate), 0.0, 0.0, 0
     for task in candidate:
         own = dict(zip(candidate[task]["index"], zip(candidate[task]["value"], candidate[task]["weight"])))
         other = dict(zip(rival[task]["index"], zip(rival[task]["value"], rival[task]["weight"])))
         shared = sorted(set(own) & set(other))
-        n = len(shared)
         vc, wc = (np.array([own[i][k] for i in shared]) for k in (0, 1))
         vr, wr = (np.array([other[i][k] for i in shared]) for k in (0, 1))
         rc, rr = vc.sum() / wc.sum(), vr.sum() / wr.sum()
         diff += share * (rc - rr)
         d = (vc - rc * wc) / wc.mean() - (vr - rr * wr) / wr.mean()  # as in paired_difference
-        variance = float(np.var(d, ddof=1)) / n if n > 1 else math.inf
-        accuracy = bool(np.all(wc == 1) and set(np.unique(np.concatenate([vc, vr]))) <= {0.0, 1.0})
-        if floor and accuracy:
-            p10 = (np.sum((vc == 1) & (vr == 0)) + 0.5) / (n + 1)
-            p01 = (np.sum((vc == 0) & (vr == 1)) + 0.5) / (n + 1)
-            variance = max(variance, (p10 + p01 - (p10 - p01) ** 2) / n)
-        terms.append((share * share * variance, n - 1))
-    return diff, terms
+        variance += share * share * (float(np.var(d, ddof=1)) / len(shared) if len(shared) > 1 else math.inf)
+        n += len(shared)
+    dof = max(1, n - len(candidate))
+    return bool(diff < -stats.t.ppf(confidence, dof) * math.sqrt(variance) - 1e-12)
 
 
-def stops_under(rule: str, candidate: dict, rival: dict, confidence: float) -> bool:
-    if rule == "current":
-        return not compare(candidate, rival, {t: 1.0 for t in candidate}, confidence).can_still_win
-    diff, terms = task_terms(candidate, rival, floor="floor" in rule)
-    variance = sum(v for v, _ in terms)
-    if "welch" in rule:
-        dof = variance ** 2 / sum(v * v / k for v, k in terms if k > 0 and v > 0)
-    else:
-        dof = sum(k for _, k in terms)
-    return bool(diff < -stats.t.ppf(confidence, max(dof, 1.0)) * math.sqrt(variance))
+def stops(variance: str, candidate: dict, rival: dict, confidence: float) -> bool:
+    if variance == "plug-in":
+        return plug_in_stops(candidate, rival, confidence)
+    return not compare(candidate, rival, {t: 1.0 for t in candidate}, confidence).can_still_win
 
 
 def replay(run_dir: Path, audit_file: Path) -> dict:
     rows = [json.loads(line) for line in (run_dir / "journal.jsonl").open()]
     confidence = float(yaml.safe_load((run_dir / "config.yaml").read_text())["fitness"]["confidence"])
-    audited = {c["id"]: c for entry in json.loads(audit_file.read_text()) for c in entry["candidates"]}
-    full = {r["id"]: r for r in rows if r.get("split") == "dev" and r.get("status") == "ok" and r.get("stage") in (1, None)}
-    stops = [r for r in rows if r.get("status") == "stopped" and r.get("rule") == "margin"]
-    stage_score = {r["id"]: r["score"] for r in rows if r.get("split") == "dev" and r.get("stage") == 0}
-    stopped = {r["id"] for r in rows if r.get("status") == "stopped"}
-    advanced = {}  # (generation, member) -> the sibling that went on (audits excluded)
+    full = {r["id"]: r["score"] for r in rows if r.get("split") == "dev" and r.get("status") == "ok" and r.get("stage") in (1, None)}
+    member_rows = {r["id"]: r for r in rows if r.get("split") == "dev" and r.get("status") == "ok" and r.get("stage") in (1, None)}
+    for entry in json.loads(audit_file.read_text()):
+        full.update({c["id"]: c["full_score"] for c in entry["candidates"]})
+    first = {}  # candidate id -> its first-stage row (the stop row for stopped ones)
     for r in rows:
-        if r.get("split") == "dev" and r.get("stage") == 1 and r["id"] not in stopped:
-            advanced[(r["id"][:4], r.get("target"))] = r["id"]
-    counts = {rule: {"false": 0, "true": 0} for rule in RULES}
-    passing = {rule: defaultdict(list) for rule in RULES}  # family -> margin stops the rule lets on
-    for stop in stops:
-        verdict = "false" if audited[stop["id"]]["full_score"] >= audited[stop["id"]]["rival_full_score"] else "true"
-        for rule in RULES:
-            if stops_under(rule, examples(stop), examples(full[stop["rival"]]), confidence):
-                counts[rule][verdict] += 1
-            else:
-                passing[rule][(stop["id"][:4], stop["rival"])].append(stop["id"])
-    # Which sibling goes on under each rule: the best first-stage score among those that pass (the
-    # run's own order, `merge_survivors`); replacing the member means beating it in full.
-    families = sorted({(s["id"][:4], s["rival"]) for s in stops})
-    replaced = {}
-    for rule in RULES:
-        wins = 0
-        for family in families:
-            # the sibling that went on, if any did (every sibling of a family can be stopped)
-            contenders = ([advanced[family]] if family in advanced else []) + passing[rule][family]
-            if not contenders:
-                continue
-            leader = max(contenders, key=lambda c: stage_score[c])
-            own = audited[leader]["full_score"] if leader in audited else full[leader]["score"]
-            wins += own > full[family[1]]["score"]
-        replaced[rule] = wins
-    return {"run": run_dir.name, "paired_test_stops": len(stops),
-            "false_stops_audited": sum(1 for s in stops if audited[s["id"]]["full_score"] >= audited[s["id"]]["rival_full_score"]),
-            "stops_kept": counts, "families_with_margin_stops": len(families),
-            "members_replaced_in_those_families": replaced}
+        if r.get("split") == "dev" and r.get("stage") == 0:
+            first[r["id"]] = r
+    families = defaultdict(list)
+    for r in first.values():
+        families[(r["id"][:4], r.get("target"))].append(r)
+    results = {}
+    for variance in VARIANCES:
+        for order in ORDERS:
+            promoted = replaced = test_stops = false_stops = unknown = 0
+            for (_, member), siblings in sorted(families.items()):
+                if member not in member_rows:
+                    continue
+                theirs = examples(member_rows[member])
+                ranked = sorted(siblings, key=lambda r: (-r["score"], r["id"]))
+                fails = {r["id"]: stops(variance, examples(r), theirs, confidence) for r in ranked}
+                contenders = ranked if order == "filter" else ranked[:1]
+                stopped = [r["id"] for r in contenders if fails[r["id"]]]
+                going_on = next((r["id"] for r in contenders if not fails[r["id"]]), None)
+                bar = full[member]
+                if going_on is not None:
+                    promoted += 1
+                    if going_on not in full:
+                        unknown += 1
+                        continue
+                    replaced += full[going_on] > full[member]
+                    bar = max(bar, full[going_on])
+                test_stops += len(stopped)
+                unknown += sum(s not in full for s in stopped)
+                false_stops += sum(full.get(s, -math.inf) >= bar for s in stopped)
+            results[f"{variance}, {order}"] = {"families": len(families), "promoted": promoted,
+                                               "members_replaced": replaced, "test_stops": test_stops,
+                                               "false_test_stops": false_stops, "unknown": unknown}
+    return {"run": run_dir.name, "rules": results}
 
 
 def main() -> None:

@@ -137,16 +137,23 @@ class ProxyTask(Strict):
 
 
 class FitnessConfig(Strict):
-    """Staged fitness (README, "Staged fitness"): every candidate is scored first on a fixed,
-    seeded subset of each dev task (the same items for every candidate, so comparisons are
-    paired) and goes on to the next stage only while it can still win. `stages: [1.0]` scores
-    everything at once (no stages)."""
+    """Staged fitness (README, "Staged fitness"): every candidate is scored first on a seeded
+    subset of each dev task (the same items for every candidate of a generation, and members
+    are scored on every item, so comparisons are paired) and goes on to the next stage only
+    while it can still win. `stages: [1.0]` scores everything at once (no stages)."""
 
     stages: list[float] = Field(default_factory=lambda: [1.0])
     confidence: float = Field(0.9, gt=0.5, lt=1)
     min_items: int = Field(4, ge=1)  # each task's first stage scores at least this many items
     advance: int = Field(1, ge=1)  # offspring per member that go on past each stage but the last
     audit: float = Field(0.0, ge=0, le=1)  # fraction of stopped candidates fully scored anyway
+    # Whether the audit also draws from sibling stops (a better-ranked offspring of the same
+    # member went on); default: in compress / joint runs, not in merge runs (there they are most
+    # stops: search.run.stages.StageJudge.audited).
+    audit_siblings: Optional[bool] = None
+    # A fresh draw of the subsets per generation (search.run.stages.StagePlan.indices says why);
+    # false: one draw for the whole run.
+    resample: bool = True
     proxy: Optional[ProxyTask] = None  # compress / joint: the first stage scores this task instead
 
     @field_validator("stages")

@@ -18,6 +18,7 @@ from search.fitness.staged import (
     can_still_win,
     compare,
     degrees_of_freedom,
+    discordance_variance_floor,
     dominated_beyond_margin,
     false_rejection_rate,
     margin,
@@ -109,18 +110,22 @@ def test_restricted_to_shared_items_and_zero_weight_tasks_ignored():
 
 def test_clearly_worse_stops_better_and_equal_go_on():
     right, wrong = ex(range(8), [1] * 8), ex(range(8), [0] * 8)
+    # every item wrong against every item right: b = 0, c = 8 discordant pairs, s^2 = 0, raised
+    # to the floor p10 + p01 - (p10 - p01)^2 with p10 = 0.5 / 10, p01 = 8.5 / 10: 0.26
     diff, se, n = paired_difference({"a": wrong}, {"a": right}, {"a": 1})
-    assert (diff, se, n) == (-1.0, 0.0, 8)
+    assert (diff, n) == (-1.0, 8) and se == pytest.approx(math.sqrt(0.26 / 8), abs=1e-12)
     for conf in (0.6, 0.9, 0.99, 0.9999):
-        assert not compare({"a": wrong}, {"a": right}, {"a": 1}, conf).can_still_win
+        # (at 0.9999, eight items cannot stop it: the exact sign test's p is 2^-8 = 0.004 either)
+        assert compare({"a": wrong}, {"a": right}, {"a": 1}, conf).can_still_win == (conf == 0.9999)
         assert compare({"a": right}, {"a": wrong}, {"a": 1}, conf).can_still_win
         assert compare({"a": right}, {"a": right}, {"a": 1}, conf).can_still_win  # a tie
     # Worse on one item of eight: d = [-1, 0 x 7], mean -0.125, s^2 = (0.875^2 + 7 * 0.125^2) / 7
-    # = 0.125, std_err = sqrt(0.125 / 8) = 0.125; margin t_{0.9,7} * 0.125 = 1.415 * 0.125 = 0.177
-    # > 0.125: one item in eight is not enough evidence to stop it.
+    # = 0.125, below the floor p10 + p01 - (p10 - p01)^2 = 0.05 + 0.15 - 0.01 = 0.19, so
+    # std_err = sqrt(0.19 / 8) = 0.1541; margin t_{0.9,7} * 0.1541 = 0.218 > 0.125: one item in
+    # eight is not enough evidence to stop it.
     one_off = ex(range(8), [0] + [1] * 7)
     c = compare({"a": one_off}, {"a": right}, {"a": 1}, 0.9)
-    assert c.diff == pytest.approx(-0.125) and c.std_err == pytest.approx(0.125)
+    assert c.diff == pytest.approx(-0.125) and c.std_err == pytest.approx(math.sqrt(0.19 / 8))
     assert c.can_still_win
     # Identical real-valued scores: an exact tie with zero variance goes on.
     doc = ex(range(4), [-11.3, -7.1, -30.2, -2.9], [7, 5, 19, 3])
@@ -131,6 +136,33 @@ def test_clearly_worse_stops_better_and_equal_go_on():
     assert not can_still_win(-1e-9, 0.0, 0.9, 5)
     assert not can_still_win(-0.2, 0.1, 0.9, 5)  # margin 1.4759 * 0.1 = 0.148 < 0.2
     assert can_still_win(-0.14, 0.1, 0.9, 5)
+
+
+def test_agreeing_on_a_few_right_wrong_items_is_not_an_exact_tie():
+    """Two candidates right on the same 3 of 4 items: the plug-in variance is 0, the floor
+    (half a pseudo-count per cell of the 2 x 2 table) is p10 + p01 = 2 * 0.5 / 6 = 1/6."""
+    assert discordance_variance_floor(np.array([1.0, 1, 1, 0]), np.array([1.0, 1, 1, 0])) == pytest.approx(1 / 6)
+    same = ex(range(4), [1, 1, 1, 0])
+    diff, se, n = paired_difference({"a": same}, {"a": same}, {"a": 1})
+    assert (diff, n) == (0.0, 4) and se == pytest.approx(math.sqrt(1 / 6 / 4))
+    # The case that stopped better candidates: 3 text pieces, each a little worse (consistent,
+    # so a small variance), and two right/wrong tasks of 4 items on which both agree. Without
+    # the floor the aggregate's std_err is the text task's alone and -0.01 is "significant"; in
+    # full the candidate can be better on the items the subset does not hold.
+    text_c = ex(range(3), [-101.0, -202.0, -151.0], [100, 200, 150])
+    text_r = ex(range(3), [-98.0, -196.0, -146.5], [100, 200, 150])
+    cand = {"text": text_c, "arith": same, "compare": same}
+    rival = {"text": text_r, "arith": same, "compare": same}
+    weights = {"text": 1, "arith": 1, "compare": 1}
+    c = compare(cand, rival, weights, 0.9)
+    assert c.diff == pytest.approx(-0.01) and c.can_still_win
+    text_only = compare({"text": text_c}, {"text": text_r}, {"text": 1}, 0.9)
+    assert text_only.std_err < 1e-9 and not text_only.can_still_win  # a real-valued task has no floor
+    # Real disagreement still stops: wrong on all four where the rival is right, twice.
+    wrong = ex(range(4), [0, 0, 0, 0])
+    right = ex(range(4), [1, 1, 1, 1])
+    assert not compare({"text": text_c, "arith": wrong, "compare": wrong},
+                       {"text": text_r, "arith": right, "compare": right}, weights, 0.9).can_still_win
 
 
 def test_one_item_has_no_variance_and_never_stops():

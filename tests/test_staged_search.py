@@ -70,22 +70,85 @@ def _row(cid: str, target: str, values: list[float]) -> Evaluation:
 def test_a_clearly_worse_candidate_stops_and_a_better_one_goes_on():
     plan = plan_stages([0.5, 1.0], {"acc": 16}, seed=0, min_items=4, proxy=False)
     judge = StageJudge(plan, {"acc": 1.0}, confidence=0.9, advance=1, run_seed=0, audit=0.0)
-    member = _row("m", "m", [1.0] * 6 + [0.0] * 2)
-    worse, better = _row("worse", "m", [0.0] * 8), _row("better", "m", [1.0] * 8)
-    stopped = judge.merge_survivors(0, {"worse": worse, "better": better}, {"m": member},
+    member, other = _row("m", "m", [1.0] * 6 + [0.0] * 2), _row("n", "n", [0.0] * 8)
+    worse, better = _row("worse", "m", [0.0] * 8), _row("better", "n", [1.0] * 8)
+    stopped = judge.merge_survivors(0, {"worse": worse, "better": better}, {"m": member, "n": other},
                                     [worse.candidate, better.candidate])
-    assert set(stopped) == {"worse"} and stopped["worse"][1] == "m"
+    assert set(stopped) == {"worse"} and stopped["worse"][1:] == ("m", "margin")
     # of two siblings that can both still win, only the better one goes on (advance 1)
-    close = _row("close", "m", [1.0] * 6 + [0.0] * 2)
-    stopped = judge.merge_survivors(0, {"close": close, "better": better}, {"m": member}, [close.candidate, better.candidate])
+    close, best = _row("close", "m", [1.0] * 6 + [0.0] * 2), _row("best", "m", [1.0] * 8)
+    stopped = judge.merge_survivors(0, {"close": close, "best": best}, {"m": member}, [close.candidate, best.candidate])
     assert set(stopped) == {"close"} and "siblings" in stopped["close"][0]
+
+
+def _text_row(cid: str, target: str, nll: list[float]) -> Evaluation:
+    """A perplexity-like task: per-piece -NLL sums over 100 tokens each."""
+    candidate = Candidate(id=cid, recipe=Recipe(op="copy", inputs=(target,)), target=target)
+    examples = {"index": list(range(len(nll))), "value": [-x for x in nll], "weight": [100.0] * len(nll)}
+    score = -sum(nll) / (100.0 * len(nll))
+    return Evaluation(candidate, "dev", "ok", {"text": {"score": score, "examples": examples}}, score=score, stage=0)
+
+
+def test_siblings_are_ranked_before_the_paired_test():
+    """The paired test is sharper for a sibling a little behind the member on every item than for
+    one far behind with noise; ranking first keeps the noisy, worse one from being promoted
+    because the better one failed the test."""
+    plan = plan_stages([0.5, 1.0], {"text": 8}, seed=0, min_items=4, proxy=False)
+    judge = StageJudge(plan, {"text": 1.0}, confidence=0.9, advance=1, run_seed=0, audit=0.0)
+    member = _text_row("m", "m", [200.0, 210.0, 190.0, 205.0])
+    close = _text_row("close", "m", [203.0, 213.0, 193.0, 208.0])  # 0.03 behind, on every piece
+    noisy = _text_row("noisy", "m", [300.0, 205.0, 260.0, 196.0])  # 0.39 behind on average
+    rows = {"close": close, "noisy": noisy}
+    stopped = judge.merge_survivors(0, rows, {"m": member}, [noisy.candidate, close.candidate])
+    assert stopped["close"][2] == "margin" and stopped["noisy"][2] == "sibling"
+    # alone, the noisy one would pass the test: it is the ranking that stops it
+    assert judge.merge_survivors(0, {"noisy": noisy}, {"m": member}, [noisy.candidate]) == {}
+    # with advance 2 both are contenders and each faces the test
+    judge2 = StageJudge(plan, {"text": 1.0}, confidence=0.9, advance=2, run_seed=0, audit=0.0)
+    assert set(judge2.merge_survivors(0, rows, {"m": member}, [noisy.candidate, close.candidate])) == {"close"}
+
+
+def test_the_audit_draws_from_the_stops_that_can_be_false():
+    plan = plan_stages([0.5, 1.0], {"acc": 16}, seed=0, min_items=4, proxy=False)
+    merge = StageJudge(plan, {"acc": 1.0}, confidence=0.9, advance=1, run_seed=0, audit=1.0)
+    both = StageJudge(plan, {"acc": 1.0}, confidence=0.9, advance=1, run_seed=0, audit=1.0, audit_siblings=True)
+    assert merge.audited("a", "margin") and not merge.audited("a", "sibling") and not merge.audited("a", "failed")
+    assert both.audited("a", "sibling") and not both.audited("a", "failed")
+    none = StageJudge(plan, {"acc": 1.0}, confidence=0.9, advance=1, run_seed=0, audit=0.0, audit_siblings=True)
+    assert not none.audited("a", "margin") and not none.audited("a", "sibling")
+    half = StageJudge(plan, {"acc": 1.0}, confidence=0.9, advance=1, run_seed=5, audit=0.5, audit_siblings=True)
+    drawn = [half.audited(f"g001-{k:03d}", "sibling") for k in range(200)]
+    assert 70 < sum(drawn) < 130 and drawn == [half.audited(f"g001-{k:03d}", "sibling") for k in range(200)]
 
 
 def test_stages_nest_and_end_with_every_item():
     plan = plan_stages([0.125, 0.5, 1.0], {"a": 64, "b": 10}, seed=3, min_items=4, proxy=False)
-    assert [len(i["a"]) for i in plan.indices[:-1]] == [8, 32] and len(plan.indices[0]["b"]) == 4
-    assert set(plan.indices[0]["a"]) <= set(plan.indices[1]["a"]) and plan.indices[-1] is None
-    assert plan_stages([0.5, 1.0], {"a": 64}, seed=3, min_items=4, proxy=True).tasks[0] == ("_proxy",)
+    indices = plan.indices()
+    assert [len(i["a"]) for i in indices[:-1]] == [8, 32] and len(indices[0]["b"]) == 4
+    assert set(indices[0]["a"]) <= set(indices[1]["a"]) and indices[-1] is None
+    proxy = plan_stages([0.5, 1.0], {"a": 64}, seed=3, min_items=4, proxy=True)
+    assert proxy.tasks[0] == ("_proxy",) and proxy.indices()[0] is None and proxy.indices()[1] == plan_stages(
+        [0.5, 1.0], {"a": 64}, seed=3, min_items=4, proxy=False).indices()[0]
+
+
+def test_each_generation_draws_its_own_subsets_shared_by_its_candidates():
+    """`fitness.resample`: a generation's candidates share their first-stage items (the
+    comparison among siblings stays paired) and the next generation draws new ones, so a member
+    chosen for its score on one draw is not judged against its offspring on the same items."""
+    sizes = {"a": 64, "b": 40}
+    fresh = plan_stages([0.125, 1.0], sizes, seed=3, min_items=4, proxy=False, resample=True)
+    fixed = plan_stages([0.125, 1.0], sizes, seed=3, min_items=4, proxy=False)
+    child = lambda cid, gen: Candidate(id=cid, recipe=Recipe(op="copy", inputs=("m",)), target="m", generation=gen)  # noqa: E731
+    siblings = [fresh.job(child(f"g001-{k:03d}", 1), 0).indices for k in range(3)]
+    assert siblings[0] == siblings[1] == siblings[2]
+    draws = [fresh.indices(g)[0] for g in range(4)]
+    assert all(draws[g]["a"] != draws[h]["a"] for g in range(4) for h in range(g))
+    assert all(len(d["a"]) == 8 and len(d["b"]) == 5 and set(d["a"]) < set(range(64)) for d in draws)
+    assert draws[0] == fixed.indices()[0] == fresh.indices(None)[0]  # the first generation: the run's own draw
+    assert all(fixed.indices(g) == fixed.indices(0) for g in range(4))
+    assert fresh.job(child("x", 2), 1).indices is None  # the last stage: every item
+    again = plan_stages([0.125, 1.0], sizes, seed=3, min_items=4, proxy=False, resample=True)
+    assert again.indices(2) == fresh.indices(2)  # a resumed run draws the same items
 
 
 def test_stopped_candidates_are_journalled_audited_and_never_selected(staged_run):

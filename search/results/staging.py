@@ -11,11 +11,12 @@ A false rejection is an audited stopped candidate that full scoring would have s
 full dev score is at least the bar it had to clear. For a stop of the paired test the bar is
 its rival's full score — the member it challenged (merge) or the front member that stopped it
 (compress / joint; that member costs no more by construction); for a compress / joint sibling
-stop, the sibling that went on in its place. A merge run's sibling stops are never audited:
-they were not rejected against the member.
+stop, the sibling that went on in its place. A merge run's sibling stops are not audited by
+the run (they are most stops, and were not rejected against the member), but
+`benchmarks/audit_stops.py --siblings` scores a sample of them.
 With several offspring per member (merge, (1 + lambda)), a member is replaced by at most one
-of them, the best; so the bar of a merge margin stop is the best full score among its rival
-and the siblings (same member, same generation) that went on and were scored in full. A stop
+of them, the best; so the bar of a merge stop is the best full score among its rival and the
+siblings (same member, same generation) that went on and were scored in full. A stop
 that beat the member in full but not a sibling that went on would not have been selected by
 full scoring either; such stops are counted apart (`beat_rival_only`), so the status shows
 both the rate that matters for selection and the paired test's own error against the member.
@@ -53,14 +54,15 @@ def selection_bars(stops: Mapping[str, Evaluation], full: Mapping[str, float],
     families: dict[tuple, set[str]] = {}
     for e in staged:
         families.setdefault((e.candidate.generation, e.candidate.target), set()).add(e.id)
+    stopped = {e.id for e in staged if e.status == STOPPED}
     bars = {}
     for cid, stop in stops.items():
         rival = stop.extra.get("rival")
         if cid not in full or rival not in full:
             continue
         bar = full[rival]
-        if merge and stop.extra.get("rule", "margin") == "margin":
-            went_on = families[(stop.candidate.generation, stop.candidate.target)] - set(stops)
+        if merge:  # a margin stop or a sibling stop: either had to beat the sibling that went on
+            went_on = families[(stop.candidate.generation, stop.candidate.target)] - stopped
             bar = max([bar] + [full[s] for s in went_on if s in full])
         bars[cid] = bar
     return bars
