@@ -11,9 +11,9 @@ A false rejection is an audited stopped candidate that full scoring would have s
 full dev score is at least the bar it had to clear. For a stop of the paired test the bar is
 its rival's full score — the member it challenged (merge) or the front member that stopped it
 (compress / joint; that member costs no more by construction); for a compress / joint sibling
-stop, the sibling that went on in its place. A merge run's sibling stops are not audited by
-the run (they are most stops, and were not rejected against the member), but
-`benchmarks/audit_stops.py --siblings` scores a sample of them.
+stop, the sibling that went on in its place. A merge run audits its sibling stops only with
+`fitness.audit_siblings: true` (they are most stops, and each audit is a full evaluation);
+`benchmarks/audit_stops.py --siblings` scores a sample of them after a run.
 With several offspring per member (merge, (1 + lambda)), a member is replaced by at most one
 of them, the best; so the bar of a merge stop is the best full score among its rival and the
 siblings (same member, same generation) that went on and were scored in full. A stop
