@@ -121,6 +121,23 @@ def test_the_audit_draws_from_the_stops_that_can_be_false():
     assert 70 < sum(drawn) < 130 and drawn == [half.audited(f"g001-{k:03d}", "sibling") for k in range(200)]
 
 
+@pytest.mark.parametrize("fitness, resample, audit_siblings", [
+    ({}, True, False),
+    ({"resample": False, "audit_siblings": True}, False, True),
+])
+def test_a_merge_run_config_sets_the_draws_and_the_audit(fitness, resample, audit_siblings):
+    from search.config import parse_config
+    from search.run.modes import make_mode
+    from search.run.stages import staged_scoring
+
+    raw = yaml.safe_load((Path(__file__).resolve().parents[1] / "configs" / "demo.yaml").read_text())
+    raw["fitness"].update(fitness)
+    config = parse_config(raw, "demo.yaml")
+    staged = staged_scoring(config, {"pydoc": 32, "arith": 64, "compare": 64}, scorer=None, mode=make_mode(config, None))
+    assert staged.plan.resample is resample and staged.judge.audit_siblings is audit_siblings
+    assert (staged.plan.indices(1) != staged.plan.indices(0)) is resample
+
+
 def test_stages_nest_and_end_with_every_item():
     plan = plan_stages([0.125, 0.5, 1.0], {"a": 64, "b": 10}, seed=3, min_items=4, proxy=False)
     indices = plan.indices()
