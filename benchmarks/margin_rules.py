@@ -30,9 +30,7 @@ import math
 from collections import defaultdict
 from pathlib import Path
 
-import numpy as np
 import yaml
-from scipy import stats
 
 from search.fitness.staged import compare
 
@@ -44,28 +42,10 @@ def examples(row: dict) -> dict[str, dict]:
     return {task: m["examples"] for task, m in row["metrics"].items() if isinstance(m, dict) and "examples" in m}
 
 
-def plug_in_stops(candidate: dict, rival: dict, confidence: float) -> bool:
-    """The paired test with the plain sample variance (equal task weights, as the demo's)."""
-    share, diff, variance, n = 1.0 / len(candidate), 0.0, 0.0, 0
-    for task in candidate:
-        own = dict(zip(candidate[task]["index"], zip(candidate[task]["value"], candidate[task]["weight"])))
-        other = dict(zip(rival[task]["index"], zip(rival[task]["value"], rival[task]["weight"])))
-        shared = sorted(set(own) & set(other))
-        vc, wc = (np.array([own[i][k] for i in shared]) for k in (0, 1))
-        vr, wr = (np.array([other[i][k] for i in shared]) for k in (0, 1))
-        rc, rr = vc.sum() / wc.sum(), vr.sum() / wr.sum()
-        diff += share * (rc - rr)
-        d = (vc - rc * wc) / wc.mean() - (vr - rr * wr) / wr.mean()  # as in paired_difference
-        variance += share * share * (float(np.var(d, ddof=1)) / len(shared) if len(shared) > 1 else math.inf)
-        n += len(shared)
-    dof = max(1, n - len(candidate))
-    return bool(diff < -stats.t.ppf(confidence, dof) * math.sqrt(variance) - 1e-12)
-
-
 def stops(variance: str, candidate: dict, rival: dict, confidence: float) -> bool:
-    if variance == "plug-in":
-        return plug_in_stops(candidate, rival, confidence)
-    return not compare(candidate, rival, {t: 1.0 for t in candidate}, confidence).can_still_win
+    """Whether the paired test stops `candidate` against `rival` (equal task weights, as the demo's)."""
+    verdict = compare(candidate, rival, {t: 1.0 for t in candidate}, confidence, accuracy_floor=variance == "floor")
+    return not verdict.can_still_win
 
 
 def replay(run_dir: Path, audit_file: Path) -> dict:

@@ -160,6 +160,7 @@ def paired_difference(candidate: Mapping[str, Mapping[str, Sequence]],
                       rival: Mapping[str, Mapping[str, Sequence]],
                       task_weights: Mapping[str, float],
                       population_sizes: Mapping[str, int] | None = None,
+                      accuracy_floor: bool = True,
                       ) -> tuple[float, float, int]:
     """(diff, std_err, n): candidate's aggregate minus rival's, on the items both were scored on.
 
@@ -184,7 +185,8 @@ def paired_difference(candidate: Mapping[str, Mapping[str, Sequence]],
     the task's N_t items, so at n_t = N_t the difference is exact and var_t = 0). For a
     right/wrong task (values in {0, 1}, weights 1, on both sides) s_t^2 is at least
     `discordance_variance_floor`: agreeing on every one of a few items is weak evidence that two
-    candidates agree on the task. Tasks are
+    candidates agree on the task (`accuracy_floor=False`: the plain sample variance, the
+    estimator before 2026-12-01, which `benchmarks/margin_rules.py` replays). Tasks are
     disjoint item sets, so
         var = sum_t a_t^2 var_t,    std_err = sqrt(var).
     A task with a single shared item has no variance estimate: std_err = inf (no margin ever
@@ -220,7 +222,7 @@ def paired_difference(candidate: Mapping[str, Mapping[str, Sequence]],
             continue
         d = (vc - rc * wc) / wc.mean() - (vr - rr * wr) / wr.mean()
         var_d = float(np.var(d, ddof=1))
-        if _is_accuracy(vc, wc) and _is_accuracy(vr, wr):
+        if accuracy_floor and _is_accuracy(vc, wc) and _is_accuracy(vr, wr):
             var_d = max(var_d, discordance_variance_floor(vc, vr))
         var_t = var_d / n_t
         if task in population_sizes:
@@ -314,9 +316,9 @@ class Comparison(NamedTuple):
 def compare(candidate: Mapping[str, Mapping[str, Sequence]],
             rival: Mapping[str, Mapping[str, Sequence]],
             task_weights: Mapping[str, float], confidence: float,
-            population_sizes: Mapping[str, int] | None = None) -> Comparison:
+            population_sizes: Mapping[str, int] | None = None, accuracy_floor: bool = True) -> Comparison:
     """`paired_difference`, then the margin and `can_still_win` with dof = n - #weighted tasks."""
-    diff, se, n = paired_difference(candidate, rival, task_weights, population_sizes)
+    diff, se, n = paired_difference(candidate, rival, task_weights, population_sizes, accuracy_floor)
     dof = degrees_of_freedom(n, len(_task_weights(task_weights)))
     return Comparison(diff, se, n, dof, margin(se, confidence, dof),
                       can_still_win(diff, se, confidence, dof))

@@ -138,20 +138,17 @@ class StageJudge:
         of the staged benchmark: a group 0.03 behind on 11 items was stopped, a group 0.10
         behind went on, and in full the first group beat the member and the second did not)."""
         tasks, weights = self.plan.tasks[stage], weights_for(self.plan.tasks[stage], self.task_weights)
-        stopped, scored = {}, []
-        for c in candidates:
-            if examples_of(rows[c.id], tasks) is None:
-                stopped[c.id] = failed_at(rows[c.id], stage)
-            else:
-                scored.append(c)
+        mine = {c.id: examples_of(rows[c.id], tasks) for c in candidates}
+        stopped = {c.id: failed_at(rows[c.id], stage) for c in candidates if mine[c.id] is None}
+        scored = [c for c in candidates if mine[c.id] is not None]
         ranks = lambda c: (-rows[c.id].score, c.id)  # noqa: E731
         stopped.update(sibling_stops(scored, ranks, self.advance, stage, "scored higher"))
-        for c in scored:
+        for c in (c for c in scored if c.id not in stopped):  # the contenders
             rival = rivals.get(c.target)
             theirs = examples_of(rival, tasks) if rival is not None else None
-            if c.id in stopped or theirs is None:
+            if theirs is None:
                 continue
-            verdict = compare(examples_of(rows[c.id], tasks), theirs, weights, self.confidence)
+            verdict = compare(mine[c.id], theirs, weights, self.confidence)
             if not verdict.can_still_win:
                 stopped[c.id] = (f"stage {stage + 1}: {verdict.diff:+.4f} against {c.target} on {verdict.n} items, "
                                  f"beyond the margin {verdict.margin:.4f}", c.target, "margin")
