@@ -221,9 +221,12 @@ def bench_method(method: str, paths: dict[str, Path], mergekit: Path, evofuse: l
         if native:  # the same merge without the native kernel (evolve/native.py): the same output bits
             # (tests/test_native.py), so whichever path wrote out_e last is what is compared below
             row["evofuse_torch_path_s"] = fresh(out_e, evofuse_run, {"EVOFUSE_NATIVE": "0"})[0]
+            # and without the thresholds found while torch loads (evolve/prefetch.py): the same bits too
+            row["evofuse_no_prefetch_s"] = fresh(out_e, evofuse_run, {"EVOFUSE_PREFETCH": "0"})[0]
         rows.append(row)
         log(f"{method} run {run + 1}: evofuse {e[0]:.2f} s {e[1]:.2f} GB | mergekit {m[0]:.2f} s {m[1]:.2f} GB"
-            + (f" | evofuse torch path {row['evofuse_torch_path_s']:.2f} s" if native else ""))
+            + (f" | evofuse torch path {row['evofuse_torch_path_s']:.2f} s, without prefetch "
+               f"{row['evofuse_no_prefetch_s']:.2f} s" if native else ""))
     result = {
         "method": method,
         "runs": rows,
@@ -235,6 +238,7 @@ def bench_method(method: str, paths: dict[str, Path], mergekit: Path, evofuse: l
     }
     if native:
         result["evofuse_torch_path_median_s"] = statistics.median(r["evofuse_torch_path_s"] for r in rows)
+        result["evofuse_no_prefetch_median_s"] = statistics.median(r["evofuse_no_prefetch_s"] for r in rows)
     result["max_abs_diff"], result["coordinates_differing"], where = compare_outputs(out_e, out_m)
     if method == "ties":
         result["differing_at_threshold_ties"] = at_threshold_ties(where, paths, 0.5)
@@ -325,6 +329,11 @@ def write_results(result: dict, quick: bool) -> Path:
                       f"{m['method']} {m['evofuse_torch_path_median_s']:.2f} s, "
                       f"{m['mergekit_median_s'] / m['evofuse_torch_path_median_s']:.1f}x mergekit's median" for m in native)
                   + "."]
+        lines += ["", "And without the thresholds found while torch loads (`EVOFUSE_PREFETCH=0`, evolve/prefetch.py; "
+                  "same output bits), in the same alternation: " + "; ".join(
+                      f"{m['method']} {m['evofuse_no_prefetch_median_s']:.2f} s, "
+                      f"{m['mergekit_median_s'] / m['evofuse_no_prefetch_median_s']:.1f}x mergekit's median"
+                      for m in native if "evofuse_no_prefetch_median_s" in m) + "."]
     if any("differing_at_threshold_ties" in m for m in result["methods"]):
         lines += ["", "TIES: where several entries of a task vector have exactly the k-th largest magnitude, "
                   "mergekit keeps whichever its unstable `torch.argsort` puts first (implementation-defined); "

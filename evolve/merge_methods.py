@@ -42,17 +42,19 @@ arithmetic rather than boolean masks (`torch.where` / masked ops with random mas
 On float32 CPU tensors both TIES passes (the threshold's bracket count and the combine) run in
 the native kernel of `evolve/native.py` when a C compiler is at hand: one loop per pass instead
 of one torch / numpy operation per step, the same bits (3 x 134.5M coordinates, one thread:
-2.4 s -> 1.2 s).
+2.4 s -> 1.2 s). The threshold search itself is torch-free (`evolve/magnitude.py`), so
+`evofuse merge` runs it in a worker process while the main one imports torch
+(`evolve/prefetch.py`); `magnitude_cut` takes those thresholds when they match its inputs.
 """
 from __future__ import annotations
 
-import math
 from typing import Sequence
 
 import numpy as np
 import torch
 
-from evolve import native
+from evolve import native, prefetch
+from evolve.magnitude import Threshold, magnitude_threshold
 from evolve.recipe import RecipeError
 from evolve.registry import Operator, ParamSpec, TensorCall, as_bool, as_float, register_operator
 from evolve.rng import derive_seed, keep_mask_chunks
@@ -63,7 +65,6 @@ __all__ = [
     "task_vector_merge",
     "MagnitudeCut",
     "magnitude_cut",
-    "kth_largest",
     "trim_to_top_magnitude",
     "sign_consensus_combine",
     "drop_chunk",
@@ -76,7 +77,6 @@ __all__ = [
 
 SLERP_DOT_THRESHOLD = 0.9995  # mergekit's: above it the inputs count as colinear -> lerp
 SLERP_NORM_EPS = 1e-8  # norms at or below this are treated as 1 (mergekit's eps)
-SAMPLE_STRIDE = 64  # TIES threshold search: every 64th magnitude brackets the k-th largest
 MERGE_CHUNK = 1 << 16  # coordinates per chunk of a task-vector merge: temporaries stay in cache
 L1_RESCALE_EPS = 1e-7  # mergekit's: no DARE rescaling when either L1 norm is below it
 
@@ -153,26 +153,24 @@ class MagnitudeCut:
         np.multiply(delta, keep, out=delta)
 
 
-def _tied_choice(flat_x: torch.Tensor, flat_b: torch.Tensor, k: int, threshold: float,
-                 ties: int, tied_total: int, mergekit_order: bool) -> MagnitudeCut:
-    """The cut at `threshold`; when only `ties` of the `tied_total` entries equal to it stay
-    and `mergekit_order`, mergekit's own sort decides which (see MagnitudeCut)."""
-    if ties >= tied_total or not mergekit_order:
-        return MagnitudeCut(threshold, ties)
+def _tied_choice(flat_x: torch.Tensor, flat_b: torch.Tensor, k: int, found: Threshold,
+                 mergekit_order: bool) -> MagnitudeCut:
+    """The cut at `found`; when only some of the entries tied at it stay and `mergekit_order`,
+    mergekit's own sort decides which (see MagnitudeCut)."""
+    if found.ties >= found.tied or not mergekit_order:
+        return MagnitudeCut(found.value, found.ties)
     magnitude = (flat_x - flat_b).abs_()
     order = torch.argsort(magnitude, descending=True)[:k]  # mergekit's selection, exactly
-    chosen = order[magnitude[order] == threshold].cpu().numpy()
-    return MagnitudeCut(threshold, ties, np.sort(chosen))
+    chosen = order[magnitude[order] == found.value].cpu().numpy()
+    return MagnitudeCut(found.value, found.ties, np.sort(chosen))
 
 
-def magnitude_cut(tensor: torch.Tensor, base: torch.Tensor, density: float, chunk: int,
+def magnitude_cut(tensor: torch.Tensor, base: torch.Tensor, density: float,
                   mergekit_order: bool = False) -> MagnitudeCut | None:
     """The cut keeping the `k = max(1, int(density * numel))` largest |tensor - base|; None: all.
 
-    Found in O(n) without materialising |tau|: the k-th largest is bracketed from a strided
-    1/64 sample (its rank +- 6 standard deviations), then one chunked pass counts the values
-    above the bracket and gathers the few inside it, and `np.partition` (introselect, ~3.5 ns
-    a value here where torch's `kthvalue` takes ~35) finds the exact value among those.
+    On the CPU the threshold comes from `evolve.magnitude` (O(n), no sort), or ready-made from
+    `evofuse merge`'s prefetch when it found this very cut while torch was loading.
     """
     count = tensor.numel()
     if density >= 1:
@@ -183,59 +181,17 @@ def magnitude_cut(tensor: torch.Tensor, base: torch.Tensor, density: float, chun
     flat_x, flat_b = tensor.reshape(-1), base.reshape(-1)
     if tensor.device.type != "cpu":  # on an accelerator: one exact selection on the device
         magnitude = (flat_x - flat_b).abs_()
-        threshold = float(magnitude.kthvalue(count - k + 1).values)
-        return _tied_choice(flat_x, flat_b, k, threshold, k - int((magnitude > threshold).sum()),
-                            int((magnitude == threshold).sum()), mergekit_order)
-    if count > 64 * SAMPLE_STRIDE:
-        sample = (flat_x[::SAMPLE_STRIDE] - flat_b[::SAMPLE_STRIDE]).abs_().numpy()  # (m,)
-        m = sample.shape[0]
-        centre = (k / count) * m  # the target's expected rank in the sample, from the top
-        margin = 6.0 * math.sqrt(max(centre * (1 - k / count), 1.0)) + 4
-        high_rank, low_rank = max(1, int(centre - margin)), min(m, int(centre + margin) + 1)
-        bounds = np.partition(sample, [m - low_rank, m - high_rank])
-        lower, upper = bounds[m - low_rank], bounds[m - high_rank]
-        if native.available(flat_x, flat_b):  # one fused pass; room for twice the expected count
-            bracket = native.magnitude_bracket(flat_x, flat_b, float(lower), float(upper),
-                                               min(count, 2 * (low_rank - high_rank + 1) * SAMPLE_STRIDE + 4096))
-        else:
-            bracket = _bracket_chunks(flat_x, flat_b, lower, upper, chunk)
-        if bracket is not None:  # None: more inside than the kernel had room for
-            above, inside = bracket
-            rank = k - above  # the target's rank among the bracketed values, from the top
-            if 1 <= rank <= inside.shape[0]:
-                threshold = np.partition(inside, inside.shape[0] - rank)[inside.shape[0] - rank]
-                return _tied_choice(flat_x, flat_b, k, float(threshold),
-                                    k - above - int(np.count_nonzero(inside > threshold)),
-                                    int(np.count_nonzero(inside == threshold)), mergekit_order)
-    magnitude = (flat_x - flat_b).abs_().numpy()  # small tensor, or the bracket missed
-    threshold = kth_largest(magnitude, k)
-    return _tied_choice(flat_x, flat_b, k, threshold, k - int(np.count_nonzero(magnitude > threshold)),
-                        int(np.count_nonzero(magnitude == threshold)), mergekit_order)
-
-
-def _bracket_chunks(flat_x: torch.Tensor, flat_b: torch.Tensor, lower: float, upper: float,
-                    chunk: int) -> tuple[int, np.ndarray]:
-    """(#|x - b| > upper, the values of |x - b| in [lower, upper] in index order), chunk by chunk."""
-    count = flat_x.numel()
-    above, inside = 0, []
-    scratch = torch.empty(min(chunk, count), dtype=flat_x.dtype)
-    for start in range(0, count, chunk):
-        stop = min(start + chunk, count)
-        magnitude = torch.sub(flat_x[start:stop], flat_b[start:stop], out=scratch[: stop - start]).abs_().numpy()
-        above += int(np.count_nonzero(magnitude > upper))
-        inside.append(magnitude[(magnitude >= lower) & (magnitude <= upper)])
-    return above, np.concatenate(inside)
-
-
-def kth_largest(values: np.ndarray, k: int) -> float:
-    """The k-th largest of a 1-D array (1 <= k <= n), by introselect."""
-    count = values.shape[0]
-    return float(np.partition(values, count - k)[count - k])
+        value = float(magnitude.kthvalue(count - k + 1).values)
+        found = Threshold(value, k - int((magnitude > value).sum()), int((magnitude == value).sum()))
+        return _tied_choice(flat_x, flat_b, k, found, mergekit_order)
+    x, b = flat_x.detach().numpy(), flat_b.detach().numpy()
+    found = prefetch.prefetched_threshold(x, b, density) or magnitude_threshold(x, b, k)
+    return _tied_choice(flat_x, flat_b, k, found, mergekit_order)
 
 
 def trim_to_top_magnitude(delta: torch.Tensor, density: float) -> torch.Tensor:
     """Zero all but the `max(1, int(density * numel))` largest-magnitude entries, in place."""
-    cut = magnitude_cut(delta, torch.zeros_like(delta), density, chunk=delta.numel() or 1)
+    cut = magnitude_cut(delta, torch.zeros_like(delta), density)
     if cut is not None:
         flat = delta.reshape(-1)
         cut.trim(flat, np.empty(flat.shape, dtype=np.float64 if flat.dtype == torch.float64 else np.float32),
@@ -302,7 +258,7 @@ def task_vector_merge(
     # weights as mergekit holds them: in the compute dtype
     coefficients = [float(w) for w in torch.tensor(weights, dtype=base.dtype)]
     total = float(torch.tensor(coefficients, dtype=base.dtype).sum())
-    cuts = [magnitude_cut(t, base, d, chunk, mergekit_order) for t, d in zip(tensors, densities)] \
+    cuts = [magnitude_cut(t, base, d, mergekit_order) for t, d in zip(tensors, densities)] \
         if sparsify == "magnitude" else [None] * len(tensors)
     if consensus and sparsify in (None, "magnitude") and all(c is None or c.tied is None for c in cuts) \
             and native.available(base, out, *tensors):  # TIES in one fused loop, the same bits

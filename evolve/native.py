@@ -13,6 +13,10 @@ different CPU of a shared home directory), and loaded with ctypes; `make install
 (`python -m evolve.native`). ctypes releases the GIL during a call, so merge threads run it in
 parallel. Without a compiler, or with `EVOFUSE_NATIVE=0`, every caller takes the torch path: same
 numbers, slower.
+
+Importing this module does not import torch (the threshold search of `evolve/magnitude.py`
+runs before torch is loaded, see `evolve/prefetch.py`); the merge kernel's wrappers take
+torch tensors, the bracket's numpy arrays.
 """
 from __future__ import annotations
 
@@ -26,12 +30,14 @@ import subprocess
 import tempfile
 import threading
 from pathlib import Path
-from typing import Sequence
+from typing import TYPE_CHECKING, Sequence
 
 import numpy as np
-import torch
 
-__all__ = ["available", "library", "magnitude_bracket", "ties_merge", "build"]
+if TYPE_CHECKING:
+    import torch
+
+__all__ = ["available", "arrays_supported", "library", "magnitude_bracket", "ties_merge", "build"]
 
 log = logging.getLogger(__name__)
 
@@ -112,18 +118,25 @@ def library() -> ctypes.CDLL | None:
 
 
 def available(*tensors: torch.Tensor) -> bool:
-    """Whether the kernels apply: contiguous float32 CPU tensors and a loaded library."""
+    """Whether the merge kernel applies: contiguous float32 CPU tensors and a loaded library."""
+    import torch  # loaded by whoever made the tensors
+
     return all(t.dtype == torch.float32 and t.device.type == "cpu" and t.is_contiguous() for t in tensors) \
         and library() is not None
 
 
-def magnitude_bracket(x: torch.Tensor, base: torch.Tensor, lower: float, upper: float,
+def arrays_supported(*arrays: np.ndarray) -> bool:
+    """Whether the bracket kernel applies: C-contiguous float32 arrays and a loaded library."""
+    return all(a.dtype == np.float32 and a.flags.c_contiguous for a in arrays) and library() is not None
+
+
+def magnitude_bracket(x: np.ndarray, base: np.ndarray, lower: float, upper: float,
                       capacity: int) -> tuple[int, np.ndarray] | None:
-    """(#|x - base| > upper, the values in [lower, upper] in index order); None when more than
-    `capacity` fall inside (the caller's exact fallback)."""
+    """(#|x - base| > upper, the values in [lower, upper] in index order) over flat float32
+    arrays of one length; None when more than `capacity` fall inside (the caller's exact fallback)."""
     inside = np.empty(capacity + 1, dtype=np.float32)  # + 1: see ties_kernel.c
     above = ctypes.c_int64(0)
-    found = library().evofuse_magnitude_bracket(x.data_ptr(), base.data_ptr(), x.numel(), lower, upper,
+    found = library().evofuse_magnitude_bracket(x.ctypes.data, base.ctypes.data, x.shape[0], lower, upper,
                                                 inside.ctypes.data, capacity, ctypes.byref(above))
     return None if found < 0 else (above.value, inside[:found])
 

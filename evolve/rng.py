@@ -18,14 +18,19 @@ development machine (135M coordinates, the size of SmolLM2-135M; `benchmarks/ben
 
 Masks are always drawn on the CPU and moved to the tensor's device afterwards, so a CPU actor
 and a CUDA actor materialise the same mask for the same seed.
+
+torch is imported by the functions that make tensors, not by the module: `evolve.recipe` needs
+`derive_seed`, and `evofuse merge` reads its recipe before torch is loaded (`evolve/prefetch.py`).
 """
 from __future__ import annotations
 
 import hashlib
-from typing import Iterator
+from typing import TYPE_CHECKING, Iterator
 
 import numpy as np
-import torch
+
+if TYPE_CHECKING:
+    import torch
 
 __all__ = [
     "DRAW_LEVELS",
@@ -83,6 +88,8 @@ def keep_mask_chunks(
     seed: int, count: int, probability: float, chunk: int = CHUNK_DRAWS
 ) -> Iterator[torch.Tensor]:
     """Boolean CPU chunks of a length-`count` mask, True with `probability` per coordinate."""
+    import torch
+
     threshold = draw_threshold(probability)
     if threshold in (0, DRAW_LEVELS):  # p = 0 or 1: no draws needed, and exact
         for start in range(0, count, chunk):
@@ -104,6 +111,8 @@ def select_mask_chunks(
     (`x ^ ((x ^ y) & mask)`), which is exact and ~10x faster on the CPU than `torch.where`
     with a random boolean mask (branch mispredictions: 11.5 vs 0.9 ns per coordinate here).
     """
+    import torch
+
     dtype = np.int32 if bits == 32 else np.int64
     threshold = draw_threshold(probability)
     if threshold in (0, DRAW_LEVELS):
@@ -121,6 +130,8 @@ def select_mask_chunks(
 
 def keep_mask(seed: int, shape: torch.Size | tuple[int, ...], probability: float) -> torch.Tensor:
     """A boolean CPU tensor of `shape`, True with `probability` per coordinate (row-major order)."""
+    import torch
+
     count = int(np.prod(shape, dtype=np.int64)) if len(shape) else 1
     mask = torch.empty(count, dtype=torch.bool)
     start = 0

@@ -202,9 +202,16 @@ def _check_out_dir(out: Path, force: bool) -> None:
 
 
 def cmd_merge(args) -> int:
-    from search.merge import run_merge
+    from evolve import prefetch
 
-    run_merge(args.config, args.out, allow_pickle=args.allow_pickle, quiet=args.quiet)
+    # a TIES merge's thresholds need no torch: a worker process finds them while this one imports it
+    prefetch.start(args.config)
+    try:
+        from search.merge import run_merge
+
+        run_merge(args.config, args.out, allow_pickle=args.allow_pickle, quiet=args.quiet)
+    finally:
+        prefetch.stop()
     return 0
 
 

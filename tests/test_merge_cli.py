@@ -12,7 +12,7 @@ import yaml
 from safetensors import safe_open
 from safetensors.torch import load_file
 
-from search.merge import MergeConfigError, run_merge
+from search.merge import MergeConfigError, OutputBuffers, run_merge
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -367,3 +367,18 @@ def test_merges_run_ahead_of_the_writer_within_the_budget(models, tmp_path, monk
         assert sum(sizes[n] for n in waiting[MERGE_WORKERS:]) <= budget, waiting
     for shard in ahead_out.glob("*.safetensors"):
         assert shard.read_bytes() == (plain_out / shard.name).read_bytes()
+
+
+def test_output_buffers_are_reused_only_when_they_made_them():
+    buffers = OutputBuffers()
+    made = buffers.take(torch.float32, (4, 3))
+    buffers.give(made)
+    assert buffers.take(torch.float32, (4, 3)) is made  # written: given out again, no new pages
+    assert buffers.take(torch.float32, (4, 3)) is not made  # in use: a new one
+    view_of_an_input = torch.zeros(4, 3)
+    buffers.give(view_of_an_input)  # a method's own result, or an input's view: never written into
+    assert buffers.take(torch.float32, (4, 3)) is not view_of_an_input
+    buffers.give(made.view(3, 4))  # a view of a buffer is not the buffer: never given out twice
+    assert buffers.take(torch.float32, (3, 4)) is not made
+    buffers.give(made)
+    assert buffers.take(torch.float16, (4, 3)) is not made and buffers.take(torch.float32, (3, 4)) is not made

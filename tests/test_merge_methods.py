@@ -6,7 +6,8 @@ import math
 import pytest
 import torch
 
-from evolve.merge_methods import kth_largest, linear, slerp, task_vector_merge, trim_to_top_magnitude
+from evolve.magnitude import kth_largest
+from evolve.merge_methods import linear, slerp, task_vector_merge, trim_to_top_magnitude
 from evolve.materialize import materialize_tensor
 from evolve.recipe import Recipe, RecipeError, derive_seed
 from evolve.rng import keep_mask

@@ -8,7 +8,7 @@ import pytest
 import torch
 
 from evolve import native
-from evolve.merge_methods import MERGE_CHUNK, magnitude_cut, task_vector_merge
+from evolve.merge_methods import magnitude_cut, task_vector_merge
 
 HAS_COMPILER = shutil.which("cc") is not None or shutil.which("gcc") is not None
 
@@ -75,10 +75,10 @@ def test_kernel_is_used_for_float32_ties_only(monkeypatch):
 @pytest.mark.parametrize("density", [0.01, 0.5, 0.97])
 def test_magnitude_cut_bracket_pass_equals_numpy(monkeypatch, density):
     base, (x,) = tied_inputs(200_003, 1, seed=7)
-    fused = magnitude_cut(x, base, density, MERGE_CHUNK)
+    fused = magnitude_cut(x, base, density)
     with monkeypatch.context() as patch:
         torch_path(patch)
-        reference = magnitude_cut(x, base, density, MERGE_CHUNK)
+        reference = magnitude_cut(x, base, density)
     assert (fused.threshold, fused.ties) == (reference.threshold, reference.ties)
     kept = int(((x - base).abs() > fused.threshold).sum()) + fused.ties
     assert kept == max(1, int(density * x.numel()))
@@ -90,10 +90,10 @@ def test_bracket_overflow_returns_none_and_the_cut_stays_exact():
     base = torch.zeros(100_000)
     x = torch.full((100_000,), 0.25)
     x[::2] = -0.25
-    assert native.magnitude_bracket(x, base, 0.2, 0.3, capacity=1000) is None
-    above, inside = native.magnitude_bracket(x, base, 0.2, 0.3, capacity=100_000)
+    assert native.magnitude_bracket(x.numpy(), base.numpy(), 0.2, 0.3, capacity=1000) is None
+    above, inside = native.magnitude_bracket(x.numpy(), base.numpy(), 0.2, 0.3, capacity=100_000)
     assert above == 0 and inside.shape == (100_000,) and np.all(inside == 0.25)
-    cut = magnitude_cut(x, base, 0.3, MERGE_CHUNK)
+    cut = magnitude_cut(x, base, 0.3)
     assert (cut.threshold, cut.ties) == (0.25, 30_000)
 
 

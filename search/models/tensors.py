@@ -34,6 +34,7 @@ from typing import Any, Callable, Mapping, Sequence
 import torch
 
 from compression.loader import atomic_write_text, fsync_dir
+from evolve import prefetch
 from search.errors import EvofuseError
 
 __all__ = [
@@ -126,6 +127,11 @@ def weight_files(directory: Path) -> list[Path]:
     return sorted(directory.glob("*.safetensors"))
 
 
+def _address(mapping: mmap.mmap) -> int:
+    """The first byte's address of a writable mapping (the buffer export ends with the statement)."""
+    return ctypes.addressof(ctypes.c_char.from_buffer(mapping))
+
+
 class SafetensorsSource:
     """One model directory's tensors, one at a time: mapped views, or reads into caller-owned buffers."""
 
@@ -187,6 +193,8 @@ class SafetensorsSource:
         if mapping is None:
             with open(file, "rb") as handle:
                 mapping = self._maps[file] = mmap.mmap(handle.fileno(), 0, access=mmap.ACCESS_COPY)
+            # where its bytes lie, so that `evofuse merge`'s TIES prefetch can match its views
+            prefetch.register_mapping(_address(mapping), len(mapping), file)
         return mapping
 
     def close(self) -> None:
@@ -194,6 +202,7 @@ class SafetensorsSource:
             handle.close()
         self._handles.clear()
         for mapping in self._maps.values():
+            prefetch.unregister_mapping(_address(mapping))
             try:
                 mapping.close()
             except BufferError:  # a tensor still views it: unmapped when the last such tensor goes
