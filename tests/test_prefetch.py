@@ -74,11 +74,11 @@ def test_plans_one_job_per_tensor_and_trimmed_expert_in_the_merges_order(models,
     densities = [key[3] for key, _ in jobs[:3]]
     assert densities == [0.5, 0.3, 0.7]
     # the order `plan_output_tensors` merges (and writes) an unsliced model in
-    header_names = {name for name in prefetch._float32_tensors(models["base"])}
-    index = {name: ((1,), "F32") for name in header_names}
-    planned = plan_output_tensors([OutputSlice((SliceSource("base", 0, 2),))], {"base": index}, {"base": 2})
-    offsets = {info[2]: name for name, info in prefetch._float32_tensors(models["base"]).items()}
-    assert [offsets[key[1][1]] for key, _ in jobs[::3]] == [tensor.name for tensor in planned]
+    base = prefetch._float32_tensors(models["base"])  # {name: (shape, file, offset)}
+    planned = plan_output_tensors([OutputSlice((SliceSource("base", 0, 2),))],
+                                  {"base": {name: ((1,), "F32") for name in base}}, {"base": 2})
+    name_at = {offset: name for name, (_, _, offset) in base.items()}
+    assert [name_at[key[1][1]] for key, _ in jobs[::3]] == [tensor.name for tensor in planned]
 
 
 @pytest.mark.parametrize("change", [
@@ -174,9 +174,9 @@ prefetch.stop()
 
 
 def test_the_merge_takes_queued_jobs_and_the_worker_skips_them(tmp_path):
-    # larger tensors: the worker's first job outlasts the parent's first steps
+    # one large tensor first: its three jobs (~40 ms) outlast the parent's steps up to SIGSTOP
     generator = torch.Generator().manual_seed(1)
-    base = {f"model.layers.0.w{i}": torch.randn(1 << 20 if i == 0 else 1 << 14, generator=generator) for i in range(6)}
+    base = {f"model.layers.0.w{i}": torch.randn(1 << 22 if i == 0 else 1 << 14, generator=generator) for i in range(6)}
     paths = {"base": write_model(tmp_path / "base", base)}
     for label in "abc":
         paths[label] = write_model(tmp_path / label, {n: t + 0.01 * torch.randn(t.shape, generator=generator)
