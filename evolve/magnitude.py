@@ -1,6 +1,6 @@
 """The TIES trim threshold: the k-th largest |x - base| of a whole tensor, in O(n), numpy only.
 
-Torch-free on purpose: `evofuse merge` finds a TIES merge's thresholds in a thread started
+Torch-free on purpose: `evofuse merge` finds a TIES merge's thresholds in a process forked
 before torch is imported (`evolve/prefetch.py`), and `evolve.merge_methods.magnitude_cut`
 finds them here on the CPU, so both give the same numbers from one implementation.
 
