@@ -42,8 +42,12 @@ def task_values(row: dict) -> dict[str, tuple[dict[int, float], dict[int, float]
 
 
 def deviations(family: dict[str, dict]) -> tuple[dict[str, float], dict[str, float], dict[str, float]]:
-    """({id: raw deviation of its aggregate from the siblings' mean}, {id: reliability-weighted
-    deviation}, {task: reliability}); the aggregate is the tasks' mean, as the demo's."""
+    """({id: raw deviation of its first-stage aggregate from the siblings' mean}, {id: reliability-
+    weighted deviation}, {task: reliability}); the aggregate is the tasks' mean, as the demo's.
+
+    A task's score on the items is R = sum_i v_i / sum_i w_i (search.fitness.staged); linearised,
+    R - E[R] ~ mean_i z_i with z_i = (v_i - R w_i) / mean(w), so a sibling's deviation from the
+    siblings' mean has item-sampling variance var_i(z_i - mean over siblings of z_i) / n."""
     ids = list(family)
     values = {i: task_values(family[i]) for i in ids}
     tasks = list(values[ids[0]])
@@ -53,14 +57,13 @@ def deviations(family: dict[str, dict]) -> tuple[dict[str, float], dict[str, flo
     for task in tasks:
         items = sorted(values[ids[0]][task][0])
         w = np.array([values[ids[0]][task][1][j] for j in items])  # (n,) item weights, shared by the siblings
-        x = np.array([[values[i][task][0][j] for j in items] for i in ids])  # (siblings, n)
-        total = w.sum()
-        delta = x @ w / total - (x @ w / total).mean()  # (siblings,) task score minus the siblings' mean
-        per_item = x - x.mean(axis=0)  # each item's deviation from the siblings' mean on it
+        v = np.array([[values[i][task][0][j] for j in items] for i in ids])  # (siblings, n)
+        score = v.sum(axis=1) / w.sum()  # (siblings,)
+        delta = score - score.mean()
+        z = (v - score[:, None] * w) / w.mean()  # (siblings, n) linearised per-item contributions
+        per_item = z - z.mean(axis=0)
         n = len(items)
-        # variance of a weighted mean over n items redrawn: sum_j w_j^2 (d_j - delta)^2 / W^2, n/(n-1) unbiased
-        noise = np.mean([np.sum(w ** 2 * (per_item[k] - delta[k]) ** 2) for k in range(len(ids))]) / total ** 2 \
-            * n / max(n - 1, 1)
+        noise = float(np.mean(per_item.var(axis=1, ddof=1))) / n if n > 1 else float("inf")
         between = float(np.mean(delta ** 2))
         r = 0.0 if between == 0 else max(0.0, 1.0 - noise / between)
         reliability[task] = r
@@ -97,6 +100,85 @@ def replay(run_dir: Path, audit: dict) -> dict:
             "mean_reliability": {t: round(float(np.mean(v)), 3) for t, v in reliabilities.items()}}
 
 
+# First-stage cost per item on the demo (2-core CPU, from the staged runs' timings): a 128-token
+# piece of Python reference text, a right/wrong item (addition or comparison), and making the
+# candidate's weights, which every judged candidate pays once.
+PIECE_S, ITEM_S, MATERIALIZE_S = 0.257, 0.109, 0.50
+ALLOCATIONS = ((3, 4, 4), (1, 6, 6), (2, 5, 5), (0, 7, 7), (3, 8, 8), (3, 16, 16), (8, 16, 16))  # (pydoc, arith, compare)
+CLOSE = 0.02  # pairs this close in full dev score are what a member's offspring look like
+
+
+def full_examples(run_dir: Path) -> list[tuple[float, dict[str, tuple[np.ndarray, np.ndarray]]]]:
+    """(full dev score, {task: (values, weights) in item order}) of a staged run's fully scored candidates."""
+    out = []
+    for line in (run_dir / "journal.jsonl").open():
+        r = json.loads(line)
+        if r.get("split") == "dev" and r.get("status") == "ok" and r.get("stage") == 1:
+            tasks = {}
+            for task, (values, weights) in task_values(r).items():
+                items = sorted(values)
+                tasks[task] = (np.array([values[j] for j in items]), np.array([weights[j] for j in items]))
+            out.append((r["score"], tasks))
+    return out
+
+
+def subset_agreement(candidates: list, allocation: dict[str, int], draws: int, seed: int) -> tuple[float, float, int, int]:
+    """(share of all pairs, share of close pairs) that a first stage of `allocation` items per task,
+    drawn `draws` times (the same items for both of a pair), orders as their full scores do; ties
+    count half. Also the numbers of pairs."""
+    rng = np.random.default_rng(seed)
+    tasks = list(candidates[0][1])
+    sizes = {t: candidates[0][1][t][0].shape[0] for t in tasks}
+    scores = np.zeros((draws, len(candidates)))  # (draws, candidates) first-stage aggregates
+    for d in range(draws):
+        for t in tasks:
+            n = min(allocation.get(t, 0), sizes[t])
+            if n == 0:
+                continue
+            pick = rng.choice(sizes[t], size=n, replace=False)
+            for c, (_, examples) in enumerate(candidates):
+                values, weights = examples[t]
+                scores[d, c] += np.sum(values[pick]) / np.sum(weights[pick]) / len(tasks)  # the task score on them
+    full = np.array([score for score, _ in candidates])
+    agree, close_agree, pairs, close = 0.0, 0.0, 0, 0
+    for a, b in itertools.combinations(range(len(candidates)), 2):
+        if full[a] == full[b]:
+            continue
+        sign = np.sign(scores[:, a] - scores[:, b]) * np.sign(full[a] - full[b])  # (draws,) +1 agree, 0 tie
+        share = float(np.mean((sign + 1) / 2))
+        agree += share
+        pairs += 1
+        if abs(full[a] - full[b]) < CLOSE:
+            close_agree += share
+            close += 1
+    return agree / max(pairs, 1), close_agree / max(close, 1), pairs, close
+
+
+def allocation_table(run_dirs: list[Path], draws: int = 200) -> list[str]:
+    """How a first stage's item allocation orders fully scored candidates, against its cost."""
+    runs = [full_examples(d) for d in run_dirs]
+    runs = [r for r in runs if len(r) > 1]
+    lines = ["", "## Which first-stage items order near-equal candidates", "",
+             f"Every pair of fully scored candidates of one run (per-example full dev scores in the journal), "
+             f"a first stage of the given items per task drawn {draws} times (the same items for both): the share "
+             f"of draws ordering the pair as its full scores do, averaged over all pairs and over the close pairs "
+             f"(within {CLOSE} in full, as one member's offspring are). Cost of a judged candidate from the "
+             f"runs' timings: {PIECE_S} s a text piece, {ITEM_S} s a right/wrong item, {MATERIALIZE_S} s to "
+             "make its weights.", "",
+             "| items (pydoc, arith, compare) | s per judged candidate | all pairs | close pairs |", "|---|---|---|---|"]
+    for allocation in ALLOCATIONS:
+        pieces, arith, compare = allocation
+        cost = MATERIALIZE_S + PIECE_S * pieces + ITEM_S * (arith + compare)
+        results = [subset_agreement(r, {"pydoc": pieces, "arith": arith, "compare": compare}, draws, seed=i)
+                   for i, r in enumerate(runs)]
+        pairs = sum(p for _, _, p, _ in results)
+        close = sum(c for _, _, _, c in results)
+        every = sum(a * p for a, _, p, _ in results) / max(pairs, 1)
+        near = sum(b * c for _, b, _, c in results) / max(close, 1)
+        lines.append(f"| {pieces}, {arith}, {compare} | {cost:.2f} | {every:.0%} of {pairs} | {near:.0%} of {close} |")
+    return lines
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("audit", type=Path, help="an audit_stops.py result with sibling_candidates")
@@ -123,14 +205,14 @@ def main() -> None:
         lines.append(f"\nFalse sibling stops: {len(lost)} of {len(sampled)} sampled; their full score beat what went on "
                      f"by a median {np.median(lost):.4f} (mean {np.mean(lost):.4f}, at most {max(lost):.4f}); "
                      f"what went on beat the member by a median {np.median(gained):.4f} (mean {np.mean(gained):.4f}).")
-    lines += ["", "Most pairs hold the promoted sibling (the raw score's best, scored in full by the run) and an "
-              "audited one, so there `raw` counts how often the promoted sibling beat it in full; the others are "
-              "two audited stops. A task's reliability is the share of its spread among siblings that item "
-              "sampling does not explain: on 3 pieces of Python reference text the siblings differ for real "
-              "(~0.9), on 4 right/wrong items barely (0.1-0.2). The reliability-weighted order is thus "
-              "mostly the text task's, and it predicts the full order no better than the raw score: "
-              "re-weighting the same first-stage items does not order siblings better; more items on the "
-              "right/wrong tasks, or a different signal, would be needed.",
+    lines += allocation_table(sorted(d for d in args.runs.iterdir() if d.is_dir() and (d / "journal.jsonl").is_file()
+                                     and "staged" in d.name and d.name.startswith("merge")))
+    lines += ["", "Most pairs of the first table hold the promoted sibling (the raw score's best, scored in full by "
+              "the run) and an audited one, so there `raw` counts how often the promoted sibling beat it in full; "
+              "the others are two audited stops. A task's reliability is the share of its spread among siblings "
+              "that item sampling does not explain (the text task's pieces: high; a few right/wrong items: low). "
+              "The second table asks what any first stage could do: it draws subsets of the fully scored "
+              "candidates' own items, so it needs no new scoring.",
               "", f"`python -m benchmarks.sibling_order {args.audit} {args.runs}`", ""]
     stem = "sibling_order"
     (RESULTS / f"{stem}.json").write_text(json.dumps(results, indent=1) + "\n")
