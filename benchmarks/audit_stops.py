@@ -17,6 +17,10 @@ reports:
 - with `--siblings F`, a seeded fraction F of the sibling stops (a better-ranked offspring of the
   same member went on) scored too, and counted apart: one is false when it beats the member and
   the sibling that went on, i.e. when the first stage ranked the siblings wrongly;
+- for each false stop, whether the full dev sets themselves resolve it: the paired test of the
+  stages (`search.fitness.staged.compare`, the run's confidence) on every dev item, the stopped
+  candidate against the one whose score it beat (`selection_holders`); a false stop the full dev
+  sets do not resolve is one that full scoring would have picked by item noise as much as merit;
 - the Spearman correlation of first-stage and full dev scores over the audited candidates (both kinds);
 - a check that the offline scoring is the run's: candidates the run scored in full (its own
   audits and promoted ones) are re-scored here and must give the same dev score.
@@ -44,9 +48,9 @@ sys.path.insert(0, str(ROOT))
 from search.config import load_config  # noqa: E402
 from search.fitness import TaskSpec, build_task  # noqa: E402
 from search.fitness.spec import aggregate  # noqa: E402
-from search.fitness.staged import audit_selected, false_rejection_rate, spearman  # noqa: E402
+from search.fitness.staged import audit_selected, compare, false_rejection_rate, spearman  # noqa: E402
 from search.results.export import Replay, _journal_by_id  # noqa: E402
-from search.results.staging import STOPPED, full_dev_rows, last_stage, selection_bars  # noqa: E402
+from search.results.staging import STOPPED, full_dev_rows, last_stage, selection_holders  # noqa: E402
 from search.run.candidate import Evaluation  # noqa: E402
 from search.run.store import RunStore  # noqa: E402
 
@@ -99,14 +103,32 @@ class OfflineScorer:
                       for t in self.config.tasks}
         self.weights = {t.name: t.weight for t in self.config.tasks}
 
-    def dev_score(self, candidate_id: str) -> float:
+    def dev_score(self, candidate_id: str) -> tuple[float, dict[str, dict]]:
+        """(full dev aggregate, {task: per-example scores}) of a candidate replayed from the journal."""
         for name, tensor in self.replay.weights(candidate_id).items():
             self.params[name].data.copy_(tensor)
         # keep parents and stored members only: every candidate's replay is otherwise a new model
         self.replay.cache = {k: v for k, v in self.replay.cache.items() if k in self.parent_dirs}
         with torch.no_grad():
-            scores = {name: task.evaluate(self.model)["score"] for name, task in self.tasks.items()}
-        return aggregate(scores, self.weights)
+            metrics = {name: task.evaluate(self.model, per_example=True) for name, task in self.tasks.items()}
+        return (aggregate({name: m["score"] for name, m in metrics.items()}, self.weights),
+                {name: m["examples"] for name, m in metrics.items()})
+
+
+def run_examples(row: dict) -> dict[str, dict]:
+    """{task: per-example scores} of a journalled full dev row ({} when it kept none)."""
+    return {task: m["examples"] for task, m in row.get("metrics", {}).items() if isinstance(m, dict) and "examples" in m}
+
+
+def resolved_by_full_dev(stopped: dict[str, dict], holder: dict[str, dict], weights: dict[str, float],
+                         confidence: float) -> dict:
+    """Whether the full dev sets themselves tell a stopped candidate from the one it had to beat:
+    the paired test of `search.fitness.staged.compare` on every dev item, at the run's confidence.
+    `ahead_beyond_margin`: the stopped one is ahead by more than the one-sided margin, i.e. the
+    difference that made the stop false is one the full dev sets resolve, not item noise."""
+    c = compare(holder, stopped, weights, confidence)  # holder minus stopped
+    return {"diff": round(-c.diff, 6), "std_err": round(c.std_err, 6), "margin": round(c.margin, 6),
+            "ahead_beyond_margin": not c.can_still_win}
 
 
 def audit(run_dir: Path, limit: int | None, checks: int, siblings: float = 0.0) -> dict:
@@ -119,23 +141,35 @@ def audit(run_dir: Path, limit: int | None, checks: int, siblings: float = 0.0) 
     started = time.time()
     # the run's own full scores, re-scored: the offline scoring must be the run's
     promoted = sorted(cid for cid in full if cid.startswith("g"))[:checks]
-    agreement = [(cid, full[cid]["score"], scorer.dev_score(cid)) for cid in promoted]
+    agreement = [(cid, full[cid]["score"], scorer.dev_score(cid)[0]) for cid in promoted]
+    examples = {cid: run_examples(r) for cid, r in full.items()}  # per-example full dev scores
+
+    def full_score(cid: str) -> float:
+        if cid in full:
+            return full[cid]["score"]
+        score, examples[cid] = scorer.dev_score(cid)
+        return score
+
     audited = []
     for stop in stops[:limit]:
         cid, rival = stop["id"], stop.get("rival")
-        own = full[cid]["score"] if cid in full else scorer.dev_score(cid)
-        audited.append({"id": cid, "rule": stop.get("rule", "margin"), "stage_score": stop["score"], "full_score": own, "rival": rival,
-                        "rival_full_score": full[rival]["score"] if rival in full else scorer.dev_score(rival),
+        audited.append({"id": cid, "rule": stop.get("rule", "margin"), "stage_score": stop["score"],
+                        "full_score": full_score(cid), "rival": rival, "rival_full_score": full_score(rival),
                         "run_audited": cid in full})
-        print(f"{cid}: stage {stop['score']:.4f} full {own:.4f} rival {rival} {audited[-1]['rival_full_score']:.4f}", flush=True)
+        print(f"{cid}: stage {stop['score']:.4f} full {audited[-1]['full_score']:.4f} rival {rival} "
+              f"{audited[-1]['rival_full_score']:.4f}", flush=True)
     scored = {**{cid: r["score"] for cid, r in full.items()},
               **{a["id"]: a["full_score"] for a in audited}, **{a["rival"]: a["rival_full_score"] for a in audited}}
     staged = [Evaluation.from_json(r) for r in rows if r["split"] == "dev" and r.get("stage") is not None]
     audited_ids = {a["id"] for a in audited}
     stopped = {e.id: e for e in staged if e.status == STOPPED and e.id in audited_ids}
-    bars = selection_bars(stopped, scored, staged, merge=True)
+    holders = selection_holders(stopped, scored, staged, merge=True)
+    weights = {t.name: t.weight for t in config.tasks}
     for a in audited:
-        a["selection_bar"] = bars[a["id"]]
+        holder = holders[a["id"]]
+        a["selection_bar"], a["selection_holder"] = scored[holder], holder
+        if a["full_score"] >= a["selection_bar"] and examples.get(a["id"]) and examples.get(holder):
+            a["full_dev_test"] = resolved_by_full_dev(examples[a["id"]], examples[holder], weights, config.fitness.confidence)
     sibling_audits = [a for a in audited if a["rule"] == "sibling"]
     audited = [a for a in audited if a["rule"] == "margin"]
     triples = [(a["stage_score"], a["full_score"], a["selection_bar"]) for a in audited]
@@ -150,11 +184,13 @@ def audit(run_dir: Path, limit: int | None, checks: int, siblings: float = 0.0) 
         "siblings_audited": len(sibling_audits),
         "sibling_false_rejections": sibling_wins,
         "sibling_false_upper_95": round(upper_bound(sibling_wins, len(sibling_audits)), 4) if sibling_audits else None,
+        "sibling_false_resolved": resolved(sibling_audits),
         "sibling_candidates": sibling_audits,
         "audited": len(audited),
         "false_rejections": wins,
         "false_rejection_rate": false_rejection_rate(triples) if triples else None,
         "false_rejection_upper_95": round(upper_bound(wins, len(audited)), 4),
+        "false_resolved": resolved(audited),
         "beat_member": beat_member,
         "beat_member_upper_95": round(upper_bound(beat_member, len(audited)), 4),
         "spearman_stage_vs_full": spearman([a["stage_score"] for a in both], [a["full_score"] for a in both]) if len(both) > 1 else None,
@@ -165,11 +201,21 @@ def audit(run_dir: Path, limit: int | None, checks: int, siblings: float = 0.0) 
     }
 
 
+def resolved(audits: list[dict]) -> int | None:
+    """How many false stops the full dev sets resolve (`resolved_by_full_dev`); None if no false
+    stop kept per-example scores to test."""
+    tested = [a["full_dev_test"] for a in audits if "full_dev_test" in a]
+    return sum(t["ahead_beyond_margin"] for t in tested) if tested else None
+
+
 def sibling_cell(r: dict) -> str:
     if not r.get("siblings_audited"):
         return "-"
-    return (f"{r['siblings_audited']} of {r['sibling_stops']}, {r['sibling_false_rejections']} "
+    cell = (f"{r['siblings_audited']} of {r['sibling_stops']}, {r['sibling_false_rejections']} "
             f"(at most {r['sibling_false_upper_95']:.1%})")
+    if r.get("sibling_false_resolved") is not None:
+        cell += f"; {r['sibling_false_resolved']} resolved by the full dev sets"
+    return cell
 
 
 def table(results: list[dict]) -> str:
@@ -182,7 +228,8 @@ def table(results: list[dict]) -> str:
         rho = r["spearman_stage_vs_full"]
         lines.append("| " + " | ".join(str(x) for x in [
             r["run"], r["stops_by_paired_test"], r["audited"], r["false_rejections"],
-            "-" if rate is None else f"{rate:.1%}", "-" if not r["audited"] else f"{r['false_rejection_upper_95']:.1%}",
+            ("-" if rate is None else f"{rate:.1%}")
+            + ("" if r.get("false_resolved") is None else f" ({r['false_resolved']} resolved by the full dev sets)"), "-" if not r["audited"] else f"{r['false_rejection_upper_95']:.1%}",
             "-" if not r["audited"] else
             f"{r['beat_member']} ({r['beat_member'] / r['audited']:.1%}, at most {r['beat_member_upper_95']:.1%})",
             "-" if rho is None else f"{rho:.2f}", f"{r['max_abs_diff_vs_run']:.1e}, {r['agreement_checked']}",

@@ -21,6 +21,7 @@ this counts how often an order read from the first stage agrees with the full sc
 from __future__ import annotations
 
 import argparse
+import fnmatch
 import itertools
 import json
 from collections import defaultdict
@@ -83,6 +84,7 @@ def replay(run_dir: Path, audit: dict) -> dict:
             families[(r["generation"], r["target"])][r["id"]] = r
     agree = {"raw": 0, "reliability": 0}
     pairs = 0
+    gaps = []  # |full score difference| of each pair: how far apart a member's offspring really are
     reliabilities = defaultdict(list)
     for family in families.values():
         if len(family) < 2:
@@ -94,9 +96,11 @@ def replay(run_dir: Path, audit: dict) -> dict:
             if full[a] == full[b] or raw[a] == raw[b]:
                 continue
             pairs += 1
+            gaps.append(abs(full[a] - full[b]))
             agree["raw"] += bool((raw[a] > raw[b]) == (full[a] > full[b]))
             agree["reliability"] += bool((weighted[a] > weighted[b]) == (full[a] > full[b]))
     return {"run": audit["run"], "pairs": pairs, "agree": agree,
+            "median_full_gap": round(float(np.median(gaps)), 4) if gaps else None,
             "mean_reliability": {t: round(float(np.mean(v)), 3) for t, v in reliabilities.items()}}
 
 
@@ -183,15 +187,18 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("audit", type=Path, help="an audit_stops.py result with sibling_candidates")
     parser.add_argument("runs", type=Path, help="the directory holding the audited runs")
+    parser.add_argument("--pattern", default="merge*staged*",
+                        help="the runs (directory-name glob) whose fully scored candidates the allocation table draws from")
+    parser.add_argument("--name", default="sibling_order", help="results file stem")
     args = parser.parse_args()
     results = [replay(args.runs / entry["run"], entry) for entry in json.loads(args.audit.read_text())
                if entry.get("sibling_candidates")]
     pairs = sum(r["pairs"] for r in results)
     lines = ["# Ordering a member's offspring by the first stage, against their full dev scores", "",
-             "| run | sibling pairs with full scores | raw stage score agrees | reliability-weighted agrees | mean reliability per task |",
-             "|---|---|---|---|---|"]
+             "| run | sibling pairs with full scores | median full-score gap | raw stage score agrees | reliability-weighted agrees | mean reliability per task |",
+             "|---|---|---|---|---|---|"]
     for r in results:
-        lines.append(f"| {r['run']} | {r['pairs']} | {r['agree']['raw']} | {r['agree']['reliability']} | "
+        lines.append(f"| {r['run']} | {r['pairs']} | {r.get('median_full_gap')} | {r['agree']['raw']} | {r['agree']['reliability']} | "
                      + ", ".join(f"{t} {v}" for t, v in r["mean_reliability"].items()) + " |")
     for name in ("raw", "reliability"):
         agreed = sum(r["agree"][name] for r in results)
@@ -206,15 +213,17 @@ def main() -> None:
                      f"by a median {np.median(lost):.4f} (mean {np.mean(lost):.4f}, at most {max(lost):.4f}); "
                      f"what went on beat the member by a median {np.median(gained):.4f} (mean {np.mean(gained):.4f}).")
     lines += allocation_table(sorted(d for d in args.runs.iterdir() if d.is_dir() and (d / "journal.jsonl").is_file()
-                                     and "staged" in d.name and d.name.startswith("merge")))
+                                     and fnmatch.fnmatchcase(d.name, args.pattern)))
     lines += ["", "Most pairs of the first table hold the promoted sibling (the raw score's best, scored in full by "
               "the run) and an audited one, so there `raw` counts how often the promoted sibling beat it in full; "
               "the others are two audited stops. A task's reliability is the share of its spread among siblings "
               "that item sampling does not explain (the text task's pieces: high; a few right/wrong items: low). "
               "The second table asks what any first stage could do: it draws subsets of the fully scored "
               "candidates' own items, so it needs no new scoring.",
-              "", f"`python -m benchmarks.sibling_order {args.audit} {args.runs}`", ""]
-    stem = "sibling_order"
+              "", f"`python -m benchmarks.sibling_order {args.audit} {args.runs}"
+              + ("" if args.pattern == "merge*staged*" else f" --pattern '{args.pattern}'")
+              + ("" if args.name == "sibling_order" else f" --name {args.name}") + "`", ""]
+    stem = args.name
     (RESULTS / f"{stem}.json").write_text(json.dumps(results, indent=1) + "\n")
     (RESULTS / f"{stem}.md").write_text("\n".join(lines))
     print("\n".join(lines))

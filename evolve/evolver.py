@@ -13,6 +13,17 @@ members other than the target) is offered as the alternative strategy.
 
 Everything random here comes from a `random.Random` seeded by (run seed, generation), so a
 resumed run draws exactly what an uninterrupted one does, with no RNG state to persist.
+
+Step sizes per offspring. F and CR may each be a range (lo, hi) instead of one value. With a
+population of m and lambda offspring per member, a member's offspring can only differ in their
+reference (m - 1 choices) and their crossover mask; over 135M coordinates two masks of the same
+CR move the model by the same amount in nearly the same way, so siblings of one reference are
+near-copies whose differences no first stage resolves. Drawn per offspring, stratified over the
+siblings (the k-th of lambda falls in the k-th of lambda equal slices of the range, at a seeded
+place within it), the step sizes spread the family over the expected move F * CR, in the spirit
+of jDE's per-individual F and CR: the family tries short and long steps toward its reference and
+selection keeps the one that pays. A value is derived from (run seed, offspring id), not from the
+generation's stream, so fixed F and CR draw exactly what they always did.
 """
 from __future__ import annotations
 
@@ -29,6 +40,7 @@ __all__ = [
     "generation_rng",
     "offspring_id",
     "make_offspring",
+    "step_size",
     "replaces",
 ]
 
@@ -63,6 +75,17 @@ def offspring_id(generation: int, index: int) -> str:
     return f"g{generation:03d}-{index:03d}"
 
 
+def step_size(value: float | Sequence[float], run_seed: int, offspring: str, sibling: int, siblings: int,
+              name: str) -> float:
+    """`value` itself, or for a range (lo, hi) the sibling-th of `siblings` stratified draws:
+    lo + (hi - lo) * (sibling + u) / siblings with u uniform in [0, 1) from (run seed, offspring, name)."""
+    if isinstance(value, (int, float)):
+        return float(value)
+    lo, hi = (float(v) for v in value)
+    u = random.Random(derive_seed(run_seed, offspring, name)).random()
+    return round(lo + (hi - lo) * (sibling + u) / siblings, 6)
+
+
 def make_offspring(
     member_ids: Sequence[str],
     scores: Sequence[float],
@@ -70,8 +93,8 @@ def make_offspring(
     *,
     run_seed: int,
     generations: int,
-    F: float,
-    CR: float,
+    F: float | Sequence[float],
+    CR: float | Sequence[float],
     strategy: str = "evolver",
     reference: str = "schedule",
     per_member: int = 1,
@@ -82,7 +105,8 @@ def make_offspring(
     With several per member (EvoPress's (1 + lambda)), each draws its own reference (or DE
     donors) and seed; ids run on, member i's k-th offspring is number i * per_member + k, so
     one offspring per member keeps the ids and draws it always had. `shared_recipe`: a member's
-    offspring all carry its first offspring's recipe (joint runs: they differ in their plans)."""
+    offspring all carry its first offspring's recipe (joint runs: they differ in their plans).
+    F and CR: a value, or a range (lo, hi) drawn per offspring (`step_size`, module docstring)."""
     if len(member_ids) < 2 or (strategy == "de_rand_1" and len(member_ids) < 4):
         need = 4 if strategy == "de_rand_1" else 2
         raise ValueError(f"evolver.strategy {strategy}: needs a population of at least {need}, got {len(member_ids)}")
@@ -95,12 +119,14 @@ def make_offspring(
             out.append(Offspring(cid, target, out[-1].recipe))
             continue
         seed = derive_seed(run_seed, cid)
+        strata = 1 if shared_recipe else per_member  # one shared recipe draws from the whole range
+        steps = {"F": step_size(F, run_seed, cid, k, strata, "F"), "CR": step_size(CR, run_seed, cid, k, strata, "CR")}
         if strategy == "evolver":
             ref = member_ids[choose_reference(i, scores, generation, generations, reference, rng)]
-            recipe = Recipe(op="evolver", inputs=(target, ref), params={"F": F, "CR": CR}, seed=seed)
+            recipe = Recipe(op="evolver", inputs=(target, ref), params=steps, seed=seed)
         else:
             r1, r2, r3 = rng.sample([m for m in member_ids if m != target], 3)
-            recipe = Recipe(op="de_rand_1", inputs=(target, r1, r2, r3), params={"F": F, "CR": CR}, seed=seed)
+            recipe = Recipe(op="de_rand_1", inputs=(target, r1, r2, r3), params=steps, seed=seed)
         out.append(Offspring(cid, target, recipe))
     return out
 

@@ -100,8 +100,11 @@ class SeedMerge(Strict):
 
 
 class EvolverConfig(Strict):
-    F: float = Field(0.5, ge=0, le=2)
-    CR: float = Field(0.5, ge=0, le=1)
+    # A value, or a range [lo, hi] drawn per offspring, stratified over a member's siblings
+    # (evolve.evolver.step_size): with several offspring per member, siblings then differ in how
+    # far they step toward their reference, not only in their crossover masks.
+    F: float | tuple[float, float] = 0.5
+    CR: float | tuple[float, float] = 0.5
     generations: int = Field(15, ge=0)
     strategy: Literal["evolver", "de_rand_1"] = "evolver"
     # How the mutation picks x_ref: the paper's code uses "schedule", a random other member with
@@ -123,6 +126,23 @@ class EvolverConfig(Strict):
     # population is scored too (a hall-of-fame candidate, never a population member).
     merge_population: Optional[str] = None
     merge_params: dict[str, Any] = Field(default_factory=dict)
+
+    @field_validator("F", "CR", mode="before")
+    @classmethod
+    def _step_size(cls, value, info):
+        top = 2.0 if info.field_name == "F" else 1.0
+        is_number = lambda v: isinstance(v, (int, float)) and not isinstance(v, bool)  # noqa: E731
+        if is_number(value):
+            values = (float(value),)
+        elif isinstance(value, (list, tuple)) and len(value) == 2 and all(map(is_number, value)):
+            values = tuple(float(v) for v in value)
+        else:
+            raise ValueError(f"must be a number or a range [lo, hi], got {value!r}")
+        if not all(0.0 <= v <= top for v in values):
+            raise ValueError(f"must lie in [0, {top:g}], got {value}")
+        if values[0] > values[-1]:
+            raise ValueError(f"a range [lo, hi] needs lo <= hi, got {list(values)}")
+        return values[0] if len(values) == 1 else values
 
 
 class ProxyTask(Strict):

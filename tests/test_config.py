@@ -34,8 +34,10 @@ def test_shipped_configs_load():
     "mutate, expected",
     [
         (lambda r: r.update(colour="red"), "colour: unknown key"),
-        (lambda r: r["evolver"].update(F="big"), "evolver.F: Input should be a valid number"),
-        (lambda r: r["evolver"].update(CR=1.5), "evolver.CR: Input should be less than or equal to 1"),
+        (lambda r: r["evolver"].update(F="big"), "evolver.F: must be a number or a range [lo, hi], got 'big'"),
+        (lambda r: r["evolver"].update(CR=1.5), "evolver.CR: must lie in [0, 1], got 1.5"),
+        (lambda r: r["evolver"].update(F=[0.9, 0.1]), "evolver.F: a range [lo, hi] needs lo <= hi, got [0.9, 0.1]"),
+        (lambda r: r["evolver"].update(CR=[0.2, 0.5, 0.8]), "evolver.CR: must be a number or a range [lo, hi]"),
         (lambda r: r["evolver"].update(generatons=3), "evolver.generatons: unknown key"),
         (lambda r: r["tasks"][1].update(dev="missing/dev.jsonl"), "tasks[1].dev: no such file 'missing/dev.jsonl'"),
         (lambda r: r["tasks"][0].update(kind="bleu"), "tasks[0].kind: Input should be"),

@@ -5,7 +5,7 @@ import random
 
 import pytest
 
-from evolve.evolver import choose_reference, make_offspring, random_reference_probability, replaces
+from evolve.evolver import choose_reference, make_offspring, random_reference_probability, replaces, step_size
 from evolve.population import WORST, make_member, make_toolbox, member_from_json, member_to_json
 from evolve.recipe import Recipe
 
@@ -77,3 +77,30 @@ def test_a_members_offspring_can_share_one_recipe():
     assert len({o.recipe.fingerprint() for o in shared}) == 3
     assert len({o.recipe.fingerprint() for o in own}) == 9
 
+
+
+def test_step_size_ranges_are_stratified_over_siblings_and_leave_fixed_values_alone():
+    kw = dict(run_seed=5, generations=4, per_member=8)
+    fixed = make_offspring(["x", "y", "z"], [0.1, 0.2, 0.3], 1, F=0.5, CR=0.5, **kw)
+    ranged = make_offspring(["x", "y", "z"], [0.1, 0.2, 0.3], 1, F=(0.1, 0.9), CR=(0.2, 0.6), **kw)
+    # the generation's stream is untouched: same ids, references and seeds, only F and CR differ
+    assert [(o.id, o.recipe.inputs, o.recipe.seed) for o in ranged] == [(o.id, o.recipe.inputs, o.recipe.seed) for o in fixed]
+    assert all(o.recipe.params == {"F": 0.5, "CR": 0.5} for o in fixed)
+    for member in range(3):
+        family = ranged[member * 8:(member + 1) * 8]
+        for k, o in enumerate(family):  # the k-th sibling in the k-th eighth of each range
+            assert 0.1 + 0.1 * k <= o.recipe.params["F"] < 0.1 + 0.1 * (k + 1)
+            assert 0.2 + 0.05 * k <= o.recipe.params["CR"] < 0.2 + 0.05 * (k + 1)
+    again = make_offspring(["x", "y", "z"], [0.1, 0.2, 0.3], 1, F=(0.1, 0.9), CR=(0.2, 0.6), **kw)
+    assert again == ranged
+    # one offspring per member: a uniform draw over the whole range, seeded by its id
+    assert step_size((0.0, 1.0), 5, "g001-000", 0, 1, "F") == step_size((0.0, 1.0), 5, "g001-000", 0, 1, "F")
+    assert step_size((0.0, 1.0), 5, "g001-000", 0, 1, "F") != step_size((0.0, 1.0), 5, "g001-001", 0, 1, "F")
+    assert step_size(0.7, 5, "g001-000", 3, 8, "F") == 0.7
+
+
+def test_a_shared_recipe_draws_its_step_size_from_the_whole_range():
+    kw = dict(run_seed=2, generations=4, F=(0.0, 1.0), CR=0.5, per_member=12, shared_recipe=True)
+    firsts = [o.recipe.params["F"] for g in range(8)
+              for o in make_offspring(["x", "y", "z"], [0.1, 0.2, 0.3], g, **kw)[::12]]
+    assert max(firsts) > 1 / 12  # not only the first of twelve strata

@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import pytest
 
-from search.results.staging import format_staged, selection_bars, staged_summary
+from search.results.staging import format_staged, selection_bars, selection_holders, staged_summary
 from search.run.candidate import Candidate, Evaluation
 
 LAST = 1  # two stages: 0 (subset) and 1 (every item)
@@ -49,6 +49,8 @@ def test_selection_bars_by_hand():
     assert selection_bars(stops, full, staged, merge=True) == {"b": -0.55, "e": -0.70, "f": -0.60}
     # compress / joint: the rival alone (siblings there are judged on the front, not replaced)
     assert selection_bars(stops, full, staged, merge=False) == {"b": -0.60, "e": -0.70, "f": -0.60}
+    # who set each bar: b had to beat the sibling a that went on, e its member (d scored lower)
+    assert selection_holders(stops, full, staged, merge=True) == {"b": "a", "e": "m1", "f": "m0"}
 
 
 def test_merge_summary_counts_a_stop_beaten_by_a_sibling_apart():

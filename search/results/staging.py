@@ -45,27 +45,36 @@ def full_dev_rows(rows: list[dict], last: int | None) -> list[dict]:
     return [r for r in rows if r.get("split") == "dev" and r["status"] != STOPPED and r.get("stage") in (None, last)]
 
 
-def selection_bars(stops: Mapping[str, Evaluation], full: Mapping[str, float],
-                   staged: list[Evaluation], merge: bool) -> dict[str, float]:
-    """{stopped candidate id: the full dev score it had to reach to be selected}, for the stops
-    scored in full whose rival was too (module docstring): its rival's full score, and in a
-    merge run also that of every sibling (same generation, same member) that went on and was
-    scored in full. `full`: full dev scores by candidate id; `staged`: the run's staged rows."""
+def selection_holders(stops: Mapping[str, Evaluation], full: Mapping[str, float],
+                      staged: list[Evaluation], merge: bool) -> dict[str, str]:
+    """{stopped candidate id: the candidate whose full dev score it had to reach to be selected},
+    for the stops scored in full whose rival was too (module docstring): its rival, and in a
+    merge run the best of the rival and every sibling (same generation, same member) that went on
+    and was scored in full. `full`: full dev scores by candidate id; `staged`: the run's staged rows."""
     families: dict[tuple, set[str]] = {}
     for e in staged:
         families.setdefault((e.candidate.generation, e.candidate.target), set()).add(e.id)
     stopped = {e.id for e in staged if e.status == STOPPED}
-    bars = {}
+    holders = {}
     for cid, stop in stops.items():
         rival = stop.extra.get("rival")
         if cid not in full or rival not in full:
             continue
-        bar = full[rival]
+        holder = rival
         if merge:  # a margin stop or a sibling stop: either had to beat the sibling that went on
             went_on = families[(stop.candidate.generation, stop.candidate.target)] - stopped
-            bar = max([bar] + [full[s] for s in went_on if s in full])
-        bars[cid] = bar
-    return bars
+            for s in sorted(went_on):
+                if s in full and full[s] > full[holder]:
+                    holder = s
+        holders[cid] = holder
+    return holders
+
+
+def selection_bars(stops: Mapping[str, Evaluation], full: Mapping[str, float],
+                   staged: list[Evaluation], merge: bool) -> dict[str, float]:
+    """{stopped candidate id: the full dev score it had to reach to be selected}: that of its
+    `selection_holders` entry."""
+    return {cid: full[holder] for cid, holder in selection_holders(stops, full, staged, merge).items()}
 
 
 def staged_summary(rows: list[dict], last: int | None, merge: bool = False) -> dict | None:
@@ -133,4 +142,4 @@ def format_staged(summary: dict) -> list[str]:
     return lines
 
 
-__all__ = ["staged_summary", "format_staged", "full_dev_rows", "last_stage", "selection_bars"]
+__all__ = ["staged_summary", "format_staged", "full_dev_rows", "last_stage", "selection_bars", "selection_holders"]
