@@ -143,12 +143,12 @@ def audit(run_dir: Path, limit: int | None, checks: int, siblings: float = 0.0) 
     promoted = sorted(cid for cid in full if cid.startswith("g"))[:checks]
     agreement = [(cid, full[cid]["score"], scorer.dev_score(cid)[0]) for cid in promoted]
     examples = {cid: run_examples(r) for cid, r in full.items()}  # per-example full dev scores
+    scores = {cid: r["score"] for cid, r in full.items()}
 
-    def full_score(cid: str) -> float:
-        if cid in full:
-            return full[cid]["score"]
-        score, examples[cid] = scorer.dev_score(cid)
-        return score
+    def full_score(cid: str) -> float:  # the run's, else scored here once (a rival may recur)
+        if cid not in scores:
+            scores[cid], examples[cid] = scorer.dev_score(cid)
+        return scores[cid]
 
     audited = []
     for stop in stops[:limit]:
@@ -158,18 +158,15 @@ def audit(run_dir: Path, limit: int | None, checks: int, siblings: float = 0.0) 
                         "run_audited": cid in full})
         print(f"{cid}: stage {stop['score']:.4f} full {audited[-1]['full_score']:.4f} rival {rival} "
               f"{audited[-1]['rival_full_score']:.4f}", flush=True)
-    scored = {**{cid: r["score"] for cid, r in full.items()},
-              **{a["id"]: a["full_score"] for a in audited}, **{a["rival"]: a["rival_full_score"] for a in audited}}
     staged = [Evaluation.from_json(r) for r in rows if r["split"] == "dev" and r.get("stage") is not None]
     audited_ids = {a["id"] for a in audited}
     stopped = {e.id: e for e in staged if e.status == STOPPED and e.id in audited_ids}
-    holders = selection_holders(stopped, scored, staged, merge=True)
-    weights = {t.name: t.weight for t in config.tasks}
+    holders = selection_holders(stopped, scores, staged, merge=True)
     for a in audited:
         holder = holders[a["id"]]
-        a["selection_bar"], a["selection_holder"] = scored[holder], holder
+        a["selection_bar"], a["selection_holder"] = scores[holder], holder
         if a["full_score"] >= a["selection_bar"] and examples.get(a["id"]) and examples.get(holder):
-            a["full_dev_test"] = resolved_by_full_dev(examples[a["id"]], examples[holder], weights, config.fitness.confidence)
+            a["full_dev_test"] = resolved_by_full_dev(examples[a["id"]], examples[holder], scorer.weights, config.fitness.confidence)
     sibling_audits = [a for a in audited if a["rule"] == "sibling"]
     audited = [a for a in audited if a["rule"] == "margin"]
     triples = [(a["stage_score"], a["full_score"], a["selection_bar"]) for a in audited]
@@ -232,7 +229,7 @@ def table(results: list[dict]) -> str:
             + ("" if r.get("false_resolved") is None else f" ({r['false_resolved']} resolved by the full dev sets)"), "-" if not r["audited"] else f"{r['false_rejection_upper_95']:.1%}",
             "-" if not r["audited"] else
             f"{r['beat_member']} ({r['beat_member'] / r['audited']:.1%}, at most {r['beat_member_upper_95']:.1%})",
-            "-" if rho is None else f"{rho:.2f}", f"{r['max_abs_diff_vs_run']:.1e}, {r['agreement_checked']}",
+            "-" if rho is None else f"{rho:.2f}", "-" if r["max_abs_diff_vs_run"] is None else f"{r['max_abs_diff_vs_run']:.1e}, {r['agreement_checked']}",
             sibling_cell(r), r["audit_s"]]) + " |")
     return "\n".join(lines)
 

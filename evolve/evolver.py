@@ -111,6 +111,7 @@ def make_offspring(
         need = 4 if strategy == "de_rand_1" else 2
         raise ValueError(f"evolver.strategy {strategy}: needs a population of at least {need}, got {len(member_ids)}")
     rng = generation_rng(run_seed, generation)
+    strata = 1 if shared_recipe else per_member  # one shared recipe draws from the whole range
     out = []
     for i, k in ((i, k) for i in range(len(member_ids)) for k in range(per_member)):
         target = member_ids[i]
@@ -119,7 +120,6 @@ def make_offspring(
             out.append(Offspring(cid, target, out[-1].recipe))
             continue
         seed = derive_seed(run_seed, cid)
-        strata = 1 if shared_recipe else per_member  # one shared recipe draws from the whole range
         steps = {"F": step_size(F, run_seed, cid, k, strata, "F"), "CR": step_size(CR, run_seed, cid, k, strata, "CR")}
         if strategy == "evolver":
             ref = member_ids[choose_reference(i, scores, generation, generations, reference, rng)]
