@@ -20,10 +20,16 @@ Two measurements, side by side in one run:
    it is (`streaming`: tensor by tensor into the file, put from the memory-mapped file), side by
    side; plus expert fine-tuning in its own process. See `memory_benchmark`.
 
+4. Replaying a generation's new members (`--replay`): between generations the driver replays
+   each offspring that joined the population into its safetensors file and the object store
+   (`WeightBank.keep_all`) while the actors wait; one at a time (`replay_threads: 1`, as before)
+   against side by side (one thread per core), alternating, same recipes, median of N.
+
     python -m benchmarks.bench_search --quick            # tiny model, seconds
     python -m benchmarks.bench_search --run runs/demo    # SmolLM2-135M + the demo run
     python -m benchmarks.bench_search --memory           # memory, SmolLM2-135M and 3x (~6-10 min)
     python -m benchmarks.bench_search --memory --memory-models tiny   # a smoke test, ~1 min
+    python -m benchmarks.bench_search --replay           # 4 new members of SmolLM2-135M (~2 min)
 """
 from __future__ import annotations
 
@@ -87,6 +93,45 @@ def in_place_vs_reload(source: str, repeats: int) -> dict:
         "reload_s": round(med_re, 4),
         "reload_over_in_place": round(med_re / med_in, 2),
     }
+
+
+def replay_side_by_side(source: str, members: int, repeats: int) -> dict:
+    """Section 4: `members` Evolver offspring of three parents kept one at a time and side by
+    side, alternating, each repetition with fresh recipes (the files are removed after each)."""
+    import ray
+
+    from search.run.store import RunStore
+    from search.run.weights import WeightBank
+    from search.run.workers import init_ray, put_weights
+
+    init_ray(None, num_cpus=os.cpu_count())
+    base = load_state(source)
+    side_by_side = os.cpu_count() or 1
+    timings: dict[int, list[float]] = {1: [], side_by_side: []}
+    try:
+        with tempfile.TemporaryDirectory() as tmp:
+            bank = WeightBank(RunStore(Path(tmp)), sorted(base), exclude=[])
+            for seed, wid in enumerate(("a", "b", "c"), start=1):
+                bank.refs[wid] = put_weights(_noisy_copy(base, seed))
+            del base
+            for rep in range(repeats):
+                for threads in timings:
+                    recipes = {f"g{rep:03d}-{threads}{i:02d}": Recipe(op="evolver", inputs=("abc"[i % 3], "abc"[(i + 1) % 3]),
+                                                                    params={"F": 0.5, "CR": 0.5}, seed=1000 * rep + 10 * threads + i)
+                               for i in range(members)}
+                    bank.replay_threads = threads
+                    start = time.perf_counter()
+                    bank.keep_all(recipes)
+                    timings[threads].append(time.perf_counter() - start)
+                    for member_id in recipes:
+                        bank.store.weights_path(member_id).unlink()
+                        bank.refs.pop(member_id)
+    finally:
+        ray.shutdown()
+    one, both = statistics.median(timings[1]), statistics.median(timings[side_by_side])
+    return {"source": source, "members": members, "repeats": repeats, "threads": side_by_side,
+            "one_at_a_time_s": round(one, 3), "side_by_side_s": round(both, 3), "speedup": round(one / both, 2),
+            "all_s": {str(k): [round(v, 3) for v in vs] for k, vs in timings.items()}}
 
 
 def run_throughput(run_dir: Path) -> dict:
@@ -744,12 +789,27 @@ def _growth_lines(small: dict, large: dict) -> list[str]:
     return lines + [""]
 
 
+def write_replay_results(r: dict, quick: bool) -> None:
+    name = "search_replay_quick" if quick else "search_replay"
+    RESULTS.mkdir(parents=True, exist_ok=True)
+    (RESULTS / f"{name}.json").write_text(json.dumps({**r, "machine": _machine()}, indent=1))
+    lines = [f"# Replaying a generation's new members ({r['source']}, {r['members']} members, median of {r['repeats']})", "",
+             "| replay | median s |", "|---|---|",
+             f"| one at a time | {r['one_at_a_time_s']} |",
+             f"| side by side ({r['threads']} threads) | {r['side_by_side_s']} |",
+             f"| **speedup** | **{r['speedup']}x** |", ""]
+    (RESULTS / f"{name}.md").write_text("\n".join(lines))
+    print("\n".join(lines))
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--quick", action="store_true", help="tiny model instead of SmolLM2-135M")
     parser.add_argument("--repeats", type=int, default=5)
     parser.add_argument("--run", type=Path, help="a finished run directory to report throughput for")
     parser.add_argument("--memory", action="store_true", help="only the memory benchmark (section 3)")
+    parser.add_argument("--replay", action="store_true", help="only the replay benchmark (section 4)")
+    parser.add_argument("--members", type=int, default=4, help="--replay: new members per generation")
     parser.add_argument("--memory-models", default="smollm2-135m,3x",
                         help="comma-separated: smollm2-135m, 3x (SmolLM2 x3 from a LlamaConfig), tiny")
     parser.add_argument("--memory-paths", default="legacy,streaming", help="comma-separated: legacy, streaming")
@@ -767,6 +827,9 @@ def main() -> None:
         return
     torch.set_num_threads(2)
     source = "tiny-llama" if args.quick else "smollm2-135m"
+    if args.replay:
+        write_replay_results(replay_side_by_side(source, args.members, args.repeats), quick=args.quick)
+        return
     result = {"in_place_vs_reload": in_place_vs_reload(source, args.repeats)}
     if args.run:
         result["throughput"] = run_throughput(args.run)

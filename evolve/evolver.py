@@ -22,8 +22,13 @@ near-copies whose differences no first stage resolves. Drawn per offspring, stra
 siblings (the k-th of lambda falls in the k-th of lambda equal slices of the range, at a seeded
 place within it), the step sizes spread the family over the expected move F * CR, in the spirit
 of jDE's per-individual F and CR: the family tries short and long steps toward its reference and
-selection keeps the one that pays. A value is derived from (run seed, offspring id), not from the
-generation's stream, so fixed F and CR draw exactly what they always did.
+selection keeps the one that pays. When both are ranges, the pairs form a Latin hypercube: the k-th
+sibling takes F's k-th slice and CR's pi(k)-th, pi a permutation seeded per (run, generation,
+member) (`crossover_strata`). Each slice of each range is still tried exactly once, but F and CR are
+no longer the same rank: without pi the family would span only the diagonal (short steps on few
+coordinates up to long steps on many) and never try a long step on few coordinates or a short one
+on many. A value is derived from (run seed, offspring id), not from the generation's stream, so
+fixed F and CR draw exactly what they always did.
 """
 from __future__ import annotations
 
@@ -41,6 +46,7 @@ __all__ = [
     "offspring_id",
     "make_offspring",
     "step_size",
+    "crossover_strata",
     "replaces",
 ]
 
@@ -75,15 +81,24 @@ def offspring_id(generation: int, index: int) -> str:
     return f"g{generation:03d}-{index:03d}"
 
 
-def step_size(value: float | Sequence[float], run_seed: int, offspring: str, sibling: int, siblings: int,
+def step_size(value: float | Sequence[float], run_seed: int, offspring: str, stratum: int, strata: int,
               name: str) -> float:
-    """`value` itself, or for a range (lo, hi) the sibling-th of `siblings` stratified draws:
-    lo + (hi - lo) * (sibling + u) / siblings with u uniform in [0, 1) from (run seed, offspring, name)."""
+    """`value` itself, or for a range (lo, hi) a draw from its stratum-th of `strata` equal slices:
+    lo + (hi - lo) * (stratum + u) / strata with u uniform in [0, 1) from (run seed, offspring, name)."""
     if isinstance(value, (int, float)):
         return float(value)
     lo, hi = (float(v) for v in value)
     u = random.Random(derive_seed(run_seed, offspring, name)).random()
-    return round(lo + (hi - lo) * (sibling + u) / siblings, 6)
+    return round(lo + (hi - lo) * (stratum + u) / strata, 6)
+
+
+def crossover_strata(run_seed: int, generation: int, member: int, siblings: int) -> list[int]:
+    """The slice of the CR range each of a member's `siblings` offspring draws from: a permutation
+    of range(siblings), seeded by (run seed, generation, member); F's slices go in sibling order,
+    so together the (F, CR) pairs are a Latin hypercube over the two ranges."""
+    order = list(range(siblings))
+    random.Random(derive_seed(run_seed, "CR strata", generation, member)).shuffle(order)
+    return order
 
 
 def make_offspring(
@@ -112,6 +127,7 @@ def make_offspring(
         raise ValueError(f"evolver.strategy {strategy}: needs a population of at least {need}, got {len(member_ids)}")
     rng = generation_rng(run_seed, generation)
     strata = 1 if shared_recipe else per_member  # one shared recipe draws from the whole range
+    cr_strata = [crossover_strata(run_seed, generation, i, strata) for i in range(len(member_ids))]
     out = []
     for i, k in ((i, k) for i in range(len(member_ids)) for k in range(per_member)):
         target = member_ids[i]
@@ -120,7 +136,8 @@ def make_offspring(
             out.append(Offspring(cid, target, out[-1].recipe))
             continue
         seed = derive_seed(run_seed, cid)
-        steps = {"F": step_size(F, run_seed, cid, k, strata, "F"), "CR": step_size(CR, run_seed, cid, k, strata, "CR")}
+        steps = {"F": step_size(F, run_seed, cid, k, strata, "F"),
+                 "CR": step_size(CR, run_seed, cid, cr_strata[i][k], strata, "CR")}
         if strategy == "evolver":
             ref = member_ids[choose_reference(i, scores, generation, generations, reference, rng)]
             recipe = Recipe(op="evolver", inputs=(target, ref), params=steps, seed=seed)

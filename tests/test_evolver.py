@@ -3,9 +3,10 @@ from __future__ import annotations
 
 import random
 
+import numpy as np
 import pytest
 
-from evolve.evolver import choose_reference, make_offspring, random_reference_probability, replaces, step_size
+from evolve.evolver import choose_reference, crossover_strata, make_offspring, random_reference_probability, replaces, step_size
 from evolve.population import WORST, make_member, make_toolbox, member_from_json, member_to_json
 from evolve.recipe import Recipe
 
@@ -86,17 +87,34 @@ def test_step_size_ranges_are_stratified_over_siblings_and_leave_fixed_values_al
     # the generation's stream is untouched: same ids, references and seeds, only F and CR differ
     assert [(o.id, o.recipe.inputs, o.recipe.seed) for o in ranged] == [(o.id, o.recipe.inputs, o.recipe.seed) for o in fixed]
     assert all(o.recipe.params == {"F": 0.5, "CR": 0.5} for o in fixed)
+    cr_orders = []
     for member in range(3):
         family = ranged[member * 8:(member + 1) * 8]
-        for k, o in enumerate(family):  # the k-th sibling in the k-th eighth of each range
+        for k, o in enumerate(family):  # the k-th sibling in the k-th eighth of F's range
             assert 0.1 + 0.1 * k <= o.recipe.params["F"] < 0.1 + 0.1 * (k + 1)
-            assert 0.2 + 0.05 * k <= o.recipe.params["CR"] < 0.2 + 0.05 * (k + 1)
+        # CR: every eighth of its range exactly once (a Latin hypercube with F), in a seeded order
+        cr_slices = [int((o.recipe.params["CR"] - 0.2) // 0.05) for o in family]
+        assert sorted(cr_slices) == list(range(8))
+        cr_orders.append(cr_slices)
+    assert any(order != list(range(8)) for order in cr_orders)  # not F's order: the pairs fill the square
+    assert len({tuple(order) for order in cr_orders}) > 1  # each member's family its own permutation
     again = make_offspring(["x", "y", "z"], [0.1, 0.2, 0.3], 1, F=(0.1, 0.9), CR=(0.2, 0.6), **kw)
     assert again == ranged
     # one offspring per member: a uniform draw over the whole range, seeded by its id
     assert step_size((0.0, 1.0), 5, "g001-000", 0, 1, "F") == step_size((0.0, 1.0), 5, "g001-000", 0, 1, "F")
     assert step_size((0.0, 1.0), 5, "g001-000", 0, 1, "F") != step_size((0.0, 1.0), 5, "g001-001", 0, 1, "F")
     assert step_size(0.7, 5, "g001-000", 3, 8, "F") == 0.7
+
+
+def test_crossover_strata_are_a_seeded_permutation_and_uncorrelated_with_f_over_many_families():
+    assert crossover_strata(3, 1, 2, 16) == crossover_strata(3, 1, 2, 16)
+    assert sorted(crossover_strata(3, 1, 2, 16)) == list(range(16))
+    assert crossover_strata(3, 1, 2, 1) == [0]
+    # over many families, the rank correlation of F's slice (sibling order) and CR's is about 0
+    # (it was exactly 1 when both followed the sibling order)
+    k = np.arange(16)
+    rhos = [np.corrcoef(k, crossover_strata(0, g, m, 16))[0, 1] for g in range(25) for m in range(4)]
+    assert abs(float(np.mean(rhos))) < 0.1
 
 
 def test_a_shared_recipe_draws_its_step_size_from_the_whole_range():

@@ -93,6 +93,49 @@ def test_streaming_keep_writes_the_whole_dict_bytes(bank, recipe):
     assert [p.name for p in path.parent.iterdir()] == [path.name]  # no temporary file left behind
 
 
+def test_keep_all_replays_side_by_side_with_the_bytes_of_one_at_a_time(bank, tmp_path, monkeypatch):
+    recipes = {f"g001-{i:03d}": recipe for i, recipe in enumerate(RECIPES)}
+    threads = set()
+    keep = WeightBank.keep
+
+    def noting_thread(self, recipe, member_id):
+        import threading
+
+        threads.add(threading.current_thread().name)
+        return keep(self, recipe, member_id)
+
+    monkeypatch.setattr(WeightBank, "keep", noting_thread)
+    bank.replay_threads = 2
+    checksums = bank.keep_all(recipes)
+    assert list(checksums) == list(recipes)  # in the members' order
+    assert threads and all(name.startswith("keep") for name in threads)  # replayed in the pool
+    for member_id, recipe in recipes.items():
+        expected, _ = whole_dict_keep(bank, recipe)
+        assert bank.store.weights_path(member_id).read_bytes() == expected
+        assert checksums[member_id] == hashlib.sha256(expected).hexdigest()
+        assert member_id in bank.refs
+    # keep_new skips parents, stored members and copies, and adds only the new ones
+    stored = dict(checksums)
+    members = [{"id": "base", "recipe": Recipe(op="copy", inputs=("base",)).to_dict()},
+               {"id": "g001-000", "recipe": RECIPES[0].to_dict()},
+               {"id": "g002-000", "recipe": RECIPES[1].to_dict()}]
+    bank.parent_dirs = {"base": tmp_path}
+    bank.keep_new(members, stored)
+    assert set(stored) - set(checksums) == {"g002-000"} and stored["g001-000"] == checksums["g001-000"]
+
+
+def test_keep_all_raises_the_failing_replay_and_leaves_no_file_of_it(bank, monkeypatch):
+    def broken(recipe, inputs, names, exclude):
+        if recipe.seed == RECIPES[1].seed and names == [bank.names[2]]:
+            raise RuntimeError("boom")
+        return materialize(recipe, inputs, names, exclude)
+
+    monkeypatch.setattr(weights_module, "materialize", broken)
+    with pytest.raises(RuntimeError, match="boom"):
+        bank.keep_all({"g001-000": RECIPES[0], "g001-001": RECIPES[1]})
+    assert not bank.store.weights_path("g001-001").exists() and "g001-001" not in bank.refs
+
+
 def test_save_weights_of_a_state_matches_safetensors_save(tmp_path):
     """Mixed dtypes (file order: by dtype, then name), a scalar, a non-contiguous tensor."""
     from safetensors.torch import save

@@ -30,6 +30,7 @@ from __future__ import annotations
 
 import os
 import signal
+import threading
 import time
 from collections import Counter
 
@@ -39,6 +40,7 @@ NAN_ENV = "EVOFUSE_FAULT_NAN"
 KILL_ENV = "EVOFUSE_FAULT_KILL_AT"
 
 _hits: Counter = Counter()  # kill-point label -> times reached in this process
+_hits_lock = threading.Lock()  # members are replayed side by side (WeightBank.keep_all)
 
 
 def stall_after_journal(candidate_id: str) -> None:
@@ -73,8 +75,10 @@ def kill_point(label: str) -> None:
     """Count one pass through `label`; SIGKILL this process when EVOFUSE_FAULT_KILL_AT asks."""
     if not os.environ.get(KILL_ENV):
         return
-    _hits[label] += 1
-    if _armed(label, _hits[label]):
+    with _hits_lock:
+        _hits[label] += 1
+        hit = _hits[label]
+    if _armed(label, hit):
         os.kill(os.getpid(), signal.SIGKILL)
 
 

@@ -104,7 +104,7 @@ class Search:
         """Score the parents and seed merges; they make the first population."""
         names = [p.name for p in self.config.parents.all()]
         seeds = {seed.name: seed_recipe(self.config, seed) for seed in self.config.evolver.seeds}
-        checksums = {name: self.weights.keep(recipe, name) for name, recipe in seeds.items()}
+        checksums = self.weights.keep_all(seeds)
         candidates = [Candidate.copy_of(n) for n in names] + [Candidate(id=n, recipe=r) for n, r in seeds.items()]
         staged = self.config.fitness.staged  # members' per-example scores serve every later comparison
         results = self.scorer.evaluate([ScoreJob(c, per_example=staged) for c in candidates], "parents")

@@ -10,16 +10,19 @@ a parent's weights (a `copy` recipe) and store nothing.
 Memory: the driver never holds a whole model of its own. Parents are read memory-mapped
 (`load_state`) and copied straight into the object store; a replayed member is made one tensor
 at a time from zero-copy views of its inputs in the object store and streamed into its
-safetensors file (at most one output tensor alive), then published from that file, again
+safetensors file (at most one output tensor alive per replay; the new members of a generation
+are replayed side by side, one per core), then published from that file, again
 memory-mapped (page cache, not heap). What a run needs per node is the object store (parents
 once, plus the live members) and one working model per actor (`benchmarks/bench_search.py
 --memory` measures it).
 """
 from __future__ import annotations
 
+import os
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Iterable
+from typing import Iterable, Mapping
 
 from evolve.materialize import materialize
 from evolve.recipe import Recipe
@@ -36,6 +39,7 @@ class WeightBank:
     exclude: list[str]  # tensor patterns never evolved
     parent_dirs: dict[str, Path] = field(default_factory=dict)
     refs: dict = field(default_factory=dict)  # weight-set id -> Ray object ref
+    replay_threads: int = field(default_factory=lambda: os.cpu_count() or 1)  # members replayed side by side
 
     def publish_parents(self, parent_dirs: dict[str, Path]) -> None:
         self.parent_dirs = dict(parent_dirs)
@@ -69,12 +73,27 @@ class WeightBank:
         self.refs[member_id] = put_weights(self.store.load_weights(member_id))
         return checksum
 
+    def keep_all(self, recipes: Mapping[str, Recipe]) -> dict[str, str]:
+        """`keep` each {member id: recipe}; {member id: sha256} in the same order.
+
+        The replays run side by side, `replay_threads` at a time (default: one per core): the
+        actors wait for the new members between generations, so the node's cores are otherwise
+        idle, and the work (torch's element-wise ops, sha256, file writes) releases the GIL. Each
+        replay still holds one output tensor at a time."""
+        if len(recipes) < 2 or self.replay_threads < 2:
+            return {member_id: self.keep(recipe, member_id) for member_id, recipe in recipes.items()}
+        with ThreadPoolExecutor(max_workers=min(len(recipes), self.replay_threads), thread_name_prefix="keep") as pool:
+            futures = {member_id: pool.submit(self.keep, recipe, member_id) for member_id, recipe in recipes.items()}
+            return {member_id: future.result() for member_id, future in futures.items()}
+
     def keep_new(self, members: Iterable, checksums: dict[str, str]) -> None:
         """Store members whose weights are new: not a parent's, not stored yet, not a copy."""
+        new = {}
         for member in members:
             recipe = Recipe.from_dict(member["recipe"])
             if member["id"] not in checksums and member["id"] not in self.parent_dirs and recipe.op != "copy":
-                checksums[member["id"]] = self.keep(recipe, member["id"])
+                new[member["id"]] = recipe
+        checksums.update(self.keep_all(new))
 
     def release(self, live: set[str]) -> None:
         """Let Ray free weight sets nothing will read again (parents always stay)."""
