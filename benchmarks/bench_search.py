@@ -1,6 +1,6 @@
-"""Search throughput: candidates per hour, and in-place overwrite vs reloading a model.
+"""Search throughput and memory: in-place overwrite vs reloading a model, candidates per hour, peak memory, replays.
 
-Two measurements, side by side in one run:
+Four measurements:
 
 1. In-place vs reload (issue 2's ratio). One Evolver offspring of two parents is made and the
    working model prepared for scoring, (a) the evofuse way: `materialize` writes each tensor
@@ -116,9 +116,10 @@ def replay_side_by_side(source: str, members: int, repeats: int) -> dict:
             del base
             for rep in range(repeats):
                 for threads in timings:
-                    recipes = {f"g{rep:03d}-{threads}{i:02d}": Recipe(op="evolver", inputs=("abc"[i % 3], "abc"[(i + 1) % 3]),
-                                                                    params={"F": 0.5, "CR": 0.5}, seed=1000 * rep + 10 * threads + i)
-                               for i in range(members)}
+                    pairs = [("abc"[i % 3], "abc"[(i + 1) % 3]) for i in range(members)]  # target, reference
+                    recipes = {f"g{rep:03d}-{threads}{i:02d}": Recipe(op="evolver", inputs=pair, params={"F": 0.5, "CR": 0.5},
+                                                                    seed=1000 * rep + 10 * threads + i)
+                               for i, pair in enumerate(pairs)}
                     bank.replay_threads = threads
                     start = time.perf_counter()
                     bank.keep_all(recipes)

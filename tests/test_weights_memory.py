@@ -10,6 +10,7 @@ from __future__ import annotations
 import hashlib
 import re
 import sys
+import threading
 from pathlib import Path
 
 import numpy as np
@@ -99,8 +100,6 @@ def test_keep_all_replays_side_by_side_with_the_bytes_of_one_at_a_time(bank, tmp
     keep = WeightBank.keep
 
     def noting_thread(self, recipe, member_id):
-        import threading
-
         threads.add(threading.current_thread().name)
         return keep(self, recipe, member_id)
 
