@@ -23,7 +23,8 @@ Four measurements:
 4. Replaying a generation's new members (`--replay`): between generations the driver replays
    each offspring that joined the population into its safetensors file and the object store
    (`WeightBank.keep_all`) while the actors wait; one at a time (`replay_threads: 1`, as before)
-   against side by side (one thread per core), alternating, same recipes, median of N.
+   against side by side (the default: one thread per core, at most four), alternating, same
+   recipes, median of N.
 
     python -m benchmarks.bench_search --quick            # tiny model, seconds
     python -m benchmarks.bench_search --run runs/demo    # SmolLM2-135M + the demo run
@@ -106,11 +107,11 @@ def replay_side_by_side(source: str, members: int, repeats: int) -> dict:
 
     init_ray(None, num_cpus=os.cpu_count())
     base = load_state(source)
-    side_by_side = os.cpu_count() or 1
-    timings: dict[int, list[float]] = {1: [], side_by_side: []}
     try:
         with tempfile.TemporaryDirectory() as tmp:
             bank = WeightBank(RunStore(Path(tmp)), sorted(base), exclude=[])
+            side_by_side = bank.replay_threads  # the default: one per core, at most four
+            timings: dict[int, list[float]] = {1: [], side_by_side: []}
             for seed, wid in enumerate(("a", "b", "c"), start=1):
                 bank.refs[wid] = put_weights(_noisy_copy(base, seed))
             del base

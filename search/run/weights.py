@@ -11,7 +11,7 @@ Memory: the driver never holds a whole model of its own. Parents are read memory
 (`load_state`) and copied straight into the object store; a replayed member is made one tensor
 at a time from zero-copy views of its inputs in the object store and streamed into its
 safetensors file (at most one output tensor alive per replay; the new members of a generation
-are replayed side by side, one per core), then published from that file, again
+are replayed side by side, one per core up to four), then published from that file, again
 memory-mapped (page cache, not heap). What a run needs per node is the object store (parents
 once, plus the live members) and one working model per actor (`benchmarks/bench_search.py
 --memory` measures it).
@@ -39,7 +39,9 @@ class WeightBank:
     exclude: list[str]  # tensor patterns never evolved
     parent_dirs: dict[str, Path] = field(default_factory=dict)
     refs: dict = field(default_factory=dict)  # weight-set id -> Ray object ref
-    replay_threads: int = field(default_factory=lambda: os.cpu_count() or 1)  # members replayed side by side
+    # Members replayed side by side: one per core, at most four (each replay holds one tensor,
+    # and torch's element-wise ops in each already use the cores).
+    replay_threads: int = field(default_factory=lambda: min(4, os.cpu_count() or 1))
 
     def publish_parents(self, parent_dirs: dict[str, Path]) -> None:
         self.parent_dirs = dict(parent_dirs)
@@ -76,7 +78,7 @@ class WeightBank:
     def keep_all(self, recipes: Mapping[str, Recipe]) -> dict[str, str]:
         """`keep` each {member id: recipe}; {member id: sha256} in the same order.
 
-        The replays run side by side, `replay_threads` at a time (default: one per core): the
+        The replays run side by side, `replay_threads` at a time (one per core, at most four): the
         actors wait for the new members between generations, so the node's cores are otherwise
         idle, and the work (torch's element-wise ops, sha256, file writes) releases the GIL. Each
         replay still holds one output tensor at a time."""
