@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import os
+import re
 import signal
 import subprocess
 import sys
@@ -15,6 +16,23 @@ torch.set_num_threads(1)  # tiny models: threads only contend (with Ray actors, 
 
 from compression.calibration import calibration_windows  # noqa: E402
 from search.models.tiny import byte_tokenizer, tiny_llama  # noqa: E402
+
+
+# A line Ray's log monitor forwards to a process that has a Ray driver (the test process, once an
+# in-process test has started one): "(raylet) ...", "(pid=123) ...", "(Evaluator pid=123) ...",
+# maybe coloured. Not evofuse's output (a raylet's low-disk warning once landed among it).
+RAY_FORWARDED = re.compile(r"^(\x1b\[[0-9;]*m)?\((raylet|gcs_server|pid=\d+|\w+ pid=\d+)\)")
+
+
+@pytest.fixture()
+def cli_stderr(capsys):
+    """Reads what the command printed to stderr since the last read (capsys), less Ray's
+    forwarded lines: what the one-line-error checks look at."""
+    def read() -> str:
+        lines = capsys.readouterr().err.strip().splitlines()
+        return "\n".join(line for line in lines if not RAY_FORWARDED.match(line))
+
+    return read
 
 
 @pytest.fixture(scope="session")

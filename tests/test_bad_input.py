@@ -281,7 +281,7 @@ def finished_run(tmp_path_factory) -> Path:
 
 
 @pytest.mark.parametrize("case", CASES, ids=[c[0] for c in CASES])
-def test_bad_input_is_one_line_exit_2_and_changes_nothing(case, finished_run, tmp_path, capsys, monkeypatch):
+def test_bad_input_is_one_line_exit_2_and_changes_nothing(case, finished_run, tmp_path, capsys, cli_stderr, monkeypatch):
     name, setup, expected = case
     monkeypatch.chdir(tmp_path)
     ctx = Ctx(tmp_path, tmp_path / "run")
@@ -297,7 +297,7 @@ def test_bad_input_is_one_line_exit_2_and_changes_nothing(case, finished_run, tm
         if hasattr(ctx, "holder"):
             ctx.holder.kill()
             ctx.holder.wait()
-    err = capsys.readouterr().err.strip()
+    err = cli_stderr()
     print(f"{name}: {err}")
     assert code == 2, f"exit {code}: {err[-2000:]}"
     assert len(err.splitlines()) == 1 and expected in err, err

@@ -261,7 +261,7 @@ def gpt2_dir(tmp_path: Path) -> Path:
     return path
 
 
-def test_a_plan_space_the_base_architecture_cannot_take_is_refused(tmp_path, capsys):
+def test_a_plan_space_the_base_architecture_cannot_take_is_refused(tmp_path, capsys, cli_stderr):
     raw = yaml.safe_load((ROOT / "configs" / "tiny-joint.yaml").read_text())
     base = str(gpt2_dir(tmp_path))
     raw["parents"]["base"] = {"name": "base", "source": base}
@@ -276,7 +276,7 @@ def test_a_plan_space_the_base_architecture_cannot_take_is_refused(tmp_path, cap
 
     capsys.readouterr()
     assert main(["search", str(path), "--run-dir", str(tmp_path / "run"), "--quiet"]) == 2
-    err = capsys.readouterr().err.strip().splitlines()
+    err = cli_stderr().splitlines()
     assert len(err) == 1 and "compress.space.width" in err[0] and not (tmp_path / "run").exists()
     raw["compress"]["space"]["width"] = ["none"]  # without width pruning the same space is fine on GPT-2
     path.write_text(yaml.safe_dump(raw))

@@ -226,7 +226,7 @@ def dir_run(tmp_path: Path) -> tuple[RunStore, dict[str, Path]]:
     return store, dirs
 
 
-def test_any_journalled_candidate_exports_by_replaying_its_recipe(tmp_path, capsys):
+def test_any_journalled_candidate_exports_by_replaying_its_recipe(tmp_path, capsys, cli_stderr):
     from safetensors.torch import load_file
 
     from search.models.sources import load_state
@@ -249,7 +249,7 @@ def test_any_journalled_candidate_exports_by_replaying_its_recipe(tmp_path, caps
                      ("g001-002", "its recipe reads 'ghost', which is not a parent, a stored member or a journalled candidate"),
                      ("g009-000", "not a candidate of")):
         assert main(["export", str(store.root), "--id", cid, "--out", str(tmp_path / cid)]) == 2
-        err = capsys.readouterr().err.strip()
+        err = cli_stderr()
         assert len(err.splitlines()) == 1 and why in err, err
         assert not (tmp_path / cid).exists()
 

@@ -259,16 +259,16 @@ def wait_for(predicate, timeout: float, what: str) -> None:
         time.sleep(0.2)
 
 
-def test_one_driver_per_run_status_knows_a_gone_driver_and_local_ray_dies_with_it(tmp_path, forkserver, capsys):
+def test_one_driver_per_run_status_knows_a_gone_driver_and_local_ray_dies_with_it(tmp_path, forkserver, capsys, cli_stderr):
     config, run = run_config(tmp_path, "merge"), tmp_path / "run"
     pid, log = forkserver.start("search", str(config), "--run-dir", str(run), "--quiet", EVOFUSE_FAULT_STALL="g000-000")
     try:
-        check_lock_and_status(run, config, pid, forkserver, capsys)
+        check_lock_and_status(run, config, pid, forkserver, capsys, cli_stderr)
     finally:
         kill_session(pid)
 
 
-def check_lock_and_status(run: Path, config: Path, pid: int, forkserver, capsys) -> None:
+def check_lock_and_status(run: Path, config: Path, pid: int, forkserver, capsys, cli_stderr) -> None:
     from search.cli import main
 
     store = RunStore(run)
@@ -277,7 +277,7 @@ def check_lock_and_status(run: Path, config: Path, pid: int, forkserver, capsys)
 
     # a second driver is refused, naming the first; status names it as running
     assert main(["resume", str(run)]) == 2
-    err = capsys.readouterr().err.strip()
+    err = cli_stderr()
     assert err.count("\n") == 0 and f"in use by evofuse process {pid}" in err, err
     assert main(["search", str(config), "--run-dir", str(run)]) == 2
     assert "a run is already there" in capsys.readouterr().err

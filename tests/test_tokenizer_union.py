@@ -273,7 +273,7 @@ def test_bad_tokenizer_fields_are_one_line(models, tmp_path, mutate, message):
     assert message in str(info.value) and "\n" not in str(info.value)
 
 
-def test_unmatched_embeddings_exit_2_naming_the_field(models, tmp_path, capsys):
+def test_unmatched_embeddings_exit_2_naming_the_field(models, tmp_path, capsys, cli_stderr):
     from search.cli import main
     from search.models.tiny import tiny_llama
 
@@ -295,7 +295,7 @@ def test_unmatched_embeddings_exit_2_naming_the_field(models, tmp_path, capsys):
         path = tmp_path / "bad.yml"
         path.write_text(yaml.safe_dump(config))
         assert main(["merge", str(path), str(tmp_path / "out"), "--quiet"]) == 2
-        err = capsys.readouterr().err.strip()
+        err = cli_stderr()
         assert err.count("\n") == 0 and message in err, err
 
 
