@@ -52,6 +52,7 @@ from search.fitness.staged import audit_selected, compare, false_rejection_rate,
 from search.results.export import Replay, _journal_by_id  # noqa: E402
 from search.results.staging import STOPPED, full_dev_rows, last_stage, selection_holders  # noqa: E402
 from search.run.candidate import Evaluation  # noqa: E402
+from search.run.stages import examples_of  # noqa: E402
 from search.run.store import RunStore  # noqa: E402
 
 
@@ -115,11 +116,6 @@ class OfflineScorer:
                 {name: m["examples"] for name, m in metrics.items()})
 
 
-def run_examples(row: dict) -> dict[str, dict]:
-    """{task: per-example scores} of a journalled full dev row ({} when it kept none)."""
-    return {task: m["examples"] for task, m in row.get("metrics", {}).items() if isinstance(m, dict) and "examples" in m}
-
-
 def resolved_by_full_dev(stopped: dict[str, dict], holder: dict[str, dict], weights: dict[str, float],
                          confidence: float) -> dict:
     """Whether the full dev sets themselves tell a stopped candidate from the one it had to beat:
@@ -142,7 +138,8 @@ def audit(run_dir: Path, limit: int | None, checks: int, siblings: float = 0.0) 
     # the run's own full scores, re-scored: the offline scoring must be the run's
     promoted = sorted(cid for cid in full if cid.startswith("g"))[:checks]
     agreement = [(cid, full[cid]["score"], scorer.dev_score(cid)[0]) for cid in promoted]
-    examples = {cid: run_examples(r) for cid, r in full.items()}  # per-example full dev scores
+    tasks = tuple(scorer.weights)  # per-example full dev scores (None where the run kept none)
+    examples = {cid: examples_of(Evaluation.from_json(r), tasks) for cid, r in full.items()}
     scores = {cid: r["score"] for cid, r in full.items()}
 
     def full_score(cid: str) -> float:  # the run's, else scored here once (a rival may recur)
@@ -205,6 +202,14 @@ def resolved(audits: list[dict]) -> int | None:
     return sum(t["ahead_beyond_margin"] for t in tested) if tested else None
 
 
+def rate_cell(r: dict) -> str:
+    rate = r["false_rejection_rate"]
+    cell = "-" if rate is None else f"{rate:.1%}"
+    if r.get("false_resolved") is not None:
+        cell += f" ({r['false_resolved']} resolved by the full dev sets)"
+    return cell
+
+
 def sibling_cell(r: dict) -> str:
     if not r.get("siblings_audited"):
         return "-"
@@ -221,12 +226,10 @@ def table(results: list[dict]) -> str:
             "sibling stops: audited, false (95% upper bound)", "audit s"]
     lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
     for r in results:
-        rate = r["false_rejection_rate"]
         rho = r["spearman_stage_vs_full"]
         lines.append("| " + " | ".join(str(x) for x in [
             r["run"], r["stops_by_paired_test"], r["audited"], r["false_rejections"],
-            ("-" if rate is None else f"{rate:.1%}")
-            + ("" if r.get("false_resolved") is None else f" ({r['false_resolved']} resolved by the full dev sets)"), "-" if not r["audited"] else f"{r['false_rejection_upper_95']:.1%}",
+            rate_cell(r), "-" if not r["audited"] else f"{r['false_rejection_upper_95']:.1%}",
             "-" if not r["audited"] else
             f"{r['beat_member']} ({r['beat_member'] / r['audited']:.1%}, at most {r['beat_member_upper_95']:.1%})",
             "-" if rho is None else f"{rho:.2f}", "-" if r["max_abs_diff_vs_run"] is None else f"{r['max_abs_diff_vs_run']:.1e}, {r['agreement_checked']}",

@@ -41,4 +41,3 @@ def test_subset_agreement_with_every_item_orders_every_pair():
     assert all_pairs == 1.0 and pairs == sum(1 for a in candidates for b in candidates if a[0] < b[0])
     few, _, _, _ = subset_agreement(candidates, {"t": 2}, draws=200, seed=0)
     assert 0.5 < few < 1.0  # two items order most pairs, not all
-
