@@ -92,7 +92,8 @@ def measure(run_dir: Path, name: str, full: bool) -> dict:
     stopped = {e["id"] for e in dev if e["status"] == "stopped"}
     last = last_stage(load_config(store.config_path))
     audit_s = sum(cost(e) for e in scorings if e["id"] in stopped and e.get("stage") == last)
-    full_costs = [cost(e) for e in full_dev_rows(scorings, last)]
+    # a full evaluation's cost, less the screening items a future member scores apart (`fitness.screen_dtype`)
+    full_costs = [cost(e) - e.get("timing", {}).get("screen_s", 0) for e in full_dev_rows(scorings, last)]
     search_s = sum(r["wall_s"] for r in logbook)
     best = max(state["population"] + state["hall_of_fame"], key=lambda m: m["score"])
     test = {e["id"]: e for e in journal if e["split"] == "test"}

@@ -47,6 +47,8 @@ def test_shipped_configs_load():
         (lambda r: r["workers"].update(count=0), "workers.count: Input should be greater than or equal to 1"),
         (lambda r: r.setdefault("compress", {}).update(latency={"repeats": 0}), "compress.latency.repeats: Input should be greater than or equal to 1"),
         (lambda r: r["evolver"].update(share_recipe=True), "evolver.share_recipe: for joint runs"),
+        (lambda r: r.update(fitness={"screen_dtype": "bfloat16"}), "fitness.screen_dtype: screens the stages before the last"),
+        (lambda r: r.update(fitness={"stages": [0.5, 1.0], "screen_dtype": "int8"}), "fitness.screen_dtype: Input should be"),
     ],
 )
 def test_bad_config_names_the_field(tmp_path, mutate, expected):

@@ -95,7 +95,8 @@ def staged_summary(rows: list[dict], last: int | None, merge: bool = False) -> d
 
     def unstaged_cost(cid: str) -> float:  # what a full-scoring run pays for this candidate
         made = sum(e.timing.get("materialize_s", 0.0) for (c, _), e in by_stage.items() if c == cid)
-        return made + full[cid].timing.get("score_s", 0.0)
+        # less the screening items it scored apart for later comparisons (a staged run's own cost)
+        return made + full[cid].timing.get("score_s", 0.0) - full[cid].timing.get("screen_s", 0.0)
 
     promoted = [c for c in judged if c not in stops and c in full]
     full_cost = mean(unstaged_cost(c) for c in promoted) if promoted else math.nan
@@ -109,8 +110,10 @@ def staged_summary(rows: list[dict], last: int | None, merge: bool = False) -> d
     beat_rival_only = sum(full[stops[c].extra["rival"]].score <= full[c].score < bars[c] for c in can_be_false)
     first = {cid: e.score for (cid, k), e in by_stage.items() if k == 0}
     both = [c for c in judged if c in first and c in full]
+    screened = sorted({e.extra["autocast"] for e in staged if e.extra.get("autocast")})
     return {
         "judged": len(judged),
+        "screen_dtype": ", ".join(screened) or None,  # the screening stages' autocast (`fitness.screen_dtype`)
         "stopped": len(stops),
         "fully_scored": len(promoted),
         "stopped_per_stage": [sum(1 for s in stops.values() if s.stage == k) for k in range(last)],
@@ -128,7 +131,8 @@ def staged_summary(rows: list[dict], last: int | None, merge: bool = False) -> d
 def format_staged(summary: dict) -> list[str]:
     """Status lines for a staged run."""
     lines = [f"staged       {summary['judged']} judged, {summary['fully_scored']} scored in full, "
-             f"{summary['stopped']} stopped (per stage {summary['stopped_per_stage']})"]
+             f"{summary['stopped']} stopped (per stage {summary['stopped_per_stage']})"
+             + (f", screened in {summary['screen_dtype']}" if summary.get("screen_dtype") else "")]
     if summary["saved_s"] is not None:
         saved = summary["saved_s"]
         versus = f"about {saved:.0f} s saved against" if saved >= 0 else f"about {-saved:.0f} s more than"

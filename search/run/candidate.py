@@ -168,6 +168,7 @@ class Evaluation:
             timing=result.get("timing") or {},
             time=round(when, 3),
             stage=stage,
+            extra={"autocast": result["autocast"]} if result.get("autocast") else {},
         )
 
 

@@ -33,7 +33,7 @@ from search.models.tensors import check_same_tensors
 from search.run.candidate import Candidate, Evaluation, format_score
 from search.run.modes import Mode, make_mode
 from search.run.scoring import STOPPED, Log, Scorer, check_generation
-from search.run.stages import StagedScoring, staged_scoring
+from search.run.stages import StagedScoring, stage_plan, staged_scoring
 from search.run.store import RunStore
 from search.run.weights import WeightBank
 from search.run.workers import EvaluatorPool, ScoreJob, WorkerSpec, init_ray
@@ -107,7 +107,11 @@ class Search:
         checksums = self.weights.keep_all(seeds)
         candidates = [Candidate.copy_of(n) for n in names] + [Candidate(id=n, recipe=r) for n, r in seeds.items()]
         staged = self.config.fitness.staged  # members' per-example scores serve every later comparison
-        results = self.scorer.evaluate([ScoreJob(c, per_example=staged) for c in candidates], "parents")
+        jobs = [ScoreJob(c, per_example=staged) for c in candidates]
+        if staged:  # and, with a screening dtype, those of the screening items they are compared on
+            dev_items = self.pool.task_sizes("dev")
+            jobs = [stage_plan(self.config, dev_items).with_screening(job, None) for job in jobs]
+        results = self.scorer.evaluate(jobs, "parents")
         check_generation(results.values(), "the first population (parents and seed merges)")
         dense_params = results[names[0]].num_params
         self.mode = make_mode(self.config, self.resolve_budget(dense_params))
@@ -126,7 +130,7 @@ class Search:
             "hall_of_fame": [member_to_json(m) for m in self.mode.best_of(members)],
         }
         if staged:
-            state["dev_items"] = self.pool.task_sizes("dev")
+            state["dev_items"] = dev_items
         self.store.write_state(state)
         return state
 

@@ -18,6 +18,10 @@ After each stage but the last, a candidate goes on while it can still win:
   that lead the front furthest at their own size go on (`StageJudge.pareto_siblings`). Without
   siblings each candidate runs through its stages in one chain on one actor (depth first);
   with them a generation is scored stage by stage, since siblings are compared.
+With `fitness.screen_dtype` the stages before the last run under autocast in that dtype and the
+last at the workers' own (`StagePlan.job`); a member is then compared at a screening stage with
+what it scored in that dtype (`screening_examples`): every job that scores a future member in full
+also scores, apart, the screening items of the draws it will meet (`StagePlan.with_screening`).
 A stopped candidate is journalled (status `stopped`, the stage it reached, its partial
 metrics, the reason), told to Optuna as PRUNED and never selected; with `fitness.audit`, a
 seeded fraction of those the paired test stopped (compress / joint: and of the siblings stopped
@@ -46,6 +50,8 @@ class StagePlan:
     seed: int
     min_items: int
     resample: bool = False  # a fresh draw of the subsets per generation
+    screen_dtype: str | None = None  # the dtype of the stages before the last (`fitness.screen_dtype`)
+    generations: int = 1  # the run's generations: the draws a member can still be compared on
 
     @property
     def count(self) -> int:
@@ -72,9 +78,39 @@ class StagePlan:
         draw = (generation or 0) if self.resample else 0
         return _drawn_indices(self.fractions, self.task_sizes, self.seed, self.min_items, self.tasks[0] == (PROXY,), draw)
 
-    def job(self, candidate: Candidate, stage: int) -> ScoreJob:
-        return ScoreJob(candidate, stage=stage, tasks=self.tasks[stage], indices=self.indices(candidate.generation)[stage],
-                        per_example=True)
+    def job(self, candidate: Candidate, stage: int, member: bool = True) -> ScoreJob:
+        """The job scoring `candidate` at `stage`; a last-stage job of a candidate that may become
+        a member (`member`: not an audit) also scores its later screening items (`with_screening`)."""
+        job = ScoreJob(candidate, stage=stage, tasks=self.tasks[stage], indices=self.indices(candidate.generation)[stage],
+                       per_example=True)
+        if stage < self.last:
+            return replace(job, autocast=self.screen_dtype)
+        return self.with_screening(job, candidate.generation) if member else job
+
+    def with_screening(self, job: ScoreJob, generation: int | None) -> ScoreJob:
+        """`job` (a full dev scoring) plus, in the screening dtype, the screening items of every
+        later generation's draw: those a member made in `generation` (None: the first population)
+        is compared on at the screening stages. Without a screening dtype, `job` itself."""
+        if self.screen_dtype is None or self.screened is None:
+            return job
+        first = 0 if generation is None else generation + 1
+        draws = range(first, self.generations) if self.resample else range(1)
+        if not draws:  # made in the last generation: never compared again
+            return job
+        items = {t: sorted({i for d in draws for i in self.indices(d)[self.screened][t]}) for t, _ in self.task_sizes}
+        return replace(job, per_example=True, screen_dtype=self.screen_dtype, screen_indices=items)
+
+    @property
+    def screened(self) -> int | None:
+        """The last screening stage over dev items (the stages are nested: it holds every earlier
+        one's items), or None when the only stage before the last is a proxy."""
+        dev_stages = [k for k in range(self.last) if self.tasks[k] != (PROXY,)]
+        return dev_stages[-1] if dev_stages else None
+
+    def compared_at(self, stage: int) -> bool:
+        """Whether a member's `stage` comparisons read its screening examples (scored in the
+        screening dtype), not its full-precision ones."""
+        return self.screen_dtype is not None and stage < self.last and self.tasks[stage] != (PROXY,)
 
 
 @lru_cache(maxsize=64)
@@ -88,12 +124,31 @@ def _drawn_indices(fractions: tuple[float, ...], task_sizes: tuple[tuple[str, in
 
 
 def plan_stages(fractions: list[float], task_sizes: Mapping[str, int], seed: int, min_items: int, proxy: bool,
-                resample: bool = False) -> StagePlan:
+                resample: bool = False, screen_dtype: str | None = None, generations: int = 1) -> StagePlan:
     """Stages over the run's dev tasks (`task_sizes`: items per task); a proxy stage first."""
     tasks = tuple(t for t in task_sizes if t != PROXY)
     stage_tasks = ([(PROXY,)] if proxy else []) + [tasks] * len(fractions)
     return StagePlan(tuple(stage_tasks), tuple(float(f) for f in fractions), tuple((t, int(task_sizes[t])) for t in tasks),
-                     seed, min_items, resample)
+                     seed, min_items, resample, screen_dtype, generations)
+
+
+def screening_examples(evaluation: Evaluation, tasks: tuple[str, ...], items: Mapping[str, set] | None) -> Evaluation | None:
+    """A member's full evaluation seen at a screening stage: each task's examples replaced by
+    those it scored in the screening dtype (`screen_examples`), so a candidate's screening
+    scores meet the member's in the same precision. None when it has none for some task, or
+    they miss some of `items` (task -> the stage's item ids; None: not checked), e.g. in a run
+    written before screening existed: its candidates are then not compared with the member at
+    that stage (the full stage still is)."""
+    metrics = {}
+    for t in tasks:
+        m = evaluation.metrics.get(t, {})
+        screen = m.get("screen_examples")
+        if not screen:
+            return None
+        if items is not None and not items.get(t, set()) <= set(screen["index"]):
+            return None
+        metrics[t] = {**m, "examples": screen}
+    return replace(evaluation, metrics={**evaluation.metrics, **metrics})
 
 
 def examples_of(evaluation: Evaluation, tasks: tuple[str, ...]) -> dict[str, dict] | None:
@@ -232,6 +287,16 @@ def sibling_stops(candidates: list[Candidate], rank, advance: int, stage: int, w
     return stopped
 
 
+def stage_items(rows, tasks: tuple[str, ...]) -> dict[str, set] | None:
+    """{task: the item ids a stage scored} read from its rows (a generation's candidates share
+    them); None when no row has per-example scores."""
+    for row in rows:
+        found = examples_of(row, tasks)
+        if found is not None:
+            return {t: set(found[t]["index"]) for t in tasks}
+    return None
+
+
 def has_siblings(candidates: list[Candidate]) -> bool:
     """Whether some member has several offspring here (`evolver.offspring_per_member` > 1)."""
     return len({c.target for c in candidates}) < len(candidates)
@@ -278,7 +343,7 @@ class StagedScoring:
         audits = [c for c in candidates if outcome[c.id].status == STOPPED
                   and self.judge.audited(c.id, outcome[c.id].extra.get("rule"))]
         if audits:  # fully scored anyway, journalled, never selected: the run's false-rejection check
-            self.scorer.evaluate([self.plan.job(c, self.plan.last) for c in audits], f"{desc}, audit")
+            self.scorer.evaluate([self.plan.job(c, self.plan.last, member=False) for c in audits], f"{desc}, audit")
         return outcome
 
     def score_depth_first(self, candidates: list[Candidate], desc: str, hall_of_fame: list[dict]) -> dict[str, Evaluation]:
@@ -296,7 +361,7 @@ class StagedScoring:
             if decision is None:
                 return self.plan.job(c, stage + 1)
             stops[c.id] = self.stop(row, stage, *decision)
-            return self.plan.job(c, self.plan.last) if self.judge.audited(c.id, decision[2]) else None
+            return self.plan.job(c, self.plan.last, member=False) if self.judge.audited(c.id, decision[2]) else None
 
         last = self.scorer.evaluate([self.plan.job(c, 0) for c in candidates], f"{desc}, staged", follow)
         return {c.id: stops.get(c.id, last[c.id]) for c in candidates}
@@ -306,21 +371,27 @@ class StagedScoring:
         return self.scorer.finished(row.id, "dev", STOPPED) or self.record_stop(row, stage, reason, rival, rule)
 
     def decisions(self, stage: int, rows: dict, alive: list[Candidate], hall_of_fame: list[dict]) -> dict[str, tuple]:
+        items = stage_items(rows.values(), self.plan.tasks[stage])
         if not self.pareto:
-            rivals = {c.target: self.member_row(c.target, stage) for c in alive}
+            rivals = {c.target: self.member_row(c.target, stage, items) for c in alive}
             return self.judge.merge_survivors(stage, rows, rivals, alive)
-        front = [(self.member_row(m["id"], stage), self.costs(m.get("params"), m.get("latency_ms"))) for m in hall_of_fame]
+        front = [(self.member_row(m["id"], stage, items), self.costs(m.get("params"), m.get("latency_ms"))) for m in hall_of_fame]
         costs_of = lambda r: self.costs(r.num_params, r.latency_ms)  # noqa: E731
         stopped = self.judge.pareto_survivors(stage, rows, front, alive, costs_of)
         alive = [c for c in alive if c.id not in stopped]
         return {**stopped, **self.judge.pareto_siblings(stage, rows, front, alive, costs_of)}
 
-    def member_row(self, member_id: str, stage: int) -> Evaluation | None:
+    def member_row(self, member_id: str, stage: int, items: Mapping[str, set] | None = None) -> Evaluation | None:
         """A member's journalled scores for comparisons at `stage`: its row of that stage when
-        the stage is a proxy, else its full dev scores (a superset of every stage's items)."""
+        the stage is a proxy, else its full dev scores (a superset of every stage's items), at a
+        screened stage those it scored in the screening dtype (`screening_examples`; `items`:
+        the stage's item ids per task, which they must hold)."""
         if self.plan.tasks[stage] != self.plan.tasks[-1]:
             return self.scorer.finished(member_id, "dev", stage)
-        return self.scorer.finished(member_id, "dev", self.plan.last) or self.scorer.finished(member_id, "dev", None)
+        full = self.scorer.finished(member_id, "dev", self.plan.last) or self.scorer.finished(member_id, "dev", None)
+        if full is not None and self.plan.compared_at(stage):
+            return screening_examples(full, self.plan.tasks[stage], items)
+        return full
 
     def costs(self, params, latency) -> tuple:
         return (float(params or 0),) + ((float(latency or 0),) if self.latency else ())
@@ -347,16 +418,22 @@ class StagedScoring:
         }
 
 
+def stage_plan(config, dev_items: Mapping[str, int]) -> StagePlan:
+    """A run's stages (`config.fitness`) over its dev tasks' item counts."""
+    fitness = config.fitness
+    return plan_stages(fitness.stages, dev_items, config.seed, fitness.min_items, fitness.proxy is not None,
+                       resample=fitness.resample, screen_dtype=fitness.screen_dtype, generations=config.evolver.generations)
+
+
 def staged_scoring(config, dev_items: Mapping[str, int], scorer: Scorer, mode) -> StagedScoring:
     """The staged scoring of a run (`config.fitness`), over its dev tasks' item counts."""
     fitness, weights = config.fitness, {t.name: t.weight for t in config.tasks}
-    plan = plan_stages(fitness.stages, dev_items, config.seed, fitness.min_items, fitness.proxy is not None,
-                       resample=fitness.resample)
+    plan = stage_plan(config, dev_items)
     audit_siblings = mode.front_of_all if fitness.audit_siblings is None else fitness.audit_siblings
     judge = StageJudge(plan, weights, fitness.confidence, fitness.advance, config.seed, fitness.audit,
                        audit_siblings=audit_siblings)
     return StagedScoring(scorer, plan, judge, pareto=mode.front_of_all, latency=mode.objectives.latency)
 
 
-__all__ = ["StagePlan", "StageJudge", "StagedScoring", "staged_scoring", "plan_stages", "examples_of", "weights_for",
-           "stopped_row", "STOPPED"]
+__all__ = ["StagePlan", "StageJudge", "StagedScoring", "staged_scoring", "stage_plan", "plan_stages", "examples_of", "weights_for",
+           "screening_examples", "stopped_row", "STOPPED"]
