@@ -177,7 +177,7 @@ class FitnessConfig(Strict):
     proxy: Optional[ProxyTask] = None  # compress / joint: the first stage scores this task instead
     # Screening precision: the stages before the last run their matrix products in this dtype
     # (torch autocast; the working model's weights stay as they are), the last stage at the
-    # workers' dtype. On a CPU with AVX-512 BF16 a bfloat16 stage costs about a third of a
+    # workers' dtype. On a CPU with AVX-512 BF16 a bfloat16 stage costs about half of a
     # float32 one; each candidate scored in full also scores, in this dtype, the screening items
     # it will be compared on as a member, so screening comparisons never mix precisions
     # (README, "Screening in bfloat16").
