@@ -110,7 +110,8 @@ class Search:
         jobs = [ScoreJob(c, per_example=staged) for c in candidates]
         if staged:  # and, with a screening dtype, those of the screening items they are compared on
             dev_items = self.pool.task_sizes("dev")
-            jobs = [stage_plan(self.config, dev_items).with_screening(job, None) for job in jobs]
+            plan = stage_plan(self.config, dev_items)
+            jobs = [plan.with_screening(job, None) for job in jobs]
         results = self.scorer.evaluate(jobs, "parents")
         check_generation(results.values(), "the first population (parents and seed merges)")
         dense_params = results[names[0]].num_params

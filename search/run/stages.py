@@ -371,7 +371,8 @@ class StagedScoring:
         return self.scorer.finished(row.id, "dev", STOPPED) or self.record_stop(row, stage, reason, rival, rule)
 
     def decisions(self, stage: int, rows: dict, alive: list[Candidate], hall_of_fame: list[dict]) -> dict[str, tuple]:
-        items = stage_items(rows.values(), self.plan.tasks[stage])
+        # the stage's item ids, which a member's screening examples must cover (`member_row`)
+        items = stage_items(rows.values(), self.plan.tasks[stage]) if self.plan.compared_at(stage) else None
         if not self.pareto:
             rivals = {c.target: self.member_row(c.target, stage, items) for c in alive}
             return self.judge.merge_survivors(stage, rows, rivals, alive)
