@@ -165,7 +165,10 @@ class FitnessConfig(Strict):
     stages: list[float] = Field(default_factory=lambda: [1.0])
     confidence: float = Field(0.9, gt=0.5, lt=1)
     min_items: int = Field(4, ge=1)  # each task's first stage scores at least this many items
-    advance: int = Field(1, ge=1)  # offspring per member that go on past each stage but the last
+    # Offspring per member that go on past each stage but the last: one number for every stage,
+    # or one per stage (non-increasing, e.g. [4, 1]: EvoPress's multi-step selection, the best
+    # four of a member's offspring meet a larger subset and the best of those the full dev sets).
+    advance: int | list[int] = 1
     audit: float = Field(0.0, ge=0, le=1)  # fraction of stopped candidates fully scored anyway
     # Whether the audit also draws from sibling stops (a better-ranked offspring of the same
     # member went on); default: in compress / joint runs, not in merge runs (there they are most
@@ -190,9 +193,31 @@ class FitnessConfig(Strict):
             raise ValueError(f"must increase within (0, 1] and end at 1.0, got {stages}")
         return stages
 
+    @field_validator("advance")
+    @classmethod
+    def _advance(cls, advance: int | list[int]) -> int | list[int]:
+        counts = [advance] if isinstance(advance, int) else advance
+        if not counts or any(n < 1 for n in counts) or any(a < b for a, b in zip(counts, counts[1:])):
+            raise ValueError(f"must be a positive number, or one per stage before the last, non-increasing; got {advance}")
+        return advance
+
+    @model_validator(mode="after")
+    def _advance_per_stage(self) -> "FitnessConfig":
+        before_last = len(self.stages) - 1 + (self.proxy is not None)
+        if isinstance(self.advance, list) and len(self.advance) != before_last:
+            raise ValueError(f"advance: {len(self.advance)} values for {before_last} stages before the last "
+                             f"(stages {self.stages}{', after the proxy' if self.proxy else ''})")
+        return self
+
     @property
     def staged(self) -> bool:
         return len(self.stages) > 1 or self.proxy is not None
+
+    @property
+    def advance_per_stage(self) -> tuple[int, ...]:
+        """How many of a member's offspring go on past each stage but the last."""
+        before_last = len(self.stages) - 1 + (self.proxy is not None)
+        return tuple(self.advance) if isinstance(self.advance, list) else (self.advance,) * before_last
 
 
 class RecipeSearchConfig(Strict):

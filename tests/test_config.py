@@ -49,6 +49,10 @@ def test_shipped_configs_load():
         (lambda r: r["evolver"].update(share_recipe=True), "evolver.share_recipe: for joint runs"),
         (lambda r: r.update(fitness={"screen_dtype": "bfloat16"}), "fitness.screen_dtype: screens the stages before the last"),
         (lambda r: r.update(fitness={"stages": [0.5, 1.0], "screen_dtype": "int8"}), "fitness.screen_dtype: Input should be"),
+        (lambda r: r.update(fitness={"stages": [0.1, 0.5, 1.0], "advance": [1, 4]}),
+         "fitness.advance: must be a positive number, or one per stage before the last, non-increasing; got [1, 4]"),
+        (lambda r: r.update(fitness={"stages": [0.1, 0.5, 1.0], "advance": [4, 2, 1]}),
+         "fitness: advance: 3 values for 2 stages before the last (stages [0.1, 0.5, 1.0])"),
     ],
 )
 def test_bad_config_names_the_field(tmp_path, mutate, expected):

@@ -82,10 +82,10 @@ def test_a_member_is_seen_at_a_screening_stage_through_its_screening_examples():
     assert StagedScoring(Journal(), unscreened, None, False, False).member_row("m", 0).metrics["acc"]["examples"]["index"] == list(range(8))
 
 
-def screened_run(tmp_path: Path, **workers) -> Path:
+def screened_run(tmp_path: Path, fitness: dict | None = None, offspring: int = 2, **workers) -> Path:
     raw = yaml.safe_load((ROOT / "configs" / "tiny.yaml").read_text())
-    raw["fitness"] = {"stages": [0.25, 1.0], "confidence": 0.9, "audit": 1.0, "screen_dtype": "bfloat16"}
-    raw["evolver"].update(generations=2, offspring_per_member=2)
+    raw["fitness"] = {"stages": [0.25, 1.0], "confidence": 0.9, "audit": 1.0, "screen_dtype": "bfloat16", **(fitness or {})}
+    raw["evolver"].update(generations=2, offspring_per_member=offspring)
     raw["workers"].update(workers)
     raw["export_top"] = 0
     config = tmp_path / "screened.yaml"
@@ -152,6 +152,31 @@ def test_a_screen_in_the_models_own_dtype_filters_the_full_scores(tmp_path):
             exact = dict(zip(metrics["examples"]["index"], metrics["examples"]["value"]))
             screen = metrics["screen_examples"]
             assert screen["value"] == [exact[i] for i in screen["index"]] and 0 < len(screen["index"]) < len(exact)
+
+
+@pytest.mark.slow
+def test_multi_step_selection_screens_every_stage_before_the_last(tmp_path):
+    """stages [0.25, 0.5, 1.0] with `advance: [2, 1]`: of each member's three offspring two meet
+    the second stage and one the full dev sets; both screening stages run in bfloat16, and a
+    member carries bfloat16 scores of the next generation's second-stage items (they hold the
+    first stage's), so both of its comparisons read like with like."""
+    run_dir = screened_run(tmp_path, fitness={"stages": [0.25, 0.5, 1.0], "advance": [2, 1], "audit": 0.0}, offspring=3)
+    rows = rows_of(run_dir)
+    offspring = [r for r in rows if r.get("generation") is not None]
+    families: dict[tuple, list[dict]] = {}
+    for r in offspring:
+        families.setdefault((r["generation"], r["target"]), []).append(r)
+    reached = lambda family, stage: {r["id"] for r in family if r.get("stage", 2) >= stage}  # noqa: E731
+    by_stage = {}
+    for key, family in families.items():
+        by_stage[key] = [len(reached(family, k)) for k in range(3)]
+    assert len(families) == 6 and all(counts[0] == 3 and counts[1] <= 2 and counts[2] <= 1 for counts in by_stage.values()), by_stage
+    assert any(counts[1] == 2 for counts in by_stage.values())
+    stops = [r for r in offspring if r["status"] == "stopped"]
+    assert {r["stage"] for r in stops} == {0, 1} and all(r["autocast"] == "bfloat16" for r in stops)
+    second = {t: set(m["examples"]["index"]) for t, m in next(r for r in rows if r.get("stage") == 1 and r.get("generation") == 1)["metrics"].items()}
+    members = [r for r in rows if r["status"] == "ok" and r.get("stage") in (None, 2) and r.get("generation") in (None, 0)]
+    assert members and all(second[t] <= set(r["metrics"][t]["screen_examples"]["index"]) for r in members for t in second)
 
 
 def test_linear_weights_are_cast_once_for_the_screen_and_put_back():

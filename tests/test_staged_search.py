@@ -108,6 +108,26 @@ def test_siblings_are_ranked_before_the_paired_test():
     assert set(judge2.merge_survivors(0, rows, {"m": member}, [noisy.candidate, close.candidate])) == {"close"}
 
 
+def test_multi_step_selection_narrows_a_family_stage_by_stage():
+    """`fitness.advance: [3, 1]` (EvoPress's multi-step selection): of a member's offspring the
+    best three by the first stage meet the second, and the best of those the full dev sets; the
+    ranking at each stage reads that stage's scores only."""
+    plan = plan_stages([0.25, 0.5, 1.0], {"acc": 16}, seed=0, min_items=2, proxy=False)
+    judge = StageJudge(plan, {"acc": 1.0}, confidence=0.9, advance=(3, 1), run_seed=0, audit=0.0)
+    assert (judge.advancing(0), judge.advancing(1)) == (3, 1)
+    member = _row("m", "m", [0.0] * 8)
+    first = {f"o{k}": _row(f"o{k}", "m", [1.0] * (4 - k) + [0.0] * k) for k in range(5)}  # o0 best
+    stopped = judge.merge_survivors(0, first, {"m": member}, [r.candidate for r in first.values()])
+    assert set(stopped) == {"o3", "o4"} and all(v[2] == "sibling" and "2 of 5 siblings stop" in v[0] for v in stopped.values())
+    # on the second stage's items the order changes: o2 now leads and alone goes on
+    second = {"o0": _row("o0", "m", [1.0] * 3 + [0.0] * 5), "o1": _row("o1", "m", [1.0] * 2 + [0.0] * 6),
+              "o2": _row("o2", "m", [1.0] * 6 + [0.0] * 2)}
+    stopped = judge.merge_survivors(1, second, {"m": member}, [r.candidate for r in second.values()])
+    assert set(stopped) == {"o0", "o1"} and all("stage 2: 2 of 3 siblings stop, o2 scored higher" in v[0] for v in stopped.values())
+    # one number advances that many past every stage
+    assert StageJudge(plan, {"acc": 1.0}, 0.9, 2, 0, 0.0).advancing(1) == 2
+
+
 def test_the_audit_draws_from_the_stops_that_can_be_false():
     plan = plan_stages([0.5, 1.0], {"acc": 16}, seed=0, min_items=4, proxy=False)
     merge = StageJudge(plan, {"acc": 1.0}, confidence=0.9, advance=1, run_seed=0, audit=1.0)

@@ -10,9 +10,9 @@ subset are a filter of its full per-example record in the journal.
 
 After each stage but the last, a candidate goes on while it can still win:
 - merge runs: of one member's offspring (with `evolver.offspring_per_member` > 1) the best
-  `fitness.advance` by stage score are its contenders, and a contender goes on unless its stage
-  score is worse than its target member's on the same items by more than the one-sided paired
-  margin at `fitness.confidence`;
+  `fitness.advance` by stage score (one number, or one per stage) are its contenders, and a
+  contender goes on unless its stage score is worse than its target member's on the same items
+  by more than the one-sided paired margin at `fitness.confidence`;
 - compress / joint: no member of the current front, with no more parameters (and no more
   latency), beats it by more than that margin; of one member's offspring the `fitness.advance`
   that lead the front furthest at their own size go on (`StageJudge.pareto_siblings`). Without
@@ -175,16 +175,20 @@ class StageJudge:
     plan: StagePlan
     task_weights: Mapping[str, float]
     confidence: float
-    advance: int
+    advance: int | tuple[int, ...]  # per stage but the last, or one number for all (`fitness.advance`)
     run_seed: int
     audit: float
     audit_siblings: bool = False  # sibling stops are audited too (`audited`)
+
+    def advancing(self, stage: int) -> int:
+        """How many of a member's offspring go on past `stage`."""
+        return self.advance if isinstance(self.advance, int) else self.advance[stage]
 
     def merge_survivors(self, stage: int, rows: Mapping[str, Evaluation], rivals: Mapping[str, Evaluation | None],
                         candidates: list[Candidate]) -> dict[str, tuple]:
         """{candidate id: (reason, rival id, rule)} for the merge-run candidates stopped after `stage`.
 
-        Of one member's offspring the best `advance` by stage score are the contenders (all
+        Of one member's offspring the best `advancing(stage)` by stage score are the contenders (all
         siblings share the member and the items, so this is also their order by paired
         difference) and the rest stop as siblings; a contender then goes on unless the paired
         test says it is worse than the member. The test comes second on purpose: it is sharper
@@ -197,7 +201,7 @@ class StageJudge:
         stopped = {c.id: failed_at(rows[c.id], stage) for c in candidates if mine[c.id] is None}
         scored = [c for c in candidates if mine[c.id] is not None]
         ranks = lambda c: (-rows[c.id].score, c.id)  # noqa: E731
-        stopped.update(sibling_stops(scored, ranks, self.advance, stage, "scored higher"))
+        stopped.update(sibling_stops(scored, ranks, self.advancing(stage), stage, "scored higher"))
         for c in (c for c in scored if c.id not in stopped):  # the contenders
             rival = rivals.get(c.target)
             theirs = examples_of(rival, tasks) if rival is not None else None
@@ -232,7 +236,7 @@ class StageJudge:
     def pareto_siblings(self, stage: int, rows: Mapping[str, Evaluation], front: list[tuple[Evaluation, tuple]],
                         candidates: list[Candidate], costs_of) -> dict[str, tuple]:
         """{candidate id: (reason, rival id, rule)} for the compress / joint offspring of one member
-        beyond its best `advance` after `stage` (EvoPress's (1 + lambda): all are judged on the
+        beyond its best `advancing(stage)` after `stage` (EvoPress's (1 + lambda): all are judged on the
         cheap stage, the most promising go on).
 
         Siblings differ in size, so a raw stage score would favour the largest. Each is ranked by
@@ -256,7 +260,8 @@ class StageJudge:
             return min((paired_difference(mine, theirs, weights)[0] for theirs in below), default=0.0)
 
         ranks = lambda c: (-lead(c), -rows[c.id].score, c.id)  # noqa: E731
-        return sibling_stops(candidates, ranks, self.advance, stage, "leads the front further", against_leader=True)
+        return sibling_stops(candidates, ranks, self.advancing(stage), stage, "leads the front further",
+                             against_leader=True)
 
     def audited(self, candidate_id: str, rule: str | None) -> bool:
         """Whether a stopped candidate is fully scored anyway: a seeded draw among the stops that
@@ -431,7 +436,7 @@ def staged_scoring(config, dev_items: Mapping[str, int], scorer: Scorer, mode) -
     fitness, weights = config.fitness, {t.name: t.weight for t in config.tasks}
     plan = stage_plan(config, dev_items)
     audit_siblings = mode.front_of_all if fitness.audit_siblings is None else fitness.audit_siblings
-    judge = StageJudge(plan, weights, fitness.confidence, fitness.advance, config.seed, fitness.audit,
+    judge = StageJudge(plan, weights, fitness.confidence, fitness.advance_per_stage, config.seed, fitness.audit,
                        audit_siblings=audit_siblings)
     return StagedScoring(scorer, plan, judge, pareto=mode.front_of_all, latency=mode.objectives.latency)
 
