@@ -150,7 +150,7 @@ def audit(run_dir: Path, limit: int | None, checks: int, siblings: float = 0.0) 
     audited = []
     for stop in stops[:limit]:
         cid, rival = stop["id"], stop.get("rival")
-        audited.append({"id": cid, "rule": stop.get("rule", "margin"), "stage_score": stop["score"],
+        audited.append({"id": cid, "rule": stop.get("rule", "margin"), "stage": stop.get("stage", 0), "stage_score": stop["score"],
                         "full_score": full_score(cid), "rival": rival, "rival_full_score": full_score(rival),
                         "run_audited": cid in full})
         print(f"{cid}: stage {stop['score']:.4f} full {audited[-1]['full_score']:.4f} rival {rival} "
@@ -179,6 +179,7 @@ def audit(run_dir: Path, limit: int | None, checks: int, siblings: float = 0.0) 
         "sibling_false_rejections": sibling_wins,
         "sibling_false_upper_95": round(upper_bound(sibling_wins, len(sibling_audits)), 4) if sibling_audits else None,
         "sibling_false_resolved": resolved(sibling_audits),
+        "sibling_false_by_stage": by_stage(sibling_audits),
         "sibling_candidates": sibling_audits,
         "audited": len(audited),
         "false_rejections": wins,
@@ -193,6 +194,17 @@ def audit(run_dir: Path, limit: int | None, checks: int, siblings: float = 0.0) 
         "audit_s": round(time.time() - started, 1),
         "candidates": audited,
     }
+
+
+def by_stage(audits: list[dict]) -> dict[int, list[int]]:
+    """{stage: [audited, false]} of the audited stops, by the stage they stopped after (with
+    multi-step selection, `fitness.advance` per stage, a family narrows at every stage)."""
+    counts: dict[int, list[int]] = {}
+    for a in audits:
+        cell = counts.setdefault(a["stage"], [0, 0])
+        cell[0] += 1
+        cell[1] += a["full_score"] >= a["selection_bar"]
+    return dict(sorted(counts.items()))
 
 
 def resolved(audits: list[dict]) -> int | None:
@@ -217,6 +229,9 @@ def sibling_cell(r: dict) -> str:
             f"(at most {r['sibling_false_upper_95']:.1%})")
     if r.get("sibling_false_resolved") is not None:
         cell += f"; {r['sibling_false_resolved']} resolved by the full dev sets"
+    stages = r.get("sibling_false_by_stage") or {}
+    if len(stages) > 1:
+        cell += "; by stage " + ", ".join(f"{int(k) + 1}: {false} of {n}" for k, (n, false) in stages.items())
     return cell
 
 
