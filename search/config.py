@@ -166,8 +166,8 @@ class FitnessConfig(Strict):
     confidence: float = Field(0.9, gt=0.5, lt=1)
     min_items: int = Field(4, ge=1)  # each task's first stage scores at least this many items
     # Offspring per member that go on past each stage but the last: one number for every stage,
-    # or one per stage (non-increasing, e.g. [4, 1]: EvoPress's multi-step selection, the best
-    # four of a member's offspring meet a larger subset and the best of those the full dev sets).
+    # or one per stage (non-increasing, e.g. [3, 1]: EvoPress's multi-step selection, the best
+    # three of a member's offspring meet a larger subset and the best of those the full dev sets).
     advance: int | list[int] = 1
     audit: float = Field(0.0, ge=0, le=1)  # fraction of stopped candidates fully scored anyway
     # Whether the audit also draws from sibling stops (a better-ranked offspring of the same

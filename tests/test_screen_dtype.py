@@ -167,9 +167,7 @@ def test_multi_step_selection_screens_every_stage_before_the_last(tmp_path):
     for r in offspring:
         families.setdefault((r["generation"], r["target"]), []).append(r)
     reached = lambda family, stage: {r["id"] for r in family if r.get("stage", 2) >= stage}  # noqa: E731
-    by_stage = {}
-    for key, family in families.items():
-        by_stage[key] = [len(reached(family, k)) for k in range(3)]
+    by_stage = {key: [len(reached(family, k)) for k in range(3)] for key, family in families.items()}
     assert len(families) == 6 and all(counts[0] == 3 and counts[1] <= 2 and counts[2] <= 1 for counts in by_stage.values()), by_stage
     assert any(counts[1] == 2 for counts in by_stage.values())
     stops = [r for r in offspring if r["status"] == "stopped"]
