@@ -104,12 +104,16 @@ class OfflineScorer:
                       for t in self.config.tasks}
         self.weights = {t.name: t.weight for t in self.config.tasks}
 
-    def dev_score(self, candidate_id: str) -> tuple[float, dict[str, dict]]:
-        """(full dev aggregate, {task: per-example scores}) of a candidate replayed from the journal."""
+    def load(self, candidate_id: str) -> None:
+        """Put a candidate's weights, replayed from the journal, into the scoring model."""
         for name, tensor in self.replay.weights(candidate_id).items():
             self.params[name].data.copy_(tensor)
         # keep parents and stored members only: every candidate's replay is otherwise a new model
         self.replay.cache = {k: v for k, v in self.replay.cache.items() if k in self.parent_dirs}
+
+    def dev_score(self, candidate_id: str) -> tuple[float, dict[str, dict]]:
+        """(full dev aggregate, {task: per-example scores}) of a candidate replayed from the journal."""
+        self.load(candidate_id)
         with torch.no_grad():
             metrics = {name: task.evaluate(self.model, per_example=True) for name, task in self.tasks.items()}
         return (aggregate({name: m["score"] for name, m in metrics.items()}, self.weights),

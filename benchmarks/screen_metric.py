@@ -82,9 +82,7 @@ def likelihood_score(task, model, indices: list[int]) -> float:
 
 def rescore(scorer: OfflineScorer, candidate_id: str, items: dict[str, list[int]]) -> dict[str, float]:
     """{way: first-stage aggregate} of one replayed candidate on its generation's first-stage items."""
-    for name, tensor in scorer.replay.weights(candidate_id).items():
-        scorer.params[name].data.copy_(tensor)
-    scorer.replay.cache = {k: v for k, v in scorer.replay.cache.items() if k in scorer.parent_dirs}
+    scorer.load(candidate_id)
     chosen = {t: [task.selected(None, 0)[i] for i in items[t]] for t, task in scorer.tasks.items()}
     with torch.inference_mode(), torch.autocast("cpu", dtype=torch.bfloat16):
         exact = {t: task.evaluate(scorer.model, indices=chosen[t])["score"] for t, task in scorer.tasks.items()}

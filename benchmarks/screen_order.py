@@ -57,9 +57,7 @@ def families(run_dir: Path, audit: dict) -> tuple[dict[tuple, list[str]], dict[s
 def rescore(scorer: OfflineScorer, candidate_id: str, items: tuple[dict[str, list[int]], ...]) -> dict[str, float]:
     """{way: first-stage aggregate} of one replayed candidate; `items`: the nested stages' item
     indices per task (its generation's draw)."""
-    for name, tensor in scorer.replay.weights(candidate_id).items():
-        scorer.params[name].data.copy_(tensor)
-    scorer.replay.cache = {k: v for k, v in scorer.replay.cache.items() if k in scorer.parent_dirs}
+    scorer.load(candidate_id)
     scores = {}
     for way, stage, autocast in WAYS:
         with torch.no_grad(), torch.autocast("cpu", dtype=torch.bfloat16, enabled=autocast):

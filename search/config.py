@@ -203,9 +203,8 @@ class FitnessConfig(Strict):
 
     @model_validator(mode="after")
     def _advance_per_stage(self) -> "FitnessConfig":
-        before_last = len(self.stages) - 1 + (self.proxy is not None)
-        if isinstance(self.advance, list) and len(self.advance) != before_last:
-            raise ValueError(f"advance: {len(self.advance)} values for {before_last} stages before the last "
+        if isinstance(self.advance, list) and len(self.advance) != self.stages_before_last:
+            raise ValueError(f"advance: {len(self.advance)} values for {self.stages_before_last} stages before the last "
                              f"(stages {self.stages}{', after the proxy' if self.proxy else ''})")
         return self
 
@@ -214,10 +213,14 @@ class FitnessConfig(Strict):
         return len(self.stages) > 1 or self.proxy is not None
 
     @property
+    def stages_before_last(self) -> int:
+        """The stages a candidate can be stopped after: the dev stages but the last, and the proxy."""
+        return len(self.stages) - 1 + (self.proxy is not None)
+
+    @property
     def advance_per_stage(self) -> tuple[int, ...]:
         """How many of a member's offspring go on past each stage but the last."""
-        before_last = len(self.stages) - 1 + (self.proxy is not None)
-        return tuple(self.advance) if isinstance(self.advance, list) else (self.advance,) * before_last
+        return tuple(self.advance) if isinstance(self.advance, list) else (self.advance,) * self.stages_before_last
 
 
 class RecipeSearchConfig(Strict):

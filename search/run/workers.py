@@ -248,16 +248,17 @@ class Evaluator:
         """Score the job's screening items in the screening dtype, apart, into each task's
         metrics as `screen_examples`; when that dtype is the model's own they are a filter of
         the job's own per-example scores."""
-        for name, items in job.screen_indices.items():
-            if self._autocast_dtype(job.screen_dtype) is None:
+        if self._autocast_dtype(job.screen_dtype) is None:
+            for name, items in job.screen_indices.items():
                 pool = self.task(name, job.split).selected(None, 0)
                 wanted = {pool[i] for i in items}  # examples carry the task's own item ids
                 examples = metrics[name]["examples"]
                 keep = [k for k, i in enumerate(examples["index"]) if i in wanted]
                 metrics[name]["screen_examples"] = {key: [examples[key][k] for k in keep] for key in ("index", "value", "weight")}
-                continue
-            screen_job = replace(job, tasks=(name,), indices={name: items}, per_example=True, screen_indices=None)
-            with self._autocast(job.screen_dtype, model):
+            return
+        with self._autocast(job.screen_dtype, model):  # the weights cast once for every task
+            for name, items in job.screen_indices.items():
+                screen_job = replace(job, tasks=(name,), indices={name: items}, per_example=True, screen_indices=None)
                 reference = self._kl_references(job.candidate, screen_job, job.screen_dtype).get(name)
                 metrics[name]["screen_examples"] = self._score(name, model, screen_job, reference)["examples"]
 
