@@ -175,6 +175,17 @@ def test_multi_step_selection_screens_every_stage_before_the_last(tmp_path):
     second = {t: set(m["examples"]["index"]) for t, m in next(r for r in rows if r.get("stage") == 1 and r.get("generation") == 1)["metrics"].items()}
     members = [r for r in rows if r["status"] == "ok" and r.get("stage") in (None, 2) and r.get("generation") in (None, 0)]
     assert members and all(second[t] <= set(r["metrics"][t]["screen_examples"]["index"]) for r in members for t in second)
+    # the second stage scored only the items it adds to the first: its row joins the first
+    # stage's scores, unchanged, with the added items' (the two screens share a precision)
+    first = {r["id"]: r for r in offspring if r["status"] == "ok" and r.get("stage") == 0}
+    joined = [r for r in offspring if r["status"] == "ok" and r.get("stage") == 1]
+    assert joined and all(r["extends"] == 0 for r in joined)
+    for row in joined:
+        for task, metrics in row["metrics"].items():
+            before = first[row["id"]]["metrics"][task]["examples"]
+            now = dict(zip(metrics["examples"]["index"], metrics["examples"]["value"]))
+            assert set(before["index"]) < set(now) and all(now[i] == v for i, v in zip(before["index"], before["value"]))
+            assert metrics["score"] == pytest.approx(sum(metrics["examples"]["value"]) / sum(metrics["examples"]["weight"]))
 
 
 def test_linear_weights_are_cast_once_for_the_screen_and_put_back():

@@ -188,6 +188,40 @@ def test_each_generation_draws_its_own_subsets_shared_by_its_candidates():
     assert again.indices(2) == fresh.indices(2)  # a resumed run draws the same items
 
 
+def test_a_nested_stage_scores_only_the_items_it_adds():
+    """stages [1/4, 1/2, 1]: the second screen asks only for the items beyond the first's (a
+    contender already holds those scores, in the same precision); the last stage and the first
+    dev stage after a proxy are scored whole; a task the stage adds nothing to is left out."""
+    plan = plan_stages([0.25, 0.5, 1.0], {"a": 16, "b": 2}, seed=1, min_items=1, proxy=False, screen_dtype="bfloat16")
+    child = Candidate(id="g000-001", recipe=Recipe(op="copy", inputs=("m",)), target="m", generation=0)
+    first, second, last = (plan.job(child, k) for k in range(3))
+    drawn = plan.indices(0)
+    assert first.extends is None and first.indices == drawn[0] and last.extends is None and last.indices is None
+    assert second.extends == 0 and second.autocast == "bfloat16" and second.tasks == ("a",)  # "b": one item at both screens
+    assert second.indices == {"a": sorted(set(drawn[1]["a"]) - set(drawn[0]["a"]))} and len(second.indices["a"]) == 4
+    proxy = plan_stages([0.25, 0.5, 1.0], {"a": 16}, seed=1, min_items=1, proxy=True)
+    assert proxy.job(child, 1).extends is None and proxy.job(child, 2).extends == 1
+
+
+def test_a_joined_row_scores_every_item_it_holds():
+    """Hand computation: the first stage's examples and the added items', in item order, and
+    each task's score sum(value) / sum(weight) over all of them."""
+    child = Candidate(id="c", recipe=Recipe(op="copy", inputs=("m",)), generation=0)
+    examples = lambda index, value, weight: {"index": index, "value": value, "weight": weight}  # noqa: E731
+    earlier = Evaluation(child, "dev", "ok", {
+        "acc": {"score": 0.5, "acc": 0.5, "examples": examples([3, 7], [1.0, 0.0], [1.0, 1.0])},
+        "ppl": {"score": -16 / 6, "examples": examples([0, 2], [-10.0, -6.0], [4.0, 2.0])}}, stage=0)
+    added = Evaluation(child, "dev", "ok", {"acc": {"score": 1.0, "acc": 1.0, "examples": examples([1, 5], [1.0, 1.0], [1.0, 1.0])}},
+                       stage=1, timing={"score_s": 0.25})
+    joined = added.joined(earlier)
+    assert joined.metrics == {"acc": {"score": 0.75, "examples": examples([1, 3, 5, 7], [1.0, 1.0, 1.0, 0.0], [1.0] * 4)},
+                              "ppl": {"score": -16 / 6, "examples": examples([0, 2], [-10.0, -6.0], [4.0, 2.0])}}
+    assert joined.stage == 1 and joined.extra["extends"] == 0 and joined.timing == {"score_s": 0.25}  # the cost of the added items
+    assert joined.with_score({"acc": 1.0, "ppl": 1.0}).score == pytest.approx((0.75 - 16 / 6) / 2)
+    failed = Evaluation(child, "dev", "failed", {}, stage=1, reason="OOM")
+    assert failed.joined(earlier) is failed
+
+
 def test_stopped_candidates_are_journalled_audited_and_never_selected(staged_run):
     store = RunStore(staged_run)
     journal, state = store.read_journal(), store.read_state()

@@ -32,6 +32,7 @@ from search.fitness import aggregate
 FAILED_PARAMS = 2**62  # parameter count recorded for a failed candidate (JSON has no infinity)
 FAILED_LATENCY_MS = 1e12  # and its latency, when latency is an objective
 OK = "ok"
+EXAMPLE_KEYS = ("index", "value", "weight")  # a task's per-example scores (search.fitness.base)
 
 
 @dataclass(frozen=True)
@@ -118,6 +119,25 @@ class Evaluation:
 
     def task_scores(self) -> dict[str, float]:
         return {task: m["score"] for task, m in self.metrics.items()}
+
+    def joined(self, earlier: "Evaluation") -> "Evaluation":
+        """This scoring of the items a stage adds, together with `earlier` (the same candidate's
+        stage before, scored in the same precision): per task the examples of both, and the task
+        score over all of them, sum(value) / sum(weight), the identity every task kind keeps
+        (`search.fitness.base`). A task's other metrics are means over the added items alone, so
+        the joined row drops them; a stage's decisions read only scores and examples. A failed
+        scoring stays as it is (the candidate stops on it)."""
+        if not self.ok:
+            return self
+        metrics = {}
+        for task, before in earlier.metrics.items():
+            added = self.metrics.get(task, {}).get("examples")
+            examples = dict(before["examples"])
+            if added:
+                both = sorted(zip(*(list(examples[k]) + list(added[k]) for k in EXAMPLE_KEYS)))  # in item order
+                examples = {key: [row[j] for row in both] for j, key in enumerate(EXAMPLE_KEYS)}
+            metrics[task] = {"score": math.fsum(examples["value"]) / math.fsum(examples["weight"]), "examples": examples}
+        return replace(self, metrics=metrics, extra={**self.extra, "extends": earlier.stage})
 
     def with_score(self, task_weights: Mapping[str, float]) -> "Evaluation":
         """The same evaluation with its aggregate dev score; WORST unless it was scored."""

@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import sys
 import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from typing import Callable
 
 from tqdm.auto import tqdm
@@ -111,6 +111,9 @@ class Scorer:
         def on_result(result: dict) -> tuple | None:
             job = todo.pop(result["id"])
             evaluation = Evaluation.from_worker(job.candidate, job.split, result, time.time(), job.stage)
+            if job.extends is not None:  # the items the stage adds, joined with the stage before: the whole stage
+                evaluation = evaluation.joined(self.journal[(job.id, job.split, job.extends)])
+                job = replace(job, tasks=tuple(evaluation.metrics) or job.tasks)
             evaluation = evaluation.with_score(stage_weights(job, self.task_weights))
             self.record(evaluation)
             results[evaluation.id] = evaluation

@@ -6,7 +6,8 @@ Stage k scores a seeded subset of each dev task (nested, the last stage every it
 stage 0 is the cheap proxy task (the `kl` task: how far the compressed candidate's next-token
 distribution is from its own dense weights') and the dev stages follow. Every stage is scored with
 per-example scores, so any later comparison is paired and free: a member's scores on any
-subset are a filter of its full per-example record in the journal.
+subset are a filter of its full per-example record in the journal, and a screening stage after
+another scores only the items it adds (`StagePlan.extends`; the driver joins the two rows).
 
 After each stage but the last, a candidate goes on while it can still win:
 - merge runs: of one member's offspring (with `evolver.offspring_per_member` > 1) the best
@@ -81,11 +82,33 @@ class StagePlan:
     def job(self, candidate: Candidate, stage: int, member: bool = True) -> ScoreJob:
         """The job scoring `candidate` at `stage`; a last-stage job of a candidate that may become
         a member (`member`: not an audit) also scores its later screening items (`with_screening`)."""
-        job = ScoreJob(candidate, stage=stage, tasks=self.tasks[stage], indices=self.indices(candidate.generation)[stage],
-                       per_example=True)
+        drawn = self.indices(candidate.generation)
+        job = ScoreJob(candidate, stage=stage, tasks=self.tasks[stage], indices=drawn[stage], per_example=True)
         if stage < self.last:
-            return replace(job, autocast=self.screen_dtype)
+            return replace(self.added_items(job, drawn), autocast=self.screen_dtype)
         return self.with_screening(job, candidate.generation) if member else job
+
+    def extends(self, stage: int) -> bool:
+        """Whether `stage` scores only the items it adds to the stage before: both screen the dev
+        tasks (the stages are nested and share a precision), so a candidate that went on already
+        holds the earlier items' scores. The last stage is always scored whole: it is the
+        candidate's full record, with every metric of every task (and, with `screen_dtype`, in
+        another precision than the screens)."""
+        return 0 < stage < self.last and self.tasks[stage] == self.tasks[stage - 1]
+
+    def added_items(self, job: ScoreJob, drawn: tuple) -> ScoreJob:
+        """`job` narrowed to the items its stage adds to the stage before (`extends`), when it
+        adds some; the driver joins the two rows (`Evaluation.joined`). With EvoPress-style
+        steps, e.g. stages [1/16, 1/4, 1], a contender's second step then scores 3/16 of each
+        task, not 4/16."""
+        if not self.extends(job.stage):
+            return job
+        before, now = drawn[job.stage - 1], drawn[job.stage]
+        added = {t: sorted(set(now[t]) - set(before[t])) for t in job.tasks}
+        added = {t: items for t, items in added.items() if items}  # a small task may add none
+        if not added:
+            return job  # the stage repeats the one before (tiny tasks): scored whole, as before
+        return replace(job, tasks=tuple(added), indices=added, extends=job.stage - 1)
 
     def with_screening(self, job: ScoreJob, generation: int | None) -> ScoreJob:
         """`job` (a full dev scoring) plus, in the screening dtype, the screening items of every

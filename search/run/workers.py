@@ -129,6 +129,10 @@ class ScoreJob:
     autocast: str | None = None
     screen_dtype: str | None = None
     screen_indices: dict | None = None
+    # Nested stages: the job scores only the items its stage adds to the candidate's journalled
+    # stage `extends` (same items below, same precision); the driver joins the two
+    # (`Evaluation.joined`), so no item is scored twice for one candidate.
+    extends: int | None = None
 
     @property
     def id(self) -> str:
