@@ -37,7 +37,8 @@ sys.path.insert(0, str(ROOT))
 
 from search.config import load_config  # noqa: E402
 from search.results.report import run_status  # noqa: E402
-from search.results.staging import full_dev_rows, last_stage  # noqa: E402
+from search.results.staging import full_dev_rows, last_stage, whole_scoring_s  # noqa: E402
+from search.run.candidate import Evaluation  # noqa: E402
 from search.run.store import RunStore  # noqa: E402
 
 
@@ -79,6 +80,15 @@ def cost(row: dict) -> float:
     return timing.get("score_s", 0) + timing.get("materialize_s", 0)
 
 
+def full_cost(row: dict, stage_rows: dict) -> float:
+    """Actor seconds of a full evaluation: materialising, scoring every item (a last stage that
+    scored only the items its screens lacked, `extends`, with theirs), less the screening
+    items a future member scores apart (`fitness.screen_dtype`)."""
+    timing, evaluation = row.get("timing", {}), Evaluation.from_json(row)
+    scored = whole_scoring_s(evaluation, lambda k: stage_rows.get((evaluation.id, k)))
+    return timing.get("materialize_s", 0) + scored - timing.get("screen_s", 0)
+
+
 def measure(run_dir: Path, name: str, full: bool) -> dict:
     store = RunStore(run_dir)
     state, journal, logbook = store.read_state(), store.read_journal(), store.read_logbook()
@@ -92,8 +102,8 @@ def measure(run_dir: Path, name: str, full: bool) -> dict:
     stopped = {e["id"] for e in dev if e["status"] == "stopped"}
     last = last_stage(load_config(store.config_path))
     audit_s = sum(cost(e) for e in scorings if e["id"] in stopped and e.get("stage") == last)
-    # a full evaluation's cost, less the screening items a future member scores apart (`fitness.screen_dtype`)
-    full_costs = [cost(e) - e.get("timing", {}).get("screen_s", 0) for e in full_dev_rows(scorings, last)]
+    stage_rows = {(e["id"], e.get("stage")): Evaluation.from_json(e) for e in scorings}
+    full_costs = [full_cost(e, stage_rows) for e in full_dev_rows(scorings, last)]
     search_s = sum(r["wall_s"] for r in logbook)
     best = max(state["population"] + state["hall_of_fame"], key=lambda m: m["score"])
     test = {e["id"]: e for e in journal if e["split"] == "test"}

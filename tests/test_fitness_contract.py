@@ -248,6 +248,17 @@ class TestTaskContract:
         assert sum(examples["value"]) / sum(examples["weight"]) == pytest.approx(metrics["score"], rel=1e-12, abs=1e-15)
         assert metrics == case.evaluate(task, tiny_model)  # per_example only adds "examples"
 
+    def test_the_metrics_of_parts_join_to_the_wholes(self, case, task, tiny_model):
+        """A staged run scores a contender's last stage on the items its screens lacked and joins
+        the parts (`FitnessTask.joined_metrics`): every metric as if the whole were scored."""
+        whole = case.evaluate(task, tiny_model)
+        parts = [case.evaluate(task, tiny_model, indices=list(range(start, len(task), 2))) for start in (1, 0)]
+        joined = type(task).joined_metrics(parts)
+        assert type(task).joins_metrics and joined is not None and joined.keys() == whole.keys()
+        for key, value in whole.items():
+            assert joined[key] == pytest.approx(value, rel=REL, abs=1e-12), key
+        assert type(task).joined_metrics([parts[0], {k: v for k, v in parts[1].items() if k != "score"}]) is None
+
     @pytest.mark.parametrize("indices, message", [([99], "out of range"), ([1, 1], "distinct"), ([], "non-empty"),
                                                   ([0.5], "integers"), ([True], "integers")])
     def test_bad_indices(self, case, task, tiny_model, indices, message):

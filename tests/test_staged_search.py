@@ -201,6 +201,30 @@ def test_a_nested_stage_scores_only_the_items_it_adds():
     assert second.indices == {"a": sorted(set(drawn[1]["a"]) - set(drawn[0]["a"]))} and len(second.indices["a"]) == 4
     proxy = plan_stages([0.25, 0.5, 1.0], {"a": 16}, seed=1, min_items=1, proxy=True)
     assert proxy.job(child, 1).extends is None and proxy.job(child, 2).extends == 1
+    # screens at the workers' precision and tasks whose metrics join: the full evaluation too
+    joined = plan_stages([0.25, 0.5, 1.0], {"a": 16, "b": 2}, seed=1, min_items=1, proxy=False, joins_last=True)
+    full = joined.job(child, 2)
+    assert full.extends == 1 and full.indices == {t: sorted(set(range(n)) - set(drawn[1][t])) for t, n in (("a", 16), ("b", 2))}
+    assert joined.job(child, 2, member=False).indices is None  # an audit, stopped at any stage: scored whole
+    assert not plan_stages([0.25, 1.0], {"a": 16}, seed=1, min_items=1, proxy=False, screen_dtype="bfloat16", joins_last=True).joins_last
+
+
+@pytest.mark.parametrize("fitness, workers, screen, joins", [
+    ({}, {}, "bfloat16", False),  # screened in bfloat16, scored in full in float32
+    ({"screen_dtype": None}, {}, None, True),
+    ({}, {"dtype": "bfloat16"}, None, True),  # the workers' own dtype: no other precision
+    ({}, {"dtype": "auto", "num_gpus": 1}, "bfloat16", False),  # the actors decide: the plan cannot
+])
+def test_a_full_evaluation_joins_its_screens_only_in_their_precision(fitness, workers, screen, joins):
+    from search.config import parse_config
+    from search.run.stages import stage_plan
+
+    raw = yaml.safe_load((ROOT / "configs" / "demo.yaml").read_text())
+    raw["fitness"].update(fitness)
+    raw["workers"].update(workers)
+    config = parse_config(raw, "demo.yaml")
+    plan = stage_plan(config, {t.name: 16 for t in config.tasks})
+    assert plan.screen_dtype == screen and plan.joins_last is joins
 
 
 def test_a_joined_row_scores_every_item_it_holds():
@@ -245,6 +269,26 @@ def test_stopped_candidates_are_journalled_audited_and_never_selected(staged_run
     assert staged["stopped"] == len(stops) and staged["audited"] == len(margin_stops)
     rate = staged["false_rejection_rate"]
     assert (0.0 <= rate <= 1.0) if margin_stops else rate is None
+
+
+def test_a_full_evaluation_after_a_float32_screen_scores_only_what_the_screen_lacked(staged_run):
+    """The tiny run screens in the workers' precision: a contender's full evaluation scores the
+    items its first stage did not hold and joins both, with every metric a whole scoring (a
+    parent's) gives; its score is the aggregate over every item. Audits are scored whole."""
+    journal = [e for e in RunStore(staged_run).read_journal() if e["split"] == "dev"]
+    screens = {e["id"]: e for e in journal if e.get("stage") == 0 and e["status"] == "ok"}
+    joined = [e for e in journal if e.get("stage") == 1 and e["status"] == "ok" and "extends" in e]
+    stopped = {e["id"] for e in journal if e["status"] == "stopped"}
+    parent = next(e for e in journal if e.get("stage") is None and e["status"] == "ok")
+    assert joined and all(e["extends"] == 0 and e["id"] not in stopped for e in joined)
+    whole = {t: len(m["examples"]["index"]) for t, m in parent["metrics"].items()}
+    for row in joined:
+        for task, metrics in row["metrics"].items():
+            assert metrics.keys() == parent["metrics"][task].keys()
+            assert sorted(metrics["examples"]["index"]) == list(range(whole[task]))
+            screen = screens[row["id"]]["metrics"][task]["examples"]
+            assert dict(zip(screen["index"], screen["value"])).items() <= dict(zip(metrics["examples"]["index"], metrics["examples"]["value"])).items()
+        assert row["score"] == pytest.approx(sum(m["score"] for m in row["metrics"].values()) / len(row["metrics"]))
 
 
 def test_resume_after_a_kill_between_stages_equals_the_uninterrupted_run(staged_run, tmp_path, search_killed_at):

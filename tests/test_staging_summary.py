@@ -67,3 +67,16 @@ def test_against_the_rival_alone_both_count():
     assert summary["false_rejection_rate"] == pytest.approx(2 / 3)
     assert summary["beat_rival_only"] == 0
     assert not any("more beat their member" in line for line in format_staged(summary))
+
+
+def test_a_full_evaluation_that_joined_its_screen_costs_both_parts():
+    """Time saved: what full scoring pays for a promoted candidate is its materialising and the
+    scoring of every item, which a last stage that scored only what its screen lacked
+    (`extends`) paid in two parts."""
+    assert staged_summary(journal(), LAST, merge=True)["saved_s"] == pytest.approx(7 * 11.0 - 24.0)
+    joined = row("a", 1, "ok", -0.55, extends=0)
+    joined["timing"]["score_s"] = 7.5  # the items the first stage (1.0 s) did not hold
+    rows = [r for r in journal() if (r["id"], r.get("stage")) != ("a", 1)] + [joined]
+    summary = staged_summary(rows, LAST, merge=True)
+    # a: 1.0 s made + 7.5 + 1.0 s scored; d as before, 11.0; paid 1.5 + 8.0 (a) + 1.5 + 10.5 (d)
+    assert summary["scoring_s"] == pytest.approx(21.5) and summary["saved_s"] == pytest.approx(7 * (9.5 + 11.0) / 2 - 21.5, abs=0.05)  # rounded to 0.1 s

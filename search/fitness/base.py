@@ -108,6 +108,10 @@ class FitnessTask:
     """
 
     kind: str = ""  # set by register_task_kind
+    # Whether `joined_metrics` can rebuild every metric over a union of scored item sets from
+    # their parts' metrics (a staged run then scores a candidate's last stage on the items its
+    # screens did not hold; `search.run.stages.StagePlan.extends`).
+    joins_metrics: bool = False
     INT_OPTIONS = ("context_length", "batch_size", "batch_tokens", "max_new_tokens", "num_fewshot", "limit", "chunk_tokens")
 
     def __init__(self, spec: TaskSpec, tokenizer):
@@ -171,5 +175,26 @@ class FitnessTask:
     def _evaluate(self, model, indices: list[int], progress: bool) -> Scored:
         raise NotImplementedError
 
+    @classmethod
+    def joined_metrics(cls, parts: Sequence[Mapping[str, Any]]) -> dict[str, float] | None:
+        """The metrics of disjoint item sets scored apart (`parts`: each one's metrics), as over
+        their union; None when a metric cannot be rebuilt from its parts (then the union must be
+        scored whole). Pure: no model, no data."""
+        return None
 
-__all__ = ["FitnessTask", "Scored", "EvalMode", "checked_indices", "check_row"]
+
+def count_weighted(parts: Sequence[Mapping[str, Any]], count: str) -> dict[str, float] | None:
+    """Metrics that are means over a part's `count` units (items, tokens), joined: each mean
+    weighted by its part's count, the counts added. None when a part lacks a metric the
+    others have, or its count."""
+    keys = set(parts[0])
+    if count not in keys or any(set(p) != keys for p in parts):
+        return None
+    total = sum(float(p[count]) for p in parts)
+    if total <= 0:
+        return None
+    joined = {k: sum(float(p[k]) * float(p[count]) for p in parts) / total for k in keys if k != count}
+    return {**joined, count: total}
+
+
+__all__ = ["FitnessTask", "Scored", "EvalMode", "checked_indices", "check_row", "count_weighted"]

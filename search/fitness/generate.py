@@ -17,7 +17,7 @@ from __future__ import annotations
 
 import torch
 
-from search.fitness.base import FitnessTask, Scored, check_row
+from search.fitness.base import FitnessTask, Scored, check_row, count_weighted
 from search.fitness.kernels import encode, greedy_decode, length_batches, progress_bar
 from search.fitness.spec import COMMON_OPTIONS, TaskError, TaskSpec, register_task_kind
 from search.models.datasets import load_rows
@@ -37,6 +37,7 @@ class GenerateTask(FitnessTask):
     """Greedy answers to prompts, compared with the reference answers."""
 
     MATCHES = {"exact": "exact_match", "exact_match": "exact_match", "contains": "contains"}
+    joins_metrics = True
 
     def __init__(self, spec: TaskSpec, tokenizer):
         super().__init__(spec, tokenizer)
@@ -80,6 +81,11 @@ class GenerateTask(FitnessTask):
         metrics = {key: sum(flags) / len(indices) for key, flags in hits.items()}
         metrics = {"score": metrics[self.metric], **metrics, "prompts": float(len(indices))}
         return Scored(metrics, [float(h) for h in hits[self.metric]], [1.0] * len(indices))
+
+    @classmethod
+    def joined_metrics(cls, parts):
+        """Every metric is a mean over prompts."""
+        return count_weighted(parts, "prompts")
 
     def generate(self, model, prompts: list[list[int]], progress: bool = False) -> list[str]:
         """Greedy continuations of token prompts, cut at EOS and the first stop string."""

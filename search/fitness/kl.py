@@ -50,7 +50,7 @@ from dataclasses import dataclass
 
 import torch
 
-from search.fitness.base import EvalMode, FitnessTask, Scored
+from search.fitness.base import EvalMode, FitnessTask, Scored, count_weighted
 from search.fitness.kernels import model_max_length, progress_bar
 from search.fitness.spec import TaskError, TaskSpec, register_task_kind
 from search.models.datasets import calibration_windows
@@ -128,6 +128,7 @@ class KLTask(FitnessTask):
     """Mean KL(P_ref || P_candidate) of next-token distributions over fixed windows."""
 
     INT_OPTIONS = FitnessTask.INT_OPTIONS + ("seq_len", "num_sequences")
+    joins_metrics = True
 
     def __init__(self, spec: TaskSpec, tokenizer):
         super().__init__(spec, tokenizer)
@@ -192,6 +193,11 @@ class KLTask(FitnessTask):
         kl = sum(window_kl) / positions
         metrics = {"kl": kl, "score": -kl, "tokens": float(positions)}
         return Scored(metrics, [-v for v in window_kl], [float(self.seq_len)] * len(rows))
+
+    @classmethod
+    def joined_metrics(cls, parts):
+        """The KL is a mean over token positions."""
+        return count_weighted(parts, "tokens")
 
     def _position_kl(self, logp: torch.Tensor, logq: torch.Tensor, top: torch.Tensor | None) -> torch.Tensor:
         """KL(P || Q) at each position of one window.  (T, V or k+1), (T, V), ids (T, k) or None -> (T,)"""

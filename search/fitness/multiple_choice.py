@@ -39,7 +39,7 @@ import warnings
 from dataclasses import dataclass
 from typing import Sequence
 
-from search.fitness.base import FitnessTask, Scored, check_row
+from search.fitness.base import FitnessTask, Scored, check_row, count_weighted
 from search.fitness.kernels import encode_pair, sequence_logprobs, shared_prefix_logprobs
 from search.fitness.spec import COMMON_OPTIONS, TaskError, TaskSpec, register_task_kind
 from search.models.datasets import load_rows
@@ -98,6 +98,7 @@ class MultipleChoiceTask(FitnessTask):
     """Pick the most likely choice of each question; accuracy under three normalisations."""
 
     METRICS = ("acc", "acc_norm", "acc_bytes")
+    joins_metrics = True
 
     def __init__(self, spec: TaskSpec, tokenizer):
         super().__init__(spec, tokenizer)
@@ -151,6 +152,11 @@ class MultipleChoiceTask(FitnessTask):
         metrics = {"score": metrics[self.metric], **metrics, "questions": float(len(questions))}
         values = [float(h[self.metric]) for h in per_question]
         return Scored(metrics, values, [1.0] * len(questions))
+
+    @classmethod
+    def joined_metrics(cls, parts):
+        """Every metric is a mean over questions."""
+        return count_weighted(parts, "questions")
 
     def choice_logprobs(self, model, questions: list[Question], progress: bool = False) -> list[list[float]]:
         """log p(continuation | context) for every choice of every question."""

@@ -46,6 +46,8 @@ from search.models.datasets import load_texts
 class PerplexityTask(FitnessTask):
     """Rolling-window log-likelihood of each document, aggregated as lm-eval does."""
 
+    joins_metrics = True
+
     def __init__(self, spec: TaskSpec, tokenizer):
         super().__init__(spec, tokenizer)
         self.documents = load_texts(spec.data)
@@ -66,22 +68,40 @@ class PerplexityTask(FitnessTask):
         windows = [w for doc_windows in per_doc for w in doc_windows]
         logprobs = sequence_logprobs(model, windows, pad_id=self.pad_id, progress=progress, **self.batching())
         doc_ll = _group_sums(logprobs, [len(w) for w in per_doc])  # LL_d per scored document
-        nll_sum = -sum(logprobs)
-        tokens = sum(len(self.tokens[i]) for i in indices)
-        words = sum(self.words[i] for i in indices)
-        n_bytes = sum(self.bytes[i] for i in indices)
-        mean_nll = nll_sum / max(tokens, 1)
-        metrics = {
-            "score": -mean_nll,
-            "token_perplexity": _safe_exp(mean_nll),
-            "word_perplexity": _safe_exp(nll_sum / max(words, 1)),
-            "byte_perplexity": _safe_exp(nll_sum / max(n_bytes, 1)),
-            "bits_per_byte": nll_sum / max(n_bytes, 1) / math.log(2),
-            "nll_sum": nll_sum,
-            "tokens": float(tokens),
+        totals = {
+            "nll_sum": -sum(logprobs),
+            "tokens": float(sum(len(self.tokens[i]) for i in indices)),
+            "words": float(sum(self.words[i] for i in indices)),
+            "bytes": float(sum(self.bytes[i] for i in indices)),
             "documents": float(len(indices)),
         }
-        return Scored(metrics, doc_ll, [float(len(self.tokens[i])) for i in indices])
+        return Scored(perplexity_metrics(totals), doc_ll, [float(len(self.tokens[i])) for i in indices])
+
+    @classmethod
+    def joined_metrics(cls, parts):
+        """Every metric is a ratio of sums over documents (`SUMS`): the parts' sums added."""
+        keys = set(parts[0])
+        if not set(SUMS) <= keys or any(set(p) != keys for p in parts):  # e.g. a row written before `words` were kept
+            return None
+        return perplexity_metrics({key: sum(float(p[key]) for p in parts) for key in SUMS})
+
+
+SUMS = ("nll_sum", "tokens", "words", "bytes", "documents")  # additive over documents
+
+
+def perplexity_metrics(totals: dict[str, float]) -> dict[str, float]:
+    """The metrics of scored documents from their sums (`SUMS`): mean NLL per token, word and
+    byte, as lm-evaluation-harness's perplexities and bits per byte."""
+    nll_sum = totals["nll_sum"]
+    mean_nll = nll_sum / max(totals["tokens"], 1)
+    return {
+        "score": -mean_nll,
+        "token_perplexity": _safe_exp(mean_nll),
+        "word_perplexity": _safe_exp(nll_sum / max(totals["words"], 1)),
+        "byte_perplexity": _safe_exp(nll_sum / max(totals["bytes"], 1)),
+        "bits_per_byte": nll_sum / max(totals["bytes"], 1) / math.log(2),
+        **totals,
+    }
 
 
 def chunked(documents: list[list[int]], size: int, drop: int | None = None) -> list[list[int]]:

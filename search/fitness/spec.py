@@ -119,6 +119,12 @@ def __getattr__(name: str):
     raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
 
 
+def kind_class(kind: str) -> type:
+    """The task class of `kind` (TaskError for an unknown kind)."""
+    kind_options(kind)
+    return _KINDS[kind].cls
+
+
 def check_options(spec: TaskSpec) -> None:
     """Refuse an unknown kind or an option its kind does not take; one line naming both."""
     kinds = task_kinds()
@@ -178,5 +184,5 @@ def aggregate(scores: Mapping[str, float], weights: Mapping[str, float]) -> floa
 
 __all__ = [
     "COMMON_OPTIONS", "KIND_MODULES", "TASK_KINDS", "TaskError", "TaskSpec", "register_task_kind", "task_kinds",
-    "kind_options", "check_options", "build_task", "parse_task_arg", "aggregate",
+    "kind_options", "kind_class", "check_options", "build_task", "parse_task_arg", "aggregate",
 ]

@@ -3,7 +3,8 @@ saved, and the audit's false-rejection rate and rank agreement.
 
 Time saved is an estimate from the run's own timings: a candidate scored in full costs about
 what a promoted candidate paid to be made (materialising its weights and applying its plan, in
-whichever stage did it) plus its last stage's scoring, averaged over the run's promoted
+whichever stage did it) plus its last stage's scoring (with the stages that scoring joined, when
+it scored only the items they lacked), averaged over the run's promoted
 candidates (F); a staged candidate cost what its stages cost (its audit excepted), so
 saved = sum over judged candidates of (F - paid), negative when the earlier stages cost more
 than the full scorings they spared.
@@ -25,7 +26,7 @@ from __future__ import annotations
 
 import math
 from statistics import mean
-from typing import Mapping
+from typing import Callable, Mapping
 
 from search.fitness.staged import false_rejection_rate, spearman
 from search.run.candidate import Evaluation
@@ -37,6 +38,17 @@ def last_stage(config) -> int | None:
     """The index of a run's full-scoring stage; None when its fitness is not staged."""
     fitness = config.fitness
     return len(fitness.stages) - 1 + (fitness.proxy is not None) if fitness.staged else None
+
+
+def whole_scoring_s(row: Evaluation, stage_row: Callable[[int], Evaluation | None]) -> float:
+    """The scoring seconds of `row`'s items: its own, and when it scored only the items its
+    stage added (`extends`, `search.run.stages.StagePlan.extends`) those of the stages it
+    joined (`stage_row(k)`: the candidate's row of stage k)."""
+    seconds, joined = row.timing.get("score_s", 0.0), row.extra.get("extends")
+    while joined is not None and (earlier := stage_row(joined)) is not None:
+        seconds += earlier.timing.get("score_s", 0.0)
+        joined = earlier.extra.get("extends")
+    return seconds
 
 
 def full_dev_rows(rows: list[dict], last: int | None) -> list[dict]:
@@ -96,7 +108,8 @@ def staged_summary(rows: list[dict], last: int | None, merge: bool = False) -> d
     def unstaged_cost(cid: str) -> float:  # what a full-scoring run pays for this candidate
         made = sum(e.timing.get("materialize_s", 0.0) for (c, _), e in by_stage.items() if c == cid)
         # less the screening items it scored apart for later comparisons (a staged run's own cost)
-        return made + full[cid].timing.get("score_s", 0.0) - full[cid].timing.get("screen_s", 0.0)
+        scored = whole_scoring_s(full[cid], lambda k: by_stage.get((cid, k)))
+        return made + scored - full[cid].timing.get("screen_s", 0.0)
 
     promoted = [c for c in judged if c not in stops and c in full]
     full_cost = mean(unstaged_cost(c) for c in promoted) if promoted else math.nan
@@ -146,4 +159,5 @@ def format_staged(summary: dict) -> list[str]:
     return lines
 
 
-__all__ = ["staged_summary", "format_staged", "full_dev_rows", "last_stage", "selection_bars", "selection_holders"]
+__all__ = ["staged_summary", "format_staged", "full_dev_rows", "last_stage", "selection_bars", "selection_holders",
+           "whole_scoring_s"]

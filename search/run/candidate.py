@@ -20,7 +20,7 @@ from __future__ import annotations
 import math
 from dataclasses import dataclass, field, replace
 from functools import cached_property
-from typing import Any, Mapping
+from typing import Any, Callable, Mapping
 
 from compression.genes import Genes
 from compression.plan import parse_plan
@@ -120,23 +120,28 @@ class Evaluation:
     def task_scores(self) -> dict[str, float]:
         return {task: m["score"] for task, m in self.metrics.items()}
 
-    def joined(self, earlier: "Evaluation") -> "Evaluation":
+    def joined(self, earlier: "Evaluation", join: Mapping[str, Callable] | None = None) -> "Evaluation":
         """This scoring of the items a stage adds, together with `earlier` (the same candidate's
-        stage before, scored in the same precision): per task the examples of both, and the task
-        score over all of them, sum(value) / sum(weight), the identity every task kind keeps
-        (`search.fitness.base`). A task's other metrics are means over the added items alone, so
-        the joined row drops them; a stage's decisions read only scores and examples. A failed
-        scoring stays as it is (the candidate stops on it)."""
+        stage before, scored in the same precision): per task the examples of both, in item
+        order, the task score over all of them, sum(value) / sum(weight) (the identity every task
+        kind keeps, `search.fitness.base`), and the task's other metrics rebuilt from both parts
+        by `join[task]` (its kind's `joined_metrics`); without one, or when it cannot, they are
+        dropped (a screening stage's decisions read only scores and examples). A failed scoring
+        stays as it is (the candidate stops on it)."""
         if not self.ok:
             return self
         metrics = {}
         for task, before in earlier.metrics.items():
-            added = self.metrics.get(task, {}).get("examples")
-            examples = dict(before["examples"])
-            if added:
-                both = sorted(zip(*(list(examples[k]) + list(added[k]) for k in EXAMPLE_KEYS)))  # in item order
-                examples = {key: [row[j] for row in both] for j, key in enumerate(EXAMPLE_KEYS)}
-            metrics[task] = {"score": math.fsum(examples["value"]) / math.fsum(examples["weight"]), "examples": examples}
+            added = self.metrics.get(task)
+            if not added:  # the stage adds none of this task's items
+                metrics[task] = dict(before)
+                continue
+            both = sorted(zip(*(list(before["examples"][k]) + list(added["examples"][k]) for k in EXAMPLE_KEYS)))
+            examples = {key: [row[j] for row in both] for j, key in enumerate(EXAMPLE_KEYS)}
+            joiner = (join or {}).get(task)
+            others = joiner([_without_examples(before), _without_examples(added)]) if joiner else None
+            score = math.fsum(examples["value"]) / math.fsum(examples["weight"])
+            metrics[task] = {**(others or {}), "score": score, "examples": examples}
         return replace(self, metrics=metrics, extra={**self.extra, "extends": earlier.stage})
 
     def with_score(self, task_weights: Mapping[str, float]) -> "Evaluation":
@@ -225,6 +230,10 @@ class Objectives:
         params = int(values[1]) if self.sizes else None
         latency = values[2] if self.latency else None
         return make_member(c.id, c.recipe, values[0], evaluation.task_scores(), list(c.plan), params, latency)
+
+
+def _without_examples(metrics: Mapping[str, Any]) -> dict[str, Any]:
+    return {k: v for k, v in metrics.items() if k not in ("examples", "screen_examples")}
 
 
 def is_finite_score(value: float | None) -> bool:

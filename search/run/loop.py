@@ -27,6 +27,7 @@ from evolve.population import generation_record, make_toolbox, member_from_json,
 from evolve.recipe import Recipe
 
 from search.config import ConfigError, RunConfig, population_merge_recipe, seed_recipe
+from search.fitness.spec import kind_class
 from search.models.experts import resolve_parents
 from search.models.sources import tensor_index
 from search.models.tensors import check_same_tensors
@@ -83,7 +84,8 @@ class Search:
         self.pool = EvaluatorPool(spec, workers.count, workers.num_cpus, workers.num_gpus, workers.max_retries)
         self.weights = WeightBank(self.store, names, list(config.evolver.exclude))
         self.weights.publish_parents(parent_dirs)
-        self.scorer = Scorer(self.store, self.pool, self.weights, self.task_weights, self.base_config, self.log)
+        self.scorer = Scorer(self.store, self.pool, self.weights, self.task_weights, self.base_config, self.log,
+                             joiners={t.name: kind_class(t.kind).joined_metrics for t in self.config.tasks})
 
     def shutdown(self) -> None:
         if self.pool is not None:

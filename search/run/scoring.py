@@ -78,6 +78,7 @@ class Scorer:
     base_config: object  # the dense model's transformers config (plans are checked against it)
     log: Log
     journal: dict = field(default_factory=dict)  # (id, split, stage) -> Evaluation
+    joiners: dict = field(default_factory=dict)  # task -> its kind's joined_metrics (`Evaluation.joined`)
 
     def __post_init__(self) -> None:
         for evaluation in map(Evaluation.from_json, self.store.read_journal()):
@@ -112,7 +113,7 @@ class Scorer:
             job = todo.pop(result["id"])
             evaluation = Evaluation.from_worker(job.candidate, job.split, result, time.time(), job.stage)
             if job.extends is not None:  # the items the stage adds, joined with the stage before: the whole stage
-                evaluation = evaluation.joined(self.journal[(job.id, job.split, job.extends)])
+                evaluation = evaluation.joined(self.journal[(job.id, job.split, job.extends)], self.joiners)
                 job = replace(job, tasks=tuple(evaluation.metrics) or job.tasks)
             evaluation = evaluation.with_score(stage_weights(job, self.task_weights))
             self.record(evaluation)

@@ -34,6 +34,7 @@ from dataclasses import dataclass, replace
 from functools import lru_cache
 from typing import Mapping
 
+from search.fitness.spec import kind_class
 from search.fitness.staged import audit_selected, compare, dominated_beyond_margin, paired_difference, stage_subsets
 from search.run.candidate import Candidate, Evaluation
 from search.run.scoring import STOPPED, Scorer
@@ -53,6 +54,7 @@ class StagePlan:
     resample: bool = False  # a fresh draw of the subsets per generation
     screen_dtype: str | None = None  # the dtype of the stages before the last (`fitness.screen_dtype`)
     generations: int = 1  # the run's generations: the draws a member can still be compared on
+    joins_last: bool = False  # the last stage scores only what the screens did not (`extends`)
 
     @property
     def count(self) -> int:
@@ -86,24 +88,30 @@ class StagePlan:
         job = ScoreJob(candidate, stage=stage, tasks=self.tasks[stage], indices=drawn[stage], per_example=True)
         if stage < self.last:
             return replace(self.added_items(job, drawn), autocast=self.screen_dtype)
-        return self.with_screening(job, candidate.generation) if member else job
+        if not member:  # an audit: stopped at some stage, scored whole
+            return job
+        return self.added_items(self.with_screening(job, candidate.generation), drawn)
 
     def extends(self, stage: int) -> bool:
-        """Whether `stage` scores only the items it adds to the stage before: both screen the dev
-        tasks (the stages are nested and share a precision), so a candidate that went on already
-        holds the earlier items' scores. The last stage is always scored whole: it is the
-        candidate's full record, with every metric of every task (and, with `screen_dtype`, in
-        another precision than the screens)."""
-        return 0 < stage < self.last and self.tasks[stage] == self.tasks[stage - 1]
+        """Whether `stage` scores only the items it adds to the stage before, whose scores a
+        candidate that went on already holds: both score the dev tasks (the stages are nested)
+        in one precision. Screening stages always do; the last stage, the candidate's full
+        record, only with `joins_last`: every task's kind rebuilds all its metrics from the two
+        parts (`FitnessTask.joined_metrics`) and the screens run at the workers' own precision
+        (no `screen_dtype`; on a GPU, whose workers run bfloat16, a bfloat16 screen costs
+        nothing extra anyway)."""
+        same_items = 0 < stage and self.tasks[stage] == self.tasks[stage - 1]
+        return same_items and (stage < self.last or self.joins_last)
 
     def added_items(self, job: ScoreJob, drawn: tuple) -> ScoreJob:
         """`job` narrowed to the items its stage adds to the stage before (`extends`), when it
         adds some; the driver joins the two rows (`Evaluation.joined`). With EvoPress-style
         steps, e.g. stages [1/16, 1/4, 1], a contender's second step then scores 3/16 of each
-        task, not 4/16."""
+        task, not 4/16 (and with `joins_last` its full evaluation 3/4 of each task)."""
         if not self.extends(job.stage):
             return job
-        before, now = drawn[job.stage - 1], drawn[job.stage]
+        every = {t: range(n) for t, n in self.task_sizes}
+        before, now = drawn[job.stage - 1], drawn[job.stage] or every
         added = {t: sorted(set(now[t]) - set(before[t])) for t in job.tasks}
         added = {t: items for t, items in added.items() if items}  # a small task may add none
         if not added:
@@ -147,12 +155,13 @@ def _drawn_indices(fractions: tuple[float, ...], task_sizes: tuple[tuple[str, in
 
 
 def plan_stages(fractions: list[float], task_sizes: Mapping[str, int], seed: int, min_items: int, proxy: bool,
-                resample: bool = False, screen_dtype: str | None = None, generations: int = 1) -> StagePlan:
+                resample: bool = False, screen_dtype: str | None = None, generations: int = 1,
+                joins_last: bool = False) -> StagePlan:
     """Stages over the run's dev tasks (`task_sizes`: items per task); a proxy stage first."""
     tasks = tuple(t for t in task_sizes if t != PROXY)
     stage_tasks = ([(PROXY,)] if proxy else []) + [tasks] * len(fractions)
     return StagePlan(tuple(stage_tasks), tuple(float(f) for f in fractions), tuple((t, int(task_sizes[t])) for t in tasks),
-                     seed, min_items, resample, screen_dtype, generations)
+                     seed, min_items, resample, screen_dtype, generations, joins_last and screen_dtype is None)
 
 
 def screening_examples(evaluation: Evaluation, tasks: tuple[str, ...], items: Mapping[str, set] | None) -> Evaluation | None:
@@ -450,8 +459,14 @@ class StagedScoring:
 def stage_plan(config, dev_items: Mapping[str, int]) -> StagePlan:
     """A run's stages (`config.fitness`) over its dev tasks' item counts."""
     fitness = config.fitness
+    # A screen in the workers' own dtype is no other precision: its stages run as the last does
+    # (a member's screening scores would be a filter of its full ones), so the last stage may join
+    # them. With `workers.dtype: auto` the actors decide (bfloat16 on a GPU), so the plan cannot.
+    screen = None if fitness.screen_dtype == config.workers.dtype else fitness.screen_dtype
+    joins = all(kind_class(t.kind).joins_metrics for t in config.tasks)
     return plan_stages(fitness.stages, dev_items, config.seed, fitness.min_items, fitness.proxy is not None,
-                       resample=fitness.resample, screen_dtype=fitness.screen_dtype, generations=config.evolver.generations)
+                       resample=fitness.resample, screen_dtype=screen, generations=config.evolver.generations,
+                       joins_last=joins)
 
 
 def staged_scoring(config, dev_items: Mapping[str, int], scorer: Scorer, mode) -> StagedScoring:
