@@ -82,8 +82,10 @@ class StagePlan:
         return _drawn_indices(self.fractions, self.task_sizes, self.seed, self.min_items, self.tasks[0] == (PROXY,), draw)
 
     def job(self, candidate: Candidate, stage: int, member: bool = True) -> ScoreJob:
-        """The job scoring `candidate` at `stage`; a last-stage job of a candidate that may become
-        a member (`member`: not an audit) also scores its later screening items (`with_screening`)."""
+        """The job scoring `candidate` at `stage`, narrowed to the items the stage adds when it
+        `extends` the one before; a last-stage job of a candidate that may become a member
+        (`member`: not an audit, which is scored whole) also scores its later screening items
+        (`with_screening`)."""
         drawn = self.indices(candidate.generation)
         job = ScoreJob(candidate, stage=stage, tasks=self.tasks[stage], indices=drawn[stage], per_example=True)
         if stage < self.last:
@@ -98,8 +100,7 @@ class StagePlan:
         in one precision. Screening stages always do; the last stage, the candidate's full
         record, only with `joins_last`: every task's kind rebuilds all its metrics from the two
         parts (`FitnessTask.joined_metrics`) and the screens run at the workers' own precision
-        (no `screen_dtype`; on a GPU, whose workers run bfloat16, a bfloat16 screen costs
-        nothing extra anyway)."""
+        (no `screen_dtype`; `stage_plan` drops one equal to `workers.dtype`)."""
         same_items = 0 < stage and self.tasks[stage] == self.tasks[stage - 1]
         return same_items and (stage < self.last or self.joins_last)
 
