@@ -183,13 +183,20 @@ class FitnessTask:
         return None
 
 
+def parts_agree(parts: Sequence[Mapping[str, Any]], needed: Sequence[str]) -> bool:
+    """Whether metrics of several parts can be joined: every part has the same keys, `needed`
+    among them (a part written by an older version may lack some)."""
+    keys = set(parts[0])
+    return set(needed) <= keys and all(set(p) == keys for p in parts)
+
+
 def count_weighted(parts: Sequence[Mapping[str, Any]], count: str) -> dict[str, float] | None:
     """Metrics that are means over a part's `count` units (items, tokens), joined: each mean
-    weighted by its part's count, the counts added. None when a part lacks a metric the
-    others have, or its count."""
-    keys = set(parts[0])
-    if count not in keys or any(set(p) != keys for p in parts):
+    weighted by its part's count, the counts added. None when the parts do not agree
+    (`parts_agree`)."""
+    if not parts_agree(parts, (count,)):
         return None
+    keys = set(parts[0])
     total = sum(float(p[count]) for p in parts)
     if total <= 0:
         return None
@@ -197,4 +204,4 @@ def count_weighted(parts: Sequence[Mapping[str, Any]], count: str) -> dict[str, 
     return {**joined, count: total}
 
 
-__all__ = ["FitnessTask", "Scored", "EvalMode", "checked_indices", "check_row", "count_weighted"]
+__all__ = ["FitnessTask", "Scored", "EvalMode", "checked_indices", "check_row", "count_weighted", "parts_agree"]

@@ -36,7 +36,7 @@ from __future__ import annotations
 import math
 import re
 
-from search.fitness.base import FitnessTask, Scored
+from search.fitness.base import FitnessTask, Scored, parts_agree
 from search.fitness.kernels import encode, rolling_windows, sequence_logprobs
 from search.fitness.spec import COMMON_OPTIONS, TaskError, TaskSpec, register_task_kind
 from search.models.datasets import load_texts
@@ -80,8 +80,7 @@ class PerplexityTask(FitnessTask):
     @classmethod
     def joined_metrics(cls, parts):
         """Every metric is a ratio of sums over documents (`SUMS`): the parts' sums added."""
-        keys = set(parts[0])
-        if not set(SUMS) <= keys or any(set(p) != keys for p in parts):  # e.g. a row written before `words` were kept
+        if not parts_agree(parts, SUMS):  # e.g. a row written before `words` were kept
             return None
         return perplexity_metrics({key: sum(float(p[key]) for p in parts) for key in SUMS})
 

@@ -37,7 +37,7 @@ STOPPED = "stopped"
 def last_stage(config) -> int | None:
     """The index of a run's full-scoring stage; None when its fitness is not staged."""
     fitness = config.fitness
-    return len(fitness.stages) - 1 + (fitness.proxy is not None) if fitness.staged else None
+    return fitness.stages_before_last if fitness.staged else None
 
 
 def whole_scoring_s(row: Evaluation, stage_row: Callable[[int], Evaluation | None]) -> float:

@@ -30,7 +30,7 @@ import torch
 from evolve.materialize import materialize
 
 from search.run import faults
-from search.run.candidate import Candidate
+from search.run.candidate import EXAMPLE_KEYS, Candidate
 
 
 
@@ -258,7 +258,7 @@ class Evaluator:
                 wanted = {pool[i] for i in items}  # examples carry the task's own item ids
                 examples = metrics[name]["examples"]
                 keep = [k for k, i in enumerate(examples["index"]) if i in wanted]
-                metrics[name]["screen_examples"] = {key: [examples[key][k] for k in keep] for key in ("index", "value", "weight")}
+                metrics[name]["screen_examples"] = {key: [examples[key][k] for k in keep] for key in EXAMPLE_KEYS}
             return
         with self._autocast(job.screen_dtype, model):  # the weights cast once for every task
             for name, items in job.screen_indices.items():
