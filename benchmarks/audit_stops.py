@@ -34,7 +34,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import math
 import sys
 import time
 from pathlib import Path
@@ -48,30 +47,12 @@ sys.path.insert(0, str(ROOT))
 from search.config import load_config  # noqa: E402
 from search.fitness import TaskSpec, build_task  # noqa: E402
 from search.fitness.spec import aggregate  # noqa: E402
-from search.fitness.staged import audit_selected, compare, false_rejection_rate, spearman  # noqa: E402
+from search.fitness.staged import audit_selected, compare, false_rejection_rate, rate_upper_bound, spearman  # noqa: E402
 from search.results.export import Replay, _journal_by_id  # noqa: E402
 from search.results.staging import STOPPED, full_dev_rows, last_stage, selection_holders  # noqa: E402
 from search.run.candidate import Evaluation  # noqa: E402
 from search.run.stages import examples_of  # noqa: E402
 from search.run.store import RunStore  # noqa: E402
-
-
-def upper_bound(failures: int, n: int, confidence: float = 0.95) -> float:
-    """One-sided Clopper-Pearson upper bound on a rate seen as failures / n: the p at which
-    seeing at most `failures` has probability 1 - confidence (bisection on the binomial CDF)."""
-    if n == 0:
-        return math.nan
-    if failures >= n:
-        return 1.0
-
-    def cdf(p: float) -> float:
-        return sum(math.comb(n, k) * p**k * (1 - p) ** (n - k) for k in range(failures + 1))
-
-    low, high = failures / n, 1.0
-    for _ in range(60):
-        mid = (low + high) / 2
-        low, high = (mid, high) if cdf(mid) > 1 - confidence else (low, mid)
-    return high
 
 
 def stops_to_audit(rows: list[dict], last: int, siblings: float = 0.0, seed: int = 0) -> tuple[list[dict], dict[str, dict]]:
@@ -181,17 +162,17 @@ def audit(run_dir: Path, limit: int | None, checks: int, siblings: float = 0.0) 
         "sibling_stops": sum(r["split"] == "dev" and r["status"] == STOPPED and r.get("rule") == "sibling" for r in rows),
         "siblings_audited": len(sibling_audits),
         "sibling_false_rejections": sibling_wins,
-        "sibling_false_upper_95": round(upper_bound(sibling_wins, len(sibling_audits)), 4) if sibling_audits else None,
+        "sibling_false_upper_95": round(rate_upper_bound(sibling_wins, len(sibling_audits)), 4) if sibling_audits else None,
         "sibling_false_resolved": resolved(sibling_audits),
         "sibling_false_by_stage": by_stage(sibling_audits),
         "sibling_candidates": sibling_audits,
         "audited": len(audited),
         "false_rejections": wins,
         "false_rejection_rate": false_rejection_rate(triples) if triples else None,
-        "false_rejection_upper_95": round(upper_bound(wins, len(audited)), 4),
+        "false_rejection_upper_95": round(rate_upper_bound(wins, len(audited)), 4),
         "false_resolved": resolved(audited),
         "beat_member": beat_member,
-        "beat_member_upper_95": round(upper_bound(beat_member, len(audited)), 4),
+        "beat_member_upper_95": round(rate_upper_bound(beat_member, len(audited)), 4),
         "spearman_stage_vs_full": spearman([a["stage_score"] for a in both], [a["full_score"] for a in both]) if len(both) > 1 else None,
         "max_abs_diff_vs_run": max((abs(a - b) for _, a, b in agreement), default=None),
         "agreement_checked": len(agreement),

@@ -369,3 +369,16 @@ def test_dominated_beyond_margin():
     assert dominated_beyond_margin({"a": part}, (100.0,), [({"a": right}, (100.0,))], w, 0.9)
     with pytest.raises(ValueError, match="cost tuples"):
         dominated_beyond_margin(cand, (100.0, 1.0), [({"a": right}, (1.0,))], w, 0.9)
+
+
+def test_rate_upper_bound_matches_the_clopper_pearson_closed_forms():
+    from search.fitness.staged import rate_upper_bound
+
+    # 0 of n: P(Bin(n, p) = 0) = (1 - p)^n = 0.05  ->  p = 1 - 0.05^(1/n)
+    assert rate_upper_bound(0, 30) == pytest.approx(1 - 0.05 ** (1 / 30), abs=1e-9)
+    # n - 1 of n: 1 - p^n = 0.05  ->  p = 0.95^(1/n)
+    assert rate_upper_bound(4, 5) == pytest.approx(0.95 ** (1 / 5), abs=1e-9)
+    assert rate_upper_bound(5, 5) == 1.0 and math.isnan(rate_upper_bound(0, 0))
+    # in general the beta quantile: the upper end of the one-sided interval for k of n
+    for k, n in ((4, 184), (1, 3), (9, 290)):
+        assert rate_upper_bound(k, n) == pytest.approx(stats.beta.ppf(0.95, k + 1, n - k), abs=1e-9)

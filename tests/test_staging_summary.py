@@ -80,3 +80,47 @@ def test_a_full_evaluation_that_joined_its_screen_costs_both_parts():
     summary = staged_summary(rows, LAST, merge=True)
     # a: 1.0 s made + 7.5 + 1.0 s scored; d as before, 11.0; paid 1.5 + 8.0 (a) + 1.5 + 10.5 (d)
     assert summary["scoring_s"] == pytest.approx(21.5) and summary["saved_s"] == pytest.approx(7 * (9.5 + 11.0) / 2 - 21.5, abs=0.05)  # rounded to 0.1 s
+
+
+def with_examples(r: dict, values: list[float]) -> dict:
+    """A journal row carrying per-example scores for one task `t` (accuracy-like, weight 1)."""
+    examples = {"index": list(range(len(values))), "value": values, "weight": [1.0] * len(values)}
+    return {**r, "metrics": {"t": {"score": sum(values) / len(values), "examples": examples}}}
+
+
+def journal_with_examples(stopped_values: list[float]) -> list[dict]:
+    """journal() with per-example full scores for e (the one false rejection) and m1, the
+    member whose full score set e's bar; m1 scores 1 on half of 40 items."""
+    member = [1.0] * 20 + [0.0] * 20
+    rows = []
+    for r in journal():
+        if r["id"] == "m1":
+            r = with_examples(r, member)
+        elif r["id"] == "e" and r["status"] == "ok":
+            r = with_examples(r, stopped_values)
+        rows.append(r)
+    return rows
+
+
+def test_a_false_rejection_the_full_dev_sets_resolve_is_counted_with_the_rate_bound():
+    clearly_ahead = [1.0] * 36 + [0.0] * 4  # 0.9 against 0.5, on 40 items
+    summary = staged_summary(journal_with_examples(clearly_ahead), LAST, merge=True, task_weights={"t": 1.0}, confidence=0.9)
+    assert summary["false_rejections"] == 1 and summary["false_beyond_resolution"] == 1
+    # one of three audited stops was false: Clopper-Pearson at 95%, 1 - 0.05^(1/3) for 0 of 3, more for 1 of 3
+    assert 1 / 3 < summary["false_rejection_upper_95"] < 1.0
+    lines = format_staged(summary)
+    assert any("(at most" in line for line in lines)
+    assert any("1 of the 1 false ahead by more than the full dev sets' paired margin" in line for line in lines)
+
+
+def test_a_false_rejection_within_the_dev_sets_noise_is_not_resolved():
+    one_more = [1.0] * 21 + [0.0] * 19  # ahead by a single item of 40
+    summary = staged_summary(journal_with_examples(one_more), LAST, merge=True, task_weights={"t": 1.0}, confidence=0.9)
+    assert summary["false_rejections"] == 1 and summary["false_beyond_resolution"] == 0
+    assert any("0 of the 1 false" in line for line in format_staged(summary))
+
+
+def test_without_per_example_scores_the_resolution_is_unknown_not_zero():
+    summary = staged_summary(journal(), LAST, merge=True, task_weights={"t": 1.0}, confidence=0.9)
+    assert summary["false_rejections"] == 1 and summary["false_beyond_resolution"] is None
+    assert not any("paired margin" in line for line in format_staged(summary))

@@ -22,8 +22,8 @@ value_i = -(summed KL), weight_i = tokens. The aggregate of several tasks is the
 A = sum_t w_t * score_t / sum_t w_t over the tasks with w_t > 0.
 
 An audit (`audit_selected`) fully scores a seeded fraction of stopped candidates anyway, so the
-run measures its own false rejections (`false_rejection_rate`) and how well a first stage ranks
-candidates (`spearman` of stage and full scores).
+run measures its own false rejections (`false_rejection_rate`, bounded by `rate_upper_bound`) and
+how well a first stage ranks candidates (`spearman` of stage and full scores).
 """
 from __future__ import annotations
 
@@ -46,6 +46,7 @@ __all__ = [
     "false_rejection_rate",
     "margin",
     "paired_difference",
+    "rate_upper_bound",
     "spearman",
     "stage_sizes",
     "stage_subsets",
@@ -414,3 +415,23 @@ def false_rejection_rate(audits: Sequence[tuple[float, float, float]]) -> float:
         _, full, rival_full = row
         wins += float(full) >= float(rival_full)
     return wins / len(audits)
+
+
+def rate_upper_bound(failures: int, n: int, confidence: float = 0.95) -> float:
+    """One-sided Clopper-Pearson upper bound on a rate seen as failures / n: the p at which
+    seeing at most `failures` of n has probability 1 - confidence, P(Bin(n, p) <= failures) =
+    1 - confidence (found by bisection on the binomial CDF, which falls as p grows). So 0 of 30
+    reads as "at most 9.5%" at 95%. NaN for n = 0; 1 when every trial failed."""
+    if n == 0:
+        return math.nan
+    if failures >= n:
+        return 1.0
+
+    def cdf(p: float) -> float:
+        return sum(math.comb(n, k) * p**k * (1 - p) ** (n - k) for k in range(failures + 1))
+
+    low, high = failures / n, 1.0
+    for _ in range(60):
+        mid = (low + high) / 2
+        low, high = (mid, high) if cdf(mid) > 1 - confidence else (low, mid)
+    return high

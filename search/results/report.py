@@ -56,7 +56,8 @@ def run_status(run_dir: Path) -> dict:
         "best": {"id": best["id"], "score": best["score"]} if best else None,
         "best_per_task": best_per_task,
         "eta_s": eta,
-        "staged": staged_summary(journal, last_stage(config), merge=config.mode == "merge"),
+        "staged": staged_summary(journal, last_stage(config), merge=config.mode == "merge",
+                                 task_weights={t.name: t.weight for t in config.tasks}, confidence=config.fitness.confidence),
         "recipe_study": _recipe_study(run_dir) if config.mode == "recipe" else None,
         "updated": time.strftime("%Y-%m-%d %H:%M:%S", time.localtime(store.journal_path.stat().st_mtime)) if store.journal_path.exists() else None,
     }

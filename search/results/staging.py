@@ -21,6 +21,14 @@ siblings (same member, same generation) that went on and were scored in full. A 
 that beat the member in full but not a sibling that went on would not have been selected by
 full scoring either; such stops are counted apart (`beat_rival_only`), so the status shows
 both the rate that matters for selection and the paired test's own error against the member.
+
+The rate comes with its one-sided 95% Clopper-Pearson bound (a run audits few stops), and the
+false rejections are split by whether the full dev sets themselves resolve them
+(`beyond_resolution`): the paired test of `search.fitness.staged.compare`, at the run's
+confidence, on every dev item, of the stopped candidate against the one that set its bar. A
+false rejection inside that margin is one that full scoring would have made or not by item noise
+(most are: near-equal siblings, `benchmarks/results/family_census.md`); the indifference zone
+of ranking-and-selection procedures, drawn where the run's own data draws it.
 """
 from __future__ import annotations
 
@@ -28,7 +36,7 @@ import math
 from statistics import mean
 from typing import Callable, Mapping
 
-from search.fitness.staged import false_rejection_rate, spearman
+from search.fitness.staged import compare, false_rejection_rate, rate_upper_bound, spearman
 from search.run.candidate import Evaluation
 
 STOPPED = "stopped"
@@ -89,10 +97,24 @@ def selection_bars(stops: Mapping[str, Evaluation], full: Mapping[str, float],
     return {cid: full[holder] for cid, holder in selection_holders(stops, full, staged, merge).items()}
 
 
-def staged_summary(rows: list[dict], last: int | None, merge: bool = False) -> dict | None:
+def beyond_resolution(stopped: Evaluation, holder: Evaluation, task_weights: Mapping[str, float],
+                      confidence: float) -> bool | None:
+    """Whether a false rejection's lead over the candidate that set its bar is one the full dev
+    sets resolve: the stopped candidate ahead by more than the paired margin at `confidence` on
+    every item both were scored on. None when either full row lacks per-example scores."""
+    weighted = [t for t, w in task_weights.items() if w > 0]
+    mine, theirs = ({t: e.metrics.get(t, {}).get("examples") for t in weighted} for e in (stopped, holder))
+    if not all(mine.values()) or not all(theirs.values()):
+        return None
+    return not compare(theirs, mine, task_weights, confidence).can_still_win
+
+
+def staged_summary(rows: list[dict], last: int | None, merge: bool = False,
+                   task_weights: Mapping[str, float] | None = None, confidence: float | None = None) -> dict | None:
     """Counts and audit figures of a staged run's dev evaluations; None for an unstaged run.
     `merge`: a merge run (one objective), whose margin stops also had to beat the siblings
-    that went on (`selection_bars`)."""
+    that went on (`selection_bars`). With the run's `task_weights` and `confidence`, the false
+    rejections the full dev sets resolve are counted too (`beyond_resolution`)."""
     if last is None:
         return None
     dev = [Evaluation.from_json(r) for r in rows if r.get("split") == "dev"]
@@ -114,13 +136,19 @@ def staged_summary(rows: list[dict], last: int | None, merge: bool = False) -> d
     promoted = [c for c in judged if c not in stops and c in full]
     full_cost = mean(unstaged_cost(c) for c in promoted) if promoted else math.nan
     paid = sum(cost(e) for (cid, k), e in by_stage.items() if not (cid in stops and k == last))
-    bars = selection_bars(stops, {c: e.score for c, e in full.items()}, staged, merge)
+    holders = selection_holders(stops, {c: e.score for c, e in full.items()}, staged, merge)
+    bars = {c: full[holder].score for c, holder in holders.items()}
     audited = sorted(bars)
     # rejections that can be false: the paired test's, and compress / joint sibling stops (a merge
     # run never audits its sibling stops)
     can_be_false = [c for c in audited if stops[c].extra.get("rule", "margin") in ("margin", "sibling")]
     audits = [(stops[c].score, full[c].score, bars[c]) for c in can_be_false]
     beat_rival_only = sum(full[stops[c].extra["rival"]].score <= full[c].score < bars[c] for c in can_be_false)
+    false = [c for c in can_be_false if full[c].score >= bars[c]]
+    resolved = None
+    if task_weights is not None and confidence is not None:
+        verdicts = [beyond_resolution(full[c], full[holders[c]], task_weights, confidence) for c in false]
+        resolved = None if None in verdicts else sum(verdicts)
     first = {cid: e.score for (cid, k), e in by_stage.items() if k == 0}
     both = [c for c in judged if c in first and c in full]
     screened = sorted({e.extra["autocast"] for e in staged if e.extra.get("autocast")})
@@ -133,6 +161,9 @@ def staged_summary(rows: list[dict], last: int | None, merge: bool = False) -> d
         "audited": len(audited),
         "audited_margin_stops": len(audits),
         "false_rejection_rate": false_rejection_rate(audits) if audits else None,
+        "false_rejections": len(false),
+        "false_rejection_upper_95": rate_upper_bound(len(false), len(audits)) if audits else None,
+        "false_beyond_resolution": resolved,
         "beat_rival_only": beat_rival_only,
         "spearman_audited": spearman([stops[c].score for c in audited], [full[c].score for c in audited]) if len(audited) > 1 else None,
         "spearman_first_vs_full": spearman([first[c] for c in both], [full[c].score for c in both]) if len(both) > 1 else None,
@@ -153,11 +184,16 @@ def format_staged(summary: dict) -> list[str]:
     if summary["audited"]:
         rate = summary["false_rejection_rate"]
         shown = "-" if rate is None else f"{rate:.1%} of {summary['audited_margin_stops']} that could be false"
+        if rate is not None and summary.get("false_rejection_upper_95") is not None:
+            shown += f" (at most {summary['false_rejection_upper_95']:.1%} at 95%)"
         lines.append(f"  audit      {summary['audited']} stopped candidates scored in full: false-rejection rate {shown}")
+        if summary.get("false_rejections") and summary.get("false_beyond_resolution") is not None:
+            lines.append(f"             ({summary['false_beyond_resolution']} of the {summary['false_rejections']} false "
+                         f"ahead by more than the full dev sets' paired margin)")
         if summary.get("beat_rival_only"):
             lines.append(f"             ({summary['beat_rival_only']} more beat their member in full, but not a sibling that went on)")
     return lines
 
 
-__all__ = ["staged_summary", "format_staged", "full_dev_rows", "last_stage", "selection_bars", "selection_holders",
+__all__ = ["staged_summary", "format_staged", "beyond_resolution", "full_dev_rows", "last_stage", "selection_bars", "selection_holders",
            "whole_scoring_s"]
