@@ -49,9 +49,8 @@ ROOT = Path(__file__).resolve().parent.parent
 RESULTS = ROOT / "benchmarks" / "results"
 sys.path.insert(0, str(ROOT))
 
-from benchmarks.audit_stops import OfflineScorer  # noqa: E402
+from benchmarks.audit_stops import OfflineScorer, resolved_by_full_dev  # noqa: E402
 from search.fitness.spec import aggregate  # noqa: E402
-from search.fitness.staged import compare  # noqa: E402
 from search.run.stages import plan_stages  # noqa: E402
 
 
@@ -178,7 +177,7 @@ def judge(rule: Rule, family: dict, weights: dict, confidence: float) -> dict:
                                         (member["full"], member["examples"]), key=lambda p: p[0])
     stopped = [o for o in offspring if o["id"] not in scored]
     false = [o for o in stopped if o["full"] >= holder_score]
-    resolved = [o for o in false if not compare(holder_examples, o["examples"], weights, confidence).can_still_win]
+    resolved = [o for o in false if resolved_by_full_dev(o["examples"], holder_examples, weights, confidence)["ahead_beyond_margin"]]
     best = max(o["full"] for o in offspring)
     return {"scored": scored, "chosen": chosen, "stopped": len(stopped), "false": len(false), "resolved": len(resolved),
             "regret": max(0.0, best - holder_score), "gain": holder_score - member["full"]}
@@ -243,11 +242,12 @@ def main() -> None:
     census = saved.get("families", []) if saved.get("run") == args.run.name else []
     done = {(f["generation"], f["member"]["id"]) for f in census}
     started = time.time()
-    for key in sample_families(list(families(rows)), args.families, args.seed):
+    by_family = families(rows)
+    for key in sample_families(list(by_family), args.families, args.seed):
         if key in done:
             continue
         generation, member_id = key
-        ids = families(rows)[key]
+        ids = by_family[key]
         scored = census_of(scorer, ids, plan.indices(generation), bfloat16)
         member = {"id": member_id, "full": full[member_id]["score"],
                   "examples": {t: m["examples"] for t, m in full[member_id]["metrics"].items()}}
