@@ -167,11 +167,16 @@ def choose(rule: Rule, offspring: list[dict]) -> tuple[list[str], str]:
 
 
 def judge(rule: Rule, family: dict, weights: dict, confidence: float) -> dict:
-    """A rule's outcome on one family: false stops (a stopped offspring at least as good in full as
-    the member and the chosen one), the ones the full dev sets resolve, and the regret."""
+    """A rule's outcome on one family (`outcome`)."""
+    return outcome(family, *choose(rule, family["offspring"]), weights, confidence)
+
+
+def outcome(family: dict, scored: list[str], chosen: str, weights: dict, confidence: float) -> dict:
+    """What choosing `chosen` among the `scored` offspring (scored in full) does to a family: false
+    stops (a stopped offspring at least as good in full as the member and the chosen one), the
+    ones the full dev sets resolve, the regret and the gain over the member."""
     offspring = family["offspring"]
     by_id = {o["id"]: o for o in offspring}
-    scored, chosen = choose(rule, offspring)
     member = family["member"]
     holder_score, holder_examples = max((by_id[chosen]["full"], by_id[chosen]["examples"]),
                                         (member["full"], member["examples"]), key=lambda p: p[0])

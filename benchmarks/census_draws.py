@@ -1,0 +1,320 @@
+"""The family census replayed on fresh draws of the stage items: how much of a rule's false stops
+is the luck of the run's draws, and two ways of choosing among siblings that the run's own draws
+cannot show (issue 14).
+
+`family_census.md` counts false stops on the run's own draws of the stage items, one draw per
+generation. The census holds every offspring's float32 score on every dev item, so a rule can be
+replayed on any other draw without scoring anything: here on `--draws` seeded draws
+(`search.fitness.staged.stage_subsets`, a fresh draw per generation as with `fitness.resample`),
+every stage scored from the float32 per-example scores (the run screens in bfloat16, whose scores
+the census holds only as aggregates of the run's own draws). Rules:
+
+- `top k1 > k2`, as in the census: the best k1 of the first stage meet the second, the best k2 of
+  those are scored in full, the best of them in full is the family's choice;
+- `race c1 > c2`: a statistical cut instead of a fixed count, as racing algorithms select the
+  best of many configurations. After each screening stage every sibling goes on unless the paired
+  test at confidence c (`search.fitness.staged.compare`) says it is behind the stage's leader,
+  the sibling with the best stage score. The test carries the finite-population correction: a
+  stage holds part of a finite dev set and what a stop is judged by is the full dev score (with
+  every item scored the difference is known exactly). `race 0.75 > 0.9 <= 2` caps the second cut
+  at two;
+- `top k1 > k2` on **selected items** instead of random ones, in the spirit of MERGE³'s extracted
+  subsets: stage k takes the items on which siblings disagree most. An item's disagreement is the
+  variance over offspring of the offspring's per-item score less its own mean on the task (the
+  part of an item's score that orders siblings, not how hard the item is), estimated on other
+  families: on every other family (a bound, from fifteen times the offspring a run scores in
+  full), or on the families of the generations before (what a run could do if it scored whole
+  families in full as it went). Beside each: random draws on the same families.
+
+For each rule, pooled over the families and averaged over the draws: actor seconds per family at
+the run's median stage timings, `x` (every offspring in full over that), offspring scored in full
+per family, false stops as the census counts them (mean, the least and most of any draw, and on
+the run's own draws scored in float32), those the full dev sets resolve, and the mean gain of the
+family over its member.
+
+    python -m benchmarks.census_draws --draws 8
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Callable
+
+import numpy as np
+
+ROOT = Path(__file__).resolve().parent.parent
+RESULTS = ROOT / "benchmarks" / "results"
+sys.path.insert(0, str(ROOT))
+
+from benchmarks.family_census import outcome  # noqa: E402
+from search.config import load_config  # noqa: E402
+from search.fitness.staged import compare, stage_sizes, stage_subsets  # noqa: E402
+from search.run.stages import plan_stages  # noqa: E402
+
+StageItems = list[dict[str, list[int]]]  # per screening stage, {task: item ids}
+
+
+# ---------------------------------------------------------------------------------------------
+# Stage items: fresh random draws, or the items siblings disagree on
+# ---------------------------------------------------------------------------------------------
+
+def item_ids(family: dict) -> dict[str, list[int]]:
+    """{task: every dev item id, ascending} (the member was scored on all of them; a stage's
+    positions index this list, as the run's `task.selected` order does)."""
+    return {t: sorted(e["index"]) for t, e in family["member"]["examples"].items()}
+
+
+def drawn_items(ids: dict[str, list[int]], fractions: list[float], min_items: int, seed: int, generation: int) -> StageItems:
+    """The screening stages' items of one seeded draw for one generation (nested, as the run's)."""
+    subsets = {t: stage_subsets(len(v), fractions, seed, salt=f"{t}/census draw, generation {generation}", min_items=min_items)
+               for t, v in ids.items()}
+    return [{t: [ids[t][i] for i in subsets[t][k]] for t in ids} for k in range(len(fractions) - 1)]
+
+
+def run_items(ids: dict[str, list[int]], config, generation: int) -> StageItems:
+    """The screening stages' items the census run itself drew for `generation` (`StagePlan`)."""
+    fitness = config.fitness
+    plan = plan_stages(list(fitness.stages), {t: len(v) for t, v in ids.items()}, config.seed, fitness.min_items,
+                       proxy=False, resample=fitness.resample)
+    drawn = plan.indices(generation)
+    return [{t: [ids[t][i] for i in drawn[k][t]] for t in ids} for k in range(plan.last)]
+
+
+def per_item(examples: dict, task: str) -> dict[int, float]:
+    """{item id: score per unit weight} (a perplexity chunk's mean log-likelihood per token, a
+    right/wrong answer's 0 or 1)."""
+    e = examples[task]
+    return {i: v / w for i, v, w in zip(e["index"], e["value"], e["weight"])}
+
+
+def sibling_disagreement(families: list[dict], task: str) -> dict[int, float]:
+    """{item id: variance over the families' offspring of (its score on the item - its mean on the
+    task)}. Every item carries the spread of the offspring's means; an item adds to it where
+    offspring split on it, whatever its difficulty (one every offspring gets wrong adds nothing).
+    Of four such statistics replayed on the census (this; within each family, the variance about
+    the family's item mean, the covariance with the offspring's task mean, or the variance after
+    centring on both), this one stopped the fewest siblings falsely on both selections."""
+    rows = [per_item(o["examples"], task) for f in families for o in f["offspring"]]
+    ids = sorted(rows[0])
+    centred = np.array([[r[i] for i in ids] for r in rows])
+    centred -= centred.mean(axis=1, keepdims=True)
+    return dict(zip(ids, centred.var(axis=0)))
+
+
+def selected_items(ids: dict[str, list[int]], fractions: list[float], min_items: int, chosen_on: list[dict]) -> StageItems:
+    """Stage k takes the `stage_sizes` count of items with the most sibling disagreement on the
+    `chosen_on` families (ties by id), so the stages stay nested."""
+    order = {}
+    for t, v in ids.items():
+        spread = sibling_disagreement(chosen_on, t)
+        order[t] = sorted(v, key=lambda i: (-spread[i], i))
+    sizes = {t: stage_sizes(len(v), fractions, min_items) for t, v in ids.items()}
+    return [{t: sorted(order[t][:sizes[t][k]]) for t in ids} for k in range(len(fractions) - 1)]
+
+
+# ---------------------------------------------------------------------------------------------
+# Screening a family
+# ---------------------------------------------------------------------------------------------
+
+def restricted(examples: dict, items: dict[str, list[int]]) -> dict:
+    """Per-example scores narrowed to a stage's items."""
+    out = {}
+    for t, e in examples.items():
+        keep = set(items[t])
+        at = [k for k, i in enumerate(e["index"]) if i in keep]
+        out[t] = {key: [e[key][k] for k in at] for key in ("index", "value", "weight")}
+    return out
+
+
+def stage_score(examples: dict, weights: dict[str, float]) -> float:
+    """The aggregate on the items held: the weighted mean over tasks of sum(value) / sum(weight),
+    the task score every kind reports (`search.fitness.staged.paired_difference`)."""
+    total = sum(weights.values())
+    return sum(w / total * sum(examples[t]["value"]) / sum(examples[t]["weight"]) for t, w in weights.items())
+
+
+@dataclass(frozen=True)
+class Cut:
+    """Who goes on after a screening stage: the paired test against the stage's leader at
+    `confidence` (None: no test), then at most `cap` by stage score (None: no cap)."""
+    confidence: float | None = None
+    cap: int | None = None
+
+
+@dataclass(frozen=True)
+class DrawRule:
+    name: str
+    cuts: tuple[Cut, ...]  # one per screening stage
+
+
+def screen(offspring: list[dict], stages: StageItems, rule: DrawRule, weights: dict[str, float],
+           population: dict[str, int]) -> tuple[list[int], list[str]]:
+    """(how many offspring each stage scored, then how many are scored in full; the ids scored in
+    full) under `rule`."""
+    alive, counts = list(offspring), []
+    for items, cut in zip(stages, rule.cuts):
+        counts.append(len(alive))
+        held = {o["id"]: restricted(o["examples"], items) for o in alive}
+        ranked = sorted(alive, key=lambda o: (-stage_score(held[o["id"]], weights), o["id"]))
+        leader = held[ranked[0]["id"]]
+        if cut.confidence is not None:
+            ranked = [ranked[0]] + [o for o in ranked[1:] if compare(held[o["id"]], leader, weights, cut.confidence,
+                                                                     population_sizes=population).can_still_win]
+        alive = ranked[:cut.cap] if cut.cap else ranked
+    return counts + [len(alive)], [o["id"] for o in alive]
+
+
+def family_cost(counts: list[int], costs: dict[str, float]) -> float:
+    """Actor seconds of a family at the run's medians: its first and second screens, then full."""
+    first, second, full = counts
+    return first * costs["first"] + second * costs["second"] + full * costs["full"]
+
+
+def replay(census: list[dict], rule: DrawRule, stages_of: Callable[[dict], StageItems], weights: dict[str, float],
+           confidence: float, costs: dict[str, float]) -> dict:
+    """A rule on every family of the census, each family screened on `stages_of(family)`."""
+    spent, in_full, stopped, false, resolved, gains = 0.0, 0, 0, 0, 0, []
+    for family in census:
+        population = {t: len(v) for t, v in item_ids(family).items()}
+        counts, scored = screen(family["offspring"], stages_of(family), rule, weights, population)
+        chosen = max((o for o in family["offspring"] if o["id"] in scored), key=lambda o: (o["full"], o["id"]))["id"]
+        result = outcome(family, scored, chosen, weights, confidence)
+        spent += family_cost(counts, costs)
+        in_full += len(scored)
+        stopped += result["stopped"]
+        false += result["false"]
+        resolved += result["resolved"]
+        gains.append(result["gain"])
+    lam = len(census[0]["offspring"])
+    return {"x": costs["full"] * lam * len(census) / spent, "actor_s": spent / len(census), "in_full": in_full / len(census),
+            "stopped": stopped, "false": false, "resolved": resolved, "gain": float(np.mean(gains))}
+
+
+# ---------------------------------------------------------------------------------------------
+# The report
+# ---------------------------------------------------------------------------------------------
+
+def rules() -> list[DrawRule]:
+    top = [DrawRule(f"top {k1} > {k2}", (Cut(cap=k1), Cut(cap=k2))) for k1, k2 in ((3, 1), (6, 1), (12, 1), (24, 1), (6, 2), (12, 2), (6, 3))]
+    races = [DrawRule(f"race {c1} > {c2}" + (f" <= {cap}" if cap else ""), (Cut(c1), Cut(c2, cap)))
+             for c1, c2, cap in ((0.75, 0.6, None), (0.75, 0.75, 3), (0.75, 0.9, 2), (0.9, 0.75, 2), (0.9, 0.75, 3))]
+    return top + races
+
+
+def over_draws(census: list[dict], rule: DrawRule, draws: int, fractions: list[float], min_items: int,
+               weights: dict[str, float], confidence: float, costs: dict[str, float]) -> dict:
+    """`replay` on each seeded draw of the stage items: the mean of each figure, and the range of
+    the false-stop rate."""
+    runs = [replay(census, rule, lambda f, s=seed: drawn_items(item_ids(f), fractions, min_items, s, f["generation"]),
+                   weights, confidence, costs) for seed in range(draws)]
+    rates = [r["false"] / r["stopped"] for r in runs]
+    mean = {k: float(np.mean([r[k] for r in runs])) for k in runs[0]}
+    return {**mean, "false_rate": float(np.mean(rates)), "false_low": min(rates), "false_high": max(rates),
+            "resolved_rate": float(np.mean([r["resolved"] / r["stopped"] for r in runs]))}
+
+
+def on_selected(census: list[dict], rule: DrawRule, earlier: bool, fractions: list[float], min_items: int,
+                weights: dict[str, float], confidence: float, costs: dict[str, float]) -> dict:
+    """`replay` on selected items: each family judged on items chosen from every other family, or
+    (`earlier`) from the families of the generations before its own (the first generation is not
+    judged: nothing came before it)."""
+    judged = [f for f in census if not earlier or f["generation"] > min(c["generation"] for c in census)]
+
+    def stages_of(family: dict) -> StageItems:
+        chosen_on = [f for f in census if (f["generation"] < family["generation"] if earlier else f is not family)]
+        return selected_items(item_ids(family), fractions, min_items, chosen_on)
+
+    run = replay(judged, rule, stages_of, weights, confidence, costs)
+    generations = sorted({f["generation"] for f in judged})
+    by_generation = {g: replay([f for f in judged if f["generation"] == g], rule, stages_of, weights, confidence, costs)
+                     for g in generations} if earlier else {}
+    return {**run, "false_rate": run["false"] / run["stopped"], "resolved_rate": run["resolved"] / run["stopped"],
+            "by_generation": {g + 1: r["false"] / r["stopped"] for g, r in by_generation.items()}, "judged": judged}
+
+
+def table(rows: list[tuple[str, dict, dict]]) -> list[str]:
+    """Random draws, and the run's own draws."""
+    lines = ["| rule | actor s per family | x | in full per family | false stops: mean (draws: least - most) | "
+             "on the run's draws | resolved by the full dev sets | mean gain over the member |",
+             "|---|---|---|---|---|---|---|---|"]
+    for name, r, own in rows:
+        lines.append(f"| {name} | {r['actor_s']:.1f} | {r['x']:.2f} | {r['in_full']:.2f} | {r['false_rate']:.1%} "
+                     f"({r['false_low']:.1%} - {r['false_high']:.1%}) | {own['false'] / own['stopped']:.1%} | "
+                     f"{r['resolved_rate']:.1%} | {r['gain']:.4f} |")
+    return lines
+
+
+def selected_table(rows: list[tuple[str, dict, dict]]) -> list[str]:
+    """Selected items beside random draws on the same families (and, when chosen on earlier
+    generations, their false stops per generation judged)."""
+    per_generation = bool(rows[0][1]["by_generation"])
+    lines = ["| rule | x | selected items: false stops | " + ("by generation judged | " if per_generation else "")
+             + "resolved | mean gain | random draws: false stops, mean (least - most) | mean gain |",
+             "|---|---|---|---|---|---|---|" + ("---|" if per_generation else "")]
+    for name, picked, drawn in rows:
+        shown = ", ".join(f"{g}: {rate:.1%}" for g, rate in picked["by_generation"].items())
+        lines.append(f"| {name} | {picked['x']:.2f} | {picked['false_rate']:.1%} ({picked['false']} of {picked['stopped']}) | "
+                     + (f"{shown} | " if per_generation else "")
+                     + f"{picked['resolved_rate']:.1%} | {picked['gain']:.4f} | {drawn['false_rate']:.1%} "
+                     f"({drawn['false_low']:.1%} - {drawn['false_high']:.1%}) | {drawn['gain']:.4f} |")
+    return lines
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--census", type=Path, default=RESULTS / "family_census.json", help="family_census.py's results")
+    parser.add_argument("--config", type=Path, default=ROOT / "configs" / "demo.yaml",
+                        help="the census run's config: its stages, min_items, confidence and task weights")
+    parser.add_argument("--draws", type=int, default=8)
+    parser.add_argument("--name", default="census_draws", help="results file stem")
+    args = parser.parse_args()
+    saved = json.loads(args.census.read_text())
+    census, costs = saved["families"], saved["costs"]
+    config = load_config(args.config)
+    fitness = config.fitness
+    if len(fitness.stages) != 3:
+        raise SystemExit(f"{args.config}: fitness.stages {fitness.stages}: the census replays two screening stages and the full one")
+    fractions, weights = list(fitness.stages), {t.name: t.weight for t in config.tasks}
+    shared = (fractions, fitness.min_items, weights, fitness.confidence, costs)
+
+    drawn = [(r.name, over_draws(census, r, args.draws, *shared),
+              replay(census, r, lambda f: run_items(item_ids(f), config, f["generation"]), weights, fitness.confidence, costs))
+             for r in rules()]
+    selections = {}
+    for earlier in (False, True):
+        rows = []
+        for rule in (r for r in rules() if r.name.startswith("top")):
+            picked = on_selected(census, rule, earlier, *shared)
+            rows.append((rule.name, picked, over_draws(picked.pop("judged"), rule, args.draws, *shared)))
+        selections["earlier generations" if earlier else "every other family"] = rows
+    lam, later = len(census[0]["offspring"]), sum(f["generation"] > min(c["generation"] for c in census) for f in census)
+    lines = [f"# The family census on fresh draws of the stage items ({saved['run']})", "",
+             f"{len(census)} families of {lam} offspring from `{args.census.relative_to(ROOT)}`, every stage scored from the "
+             f"float32 per-example scores; costs at the run's medians (first stage {costs['first']:.2f} s, second "
+             f"{costs['second']:.2f} s, full {costs['full']:.2f} s). A false stop: a stopped offspring at least as good in "
+             f"full as the member and the one chosen (`family_census.md`); resolved: ahead by more than the full dev sets' "
+             f"paired margin at {fitness.confidence}.", "",
+             f"## {args.draws} seeded draws of the stage items (a fresh draw per generation)", ""]
+    lines += table(drawn)
+    lines += ["", "## Selected items: each stage takes the items siblings disagree on most", "",
+              f"Chosen on every other family ({len(census) - 1} families, {(len(census) - 1) * lam} offspring scored in full: "
+              f"a bound), against {args.draws} random draws:", ""]
+    lines += selected_table(selections["every other family"])
+    lines += ["", f"Chosen on the families of the generations before (the {later} families after the first generation "
+              f"judged: generation k's items chosen on the {lam} offspring of each family of generations 1 to k - 1), "
+              f"against {args.draws} random draws on those families:", ""]
+    lines += selected_table(selections["earlier generations"])
+    lines += ["", f"`python -m benchmarks.census_draws --draws {args.draws}`", ""]
+    (RESULTS / f"{args.name}.md").write_text("\n".join(lines))
+    (RESULTS / f"{args.name}.json").write_text(json.dumps(
+        {"run": saved["run"], "draws": args.draws, "random_draws": {name: r for name, r, _ in drawn}, "run_draws": {name: own for name, _, own in drawn},
+         "selected": {k: [{"rule": name, "selected": picked, "random": random} for name, picked, random in rows]
+                      for k, rows in selections.items()}}, indent=1) + "\n")
+    print("\n".join(lines))
+
+
+if __name__ == "__main__":
+    main()

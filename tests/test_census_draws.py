@@ -1,0 +1,104 @@
+"""benchmarks/census_draws.py: replaying sibling rules on other draws of the stage items, races
+against the stage leader, and items chosen where siblings disagree."""
+import pytest
+
+from benchmarks.census_draws import (Cut, DrawRule, drawn_items, family_cost, on_selected, replay, screen,
+                                     selected_items, sibling_disagreement, stage_score)
+from search.fitness.staged import stage_sizes
+
+WEIGHTS = {"t": 1.0}
+FRACTIONS = [0.25, 0.5, 1.0]
+COSTS = {"first": 1.0, "second": 2.0, "full": 10.0}
+
+
+def examples(values: list[float], ids: list[int] | None = None) -> dict:
+    ids = list(range(len(values))) if ids is None else ids
+    return {"t": {"index": ids, "value": values, "weight": [1.0] * len(values)}}
+
+
+def offspring(cid: str, values: list[float]) -> dict:
+    return {"id": cid, "full": sum(values) / len(values), "examples": examples(values)}
+
+
+def family(children: list[dict], member_values: list[float], generation: int = 0) -> dict:
+    member = {"id": f"m{generation}", "full": sum(member_values) / len(member_values), "examples": examples(member_values)}
+    return {"generation": generation, "member": member, "offspring": children}
+
+
+def test_draws_are_nested_sized_like_the_run_and_fresh_per_seed_and_generation():
+    ids = {"t": [10 * k for k in range(16)]}
+    stages = drawn_items(ids, FRACTIONS, 3, seed=0, generation=1)
+    first, second = (set(s["t"]) for s in stages)
+    assert [len(first), len(second)] == stage_sizes(16, FRACTIONS, 3)[:2] and first <= second <= set(ids["t"])
+    assert stages == drawn_items(ids, FRACTIONS, 3, seed=0, generation=1)
+    assert stages != drawn_items(ids, FRACTIONS, 3, seed=1, generation=1)
+    assert stages != drawn_items(ids, FRACTIONS, 3, seed=0, generation=2)
+
+
+def test_stage_score_is_the_ratio_of_sums_per_task_weighted_over_tasks():
+    ex = {"a": {"index": [0, 1], "value": [-6.0, -2.0], "weight": [4.0, 4.0]},  # a perplexity-like task: -1.0
+          "b": {"index": [0, 1, 2, 3], "value": [1.0, 0.0, 1.0, 1.0], "weight": [1.0] * 4}}  # accuracy 0.75
+    assert stage_score(ex, {"a": 1.0, "b": 3.0}) == pytest.approx(0.25 * -1.0 + 0.75 * 0.75)
+
+
+def test_disagreement_ignores_how_hard_an_item_is_and_how_good_an_offspring_is():
+    # item 0: every offspring wrong (hard, orders nobody); item 1: every offspring right;
+    # items 2, 3: the offspring split; the last offspring is better by a constant on every item
+    rows = [[0.0, 1.0, 1.0, 0.0], [0.0, 1.0, 0.0, 1.0], [0.5, 1.5, 1.5, 0.5]]
+    spread = sibling_disagreement([family([offspring(f"o{k}", v) for k, v in enumerate(rows)], [0.0] * 4)], "t")
+    assert spread[0] == pytest.approx(spread[1])  # both order nobody: only the offspring's means differ
+    assert spread[2] > spread[0] and spread[3] > spread[0]
+    uniform = sibling_disagreement([family([offspring("a", [0.0] * 4), offspring("b", [0.5] * 4)], [0.0] * 4)], "t")
+    assert all(v == pytest.approx(0.0) for v in uniform.values())
+
+
+def test_selected_items_take_the_most_disputed_first_and_stay_nested():
+    # four offspring of equal means: they agree on items 0-3 and split on items 4-7, on 7 widely
+    rows = [[1, 1, 1, 1, 0, 0, -1, 3], [1, 1, 1, 1, 1, 1, 1, -1], [1, 1, 1, 1, 1, 0, 0, 1], [1, 1, 1, 1, 0, 1, 0, 1]]
+    calibration = [family([offspring(f"o{k}", [float(x) for x in v]) for k, v in enumerate(rows)], [0.0] * 8)]
+    spread = sibling_disagreement(calibration, "t")
+    assert [spread[i] for i in range(4)] == [0.0] * 4 and spread[7] > max(spread[i] for i in (4, 5, 6)) > 0
+    first, second = selected_items({"t": list(range(8))}, FRACTIONS, 1, calibration)
+    assert 7 in first["t"] and len(first["t"]) == 2 and len(second["t"]) == 4
+    assert set(first["t"]) <= set(second["t"]) == {4, 5, 6, 7}
+
+
+def test_a_race_stops_a_clear_loser_keeps_a_near_tie_and_honours_its_cap():
+    n = 16
+    leader = [1.0] * 12 + [0.0] * 4
+    near = [1.0] * 11 + [0.0] * 5  # one answer behind
+    loser = [0.0] * 12 + [1.0] * 4  # behind on twelve items
+    children = [offspring("a", leader), offspring("b", near), offspring("c", loser)]
+    whole = [{"t": list(range(n))}, {"t": list(range(n))}]  # both screens see every item
+    race = DrawRule("race", (Cut(0.9), Cut(None)))
+    counts, scored = screen(children, whole, race, WEIGHTS, {"t": 32})
+    assert counts == [3, 2, 2] and scored == ["a", "b"]
+    capped = DrawRule("race, one", (Cut(0.9), Cut(None, cap=1)))
+    assert screen(children, whole, capped, WEIGHTS, {"t": 32}) == ([3, 2, 1], ["a"])
+    # the whole population seen: the finite-population correction leaves no doubt, the near-tie stops
+    assert screen(children, whole, race, WEIGHTS, {"t": n}) == ([3, 1, 1], ["a"])
+
+
+def test_replay_counts_costs_and_the_false_stops_of_a_top_k_rule():
+    # stage items: item 0, then items 0-1; "b" looks worst on them but is best in full
+    children = [offspring("a", [1.0, 1.0, 0.0, 0.0]), offspring("b", [0.0, 0.0, 1.0, 1.0]), offspring("c", [1.0, 0.0, 0.0, 0.0])]
+    stages = [{"t": [0]}, {"t": [0, 1]}]
+    rule = DrawRule("top 2 > 1", (Cut(cap=2), Cut(cap=1)))
+    result = replay([family(children, [0.0] * 4)], rule, lambda f: stages, WEIGHTS, 0.9, COSTS)
+    assert result["actor_s"] == family_cost([3, 2, 1], COSTS) == 3 * 1.0 + 2 * 2.0 + 10.0
+    assert result["x"] == pytest.approx(3 * 10.0 / 17.0)
+    assert result["stopped"] == 2 and result["false"] == 1  # b ties a in full: a false stop
+    assert result["gain"] == pytest.approx(0.5)
+
+
+def test_items_chosen_on_earlier_generations_never_see_the_family_judged():
+    # generation 0 disputes item 0, generation 1 item 3: a generation-1 family is screened on item 0
+    gen0 = family([offspring("a", [1.0, 0.5, 0.5, 0.5]), offspring("b", [0.0, 0.5, 0.5, 0.5])], [0.0] * 4, generation=0)
+    gen1 = family([offspring("c", [0.5, 0.5, 0.5, 1.0]), offspring("d", [0.5, 0.5, 0.5, 0.0])], [0.0] * 4, generation=1)
+    rule = DrawRule("top 1 > 1", (Cut(cap=1), Cut(cap=1)))
+    earlier = on_selected([gen0, gen1], rule, True, FRACTIONS, 1, WEIGHTS, 0.9, COSTS)
+    assert earlier["judged"] == [gen1]
+    # item 0 cannot tell c from d: the tie goes to the first id, c, which is also the best in full
+    assert earlier["false"] == 0 and earlier["stopped"] == 1
+    every_other = on_selected([gen0, gen1], rule, False, FRACTIONS, 1, WEIGHTS, 0.9, COSTS)
+    assert every_other["judged"] == [gen0, gen1]
