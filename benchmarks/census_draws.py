@@ -19,12 +19,17 @@ the census holds only as aggregates of the run's own draws). Rules:
   every item scored the difference is known exactly). `race 0.75 > 0.9 <= 2` caps the second cut
   at two;
 - `top k1 > k2` on **selected items** instead of random ones, in the spirit of MERGE³'s extracted
-  subsets: stage k takes the items on which siblings disagree most. An item's disagreement is the
-  variance over offspring of the offspring's per-item score less its own mean on the task (the
-  part of an item's score that orders siblings, not how hard the item is), estimated on other
-  families: on every other family (a bound, from fifteen times the offspring a run scores in
-  full), or on the families of the generations before (what a run could do if it scored whole
-  families in full as it went). Beside each: random draws on the same families.
+  subsets: stage k takes the items on which siblings disagree most (`search.fitness.items`, what
+  `fitness.items` runs on), the disagreement estimated on other families: on every other family
+  (a bound, from fifteen times the offspring a run scores in full), or on the families of the
+  generations before (what a run could do if it scored whole families in full as it went).
+  Beside each: random draws on the same families. Of four statistics of disagreement replayed
+  here (the variance of an offspring's item score less its task mean, pooled over families; and
+  within each family: the variance about the family's item mean, the covariance with the
+  offspring's task mean, the variance after centring on both) the first stopped the fewest
+  siblings falsely on both selections.
+
+`--order FILE` also writes the item order of every family's offspring, for `fitness.items`.
 
 For each rule, pooled over the families and averaged over the draws: actor seconds per family at
 the run's median stage timings, `x` (every offspring in full over that), offspring scored in full
@@ -51,7 +56,8 @@ sys.path.insert(0, str(ROOT))
 
 from benchmarks.family_census import outcome  # noqa: E402
 from search.config import load_config  # noqa: E402
-from search.fitness.staged import compare, stage_sizes, stage_subsets  # noqa: E402
+from search.fitness.items import item_order, ordered_stage_items  # noqa: E402
+from search.fitness.staged import compare, stage_subsets  # noqa: E402
 from search.run.stages import plan_stages  # noqa: E402
 
 StageItems = list[dict[str, list[int]]]  # per screening stage, {task: item ids}
@@ -78,41 +84,17 @@ def run_items(ids: dict[str, list[int]], config, generation: int) -> StageItems:
     """The screening stages' items the census run itself drew for `generation` (`StagePlan`)."""
     fitness = config.fitness
     plan = plan_stages(list(fitness.stages), {t: len(v) for t, v in ids.items()}, config.seed, fitness.min_items,
-                       proxy=False, resample=fitness.resample)
+                       proxy=False, resample=fitness.resample, item_order=fitness.items)
     drawn = plan.indices(generation)
     return [{t: [ids[t][i] for i in drawn[k][t]] for t in ids} for k in range(plan.last)]
 
 
-def per_item(examples: dict, task: str) -> dict[int, float]:
-    """{item id: score per unit weight} (a perplexity chunk's mean log-likelihood per token, a
-    right/wrong answer's 0 or 1)."""
-    e = examples[task]
-    return {i: v / w for i, v, w in zip(e["index"], e["value"], e["weight"])}
-
-
-def sibling_disagreement(families: list[dict], task: str) -> dict[int, float]:
-    """{item id: variance over the families' offspring of (its score on the item - its mean on the
-    task)}. Every item carries the spread of the offspring's means; an item adds to it where
-    offspring split on it, whatever its difficulty (one every offspring gets wrong adds nothing).
-    Of four such statistics replayed on the census (this; within each family, the variance about
-    the family's item mean, the covariance with the offspring's task mean, or the variance after
-    centring on both), this one stopped the fewest siblings falsely on both selections."""
-    rows = [per_item(o["examples"], task) for f in families for o in f["offspring"]]
-    ids = sorted(rows[0])
-    centred = np.array([[r[i] for i in ids] for r in rows])
-    centred -= centred.mean(axis=1, keepdims=True)
-    return dict(zip(ids, centred.var(axis=0)))
-
-
 def selected_items(ids: dict[str, list[int]], fractions: list[float], min_items: int, chosen_on: list[dict]) -> StageItems:
-    """Stage k takes the `stage_sizes` count of items with the most sibling disagreement on the
-    `chosen_on` families (ties by id), so the stages stay nested."""
-    order = {}
-    for t, v in ids.items():
-        spread = sibling_disagreement(chosen_on, t)
-        order[t] = sorted(v, key=lambda i: (-spread[i], i))
-    sizes = {t: stage_sizes(len(v), fractions, min_items) for t, v in ids.items()}
-    return [{t: sorted(order[t][:sizes[t][k]]) for t in ids} for k in range(len(fractions) - 1)]
+    """The stages' items where the offspring of the `chosen_on` families disagree most
+    (`search.fitness.items`), as a run with `fitness.items` takes them."""
+    order = item_order([o["examples"] for f in chosen_on for o in f["offspring"]], ids)
+    stages = {t: ordered_stage_items(order[t], len(v), fractions, min_items) for t, v in ids.items()}
+    return [{t: [ids[t][p] for p in stages[t][k]] for t in ids} for k in range(len(fractions) - 1)]
 
 
 # ---------------------------------------------------------------------------------------------
@@ -270,6 +252,7 @@ def main() -> None:
                         help="the census run's config: its stages, min_items, confidence and task weights")
     parser.add_argument("--draws", type=int, default=8)
     parser.add_argument("--name", default="census_draws", help="results file stem")
+    parser.add_argument("--order", type=Path, help="write the item order of every family's offspring here (for fitness.items)")
     args = parser.parse_args()
     saved = json.loads(args.census.read_text())
     census, costs = saved["families"], saved["costs"]
@@ -308,6 +291,10 @@ def main() -> None:
               f"against {args.draws} random draws on those families:", ""]
     lines += selected_table(selections["earlier generations"])
     lines += ["", f"`python -m benchmarks.census_draws --draws {args.draws}`", ""]
+    if args.order:
+        every = item_order([o["examples"] for f in census for o in f["offspring"]], item_ids(census[0]))
+        args.order.write_text(json.dumps(every) + "\n")
+        lines += [f"Item order of all {len(census) * lam} offspring written to `{args.order}`.", ""]
     (RESULTS / f"{args.name}.md").write_text("\n".join(lines))
     (RESULTS / f"{args.name}.json").write_text(json.dumps(
         {"run": saved["run"], "draws": args.draws, "random_draws": {name: r for name, r, _ in drawn}, "run_draws": {name: own for name, _, own in drawn},

@@ -236,7 +236,8 @@ def main() -> None:
         raise SystemExit(f"{args.run}: fitness.stages {fitness.stages}: the census replays two screening stages and the full one")
     last = len(fitness.stages) - 1
     sizes = {t: len(task.selected(None, 0)) for t, task in scorer.tasks.items()}
-    plan = plan_stages(list(fitness.stages), sizes, scorer.config.seed, fitness.min_items, proxy=False, resample=fitness.resample)
+    plan = plan_stages(list(fitness.stages), sizes, scorer.config.seed, fitness.min_items, proxy=False, resample=fitness.resample,
+                       item_order=fitness.items)
     bfloat16 = fitness.screen_dtype == "bfloat16"
     full = full_rows(rows, last)
     first_rows = {r["id"]: r for r in rows if r.get("stage") == 0 and r.get("target") and r.get("status") == "ok"}

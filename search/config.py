@@ -185,6 +185,11 @@ class FitnessConfig(Strict):
     # it will be compared on as a member, so screening comparisons never mix precisions
     # (README, "Screening in bfloat16").
     screen_dtype: Optional[Literal["bfloat16", "float16"]] = None
+    # Stage items chosen, not drawn (README, "Stage items where siblings disagree"): {dev task:
+    # item positions, most useful first} (search.fitness.items), or a JSON file of one, read when
+    # the config loads (relative to the config) so the run's own config.yaml carries the order.
+    # Stage k takes each task's first items of the order, the same every generation.
+    items: Optional[str | dict[str, list[int]]] = None
 
     @field_validator("stages")
     @classmethod
@@ -325,6 +330,10 @@ class RunConfig(Strict):
             raise ValueError("evolver.subsample: use fitness.stages instead (they cannot be combined)")
         if self.fitness.screen_dtype and not self.fitness.staged:
             raise ValueError("fitness.screen_dtype: screens the stages before the last; this run has one stage (no fitness.stages before 1.0, no proxy)")
+        if self.fitness.items is not None and not self.fitness.staged:
+            raise ValueError("fitness.items: chooses the items of the stages before the last; this run has one stage (no fitness.stages before 1.0)")
+        if isinstance(self.fitness.items, dict):
+            _check_item_order(self.fitness.items, names)
         if self.fitness.staged and any(t.kind == "lm_eval" for t in self.tasks):
             raise ValueError("fitness.stages: lm_eval tasks give no per-example scores to stage on")
         if self.evolver.share_recipe and self.mode != "joint":
@@ -438,6 +447,7 @@ def check_data(config: RunConfig, base_dir: Path | None = None) -> None:
         return str(path)
 
     check_seed_recipes(config, base_dir)
+    check_item_order(config, base_dir)
     for i, task in enumerate(config.tasks):
         if task.kind == "lm_eval":
             continue
@@ -465,6 +475,36 @@ def check_data(config: RunConfig, base_dir: Path | None = None) -> None:
         if parent.finetune is not None:
             parent.finetune.data = check(parent.finetune.data, f"{where}.finetune.data")
         earlier.append(parent.name)
+
+
+def _check_item_order(items: dict[str, list[int]], tasks: list[str]) -> None:
+    """`fitness.items` names every task once and holds distinct positions >= 0."""
+    from search.fitness.items import checked_order
+
+    checked_order(items, "fitness.items")
+    unknown = [t for t in items if t not in tasks]
+    if unknown:
+        raise ValueError(f"fitness.items: {unknown[0]!r} is not a task of this run ({', '.join(tasks)})")
+    missing = [t for t in tasks if t not in items]
+    if missing:
+        raise ValueError(f"fitness.items: no item order for task {missing[0]!r} (every dev task needs one)")
+
+
+def check_item_order(config: RunConfig, base_dir: Path | None = None) -> None:
+    """A `fitness.items` path read into the order it holds (relative to the config), then checked
+    against the run's tasks."""
+    from search.fitness.items import read_item_order
+
+    items = config.fitness.items
+    if not isinstance(items, str):
+        return
+    try:
+        order = read_item_order(items, base_dir)
+        _check_item_order(order, [t.name for t in config.tasks])
+    except ValueError as exc:
+        message = str(exc)
+        raise ConfigError(message if message.startswith("fitness.items") else f"fitness.items: {message}") from None
+    config.fitness.items = order
 
 
 def check_seed_recipes(config: RunConfig, base_dir: Path | None = None) -> None:

@@ -3,7 +3,7 @@ against the stage leader, and items chosen where siblings disagree."""
 import pytest
 
 from benchmarks.census_draws import (Cut, DrawRule, drawn_items, family_cost, on_selected, replay, screen,
-                                     selected_items, sibling_disagreement, stage_score)
+                                     selected_items, stage_score)
 from search.fitness.staged import stage_sizes
 
 WEIGHTS = {"t": 1.0}
@@ -41,26 +41,15 @@ def test_stage_score_is_the_ratio_of_sums_per_task_weighted_over_tasks():
     assert stage_score(ex, {"a": 1.0, "b": 3.0}) == pytest.approx(0.25 * -1.0 + 0.75 * 0.75)
 
 
-def test_disagreement_ignores_how_hard_an_item_is_and_how_good_an_offspring_is():
-    # item 0: every offspring wrong (hard, orders nobody); item 1: every offspring right;
-    # items 2, 3: the offspring split; the last offspring is better by a constant on every item
-    rows = [[0.0, 1.0, 1.0, 0.0], [0.0, 1.0, 0.0, 1.0], [0.5, 1.5, 1.5, 0.5]]
-    spread = sibling_disagreement([family([offspring(f"o{k}", v) for k, v in enumerate(rows)], [0.0] * 4)], "t")
-    assert spread[0] == pytest.approx(spread[1])  # both order nobody: only the offspring's means differ
-    assert spread[2] > spread[0] and spread[3] > spread[0]
-    uniform = sibling_disagreement([family([offspring("a", [0.0] * 4), offspring("b", [0.5] * 4)], [0.0] * 4)], "t")
-    assert all(v == pytest.approx(0.0) for v in uniform.values())
-
-
 def test_selected_items_take_the_most_disputed_first_and_stay_nested():
     # four offspring of equal means: they agree on items 0-3 and split on items 4-7, on 7 widely
     rows = [[1, 1, 1, 1, 0, 0, -1, 3], [1, 1, 1, 1, 1, 1, 1, -1], [1, 1, 1, 1, 1, 0, 0, 1], [1, 1, 1, 1, 0, 1, 0, 1]]
     calibration = [family([offspring(f"o{k}", [float(x) for x in v]) for k, v in enumerate(rows)], [0.0] * 8)]
-    spread = sibling_disagreement(calibration, "t")
-    assert [spread[i] for i in range(4)] == [0.0] * 4 and spread[7] > max(spread[i] for i in (4, 5, 6)) > 0
-    first, second = selected_items({"t": list(range(8))}, FRACTIONS, 1, calibration)
-    assert 7 in first["t"] and len(first["t"]) == 2 and len(second["t"]) == 4
-    assert set(first["t"]) <= set(second["t"]) == {4, 5, 6, 7}
+    ids = {"t": [100 + k for k in range(8)]}  # stage items are item ids, positions map onto them
+    first, second = selected_items(ids, FRACTIONS, 1, [{**f, "offspring": [
+        {**o, "examples": examples(o["examples"]["t"]["value"], ids["t"])} for o in f["offspring"]]} for f in calibration])
+    assert 107 in first["t"] and len(first["t"]) == 2 and len(second["t"]) == 4
+    assert set(first["t"]) <= set(second["t"]) == {104, 105, 106, 107}
 
 
 def test_a_race_stops_a_clear_loser_keeps_a_near_tie_and_honours_its_cap():

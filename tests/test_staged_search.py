@@ -19,6 +19,7 @@ import pytest
 import yaml
 
 from evolve.recipe import Recipe
+from search.fitness.staged import stage_sizes
 from search.run.candidate import Candidate, Evaluation
 from search.run.stages import StageJudge, plan_stages
 from search.run.store import RunStore
@@ -301,6 +302,35 @@ def test_resume_after_a_kill_between_stages_equals_the_uninterrupted_run(staged_
     assert len(keys) == len(set(keys)) > killed_rows, "a finished stage was scored again"
     assert comparable(run_dir) == comparable(staged_run)
     assert RunStore(run_dir).read_state()["population"] == RunStore(staged_run).read_state()["population"]
+
+
+def test_chosen_stage_items_are_scored_in_every_generation_and_a_bad_order_is_refused(staged_run, tmp_path):
+    """`fitness.items`: every first-stage row of every generation holds the order's first items
+    (here each task's last items first); the run's config.yaml carries the order; an order naming
+    an item a task lacks is one `fitness.items` error, exit 2, and leaves no run behind."""
+    parent = next(e for e in RunStore(staged_run).read_journal() if e["id"] == "base" and e["split"] == "dev")
+    ids = {t: sorted(m["examples"]["index"]) for t, m in parent["metrics"].items()}
+    order = {t: list(range(len(v)))[::-1] for t, v in ids.items()}
+    proc = evofuse("search", str(staged_config(tmp_path, items=order)), "--run-dir", str(tmp_path / "run"), "--quiet")
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    store = RunStore(tmp_path / "run")
+    assert yaml.safe_load(store.config_path.read_text())["fitness"]["items"] == order
+    screens = [e for e in store.read_journal() if e.get("stage") == 0 and e.get("target")]
+    assert {e["generation"] for e in screens} == {0, 1}
+    for row in screens:
+        for task, metrics in row["metrics"].items():
+            n = len(ids[task])
+            first = stage_sizes(n, STAGED["stages"], 4)[0]
+            assert sorted(metrics["examples"]["index"]) == ids[task][n - first:]
+
+    too_far = {t: [len(v)] + p[1:] for (t, v), p in zip(ids.items(), order.values())}
+    bad = tmp_path / "bad"
+    bad.mkdir()
+    proc = evofuse("search", str(staged_config(bad, items=too_far)), "--run-dir", str(bad / "run"), "--quiet")
+    ours = [line for line in proc.stderr.splitlines() if line.startswith("evofuse")]  # Ray may log a warning too
+    assert proc.returncode == 2 and ours == [f"evofuse search: fitness.items: task {next(iter(ids))!r}: item position "
+                                             f"{len(next(iter(ids.values())))} but the task has {len(next(iter(ids.values())))} items"]
+    assert not (bad / "run").exists()
 
 
 def test_a_kl_proxy_first_stage_in_a_joint_run(tmp_path):

@@ -2,7 +2,8 @@
 
 Stage k scores a seeded subset of each dev task (nested, the last stage every item;
 `search.fitness.staged.stage_subsets`), drawn afresh for each generation with
-`fitness.resample` (`StagePlan.indices` says why), or, for compress / joint runs with a proxy,
+`fitness.resample` (`StagePlan.indices` says why), or the first items of a chosen order with
+`fitness.items` (`search.fitness.items`: where siblings disagree), or, for compress / joint runs with a proxy,
 stage 0 is the cheap proxy task (the `kl` task: how far the compressed candidate's next-token
 distribution is from its own dense weights') and the dev stages follow. Every stage is scored with
 per-example scores, so any later comparison is paired and free: a member's scores on any
@@ -34,6 +35,8 @@ from dataclasses import dataclass, replace
 from functools import lru_cache
 from typing import Mapping
 
+from search.errors import ConfigError
+from search.fitness.items import ordered_stage_items
 from search.fitness.spec import kind_class
 from search.fitness.staged import audit_selected, compare, dominated_beyond_margin, paired_difference, stage_subsets
 from search.run.candidate import Candidate, Evaluation
@@ -55,6 +58,9 @@ class StagePlan:
     screen_dtype: str | None = None  # the dtype of the stages before the last (`fitness.screen_dtype`)
     generations: int = 1  # the run's generations: the draws a member can still be compared on
     joins_last: bool = False  # the last stage scores only what the screens did not (`extends`)
+    # chosen stage items (`fitness.items`): per dev task, item positions most useful first; the
+    # same items every generation, so no fresh draws (`resample` is then off)
+    item_order: tuple[tuple[str, tuple[int, ...]], ...] | None = None
 
     @property
     def count(self) -> int:
@@ -78,8 +84,11 @@ class StagePlan:
         the false rejections, 15 of 52 stops against 28 of 76; the variance floor and the
         ranking order of `StageJudge.merge_survivors` did.)
         """
+        proxy = self.tasks[0] == (PROXY,)
+        if self.item_order is not None:  # chosen, not drawn: one set of items for the run
+            return _ordered_indices(self.fractions, self.task_sizes, self.min_items, proxy, self.item_order)
         draw = (generation or 0) if self.resample else 0
-        return _drawn_indices(self.fractions, self.task_sizes, self.seed, self.min_items, self.tasks[0] == (PROXY,), draw)
+        return _drawn_indices(self.fractions, self.task_sizes, self.seed, self.min_items, proxy, draw)
 
     def job(self, candidate: Candidate, stage: int, member: bool = True) -> ScoreJob:
         """The job scoring `candidate` at `stage`, narrowed to the items the stage adds when it
@@ -155,14 +164,35 @@ def _drawn_indices(fractions: tuple[float, ...], task_sizes: tuple[tuple[str, in
     return tuple(([None] if proxy else []) + drawn)
 
 
+@lru_cache(maxsize=8)
+def _ordered_indices(fractions: tuple[float, ...], task_sizes: tuple[tuple[str, int], ...], min_items: int, proxy: bool,
+                     item_order: tuple[tuple[str, tuple[int, ...]], ...]) -> tuple[dict[str, list[int]] | None, ...]:
+    """The stages' item indices taken from an item order (`search.fitness.items`)."""
+    order = dict(item_order)
+    chosen = {t: ordered_stage_items(order[t], n, fractions, min_items) for t, n in task_sizes}
+    staged = [{t: chosen[t][k] for t in chosen} for k in range(len(fractions) - 1)] + [None]
+    return tuple(([None] if proxy else []) + staged)
+
+
 def plan_stages(fractions: list[float], task_sizes: Mapping[str, int], seed: int, min_items: int, proxy: bool,
                 resample: bool = False, screen_dtype: str | None = None, generations: int = 1,
-                joins_last: bool = False) -> StagePlan:
-    """Stages over the run's dev tasks (`task_sizes`: items per task); a proxy stage first."""
+                joins_last: bool = False, item_order: Mapping[str, list[int]] | None = None) -> StagePlan:
+    """Stages over the run's dev tasks (`task_sizes`: items per task); a proxy stage first. With an
+    `item_order` (`fitness.items`) the stages take its items (ConfigError when it does not fit a
+    task), the same in every generation."""
     tasks = tuple(t for t in task_sizes if t != PROXY)
     stage_tasks = ([(PROXY,)] if proxy else []) + [tasks] * len(fractions)
-    return StagePlan(tuple(stage_tasks), tuple(float(f) for f in fractions), tuple((t, int(task_sizes[t])) for t in tasks),
-                     seed, min_items, resample, screen_dtype, generations, joins_last and screen_dtype is None)
+    sizes = tuple((t, int(task_sizes[t])) for t in tasks)
+    order = None
+    if item_order is not None:
+        order = tuple((t, tuple(item_order[t])) for t in tasks)
+        for t, n in sizes:
+            try:
+                ordered_stage_items(dict(order)[t], n, fractions, min_items)
+            except ValueError as exc:
+                raise ConfigError(f"fitness.items: task {t!r}: {exc}") from None
+    return StagePlan(tuple(stage_tasks), tuple(float(f) for f in fractions), sizes, seed, min_items,
+                     resample and order is None, screen_dtype, generations, joins_last and screen_dtype is None, order)
 
 
 def screening_examples(evaluation: Evaluation, tasks: tuple[str, ...], items: Mapping[str, set] | None) -> Evaluation | None:
@@ -467,7 +497,7 @@ def stage_plan(config, dev_items: Mapping[str, int]) -> StagePlan:
     joins = all(kind_class(t.kind).joins_metrics for t in config.tasks)
     return plan_stages(fitness.stages, dev_items, config.seed, fitness.min_items, fitness.proxy is not None,
                        resample=fitness.resample, screen_dtype=screen, generations=config.evolver.generations,
-                       joins_last=joins)
+                       joins_last=joins, item_order=fitness.items)
 
 
 def staged_scoring(config, dev_items: Mapping[str, int], scorer: Scorer, mode) -> StagedScoring:
