@@ -245,6 +245,14 @@ def selected_table(rows: list[tuple[str, dict, dict]]) -> list[str]:
     return lines
 
 
+def shown(path: Path) -> str:
+    """A path as a reader of the results finds it: from the repository root when inside it."""
+    try:
+        return str(path.resolve().relative_to(ROOT))
+    except ValueError:
+        return str(path)
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--census", type=Path, default=RESULTS / "family_census.json", help="family_census.py's results")
@@ -275,7 +283,7 @@ def main() -> None:
         selections["earlier generations" if earlier else "every other family"] = rows
     lam, later = len(census[0]["offspring"]), sum(f["generation"] > min(c["generation"] for c in census) for f in census)
     lines = [f"# The family census on fresh draws of the stage items ({saved['run']})", "",
-             f"{len(census)} families of {lam} offspring from `{args.census.relative_to(ROOT)}`, every stage scored from the "
+             f"{len(census)} families of {lam} offspring from `{shown(args.census)}`, every stage scored from the "
              f"float32 per-example scores; costs at the run's medians (first stage {costs['first']:.2f} s, second "
              f"{costs['second']:.2f} s, full {costs['full']:.2f} s). A false stop: a stopped offspring at least as good in "
              f"full as the member and the one chosen (`family_census.md`); resolved: ahead by more than the full dev sets' "
@@ -290,11 +298,12 @@ def main() -> None:
               f"judged: generation k's items chosen on the {lam} offspring of each family of generations 1 to k - 1), "
               f"against {args.draws} random draws on those families:", ""]
     lines += selected_table(selections["earlier generations"])
-    lines += ["", f"`python -m benchmarks.census_draws --draws {args.draws}`", ""]
     if args.order:
         every = item_order([o["examples"] for f in census for o in f["offspring"]], item_ids(census[0]))
         args.order.write_text(json.dumps(every) + "\n")
-        lines += [f"Item order of all {len(census) * lam} offspring written to `{args.order}`.", ""]
+        lines += ["", f"The item order of all {len(census) * lam} offspring: `{shown(args.order)}` (for `fitness.items`)."]
+    lines += ["", f"`python -m benchmarks.census_draws --census {shown(args.census)} --config {shown(args.config)} "
+              f"--draws {args.draws} --name {args.name}" + (f" --order {shown(args.order)}" if args.order else "") + "`", ""]
     (RESULTS / f"{args.name}.md").write_text("\n".join(lines))
     (RESULTS / f"{args.name}.json").write_text(json.dumps(
         {"run": saved["run"], "draws": args.draws, "random_draws": {name: r for name, r, _ in drawn}, "run_draws": {name: own for name, _, own in drawn},
