@@ -57,6 +57,7 @@ sys.path.insert(0, str(ROOT))
 from benchmarks.family_census import outcome  # noqa: E402
 from search.config import load_config  # noqa: E402
 from search.fitness.items import item_order, ordered_stage_items  # noqa: E402
+from search.fitness.spec import aggregate  # noqa: E402
 from search.fitness.staged import compare, stage_subsets  # noqa: E402
 from search.run.stages import plan_stages  # noqa: E402
 
@@ -112,10 +113,9 @@ def restricted(examples: dict, items: dict[str, list[int]]) -> dict:
 
 
 def stage_score(examples: dict, weights: dict[str, float]) -> float:
-    """The aggregate on the items held: the weighted mean over tasks of sum(value) / sum(weight),
-    the task score every kind reports (`search.fitness.staged.paired_difference`)."""
-    total = sum(weights.values())
-    return sum(w / total * sum(examples[t]["value"]) / sum(examples[t]["weight"]) for t, w in weights.items())
+    """The aggregate on the items held of each task's sum(value) / sum(weight), the task score
+    every kind reports (`search.fitness.staged.paired_difference`)."""
+    return aggregate({t: sum(examples[t]["value"]) / sum(examples[t]["weight"]) for t in weights}, weights)
 
 
 @dataclass(frozen=True)

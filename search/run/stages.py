@@ -168,8 +168,12 @@ def _drawn_indices(fractions: tuple[float, ...], task_sizes: tuple[tuple[str, in
 def _ordered_indices(fractions: tuple[float, ...], task_sizes: tuple[tuple[str, int], ...], min_items: int, proxy: bool,
                      item_order: tuple[tuple[str, tuple[int, ...]], ...]) -> tuple[dict[str, list[int]] | None, ...]:
     """The stages' item indices taken from an item order (`search.fitness.items`)."""
-    order = dict(item_order)
-    chosen = {t: ordered_stage_items(order[t], n, fractions, min_items) for t, n in task_sizes}
+    order, chosen = dict(item_order), {}
+    for t, n in task_sizes:
+        try:
+            chosen[t] = ordered_stage_items(order[t], n, fractions, min_items)
+        except ValueError as exc:
+            raise ConfigError(f"fitness.items: task {t!r}: {exc}") from None
     staged = [{t: chosen[t][k] for t in chosen} for k in range(len(fractions) - 1)] + [None]
     return tuple(([None] if proxy else []) + staged)
 
@@ -182,17 +186,13 @@ def plan_stages(fractions: list[float], task_sizes: Mapping[str, int], seed: int
     task), the same in every generation."""
     tasks = tuple(t for t in task_sizes if t != PROXY)
     stage_tasks = ([(PROXY,)] if proxy else []) + [tasks] * len(fractions)
-    sizes = tuple((t, int(task_sizes[t])) for t in tasks)
-    order = None
-    if item_order is not None:
-        order = tuple((t, tuple(item_order[t])) for t in tasks)
-        for t, n in sizes:
-            try:
-                ordered_stage_items(dict(order)[t], n, fractions, min_items)
-            except ValueError as exc:
-                raise ConfigError(f"fitness.items: task {t!r}: {exc}") from None
-    return StagePlan(tuple(stage_tasks), tuple(float(f) for f in fractions), sizes, seed, min_items,
-                     resample and order is None, screen_dtype, generations, joins_last and screen_dtype is None, order)
+    order = None if item_order is None else tuple((t, tuple(item_order[t])) for t in tasks)
+    plan = StagePlan(tuple(stage_tasks), tuple(float(f) for f in fractions), tuple((t, int(task_sizes[t])) for t in tasks),
+                     seed, min_items, resample and order is None, screen_dtype, generations,
+                     joins_last and screen_dtype is None, order)
+    if order is not None:
+        plan.indices()  # an order that does not fit a task fails here, before anything is scored
+    return plan
 
 
 def screening_examples(evaluation: Evaluation, tasks: tuple[str, ...], items: Mapping[str, set] | None) -> Evaluation | None:
