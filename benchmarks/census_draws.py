@@ -1,5 +1,5 @@
 """The family census replayed on fresh draws of the stage items: how much of a rule's false stops
-is the luck of the run's draws, and two ways of choosing among siblings that the run's own draws
+is the luck of the run's draws, and three ways of choosing among siblings that the run's own draws
 cannot show (issue 14).
 
 `family_census.md` counts false stops on the run's own draws of the stage items, one draw per
@@ -27,7 +27,10 @@ the census holds only as aggregates of the run's own draws). Rules:
   here (the variance of an offspring's item score less its task mean, pooled over families; and
   within each family: the variance about the family's item mean, the covariance with the
   offspring's task mean, the variance after centring on both) the first stopped the fewest
-  siblings falsely on both selections.
+  siblings falsely on both selections;
+- `top k1 > k2` ranked by **estimated full scores**, MERGE³'s other idea: each stage ranks the
+  siblings by the expected full score given the items it scored (`ItemModel`, learned on every
+  other family or on the generations before), on the same draws as the stage scores beside it.
 
 `--order FILE` also writes the item order of every family's offspring, for `fitness.items`.
 
@@ -44,7 +47,7 @@ from __future__ import annotations
 import argparse
 import json
 import sys
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Callable
 
@@ -133,14 +136,16 @@ class DrawRule:
 
 
 def screen(offspring: list[dict], stages: StageItems, rule: DrawRule, weights: dict[str, float],
-           population: dict[str, int]) -> tuple[list[int], list[str]]:
+           population: dict[str, int], rank_by: Callable[[dict], float] | None = None) -> tuple[list[int], list[str]]:
     """(how many offspring each stage scored, then how many are scored in full; the ids scored in
-    full) under `rule`."""
+    full) under `rule`, each stage ranking the offspring by `rank_by` of the scores it holds
+    (default: their stage score)."""
+    rank_by = rank_by or (lambda held: stage_score(held, weights))
     alive, counts = list(offspring), []
     for items, cut in zip(stages, rule.cuts):
         counts.append(len(alive))
         held = {o["id"]: restricted(o["examples"], items) for o in alive}
-        ranked = sorted(alive, key=lambda o: (-stage_score(held[o["id"]], weights), o["id"]))
+        ranked = sorted(alive, key=lambda o: (-rank_by(held[o["id"]]), o["id"]))
         leader = held[ranked[0]["id"]]
         if cut.confidence is not None:
             ranked = [ranked[0]] + [o for o in ranked[1:] if compare(held[o["id"]], leader, weights, cut.confidence,
@@ -156,12 +161,14 @@ def family_cost(counts: list[int], costs: dict[str, float]) -> float:
 
 
 def replay(census: list[dict], rule: DrawRule, stages_of: Callable[[dict], StageItems], weights: dict[str, float],
-           confidence: float, costs: dict[str, float]) -> dict:
-    """A rule on every family of the census, each family screened on `stages_of(family)`."""
+           confidence: float, costs: dict[str, float], rank_of: Callable[[dict], Callable[[dict], float]] | None = None) -> dict:
+    """A rule on every family of the census, each family screened on `stages_of(family)` and its
+    offspring ranked by `rank_of(family)` (default: their stage scores)."""
     spent, in_full, stopped, false, resolved, gains = 0.0, 0, 0, 0, 0, []
     for family in census:
         population = {t: len(v) for t, v in item_ids(family).items()}
-        counts, scored = screen(family["offspring"], stages_of(family), rule, weights, population)
+        counts, scored = screen(family["offspring"], stages_of(family), rule, weights, population,
+                                rank_of(family) if rank_of else None)
         chosen = max((o for o in family["offspring"] if o["id"] in scored), key=lambda o: (o["full"], o["id"]))["id"]
         result = outcome(family, scored, chosen, weights, confidence)
         spent += family_cost(counts, costs)
@@ -176,6 +183,94 @@ def replay(census: list[dict], rule: DrawRule, stages_of: Callable[[dict], Stage
 
 
 # ---------------------------------------------------------------------------------------------
+# Estimated full scores: the items a stage did not score, predicted from those it did
+# ---------------------------------------------------------------------------------------------
+
+def item_columns(family: dict) -> list[tuple[str, int]]:
+    """Every dev item as (task, item id), tasks in name order."""
+    return [(t, i) for t, v in sorted(item_ids(family).items()) for i in v]
+
+
+def per_item(examples: dict, columns: list[tuple[str, int]]) -> tuple[np.ndarray, np.ndarray]:
+    """(value, weight) of each column an examples record holds; zero where it holds none."""
+    at = {c: k for k, c in enumerate(columns)}
+    value, weight = np.zeros(len(columns)), np.zeros(len(columns))
+    for t, e in examples.items():
+        for i, v, w in zip(e["index"], e["value"], e["weight"]):
+            value[at[(t, i)]], weight[at[(t, i)]] = v, w
+    return value, weight
+
+
+def differences(family: dict) -> np.ndarray:
+    """Offspring x items: each offspring's item value less its member's, per unit of weight (per
+    token for a perplexity item, the answer itself for an accuracy item)."""
+    columns = item_columns(family)
+    member, weight = per_item(family["member"]["examples"], columns)
+    return np.array([(per_item(o["examples"], columns)[0] - member) / weight for o in family["offspring"]])
+
+
+@dataclass
+class ItemModel:
+    """How the item differences of an offspring from its member co-vary, learned on other families:
+    their mean and covariance, shrunk toward its diagonal by `shrink` (with 20-100 families' worth
+    of offspring the sample covariance of 160 items is singular). A stage's estimate of an offspring's
+    full score is the Gaussian conditional expectation of the items it did not score given those it
+    did, as MERGE³ estimates a merged model's accuracy from a subset with an IRT model fitted on other
+    models' answers: the same idea, for perplexity items as well as right/wrong answers."""
+    columns: list[tuple[str, int]]
+    mean: np.ndarray
+    covariance: np.ndarray
+    _gains: dict = field(default_factory=dict, repr=False, compare=False)  # seen items -> `gain`
+
+    @classmethod
+    def learned(cls, families: list[dict], shrink: float) -> "ItemModel":
+        d = np.concatenate([differences(f) for f in families])
+        sample = np.cov(d, rowvar=False)
+        covariance = (1 - shrink) * sample + shrink * np.diag(np.diag(sample))
+        return cls(item_columns(families[0]), d.mean(axis=0), covariance)
+
+    def gain(self, seen: tuple[int, ...]) -> np.ndarray:
+        """Cov(unseen, seen) Cov(seen, seen)^-1: how a seen item's surprise moves each unseen one."""
+        if seen not in self._gains:
+            unseen = np.setdiff1d(np.arange(len(self.columns)), seen)
+            c = self.covariance
+            self._gains[seen] = np.linalg.lstsq(c[np.ix_(seen, seen)], c[np.ix_(seen, unseen)], rcond=None)[0].T
+        return self._gains[seen]
+
+    def estimate(self, held: dict, member: dict, weights: dict[str, float]) -> float:
+        """The expected full aggregate of an offspring holding `held`, whose member's full record
+        is `member`: seen items as scored, each unseen one its member's value plus the expected
+        difference, then every task's sum(value) / sum(weight) as `stage_score`."""
+        value, weight = per_item(member, self.columns)
+        held_value, held_weight = per_item(held, self.columns)
+        seen = np.flatnonzero(held_weight)
+        unseen = np.setdiff1d(np.arange(len(self.columns)), seen)
+        # E[d_U | d_S] = mean_U + Cov(U, S) Cov(S, S)^-1 (d_S - mean_S), d per unit of weight
+        surprise = (held_value[seen] - value[seen]) / weight[seen] - self.mean[seen]
+        value[seen] = held_value[seen]
+        value[unseen] += weight[unseen] * (self.mean[unseen] + self.gain(tuple(seen.tolist())) @ surprise)
+        tasks = np.array([t for t, _ in self.columns])
+        return aggregate({t: value[tasks == t].sum() / weight[tasks == t].sum() for t in weights}, weights)
+
+
+def on_estimates(census: list[dict], rule: DrawRule, earlier: bool, shrink: float, draws: int, fractions: list[float],
+                 min_items: int, weights: dict[str, float], confidence: float, costs: dict[str, float]) -> tuple[dict, dict]:
+    """`over_draws` with each stage ranking the offspring by their estimated full score, the item
+    model learned on every other family or (`earlier`) on the families of the generations before
+    (the first generation is not judged); and the stage scores on the same draws and families."""
+    first = min(f["generation"] for f in census)
+    judged = [f for f in census if not earlier or f["generation"] > first]
+    models = {id(f): ItemModel.learned([c for c in census if (c["generation"] < f["generation"] if earlier else c is not f)], shrink)
+              for f in judged}
+
+    def rank_of(family: dict) -> Callable[[dict], float]:
+        return lambda held: models[id(family)].estimate(held, family["member"]["examples"], weights)
+
+    shared = (draws, fractions, min_items, weights, confidence, costs)
+    return over_draws(judged, rule, *shared, rank_of), over_draws(judged, rule, *shared)
+
+
+# ---------------------------------------------------------------------------------------------
 # The report
 # ---------------------------------------------------------------------------------------------
 
@@ -187,11 +282,12 @@ def rules() -> list[DrawRule]:
 
 
 def over_draws(census: list[dict], rule: DrawRule, draws: int, fractions: list[float], min_items: int,
-               weights: dict[str, float], confidence: float, costs: dict[str, float]) -> dict:
+               weights: dict[str, float], confidence: float, costs: dict[str, float],
+               rank_of: Callable[[dict], Callable[[dict], float]] | None = None) -> dict:
     """`replay` on each seeded draw of the stage items: the mean of each figure, and the range of
     the false-stop rate."""
     runs = [replay(census, rule, lambda f, s=seed: drawn_items(item_ids(f), fractions, min_items, s, f["generation"]),
-                   weights, confidence, costs) for seed in range(draws)]
+                   weights, confidence, costs, rank_of) for seed in range(draws)]
     rates = [r["false"] / r["stopped"] for r in runs]
     mean = {k: float(np.mean([r[k] for r in runs])) for k in runs[0]}
     return {**mean, "false_rate": float(np.mean(rates)), "false_low": min(rates), "false_high": max(rates),
@@ -245,6 +341,17 @@ def selected_table(rows: list[tuple[str, dict, dict]]) -> list[str]:
     return lines
 
 
+def estimated_table(rows: list[tuple[str, dict, dict]]) -> list[str]:
+    """Ranked by estimated full scores beside ranked by stage scores, on the same draws."""
+    lines = ["| rule | x | estimated: false stops, mean (least - most) | resolved | mean gain | "
+             "stage scores: false stops, mean (least - most) | resolved | mean gain |", "|---|---|---|---|---|---|---|---|"]
+    for name, est, raw in rows:
+        lines.append(f"| {name} | {est['x']:.2f} | " + " | ".join(
+            f"{r['false_rate']:.1%} ({r['false_low']:.1%} - {r['false_high']:.1%}) | {r['resolved_rate']:.1%} | {r['gain']:.4f}"
+            for r in (est, raw)) + " |")
+    return lines
+
+
 def shown(path: Path) -> str:
     """A path as a reader of the results finds it: from the repository root when inside it."""
     try:
@@ -260,8 +367,12 @@ def main() -> None:
                         help="the census run's config: its stages, min_items, confidence and task weights")
     parser.add_argument("--draws", type=int, default=8)
     parser.add_argument("--name", default="census_draws", help="results file stem")
+    parser.add_argument("--shrink", type=float, default=0.5,
+                        help="how far the item covariance of the estimated full scores is shrunk toward its diagonal (0-1)")
     parser.add_argument("--order", type=Path, help="write the item order of every family's offspring here (for fitness.items)")
     args = parser.parse_args()
+    if not 0.0 <= args.shrink <= 1.0:
+        parser.error(f"--shrink: {args.shrink} is not between 0 and 1")
     saved = json.loads(args.census.read_text())
     census, costs = saved["families"], saved["costs"]
     config = load_config(args.config)
@@ -274,13 +385,16 @@ def main() -> None:
     drawn = [(r.name, over_draws(census, r, args.draws, *shared),
               replay(census, r, lambda f: run_items(item_ids(f), config, f["generation"]), weights, fitness.confidence, costs))
              for r in rules()]
+    top = [r for r in rules() if r.name.startswith("top")]
     selections = {}
     for earlier in (False, True):
         rows = []
-        for rule in (r for r in rules() if r.name.startswith("top")):
+        for rule in top:
             picked = on_selected(census, rule, earlier, *shared)
             rows.append((rule.name, picked, over_draws(picked.pop("judged"), rule, args.draws, *shared)))
         selections["earlier generations" if earlier else "every other family"] = rows
+    estimates = {earlier: [(rule.name, *on_estimates(census, rule, earlier, args.shrink, args.draws, *shared)) for rule in top]
+                 for earlier in (False, True)}
     lam, later = len(census[0]["offspring"]), sum(f["generation"] > min(c["generation"] for c in census) for f in census)
     lines = [f"# The family census on fresh draws of the stage items ({saved['run']})", "",
              f"{len(census)} families of {lam} offspring from `{shown(args.census)}`, every stage scored from the "
@@ -298,17 +412,29 @@ def main() -> None:
               f"judged: generation k's items chosen on the {lam} offspring of each family of generations 1 to k - 1), "
               f"against {args.draws} random draws on those families:", ""]
     lines += selected_table(selections["earlier generations"])
+    lines += ["", "## Estimated full scores: each stage ranks siblings by their expected full score", "",
+              f"The items a stage did not score, predicted from those it did (`ItemModel`: the Gaussian conditional "
+              f"expectation of an offspring's item differences from its member, their covariance shrunk {args.shrink:g} toward "
+              f"its diagonal; MERGE³'s subset estimate with a Gaussian model in place of IRT, since one task is perplexity). "
+              f"The same {args.draws} draws, ranked by the estimate and by the stage score. Learned on every other family "
+              f"(a bound):", ""]
+    lines += estimated_table(estimates[False])
+    lines += ["", f"Learned on the families of the generations before (the {later} families after the first generation):", ""]
+    lines += estimated_table(estimates[True])
     if args.order:
         every = item_order([o["examples"] for f in census for o in f["offspring"]], item_ids(census[0]))
         args.order.write_text(json.dumps(every) + "\n")
         lines += ["", f"The item order of all {len(census) * lam} offspring: `{shown(args.order)}` (for `fitness.items`)."]
     lines += ["", f"`python -m benchmarks.census_draws --census {shown(args.census)} --config {shown(args.config)} "
-              f"--draws {args.draws} --name {args.name}" + (f" --order {shown(args.order)}" if args.order else "") + "`", ""]
+              f"--draws {args.draws} --shrink {args.shrink:g} --name {args.name}" + (f" --order {shown(args.order)}" if args.order else "") + "`", ""]
     (RESULTS / f"{args.name}.md").write_text("\n".join(lines))
     (RESULTS / f"{args.name}.json").write_text(json.dumps(
         {"run": saved["run"], "draws": args.draws, "random_draws": {name: r for name, r, _ in drawn}, "run_draws": {name: own for name, _, own in drawn},
          "selected": {k: [{"rule": name, "selected": picked, "random": random} for name, picked, random in rows]
-                      for k, rows in selections.items()}}, indent=1) + "\n")
+                      for k, rows in selections.items()},
+         "estimated": {"shrink": args.shrink, **{"earlier generations" if earlier else "every other family":
+                                                 [{"rule": name, "estimated": est, "stage_scores": raw} for name, est, raw in rows]
+                                                 for earlier, rows in estimates.items()}}}, indent=1) + "\n")
     print("\n".join(lines))
 
 

@@ -1,9 +1,11 @@
 """benchmarks/census_draws.py: replaying sibling rules on other draws of the stage items, races
-against the stage leader, and items chosen where siblings disagree."""
+against the stage leader, items chosen where siblings disagree, and siblings ranked by their
+estimated full scores."""
+import numpy as np
 import pytest
 
-from benchmarks.census_draws import (Cut, DrawRule, drawn_items, family_cost, on_selected, replay, screen,
-                                     selected_items, stage_score)
+from benchmarks.census_draws import (Cut, DrawRule, ItemModel, differences, drawn_items, family_cost, on_estimates,
+                                     on_selected, replay, screen, selected_items, stage_score)
 from search.fitness.staged import stage_sizes
 
 WEIGHTS = {"t": 1.0}
@@ -91,3 +93,53 @@ def test_items_chosen_on_earlier_generations_never_see_the_family_judged():
     assert earlier["false"] == 0 and earlier["stopped"] == 1
     every_other = on_selected([gen0, gen1], rule, False, FRACTIONS, 1, WEIGHTS, 0.9, COSTS)
     assert every_other["judged"] == [gen0, gen1]
+
+
+def test_the_estimate_is_the_conditional_expectation_of_the_unseen_items():
+    # item 1 moves half as far as item 0's surprise, item 2 on its own; per unit of weight
+    model = ItemModel([("t", 0), ("t", 1), ("t", 2)], np.array([0.1, 0.0, -0.2]),
+                      np.array([[1.0, 0.5, 0.0], [0.5, 1.0, 0.0], [0.0, 0.0, 2.0]]))
+    member = {"t": {"index": [0, 1, 2], "value": [-2.0, -4.0, -8.0], "weight": [2.0, 4.0, 4.0]}}
+    held = {"t": {"index": [0], "value": [-1.0], "weight": [2.0]}}
+    # item 0: (-1 - -2) / 2 = 0.5 per unit, a surprise of 0.4 over the mean; item 1: -4 + 4 * 0.5 * 0.4;
+    # item 2: -8 + 4 * -0.2; the task score is the sum of values over the sum of weights
+    expected = (-1.0 + (-4.0 + 4 * 0.2) + (-8.0 - 0.8)) / 10.0
+    assert model.estimate(held, member, WEIGHTS) == pytest.approx(expected)
+    # every item seen: the estimate is the score itself
+    whole = {"t": {"index": [0, 1, 2], "value": [-1.0, -3.0, -9.0], "weight": [2.0, 4.0, 4.0]}}
+    assert model.estimate(whole, member, WEIGHTS) == pytest.approx(stage_score(whole, WEIGHTS))
+
+
+def test_the_item_model_is_learned_from_offspring_differences_shrunk_toward_the_diagonal():
+    families = [family([offspring("a", [1.0, 0.0, 1.0]), offspring("b", [0.0, 1.0, 1.0])], [0.0, 0.0, 1.0]),
+                family([offspring("c", [1.0, 1.0, 0.0]), offspring("d", [1.0, 0.0, 0.0])], [1.0, 0.0, 0.0], generation=1)]
+    d = np.array([[1.0, 0.0, 0.0], [0.0, 1.0, 0.0], [0.0, 1.0, 0.0], [0.0, 0.0, 0.0]])
+    assert np.array_equal(np.concatenate([differences(f) for f in families]), d)
+    raw, diagonal = ItemModel.learned(families, 0.0), ItemModel.learned(families, 1.0)
+    assert np.allclose(raw.mean, d.mean(axis=0)) and np.allclose(raw.covariance, np.cov(d, rowvar=False))
+    assert np.allclose(diagonal.covariance, np.diag(np.diag(np.cov(d, rowvar=False))))
+    assert np.allclose(ItemModel.learned(families, 0.5).covariance, (raw.covariance + diagonal.covariance) / 2)
+
+
+def test_ranking_by_the_estimate_follows_the_items_the_stage_did_not_see():
+    # on the earlier family, what an offspring gains on item 0 it loses twice over on item 1
+    earlier = family([offspring(k, v) for k, v in (("p", [1.0, -2.0]), ("q", [-1.0, 2.0]), ("r", [0.5, -1.0]))], [0.0, 0.0])
+    # "a" leads on item 0, the only item the stages see, but is behind in full; "b" is the member's equal
+    judged = family([offspring("a", [1.0, -2.0]), offspring("b", [0.0, 0.0])], [0.0, 0.0], generation=1)
+    stages, rule = [{"t": [0]}, {"t": [0]}], DrawRule("top 1 > 1", (Cut(cap=1), Cut(cap=1)))
+    model = ItemModel.learned([earlier], 0.0)
+    assert model.estimate(restricted_to(judged["offspring"][0], [0]), judged["member"]["examples"], WEIGHTS) == pytest.approx(-0.5)
+    by_score = replay([judged], rule, lambda f: stages, WEIGHTS, 0.9, COSTS)
+    by_estimate = replay([judged], rule, lambda f: stages, WEIGHTS, 0.9, COSTS,
+                         rank_of=lambda f: lambda held: model.estimate(held, f["member"]["examples"], WEIGHTS))
+    assert by_score["false"] == 1 and by_estimate["false"] == 0 and by_estimate["gain"] == 0.0
+    # over seeded draws, learned on the generations before: only the later family is judged, and
+    # whichever item a draw shows, the estimate goes to "b"
+    estimated, scored = on_estimates([earlier, judged], rule, True, 0.0, 4, FRACTIONS, 1, WEIGHTS, 0.9, COSTS)
+    assert estimated["stopped"] == scored["stopped"] == 1 and estimated["false"] == 0
+    assert estimated["x"] == scored["x"]
+
+
+def restricted_to(child: dict, items: list[int]) -> dict:
+    e = child["examples"]["t"]
+    return {"t": {key: [e[key][i] for i in items] for key in ("index", "value", "weight")}}
