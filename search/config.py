@@ -19,7 +19,7 @@ from pydantic import Field, field_validator, model_validator
 from compression.calibration import DataSpecError
 
 from search.errors import ConfigError
-from search.schema import Strict, read_yaml, validate
+from search.schema import Strict, beside_config, read_yaml, validate
 from search.preflight import preflight
 from search.tuning.space import SpaceConfig
 
@@ -439,9 +439,7 @@ def check_data(config: RunConfig, base_dir: Path | None = None) -> None:
                 return spec
         except DataSpecError as exc:
             raise ConfigError(f"{where}: {exc}") from None
-        path = Path(spec)
-        if not path.is_absolute() and base_dir is not None and not path.exists() and (base_dir / path).exists():
-            path = base_dir / path
+        path = beside_config(spec, base_dir)
         if not path.is_file():
             raise ConfigError(f"{where}: no such file {spec!r}")
         return str(path)
@@ -459,9 +457,7 @@ def check_data(config: RunConfig, base_dir: Path | None = None) -> None:
     for i, parent in enumerate(config.parents.all()):
         where = "parents.base" if i == 0 else f"parents.experts[{i - 1}]"
         if parent.source not in BUILTINS and parent.source not in earlier:
-            path = Path(parent.source)
-            if not path.is_absolute() and base_dir is not None and not path.exists() and (base_dir / path).is_dir():
-                path = base_dir / path
+            path = beside_config(parent.source, base_dir, Path.is_dir)
             if not path.is_dir():
                 raise ConfigError(
                     f"{where}.source: {parent.source!r} is not a directory, a built-in ({', '.join(BUILTINS)}) "

@@ -28,6 +28,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any, Iterator
 
 from search.errors import ConfigError
+from search.schema import beside_config
 
 if TYPE_CHECKING:
     from search.config import RunConfig
@@ -221,9 +222,7 @@ def resolve_lm_eval_paths(config: RunConfig, base_dir: Path | None) -> None:
             for part in getattr(task, side).split(","):
                 item, split = split_item(part)
                 if item and is_yaml(item):
-                    path = Path(item)
-                    if not path.is_file() and not path.is_absolute() and base_dir is not None and (base_dir / path).is_file():
-                        path = base_dir / path
+                    path = beside_config(item, base_dir, Path.is_file)
                     if not path.is_file():
                         raise ConfigError(f"tasks[{i}].{side}: no such lm-eval task YAML {item!r}")
                     item = str(path)

@@ -8,7 +8,7 @@ is read by `load_yaml_model`, so every config file reports problems the same way
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Any, TypeVar
+from typing import Any, Callable, TypeVar
 
 import yaml
 from pydantic import BaseModel, ConfigDict, ValidationError
@@ -24,6 +24,16 @@ class Strict(BaseModel):
     """A config model that refuses unknown keys."""
 
     model_config = ConfigDict(extra="forbid")
+
+
+def beside_config(spec: str | Path, config_dir: Path | None, found: Callable[[Path], bool] = Path.exists) -> Path:
+    """A path a config names: as written when it is `found` from the working directory (or is
+    absolute, or no config directory is known), else under the config's own directory when it is
+    found there; so a config's relative paths work from wherever it is run."""
+    path = Path(spec)
+    if path.is_absolute() or config_dir is None or found(path) or not found(config_dir / path):
+        return path
+    return config_dir / path
 
 
 def read_yaml(path: str | Path, error: type[EvofuseError] = EvofuseError, what: str = "config file") -> Any:

@@ -81,3 +81,23 @@ def test_cli_exit_code_2_and_one_line(tmp_path):
 def test_missing_config_file(tmp_path):
     proc = subprocess.run([sys.executable, "-m", "search.cli", "search", str(tmp_path / "nope.yaml")], capture_output=True, text=True)
     assert proc.returncode == 2 and "nope.yaml: no such config file" in proc.stderr
+
+
+def test_a_config_path_is_taken_as_written_first_then_beside_the_config(tmp_path, monkeypatch):
+    from search.schema import beside_config
+
+    config_dir, work = tmp_path / "configs", tmp_path / "work"
+    (config_dir / "data").mkdir(parents=True)
+    (config_dir / "data" / "dev.jsonl").write_text("{}\n")
+    work.mkdir()
+    monkeypatch.chdir(work)
+    assert beside_config("data/dev.jsonl", config_dir) == config_dir / "data" / "dev.jsonl"
+    assert beside_config("data/dev.jsonl", None) == Path("data/dev.jsonl")  # no config directory known
+    assert beside_config("data", config_dir, Path.is_dir) == config_dir / "data"
+    assert beside_config("data", config_dir, Path.is_file) == Path("data")  # a directory is not a file
+    assert beside_config("missing.jsonl", config_dir) == Path("missing.jsonl")  # the caller names it in its error
+    (work / "data").mkdir()
+    (work / "data" / "dev.jsonl").write_text("{}\n")
+    assert beside_config("data/dev.jsonl", config_dir) == Path("data/dev.jsonl")  # the working directory's wins
+    absolute = tmp_path / "elsewhere.jsonl"
+    assert beside_config(absolute, config_dir) == absolute

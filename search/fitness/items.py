@@ -27,6 +27,7 @@ from typing import Mapping, Sequence
 import numpy as np
 
 from search.fitness.staged import stage_sizes
+from search.schema import beside_config
 
 Examples = Mapping[str, Mapping[str, Sequence]]  # {task: {"index", "value", "weight"}}
 
@@ -65,9 +66,7 @@ def item_order(records: Sequence[Examples], all_items: Mapping[str, Sequence[int
 def read_item_order(spec: str | Path, base_dir: Path | None = None) -> dict[str, list[int]]:
     """The order in a JSON file ({task: [positions]}; relative paths also against `base_dir`),
     checked for shape (`checked_order`). ValueError names what is wrong."""
-    path = Path(spec)
-    if not path.is_absolute() and base_dir is not None and not path.exists() and (base_dir / path).exists():
-        path = base_dir / path
+    path = beside_config(spec, base_dir)
     if not path.is_file():
         raise ValueError(f"no such file {str(spec)!r}")
     try:

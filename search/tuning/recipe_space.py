@@ -28,6 +28,7 @@ from pathlib import Path
 from typing import Any, Mapping
 
 from search.errors import ConfigError
+from search.schema import beside_config
 
 RECIPE_FILE = "evofuse_recipe.json"  # an export's record (search.results.export)
 
@@ -197,9 +198,7 @@ def read_seed_recipe(spec: str, base_dir: Path | None = None) -> dict:
     record. Paths may be relative to the config's directory. JSON only, never pickle."""
     from evolve.recipe import Recipe, RecipeError
 
-    path = Path(spec)
-    if not path.exists() and not path.is_absolute() and base_dir is not None and (base_dir / path).exists():
-        path = base_dir / path
+    path = beside_config(spec, base_dir)
     if path.is_dir():
         if (path / RECIPE_FILE).is_file():
             data = _read_json(path / RECIPE_FILE).get("recipe")
