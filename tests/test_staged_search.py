@@ -457,6 +457,15 @@ def test_siblings_in_a_joint_run_stop_beyond_the_best(tmp_path):
     status = evofuse("status", str(run), "--json")
     staged = json.loads(status.stdout)["staged"]
     assert staged["audited"] >= len(siblings) and staged["false_rejection_rate"] is not None
+    # the report: the front at the candidates' full dev scores (never a KL stage's), and the audit
+    assert evofuse("report", str(run)).returncode == 0
+    report = (run / "report" / "report.md").read_text()
+    table = report.split("## Pareto front (dev)")[1].split("![Pareto front]")[0]
+    front = [line.split(" | ") for line in table.splitlines() if line.startswith("| g")]
+    assert front and len({row[0] for row in front}) == len(front), "each front member once"
+    for row in front:
+        assert float(row[2]) == pytest.approx(full[row[0].strip("| ")]["score"], abs=5e-5)
+    assert "## Staged fitness" in report and "false-rejection rate" in report
 
 
 def test_an_idle_actor_takes_work_on_the_recipe_it_holds():

@@ -196,13 +196,15 @@ def _task_verdict(task, parents: dict, merged: dict) -> str:
     return f"{task.name}: no merged candidate beats the best parent: {shown}{difference}"
 
 
-def pareto_section(store: RunStore, state: dict, out: Path) -> list[str]:
-    """pareto_front.png (every scored candidate, the front, the parents and any baselines) and
-    the table of the front's plans. Baselines come from report/baselines.json when a benchmark
-    wrote one: [{"label", "params", "score"}]."""
+def pareto_section(store: RunStore, state: dict, out: Path, last: int | None) -> list[str]:
+    """pareto_front.png (every candidate scored in full, the front, the parents and any
+    baselines) and the table of the front's plans. A staged run's earlier stages are not dev
+    scores (a KL proxy, or a subset), so only full rows count (`full_dev_rows`, `last`: the last
+    stage). Baselines come from report/baselines.json when a benchmark wrote one:
+    [{"label", "params", "score"}]."""
     import matplotlib.pyplot as plt
 
-    dev = [e for e in store.read_journal() if e["split"] == "dev" and e.get("status") == "ok" and "num_params" in e]
+    dev = [e for e in full_dev_rows(store.read_journal(), last) if e.get("status") == "ok" and "num_params" in e]
     front_ids = set(pareto_ids(store))
     front = sorted((e for e in dev if e["id"] in front_ids), key=lambda e: e["num_params"])
     fig, ax = plt.subplots(figsize=(6, 4))
@@ -298,11 +300,14 @@ def write_report(run_dir: Path) -> Path:
     plt.close(fig)
     text = [f"# Report: {config.name}", "", results_table(run_dir), ""]
     if config.mode in ("compress", "joint"):
-        text += pareto_section(store, state, out)
+        text += pareto_section(store, state, out, last_stage(config))
+    status = run_status(run_dir)
+    if status["staged"]:
+        text += ["## Staged fitness", "", "```", *format_staged(status["staged"]), "```", ""]
     text += ["## Logbook", ""]
     text += ["| gen | evals | best | mean | replaced | wall s |", "|---|---|---|---|---|---|"]
     text += [f"| {r['gen'] + 1} | {r['evals']} | {r['best']:.4f} | {r['mean']:.4f} | {r['replaced']} | {r['wall_s']:.1f} |" for r in logbook]
     text += ["", "![score per generation](score_per_generation.png)", ""]
     (out / "report.md").write_text("\n".join(text))
-    (out / "status.json").write_text(json.dumps(run_status(run_dir), indent=1))
+    (out / "status.json").write_text(json.dumps(status, indent=1))
     return out / "report.md"
