@@ -12,6 +12,7 @@ import json
 import os
 import subprocess
 import sys
+from dataclasses import replace
 from pathlib import Path
 
 import optuna
@@ -433,6 +434,28 @@ def _proxy_row(cid: str, values: list[float]) -> Evaluation:
     candidate = Candidate(id=cid, recipe=Recipe(op="copy", inputs=("m",)), target="m")
     metrics = {"_proxy": {"score": sum(values) / len(values), "examples": _examples(values)}}
     return Evaluation(candidate, "dev", "ok", metrics, score=sum(values) / len(values), stage=0)
+
+
+def test_a_proxy_stage_stops_a_candidate_only_against_front_members_of_its_own_recipe():
+    """The KL stage measures a candidate against its own dense weights, so a front member of
+    another recipe cannot stop it there; on dev items it can."""
+    plan = plan_stages([1.0], {"acc": 8}, seed=0, min_items=4, proxy=True)
+    judge = StageJudge(plan, {"acc": 1.0}, confidence=0.9, advance=1, run_seed=0, audit=0.0)
+    candidate = _proxy_row("c", [-3.0, -2.5] * 4)  # recipe copy(m), 60 parameters, far behind both members
+    mine = _proxy_row("same", [-0.5, -0.4] * 4)  # recipe copy(m), 50 parameters
+    theirs = _proxy_row("other", [-0.5, -0.4] * 4)
+    theirs = replace(theirs, candidate=replace(theirs.candidate, recipe=Recipe(op="copy", inputs=("n",))))
+    size = {"c": 60.0}
+    costs_of = lambda r: (size[r.id],)  # noqa: E731
+    rows = {"c": candidate}
+    stopped = judge.pareto_survivors(0, rows, [(mine, (50.0,)), (theirs, (50.0,))], [candidate.candidate], costs_of)
+    assert stopped["c"][1:] == ("same", "margin")
+    assert judge.pareto_survivors(0, rows, [(theirs, (50.0,))], [candidate.candidate], costs_of) == {}
+    # dev items compare across recipes
+    dev = plan_stages([0.5, 1.0], {"acc": 8}, seed=0, min_items=4, proxy=False)
+    dev_judge = StageJudge(dev, {"acc": 1.0}, confidence=0.9, advance=1, run_seed=0, audit=0.0)
+    loser, winner = _row("c", "m", [0.0, 0.0, 0.0, 1.0]), _row("other", "n", [1.0, 1.0, 1.0, 1.0])
+    assert dev_judge.pareto_survivors(0, {"c": loser}, [(winner, (50.0,))], [loser.candidate], costs_of)["c"][1] == "other"
 
 
 def test_siblings_in_a_joint_run_stop_beyond_the_best(tmp_path):

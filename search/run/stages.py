@@ -16,7 +16,8 @@ After each stage but the last, a candidate goes on while it can still win:
   contender goes on unless its stage score is worse than its target member's on the same items
   by more than the one-sided paired margin at `fitness.confidence`;
 - compress / joint: no member of the current front, with no more parameters (and no more
-  latency), beats it by more than that margin; of one member's offspring the `fitness.advance`
+  latency), beats it by more than that margin (at a proxy stage, a member of its own recipe:
+  `StageJudge.pareto_survivors`); of one member's offspring the `fitness.advance`
   that lead the front furthest at their own size go on (`StageJudge.pareto_siblings`). Without
   siblings each candidate runs through its stages in one chain on one actor (depth first);
   with them a generation is scored stage by stage, since siblings are compared.
@@ -280,9 +281,19 @@ class StageJudge:
                          candidates: list[Candidate], costs_of) -> dict[str, tuple]:
         """{candidate id: (reason, rival id, rule)} for compress / joint candidates a front member
         dominates beyond the margin after `stage`; `front` holds (the member's evaluation at this
-        stage, its costs)."""
+        stage, its costs).
+
+        A proxy stage measures each candidate against its own dense weights (the `kl` task: how
+        far its plan moves its recipe's next-token distribution), so there it is compared only with
+        front members of the same recipe: a compress run's every candidate, a joint run's none
+        from another family. Across recipes the proxy says which plan hurts its own recipe more,
+        not which candidate is better: in the joint demo (seed 2, `fitness.audit: 0.4`) every one
+        of the paired test's ten stops at the KL stage was against another recipe's member, and one
+        of the two audited, behind by 0.46 in KL per token, was 0.077 ahead in full dev score."""
         tasks, weights = self.plan.tasks[stage], weights_for(self.plan.tasks[stage], self.task_weights)
         usable = front_examples(front, tasks)
+        recipes = {e.id: e.candidate.recipe.fingerprint() for e, _ in front if e is not None}
+        proxy = tasks == (PROXY,)
         stopped = {}
         for c in candidates:
             row = rows[c.id]
@@ -291,6 +302,8 @@ class StageJudge:
                 stopped[c.id] = failed_at(row, stage)
                 continue
             for member_id, theirs, costs in usable:
+                if proxy and recipes[member_id] != c.recipe.fingerprint():
+                    continue
                 if dominated_beyond_margin(mine, costs_of(row), [(theirs, costs)], weights, self.confidence):
                     stopped[c.id] = (f"stage {stage + 1}: {member_id} of the front dominates it beyond the paired margin", member_id, "margin")
                     break
