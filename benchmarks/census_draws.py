@@ -48,6 +48,7 @@ import argparse
 import json
 import sys
 from dataclasses import dataclass, field
+from functools import cached_property
 from pathlib import Path
 from typing import Callable
 
@@ -222,6 +223,11 @@ class ItemModel:
     covariance: np.ndarray
     _gains: dict = field(default_factory=dict, repr=False, compare=False)  # seen items -> `gain`
 
+    @cached_property
+    def column_tasks(self) -> np.ndarray:
+        """Each column's task name."""
+        return np.array([t for t, _ in self.columns])
+
     @classmethod
     def learned(cls, families: list[dict], shrink: float) -> "ItemModel":
         d = np.concatenate([differences(f) for f in families])
@@ -249,7 +255,7 @@ class ItemModel:
         surprise = (held_value[seen] - value[seen]) / weight[seen] - self.mean[seen]
         value[seen] = held_value[seen]
         value[unseen] += weight[unseen] * (self.mean[unseen] + self.gain(tuple(seen.tolist())) @ surprise)
-        tasks = np.array([t for t, _ in self.columns])
+        tasks = self.column_tasks
         return aggregate({t: value[tasks == t].sum() / weight[tasks == t].sum() for t in weights}, weights)
 
 

@@ -333,7 +333,7 @@ class RunConfig(Strict):
         if self.fitness.items is not None and not self.fitness.staged:
             raise ValueError("fitness.items: chooses the items of the stages before the last; this run has one stage (no fitness.stages before 1.0)")
         if isinstance(self.fitness.items, dict):
-            _check_item_order(self.fitness.items, names)
+            _order_fits_tasks(self.fitness.items, names)
         if self.fitness.staged and any(t.kind == "lm_eval" for t in self.tasks):
             raise ValueError("fitness.stages: lm_eval tasks give no per-example scores to stage on")
         if self.evolver.share_recipe and self.mode != "joint":
@@ -473,7 +473,7 @@ def check_data(config: RunConfig, base_dir: Path | None = None) -> None:
         earlier.append(parent.name)
 
 
-def _check_item_order(items: dict[str, list[int]], tasks: list[str]) -> None:
+def _order_fits_tasks(items: dict[str, list[int]], tasks: list[str]) -> None:
     """`fitness.items` names every task once and holds distinct positions >= 0."""
     from search.fitness.items import checked_order
 
@@ -496,7 +496,7 @@ def check_item_order(config: RunConfig, base_dir: Path | None = None) -> None:
         return
     try:
         order = read_item_order(items, base_dir)
-        _check_item_order(order, [t.name for t in config.tasks])
+        _order_fits_tasks(order, [t.name for t in config.tasks])
     except ValueError as exc:
         message = str(exc)
         raise ConfigError(message if message.startswith("fitness.items") else f"fitness.items: {message}") from None

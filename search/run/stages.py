@@ -293,7 +293,6 @@ class StageJudge:
         tasks, weights = self.plan.tasks[stage], weights_for(self.plan.tasks[stage], self.task_weights)
         usable = front_examples(front, tasks)
         recipes = {e.id: e.candidate.recipe.fingerprint() for e, _ in front if e is not None}
-        proxy = tasks == (PROXY,)
         stopped = {}
         for c in candidates:
             row = rows[c.id]
@@ -301,9 +300,11 @@ class StageJudge:
             if mine is None:
                 stopped[c.id] = failed_at(row, stage)
                 continue
-            for member_id, theirs, costs in usable:
-                if proxy and recipes[member_id] != c.recipe.fingerprint():
-                    continue
+            comparable = usable
+            if tasks == (PROXY,):
+                own = c.recipe.fingerprint()
+                comparable = [u for u in usable if recipes[u[0]] == own]
+            for member_id, theirs, costs in comparable:
                 if dominated_beyond_margin(mine, costs_of(row), [(theirs, costs)], weights, self.confidence):
                     stopped[c.id] = (f"stage {stage + 1}: {member_id} of the front dominates it beyond the paired margin", member_id, "margin")
                     break
