@@ -17,7 +17,8 @@ the census holds only as aggregates of the run's own draws). Rules:
   the sibling with the best stage score. The test carries the finite-population correction: a
   stage holds part of a finite dev set and what a stop is judged by is the full dev score (with
   every item scored the difference is known exactly). `race 0.75 > 0.9 <= 2` caps the second cut
-  at two;
+  at two, `race 0.9 <= 12 > top 2` caps the first at twelve and takes the best two of the second
+  screen without a test;
 - `top k1 > k2` on **selected items** instead of random ones, in the spirit of MERGE³'s extracted
   subsets: stage k takes the items on which siblings disagree most (`search.fitness.items`, what
   `fitness.items` runs on), the disagreement estimated on other families: on every other family
@@ -31,6 +32,12 @@ the census holds only as aggregates of the run's own draws). Rules:
 - `top k1 > k2` ranked by **estimated full scores**, MERGE³'s other idea: each stage ranks the
   siblings by the expected full score given the items it scored (`ItemModel`, learned on every
   other family or on the generations before), on the same draws as the stage scores beside it.
+
+Beside them, the floor of the count (`on_fresh_dev_sets`): every offspring scored in full on a
+bootstrap draw of the dev sets, a stand-in for a second dev set of the same size, and its choice
+counted against this one. This dev set chooses with no false stop by construction; another of its
+size disagrees with it wherever siblings are near-ties within their sampling noise, so a screening
+rule at the floor errs against this dev set no more than full scoring on another would.
 
 `--order FILE` also writes the item order of every family's offspring, for `fitness.items`.
 
@@ -277,14 +284,73 @@ def on_estimates(census: list[dict], rule: DrawRule, earlier: bool, shrink: floa
 
 
 # ---------------------------------------------------------------------------------------------
+# The floor: every offspring scored in full, on a fresh draw of the dev sets
+# ---------------------------------------------------------------------------------------------
+
+def fresh_dev_set(ids: dict[str, list[int]], seed: int) -> dict[str, dict[int, int]]:
+    """A bootstrap draw of the dev sets, one per run: each task's n items drawn n times with
+    replacement, as {task: {item id: times drawn}}. The draw stands in for a second dev set of the
+    same size from the same source; an item drawn k times counts k times."""
+    draw = {}
+    for k, (t, v) in enumerate(sorted(ids.items())):
+        picks = np.random.default_rng([seed, k]).integers(0, len(v), size=len(v))
+        draw[t] = {v[i]: int(c) for i, c in zip(*np.unique(picks, return_counts=True))}
+    return draw
+
+
+def resampled_score(examples: dict, draw: dict[str, dict[int, int]], weights: dict[str, float]) -> float:
+    """`stage_score` on a bootstrap draw: each task's sum(times x value) / sum(times x weight)."""
+    scores = {}
+    for t in weights:
+        e = examples[t]
+        times = np.array([draw[t].get(i, 0) for i in e["index"]], dtype=np.float64)
+        scores[t] = float(times @ np.asarray(e["value"], dtype=np.float64)) / float(times @ np.asarray(e["weight"], dtype=np.float64))
+    return aggregate(scores, weights)
+
+
+def on_fresh_dev_sets(census: list[dict], draws: int, weights: dict[str, float], confidence: float) -> dict:
+    """The floor of the false-stop count: every offspring scored in full on a fresh draw of the dev
+    sets (`fresh_dev_set`, one per seeded draw, shared by the run's generations as a dev set is),
+    the best there chosen, and its choice counted against this dev set as a rule's is (`outcome`).
+    Scoring on this dev set chooses with no false stop by construction; on another of the same
+    size it stops siblings "falsely" wherever the verdict between near-ties is either set's
+    sampling luck. A screening rule at this rate errs against this dev set no more than full
+    scoring on another would. The mean, least and most of the rate over the draws, the rate the
+    full dev sets resolve, and the mean gain."""
+    runs = []
+    for seed in range(draws):
+        stopped = false = resolved = 0
+        gains = []
+        for family in census:
+            draw = fresh_dev_set(item_ids(family), seed)
+            chosen = max(family["offspring"], key=lambda o: (resampled_score(o["examples"], draw, weights), o["id"]))["id"]
+            result = outcome(family, [chosen], chosen, weights, confidence)
+            stopped, false, resolved = stopped + result["stopped"], false + result["false"], resolved + result["resolved"]
+            gains.append(result["gain"])
+        runs.append({"rate": false / stopped, "resolved": resolved / stopped, "gain": float(np.mean(gains))})
+    rates = [r["rate"] for r in runs]
+    return {"draws": draws, "false_rate": float(np.mean(rates)), "false_low": min(rates), "false_high": max(rates),
+            "resolved_rate": float(np.mean([r["resolved"] for r in runs])), "gain": float(np.mean([r["gain"] for r in runs]))}
+
+
+# ---------------------------------------------------------------------------------------------
 # The report
 # ---------------------------------------------------------------------------------------------
 
+def cut_name(cut: Cut) -> str:
+    """`0.9`, `0.9 <= 12` (a test, then a cap) or `top 12` (a cap alone)."""
+    if cut.confidence is None:
+        return f"top {cut.cap}"
+    return f"{cut.confidence}" + (f" <= {cut.cap}" if cut.cap else "")
+
+
 def rules() -> list[DrawRule]:
     top = [DrawRule(f"top {k1} > {k2}", (Cut(cap=k1), Cut(cap=k2))) for k1, k2 in ((3, 1), (6, 1), (12, 1), (24, 1), (6, 2), (12, 2), (6, 3))]
-    races = [DrawRule(f"race {c1} > {c2}" + (f" <= {cap}" if cap else ""), (Cut(c1), Cut(c2, cap)))
-             for c1, c2, cap in ((0.75, 0.6, None), (0.75, 0.75, 3), (0.75, 0.9, 2), (0.9, 0.75, 2), (0.9, 0.75, 3))]
-    return top + races
+    race_cuts = [(Cut(0.75), Cut(0.6)), (Cut(0.75), Cut(0.75, 3)), (Cut(0.75), Cut(0.9, 2)), (Cut(0.9), Cut(0.75, 2)),
+                 (Cut(0.9), Cut(0.75, 3)), (Cut(0.9), Cut(None, 2)), (Cut(0.95), Cut(0.75, 2)),
+                 # the first race capped: fewer second screens, to bring a race to 5x
+                 (Cut(0.9, 8), Cut(None, 2)), (Cut(0.9, 12), Cut(None, 2)), (Cut(0.9, 12), Cut(0.9, 2)), (Cut(0.95, 12), Cut(0.75, 2))]
+    return top + [DrawRule("race " + " > ".join(cut_name(c) for c in cuts), cuts) for cuts in race_cuts]
 
 
 def over_draws(census: list[dict], rule: DrawRule, draws: int, fractions: list[float], min_items: int,
@@ -358,6 +424,22 @@ def estimated_table(rows: list[tuple[str, dict, dict]]) -> list[str]:
     return lines
 
 
+def floor_lines(floor: dict, drawn: list[tuple[str, dict, dict]]) -> list[str]:
+    """The floor's row, then each rule's mean false-stop rate over it."""
+    lines = ["| selection | false stops: mean (draws: least - most) | resolved by the full dev sets | mean gain over the member |",
+             "|---|---|---|---|",
+             f"| every offspring in full, on {floor['draws']} bootstrap draws of the dev sets | {floor['false_rate']:.1%} "
+             f"({floor['false_low']:.1%} - {floor['false_high']:.1%}) | {floor['resolved_rate']:.1%} | {floor['gain']:.4f} |", ""]
+    within = [name for name, r, _ in drawn if r["false_rate"] <= floor["false_rate"]]
+    lines.append("A bootstrap draw stands in for a second dev set of the same size: the rate is how often full scoring "
+                 "on it stops a sibling that this dev set puts ahead of its choice (and of the member): how much of a "
+                 "dev set's verdict between near-ties is sampling luck. A rule at the floor errs against this dev set no more than full "
+                 "scoring on another would. Each rule's mean false-stop rate over the floor, in points: "
+                 + ", ".join(f"{name} {100 * (r['false_rate'] - floor['false_rate']):+.1f}" for name, r, _ in drawn)
+                 + (f". At or under it: {', '.join(within)}." if within else ". None is at or under it."))
+    return lines
+
+
 def shown(path: Path) -> str:
     """A path as a reader of the results finds it: from the repository root when inside it."""
     try:
@@ -376,9 +458,13 @@ def main() -> None:
     parser.add_argument("--shrink", type=float, default=0.5,
                         help="how far the item covariance of the estimated full scores is shrunk toward its diagonal (0-1)")
     parser.add_argument("--order", type=Path, help="write the item order of every family's offspring here (for fitness.items)")
+    parser.add_argument("--dev-draws", type=int, default=32,
+                        help="bootstrap draws of the dev sets for the floor of the false-stop count")
     args = parser.parse_args()
     if not 0.0 <= args.shrink <= 1.0:
         parser.error(f"--shrink: {args.shrink} is not between 0 and 1")
+    if args.dev_draws < 1:
+        parser.error(f"--dev-draws: {args.dev_draws} is not a positive count")
     saved = json.loads(args.census.read_text())
     census, costs = saved["families"], saved["costs"]
     config = load_config(args.config)
@@ -399,6 +485,7 @@ def main() -> None:
             picked = on_selected(census, rule, earlier, *shared)
             rows.append((rule.name, picked, over_draws(picked.pop("judged"), rule, args.draws, *shared)))
         selections["earlier generations" if earlier else "every other family"] = rows
+    floor = on_fresh_dev_sets(census, args.dev_draws, weights, fitness.confidence)
     estimates = {earlier: [(rule.name, *on_estimates(census, rule, earlier, args.shrink, args.draws, *shared)) for rule in top]
                  for earlier in (False, True)}
     lam, later = len(census[0]["offspring"]), sum(f["generation"] > min(c["generation"] for c in census) for f in census)
@@ -410,6 +497,8 @@ def main() -> None:
              f"paired margin at {fitness.confidence}.", "",
              f"## {args.draws} seeded draws of the stage items (a fresh draw per generation)", ""]
     lines += table(drawn)
+    lines += ["", "## The floor: every offspring in full, on a fresh draw of the dev sets", ""]
+    lines += floor_lines(floor, drawn)
     lines += ["", "## Selected items: each stage takes the items siblings disagree on most", "",
               f"Chosen on every other family ({len(census) - 1} families, {(len(census) - 1) * lam} offspring scored in full: "
               f"a bound), against {args.draws} random draws:", ""]
@@ -432,10 +521,11 @@ def main() -> None:
         args.order.write_text(json.dumps(every) + "\n")
         lines += ["", f"The item order of all {len(census) * lam} offspring: `{shown(args.order)}` (for `fitness.items`)."]
     lines += ["", f"`python -m benchmarks.census_draws --census {shown(args.census)} --config {shown(args.config)} "
-              f"--draws {args.draws} --shrink {args.shrink:g} --name {args.name}" + (f" --order {shown(args.order)}" if args.order else "") + "`", ""]
+              f"--draws {args.draws} --dev-draws {args.dev_draws} --shrink {args.shrink:g} --name {args.name}" + (f" --order {shown(args.order)}" if args.order else "") + "`", ""]
     (RESULTS / f"{args.name}.md").write_text("\n".join(lines))
     (RESULTS / f"{args.name}.json").write_text(json.dumps(
         {"run": saved["run"], "draws": args.draws, "random_draws": {name: r for name, r, _ in drawn}, "run_draws": {name: own for name, _, own in drawn},
+         "fresh_dev_sets": floor,
          "selected": {k: [{"rule": name, "selected": picked, "random": random} for name, picked, random in rows]
                       for k, rows in selections.items()},
          "estimated": {"shrink": args.shrink, **{"earlier generations" if earlier else "every other family":

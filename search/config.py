@@ -169,6 +169,12 @@ class FitnessConfig(Strict):
     # or one per stage (non-increasing, e.g. [3, 1]: EvoPress's multi-step selection, the best
     # three of a member's offspring meet a larger subset and the best of those the full dev sets).
     advance: int | list[int] = 1
+    # Merge runs with siblings: a race among each member's offspring after a stage (one confidence
+    # for every stage but the last, or one per stage, null for none), as racing algorithms pick the
+    # best of many configurations. A sibling goes on unless the paired test at that confidence
+    # puts it behind the stage's leader (its best sibling there); `advance` then caps how many go
+    # on. E.g. {race: [0.9, 0.75], advance: [24, 3]} (README, "Races among siblings").
+    race: Optional[float | list[Optional[float]]] = None
     audit: float = Field(0.0, ge=0, le=1)  # fraction of stopped candidates fully scored anyway
     # Whether the audit also draws from sibling stops (a better-ranked offspring of the same
     # member went on); default: in compress / joint runs, not in merge runs (there they are most
@@ -206,11 +212,21 @@ class FitnessConfig(Strict):
             raise ValueError(f"must be a positive number, or one per stage before the last, non-increasing; got {advance}")
         return advance
 
+    @field_validator("race")
+    @classmethod
+    def _race(cls, race: float | list[float | None] | None) -> float | list[float | None] | None:
+        levels = race if isinstance(race, list) else [race]
+        if any(c is not None and not 0.5 < c < 1 for c in levels) or race == []:
+            raise ValueError(f"must be a confidence in (0.5, 1), or one (or null) per stage before the last; got {race}")
+        return race
+
     @model_validator(mode="after")
     def _advance_per_stage(self) -> "FitnessConfig":
-        if isinstance(self.advance, list) and len(self.advance) != self.stages_before_last:
-            raise ValueError(f"advance: {len(self.advance)} values for {self.stages_before_last} stages before the last "
-                             f"(stages {self.stages}{', after the proxy' if self.proxy else ''})")
+        for name in ("advance", "race"):
+            value = getattr(self, name)
+            if isinstance(value, list) and len(value) != self.stages_before_last:
+                raise ValueError(f"{name}: {len(value)} values for {self.stages_before_last} stages before the last "
+                                 f"(stages {self.stages}{', after the proxy' if self.proxy else ''})")
         return self
 
     @property
@@ -226,6 +242,11 @@ class FitnessConfig(Strict):
     def advance_per_stage(self) -> tuple[int, ...]:
         """How many of a member's offspring go on past each stage but the last."""
         return tuple(self.advance) if isinstance(self.advance, list) else (self.advance,) * self.stages_before_last
+
+    @property
+    def race_per_stage(self) -> tuple[float | None, ...]:
+        """The race's confidence after each stage but the last (None: no race there)."""
+        return tuple(self.race) if isinstance(self.race, list) else (self.race,) * self.stages_before_last
 
 
 class RecipeSearchConfig(Strict):
@@ -338,6 +359,11 @@ class RunConfig(Strict):
             raise ValueError("fitness.stages: lm_eval tasks give no per-example scores to stage on")
         if self.evolver.share_recipe and self.mode != "joint":
             raise ValueError(f"evolver.share_recipe: for joint runs (offspring sharing a recipe differ only in their plans; this run's mode is {self.mode})")
+        if self.fitness.race is not None and self.mode not in ("merge", "recipe"):
+            raise ValueError(f"fitness.race: races siblings by stage score, for merge runs (a {self.mode} run's siblings differ "
+                             f"in size and are ranked by their lead over the front)")
+        if self.fitness.race is not None and not self.fitness.staged:
+            raise ValueError("fitness.race: races siblings after the stages before the last; this run has one stage")
         if self.fitness.proxy is not None and self.mode in ("merge", "recipe"):
             raise ValueError("fitness.proxy: a proxy first stage is for compress / joint runs (merge candidates have no plan)")
         parents = [p.name for p in self.parents.all()]

@@ -1,11 +1,12 @@
 """benchmarks/census_draws.py: replaying sibling rules on other draws of the stage items, races
 against the stage leader, items chosen where siblings disagree, and siblings ranked by their
-estimated full scores."""
+estimated full scores, and the floor of the count: full scoring on a fresh draw of the dev sets."""
 import numpy as np
 import pytest
 
-from benchmarks.census_draws import (Cut, DrawRule, ItemModel, differences, drawn_items, family_cost, on_estimates,
-                                     on_selected, replay, screen, selected_items, stage_score)
+from benchmarks.census_draws import (Cut, DrawRule, ItemModel, differences, drawn_items, family_cost, fresh_dev_set,
+                                     item_ids, on_estimates, on_fresh_dev_sets, on_selected, replay, resampled_score, screen,
+                                     selected_items, stage_score)
 from search.fitness.staged import stage_sizes
 
 WEIGHTS = {"t": 1.0}
@@ -143,3 +144,37 @@ def test_ranking_by_the_estimate_follows_the_items_the_stage_did_not_see():
 def restricted_to(child: dict, items: list[int]) -> dict:
     e = child["examples"]["t"]
     return {"t": {key: [e[key][i] for i in items] for key in ("index", "value", "weight")}}
+
+
+def test_a_fresh_dev_set_is_a_seeded_bootstrap_draw_of_each_task():
+    ids = {"a": [3, 5, 7, 9], "b": [10 * k for k in range(20)]}
+    draw = fresh_dev_set(ids, seed=4)
+    assert draw == fresh_dev_set(ids, seed=4) and draw != fresh_dev_set(ids, seed=5)
+    for t, v in ids.items():  # n draws with replacement from n items, keyed by item id
+        assert sum(draw[t].values()) == len(v) and set(draw[t]) <= set(v) and all(c >= 1 for c in draw[t].values())
+    assert len(draw["b"]) < 20  # with replacement: 20 draws from 20 miss some (all hit: p = 20! / 20^20)
+
+
+def test_a_resampled_score_counts_each_item_as_often_as_it_was_drawn():
+    ex = {"a": {"index": [0, 1, 2], "value": [-6.0, -2.0, -1.0], "weight": [4.0, 4.0, 1.0]},
+          "b": {"index": [0, 1], "value": [1.0, 0.0], "weight": [1.0, 1.0]}}
+    draw = {"a": {0: 2, 2: 1}, "b": {1: 2}}  # item a/1 and b/0 not drawn
+    assert resampled_score(ex, draw, {"a": 1.0, "b": 1.0}) == pytest.approx(0.5 * (2 * -6.0 - 1.0) / (2 * 4.0 + 1.0) + 0.5 * 0.0)
+    whole = {"a": {0: 1, 1: 1, 2: 1}, "b": {0: 1, 1: 1}}
+    assert resampled_score(ex, whole, {"a": 1.0, "b": 1.0}) == pytest.approx(stage_score(ex, {"a": 1.0, "b": 1.0}))
+
+
+def test_the_floor_counts_near_ties_a_second_dev_set_reverses_and_never_a_clear_lead():
+    n = 12
+    # "a" leads "b" on every item: every draw of the dev set chooses "a", the floor is zero
+    clear = family([offspring("a", [1.0] * n), offspring("b", [0.0] * n)], [0.0] * n)
+    assert on_fresh_dev_sets([clear], 16, WEIGHTS, 0.9)["false_rate"] == 0.0
+    # "a" leads by one item of twelve: a draw missing it, or drawing b's items more, reverses the pair
+    near = family([offspring("a", [1.0] * 7 + [0.0] * 5), offspring("b", [1.0] * 6 + [0.0] * 6)], [0.0] * n)
+    floor = on_fresh_dev_sets([near], 64, WEIGHTS, 0.9)
+    assert floor["false_low"] == 0.0 < floor["false_rate"] < 1.0 == floor["false_high"]  # one stopped sibling a draw
+    assert floor["resolved_rate"] == 0.0  # one item of twelve is within the full dev set's paired margin
+    # each draw's rate is that of its choice: a false stop exactly when the draw chose "b"
+    chosen_b = [max(near["offspring"], key=lambda o: (resampled_score(o["examples"], fresh_dev_set(item_ids(near), s), WEIGHTS),
+                                                      o["id"]))["id"] == "b" for s in range(64)]
+    assert floor["false_rate"] == pytest.approx(np.mean(chosen_b))

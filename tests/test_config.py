@@ -53,6 +53,14 @@ def test_shipped_configs_load():
          "fitness.advance: must be a positive number, or one per stage before the last, non-increasing; got [1, 4]"),
         (lambda r: r.update(fitness={"stages": [0.1, 0.5, 1.0], "advance": [4, 2, 1]}),
          "fitness: advance: 3 values for 2 stages before the last (stages [0.1, 0.5, 1.0])"),
+        (lambda r: r.update(fitness={"stages": [0.1, 0.5, 1.0], "race": 0.5}),
+         "fitness.race: must be a confidence in (0.5, 1), or one (or null) per stage before the last; got 0.5"),
+        (lambda r: r.update(fitness={"stages": [0.1, 0.5, 1.0], "race": [0.9, 1.0]}), "fitness.race: must be a confidence in (0.5, 1)"),
+        (lambda r: r.update(fitness={"stages": [0.1, 0.5, 1.0], "race": [0.9]}),
+         "fitness: race: 1 values for 2 stages before the last (stages [0.1, 0.5, 1.0])"),
+        (lambda r: r.update(fitness={"race": 0.9}), "fitness.race: races siblings after the stages before the last; this run has one stage"),
+        (lambda r: r.update(mode="compress", fitness={"stages": [0.5, 1.0], "race": 0.9}),
+         "fitness.race: races siblings by stage score, for merge runs (a compress run's siblings differ in size"),
     ],
 )
 def test_bad_config_names_the_field(tmp_path, mutate, expected):
@@ -101,3 +109,12 @@ def test_a_config_path_is_taken_as_written_first_then_beside_the_config(tmp_path
     assert beside_config("data/dev.jsonl", config_dir) == Path("data/dev.jsonl")  # the working directory's wins
     absolute = tmp_path / "elsewhere.jsonl"
     assert beside_config(absolute, config_dir) == absolute
+
+
+def test_a_race_reads_as_one_confidence_per_stage_before_the_last(tmp_path):
+    raw = tiny_raw()
+    raw["fitness"] = {"stages": [0.1, 0.5, 1.0], "race": [0.9, None], "advance": [8, 2]}
+    fitness = load_config(write(tmp_path, raw)).fitness
+    assert fitness.race_per_stage == (0.9, None) and fitness.advance_per_stage == (8, 2)
+    raw["fitness"]["race"] = 0.75
+    assert load_config(write(tmp_path, raw)).fitness.race_per_stage == (0.75, 0.75)

@@ -130,6 +130,31 @@ def test_multi_step_selection_narrows_a_family_stage_by_stage():
     assert StageJudge(plan, {"acc": 1.0}, 0.9, 2, 0, 0.0).advancing(1) == 2
 
 
+def test_a_race_stops_the_siblings_behind_their_leader_and_advance_caps_the_rest():
+    """`fitness.race`: after a stage every offspring goes on unless the paired test puts it
+    behind its best sibling; how many go on follows how far apart they are."""
+    plan = plan_stages([0.5, 1.0], {"acc": 16}, seed=0, min_items=4, proxy=False)
+    member = _row("m", "m", [0.0] * 8)
+    rows = {"lead": _row("lead", "m", [1.0] * 8), "near": _row("near", "m", [1.0] * 7 + [0.0]),
+            "far": _row("far", "m", [0.0] * 6 + [1.0] * 2)}
+    family = [r.candidate for r in rows.values()]
+    race = StageJudge(plan, {"acc": 1.0}, confidence=0.9, advance=3, run_seed=0, audit=0.0, race=(0.9,))
+    stopped = race.merge_survivors(0, rows, {"m": member}, family)
+    assert set(stopped) == {"far"} and stopped["far"][1:] == ("m", "sibling")
+    assert "-0.7500 against its sibling lead on 8 items, beyond the race margin" in stopped["far"][0]
+    # without the race all three are contenders, and each can still beat the member
+    assert StageJudge(plan, {"acc": 1.0}, 0.9, 3, 0, 0.0).merge_survivors(0, rows, {"m": member}, family) == {}
+    # advance caps what the race leaves: one goes on, the near-tie stops as a sibling beyond it
+    capped = StageJudge(plan, {"acc": 1.0}, 0.9, 1, 0, 0.0, race=(0.9,)).merge_survivors(0, rows, {"m": member}, family)
+    assert set(capped) == {"far", "near"} and "1 of 2 siblings stop, lead scored higher" in capped["near"][0]
+    # every item of the task scored: the finite-population correction leaves no doubt, one item behind stops
+    whole = plan_stages([0.5, 1.0], {"acc": 8}, seed=0, min_items=4, proxy=False)
+    assert set(StageJudge(whole, {"acc": 1.0}, 0.9, 3, 0, 0.0, race=(0.9,)).merge_survivors(
+        0, rows, {"m": member}, family)) == {"far", "near"}
+    # a race at one stage only: none after the others
+    assert StageJudge(plan, {"acc": 1.0}, 0.9, 3, 0, 0.0, race=(None,)).racing(0) is None
+
+
 def test_the_audit_draws_from_the_stops_that_can_be_false():
     plan = plan_stages([0.5, 1.0], {"acc": 16}, seed=0, min_items=4, proxy=False)
     merge = StageJudge(plan, {"acc": 1.0}, confidence=0.9, advance=1, run_seed=0, audit=1.0)
@@ -143,11 +168,11 @@ def test_the_audit_draws_from_the_stops_that_can_be_false():
     assert 70 < sum(drawn) < 130 and drawn == [half.audited(f"g001-{k:03d}", "sibling") for k in range(200)]
 
 
-@pytest.mark.parametrize("fitness, resample, audit_siblings", [
-    ({}, True, False),
-    ({"resample": False, "audit_siblings": True}, False, True),
+@pytest.mark.parametrize("fitness, resample, audit_siblings, race", [
+    ({}, True, False, ()),
+    ({"resample": False, "audit_siblings": True, "race": [0.9, 0.75], "advance": [24, 3]}, False, True, (0.9, 0.75)),
 ])
-def test_a_merge_run_config_sets_the_draws_and_the_audit(fitness, resample, audit_siblings):
+def test_a_merge_run_config_sets_the_draws_the_audit_and_the_race(fitness, resample, audit_siblings, race):
     from search.config import parse_config
     from search.run.modes import make_mode
     from search.run.stages import staged_scoring
@@ -156,7 +181,7 @@ def test_a_merge_run_config_sets_the_draws_and_the_audit(fitness, resample, audi
     raw["fitness"].update(fitness)
     config = parse_config(raw, "demo.yaml")
     staged = staged_scoring(config, {"pydoc": 32, "arith": 64, "compare": 64}, scorer=None, mode=make_mode(config, None))
-    assert staged.plan.resample is resample and staged.judge.audit_siblings is audit_siblings
+    assert staged.plan.resample is resample and staged.judge.audit_siblings is audit_siblings and staged.judge.race == race
     assert (staged.plan.indices(1) != staged.plan.indices(0)) is resample
 
 

@@ -11,8 +11,9 @@ subset are a filter of its full per-example record in the journal, and a screeni
 another scores only the items it adds (`StagePlan.extends`; the driver joins the two rows).
 
 After each stage but the last, a candidate goes on while it can still win:
-- merge runs: of one member's offspring (with `evolver.offspring_per_member` > 1) the best
-  `fitness.advance` by stage score (one number, or one per stage) are its contenders, and a
+- merge runs: of one member's offspring (with `evolver.offspring_per_member` > 1) those a race
+  at `fitness.race` does not put behind their best sibling (`StageJudge.race_stops`; no race by
+  default), then the best `fitness.advance` by stage score (one number, or one per stage) are its contenders, and a
   contender goes on unless its stage score is worse than its target member's on the same items
   by more than the one-sided paired margin at `fitness.confidence`;
 - compress / joint: no member of the current front, with no more parameters (and no more
@@ -243,20 +244,52 @@ class StageJudge:
     run_seed: int
     audit: float
     audit_siblings: bool = False  # sibling stops are audited too (`audited`)
+    race: tuple[float | None, ...] = ()  # per stage but the last, the siblings' race confidence (`fitness.race`)
 
     def advancing(self, stage: int) -> int:
-        """How many of a member's offspring go on past `stage`."""
+        """How many of a member's offspring go on past `stage` (with a race: at most)."""
         return self.advance if isinstance(self.advance, int) else self.advance[stage]
+
+    def racing(self, stage: int) -> float | None:
+        """The confidence of the siblings' race after `stage`, or None."""
+        return self.race[stage] if stage < len(self.race) else None
+
+    def race_stops(self, stage: int, siblings: list[Candidate], mine: Mapping[str, dict], rank) -> dict[str, tuple]:
+        """{candidate id: (reason, member id, "sibling")} for the offspring of each member that the
+        paired test at `racing(stage)` puts behind their leader, the sibling ranked first by `rank`.
+
+        A racing algorithm (F-race, irace) drops a configuration once it is significantly worse
+        than the best on the instances seen so far, so how many go on follows how far apart they
+        are, not a fixed count. The stage's items are drawn without replacement from each task's
+        N dev items and a stop is about the full dev score, so the paired standard error carries
+        the finite-population correction sqrt(1 - n/N): the fewer items left unscored, the less
+        a difference on the scored ones can still change."""
+        confidence = self.racing(stage)
+        tasks = self.plan.tasks[stage]
+        weights, population = weights_for(tasks, self.task_weights), {t: n for t, n in self.plan.task_sizes if t in tasks}
+        by_target: dict[str, list[Candidate]] = {}
+        for c in siblings:
+            by_target.setdefault(c.target, []).append(c)
+        stopped = {}
+        for group in by_target.values():
+            leader, *rest = sorted(group, key=rank)
+            for c in rest:
+                verdict = compare(mine[c.id], mine[leader.id], weights, confidence, population_sizes=population)
+                if not verdict.can_still_win:
+                    stopped[c.id] = (f"stage {stage + 1}: {verdict.diff:+.4f} against its sibling {leader.id} on {verdict.n} items, "
+                                     f"beyond the race margin {verdict.margin:.4f}", c.target, "sibling")
+        return stopped
 
     def merge_survivors(self, stage: int, rows: Mapping[str, Evaluation], rivals: Mapping[str, Evaluation | None],
                         candidates: list[Candidate]) -> dict[str, tuple]:
         """{candidate id: (reason, rival id, rule)} for the merge-run candidates stopped after `stage`.
 
-        Of one member's offspring the best `advancing(stage)` by stage score are the contenders (all
-        siblings share the member and the items, so this is also their order by paired
-        difference) and the rest stop as siblings; a contender then goes on unless the paired
-        test says it is worse than the member. The test comes second on purpose: it is sharper
-        for a sibling that trails the member by a little on every item than for one that trails
+        With a race (`racing(stage)`), first every offspring the paired test puts behind its best
+        sibling stops (`race_stops`). Of one member's remaining offspring the best
+        `advancing(stage)` by stage score are the contenders (all siblings share the member and
+        the items, so this is also their order by paired difference) and the rest stop as
+        siblings; a contender then goes on unless the paired test says it is worse than the member.
+        The test comes second on purpose: it is sharper for a sibling that trails the member by a little on every item than for one that trails
         by much with noise, so filtering first promoted a worse sibling over better ones (seed 3
         of the staged benchmark: a group 0.03 behind on 11 items was stopped, a group 0.10
         behind went on, and in full the first group beat the member and the second did not)."""
@@ -265,7 +298,10 @@ class StageJudge:
         stopped = {c.id: failed_at(rows[c.id], stage) for c in candidates if mine[c.id] is None}
         scored = [c for c in candidates if mine[c.id] is not None]
         ranks = lambda c: (-rows[c.id].score, c.id)  # noqa: E731
-        stopped.update(sibling_stops(scored, ranks, self.advancing(stage), stage, "scored higher"))
+        if self.racing(stage) is not None:
+            stopped.update(self.race_stops(stage, scored, mine, ranks))
+        racing = [c for c in scored if c.id not in stopped]
+        stopped.update(sibling_stops(racing, ranks, self.advancing(stage), stage, "scored higher"))
         for c in (c for c in scored if c.id not in stopped):  # the contenders
             rival = rivals.get(c.target)
             theirs = examples_of(rival, tasks) if rival is not None else None
@@ -520,7 +556,7 @@ def staged_scoring(config, dev_items: Mapping[str, int], scorer: Scorer, mode) -
     plan = stage_plan(config, dev_items)
     audit_siblings = mode.front_of_all if fitness.audit_siblings is None else fitness.audit_siblings
     judge = StageJudge(plan, weights, fitness.confidence, fitness.advance_per_stage, config.seed, fitness.audit,
-                       audit_siblings=audit_siblings)
+                       audit_siblings=audit_siblings, race=fitness.race_per_stage if fitness.race is not None else ())
     return StagedScoring(scorer, plan, judge, pareto=mode.front_of_all, latency=mode.objectives.latency)
 
 
