@@ -13,8 +13,8 @@ another scores only the items it adds (`StagePlan.extends`; the driver joins the
 After each stage but the last, a candidate goes on while it can still win:
 - merge runs: of one member's offspring (with `evolver.offspring_per_member` > 1) those a race
   at `fitness.race` does not put behind their best sibling (`StageJudge.race_stops`; no race by
-  default), then the best `fitness.advance` by stage score (one number, or one per stage) are its contenders, and a
-  contender goes on unless its stage score is worse than its target member's on the same items
+  default), then the best `fitness.advance` by stage score (one number, or one per stage) are
+  its contenders, and a contender goes on unless its stage score is worse than its target member's on the same items
   by more than the one-sided paired margin at `fitness.confidence`;
 - compress / joint: no member of the current front, with no more parameters (and no more
   latency), beats it by more than that margin (at a proxy stage, a member of its own recipe:
@@ -267,11 +267,8 @@ class StageJudge:
         confidence = self.racing(stage)
         tasks = self.plan.tasks[stage]
         weights, population = weights_for(tasks, self.task_weights), {t: n for t, n in self.plan.task_sizes if t in tasks}
-        by_target: dict[str, list[Candidate]] = {}
-        for c in siblings:
-            by_target.setdefault(c.target, []).append(c)
         stopped = {}
-        for group in by_target.values():
+        for group in families(siblings):
             leader, *rest = sorted(group, key=rank)
             for c in rest:
                 verdict = compare(mine[c.id], mine[leader.id], weights, confidence, population_sizes=population)
@@ -388,16 +385,21 @@ class StageJudge:
         return self.audit > 0 and auditable and audit_selected(self.run_seed, candidate_id, self.audit)
 
 
+def families(candidates: list[Candidate]) -> list[list[Candidate]]:
+    """The candidates grouped by the member they challenge (one group per member's offspring)."""
+    groups: dict[str, list[Candidate]] = {}
+    for c in candidates:
+        groups.setdefault(c.target, []).append(c)
+    return list(groups.values())
+
+
 def sibling_stops(candidates: list[Candidate], rank, advance: int, stage: int, why: str,
                   against_leader: bool = False) -> dict[str, tuple]:
     """{candidate id: (reason, rival, "sibling")} for each member's offspring ranked (by `rank`,
     first is best) beyond its best `advance`; the rival is the member, or (`against_leader`) the
     sibling ranked first, whose full score an audit of the stop is compared with."""
-    by_target: dict[str, list[Candidate]] = {}
-    for c in candidates:
-        by_target.setdefault(c.target, []).append(c)
     stopped = {}
-    for siblings in by_target.values():
+    for siblings in families(candidates):
         ranked = sorted(siblings, key=rank)
         for c in ranked[advance:]:
             stopped[c.id] = (f"stage {stage + 1}: {len(ranked) - advance} of {len(ranked)} siblings stop, {ranked[0].id} {why}",
