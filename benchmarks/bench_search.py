@@ -1,6 +1,6 @@
 """Search throughput and memory: in-place overwrite vs reloading a model, candidates per hour, peak memory, replays.
 
-Four measurements:
+Five measurements:
 
 1. In-place vs reload (issue 2's ratio). One Evolver offspring of two parents is made and the
    working model prepared for scoring, (a) the evofuse way: `materialize` writes each tensor
@@ -26,11 +26,17 @@ Four measurements:
    against side by side (the default: one thread per core, at most four), alternating, same
    recipes, median of N.
 
+5. The demo's memory (`--demo-memory`): `evofuse demo` from start to end in a subprocess (experts
+   cached, a fresh run directory) under the same monitor, so the peak resident set that
+   `/usr/bin/time -v make demo` reports is taken apart by process and by kind of page: private
+   heap, object-store pages mapped, memory-mapped files. See `demo_memory`.
+
     python -m benchmarks.bench_search --quick            # tiny model, seconds
     python -m benchmarks.bench_search --run runs/demo    # SmolLM2-135M + the demo run
     python -m benchmarks.bench_search --memory           # memory, SmolLM2-135M and 3x (~6-10 min)
     python -m benchmarks.bench_search --memory --memory-models tiny   # a smoke test, ~1 min
     python -m benchmarks.bench_search --replay           # 4 new members of SmolLM2-135M (~2 min)
+    python -m benchmarks.bench_search --demo-memory      # the whole demo, monitored (~13 min)
 """
 from __future__ import annotations
 
@@ -53,7 +59,8 @@ from evolve.materialize import materialize
 from evolve.recipe import Recipe
 from search.models.sources import load_model, load_state
 
-RESULTS = Path(__file__).resolve().parent / "results"
+ROOT = Path(__file__).resolve().parent.parent
+RESULTS = ROOT / "benchmarks" / "results"
 
 
 def _noisy_copy(state: dict[str, torch.Tensor], seed: int) -> dict[str, torch.Tensor]:
@@ -791,6 +798,61 @@ def _growth_lines(small: dict, large: dict) -> list[str]:
     return lines + [""]
 
 
+def demo_memory(run_dir: Path) -> dict:
+    """`evofuse demo` into a fresh `run_dir`, every process of it sampled: per process kind its
+    peak resident set (VmHWM: what `time -v` reports for the largest process) and the peak of
+    each kind of page it holds, the object store's resident size, and the peak over time of all
+    private memory plus the store (what the machine pays: shared pages once)."""
+    shutil.rmtree(run_dir, ignore_errors=True)
+    run_dir.parent.mkdir(parents=True, exist_ok=True)
+    log = run_dir.parent / f"{run_dir.name}.log"
+    command = [sys.executable, "-m", "search.cli", "demo", "--run-dir", str(run_dir), "--quiet"]
+    code, monitor, wall = _run_monitored(command, log)
+    if code != 0:
+        raise SystemExit(f"evofuse demo exited {code}: see {log}")
+    kinds = _summarise(monitor)
+    largest = max((k for k in kinds if "processes" not in kinds[k]), key=lambda k: kinds[k]["peak_rss"])
+    return {"machine": _machine(), "measured": time.strftime("%Y-%m-%d %H:%M"), "wall_s": round(wall, 1),
+            "sample_s": MEMORY_SAMPLE_S, "kinds": kinds, "largest": largest,
+            "object_store_peak": monitor.peak_store, "all_processes_peak": monitor.peak_total}
+
+
+def write_demo_memory(result: dict) -> None:
+    RESULTS.mkdir(parents=True, exist_ok=True)
+    (RESULTS / "demo_memory.json").write_text(json.dumps(result, indent=1))
+    m, kinds = result["machine"], result["kinds"]
+    order = {"driver": 0, "raylet": 50, "other Ray processes": 60}
+    lines = [
+        "# The demo's memory, by process",
+        "",
+        "Command: `python -m benchmarks.bench_search --demo-memory` (`evofuse demo` into a fresh run "
+        f"directory, experts cached). Machine: {m['cpu']}, {m['cores']} cores, {m['memory_gib']} GiB; measured "
+        f"{result['measured']}, {result['wall_s']} s. Every process of the demo sampled every {result['sample_s']} s "
+        "from /proc; peak RSS is the kernel's exact high-water mark.",
+        "",
+        "Columns, GiB: **peak RSS** = VmHWM, what `/usr/bin/time -v` reports for the largest process; it counts "
+        "pages shared with other processes, so the rows overlap. Then the sampled peak of each kind of page: "
+        "**private** (RssAnon, the process's own heap), **object store** (RssShmem, plasma pages it has "
+        "mapped) and **files** (RssFile, memory-mapped safetensors and libraries).",
+        "",
+        "| process | peak RSS | private | object store | files |",
+        "|---|---|---|---|---|",
+    ]
+    for kind in sorted(kinds, key=lambda k: order.get(k, 10)):
+        k = kinds[kind]
+        name = f"{kind} ({k['processes']}, sum of peaks)" if "processes" in k else kind
+        name = f"**{name}** (the largest)" if kind == result["largest"] else name
+        lines.append(f"| {name} | {_gib(k['peak_rss'])} | {_gib(k['peak_anon'])} | {_gib(k['peak_shmem'])} | "
+                     f"{_gib(k['peak_file'])} |")
+    lines += [
+        f"| object store (/dev/shm resident) | | | {_gib(result['object_store_peak'])} | |",
+        f"| **all processes: private + object store, peak over time** | | {_gib(result['all_processes_peak'])} | | |",
+        "",
+    ]
+    (RESULTS / "demo_memory.md").write_text("\n".join(lines))
+    print("\n".join(lines))
+
+
 def write_replay_results(r: dict, quick: bool) -> None:
     name = "search_replay_quick" if quick else "search_replay"
     RESULTS.mkdir(parents=True, exist_ok=True)
@@ -812,6 +874,7 @@ def main() -> None:
     parser.add_argument("--memory", action="store_true", help="only the memory benchmark (section 3)")
     parser.add_argument("--replay", action="store_true", help="only the replay benchmark (section 4)")
     parser.add_argument("--members", type=int, default=4, help="--replay: new members per generation")
+    parser.add_argument("--demo-memory", action="store_true", help="only the demo's memory by process (section 5)")
     parser.add_argument("--memory-models", default="smollm2-135m,3x",
                         help="comma-separated: smollm2-135m, 3x (SmolLM2 x3 from a LlamaConfig), tiny")
     parser.add_argument("--memory-paths", default="legacy,streaming", help="comma-separated: legacy, streaming")
@@ -824,6 +887,9 @@ def main() -> None:
         raise SystemExit(memory_driver(*args._driver, legacy=args._legacy))
     if args._finetune:
         raise SystemExit(finetune_probe(Path(args._finetune)))
+    if args.demo_memory:
+        write_demo_memory(demo_memory((args.workdir or ROOT / "benchmarks" / ".work") / "demo-memory"))
+        return
     if args.memory:
         memory_benchmark(args.memory_models.split(","), args.memory_paths.split(","), args.workdir)
         return

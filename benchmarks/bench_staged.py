@@ -192,6 +192,18 @@ def kept_rows(path: Path, new: list[dict]) -> list[dict]:
     return [r for r in json.loads(path.read_text())["rows"] if r["run"] not in again]
 
 
+def kept_notes(path: Path) -> str:
+    """The hand-written paragraphs after an earlier results file's table (what each row's run was,
+    on which machine), kept when the table is written again: everything after the first table."""
+    if not path.is_file():
+        return ""
+    lines = path.read_text().splitlines()
+    first_row = next((i for i, line in enumerate(lines) if line.startswith("|")), len(lines))
+    after = next((i for i in range(first_row, len(lines)) if not lines[i].startswith("|")), len(lines))
+    notes = "\n".join(lines[after:]).strip("\n")
+    return f"\n{notes}\n" if notes else ""
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--quick", action="store_true", help="tiny models, two seeds")
@@ -227,7 +239,7 @@ def main() -> None:
     rows = kept_rows(RESULTS / f"{name}.json", rows) + rows
     (RESULTS / f"{name}.json").write_text(json.dumps({"rows": rows, "wall_s": round(time.time() - started)}, indent=1))
     text = f"# Staged fitness vs full scoring ({'tiny models' if args.quick else 'SmolLM2-135M demo experts'})\n\n{table(rows)}\n"
-    (RESULTS / f"{name}.md").write_text(text)
+    (RESULTS / f"{name}.md").write_text(text + kept_notes(RESULTS / f"{name}.md"))
     print(text)
 
 

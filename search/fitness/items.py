@@ -9,8 +9,9 @@ keep the items on which a member's offspring split. An item's disagreement is th
 offspring of (the offspring's score on the item - its mean score on the task): every item
 carries the spread of the offspring's means, and an item adds to it where offspring order
 differently on it, however hard it is (one every offspring gets wrong adds nothing). On the
-demo's tasks an order chosen on one run's offspring did not carry over to another run (README,
-Results, "Fresh draws"): which items split siblings there depends on their lineage.
+demo's tasks an order chosen on one run's offspring did not carry over to another run
+(benchmarks/results/staged_findings.md, "Fresh draws"): which items split siblings there depends
+on their lineage.
 
 An order is {task: item positions, most disputed first}, a position being an item's place in the
 task's full dev evaluation (its items by ascending id: `FitnessTask.selected`), which is how stage
