@@ -317,3 +317,37 @@ def test_generate_bad_rows(tokenizer, tmp_path):
     path = write_jsonl(tmp_path / "gen.jsonl", [{"prompt": "p", "answer": "a"}, {"prompt": "p", "answer": 3}])
     with pytest.raises(TaskError, match="gen.jsonl: row 2: field 'answer' must be str"):
         build_task(TaskSpec("generate", path), tokenizer)
+
+
+def test_default_batches_bound_the_logits_and_do_not_change_the_sum(tokenizer, tiny_model, docs_file, monkeypatch):
+    """Without `batch_tokens`, a batch's float32 logits stay within the budget (rows x width x
+    vocabulary x 4 bytes); the scores are those of one batch per window."""
+    from search.fitness import kernels
+
+    spec = dict(context_length=16)
+    whole = build_task(TaskSpec("perplexity", docs_file, options={**spec, "batch_tokens": 100_000}), tokenizer)
+    expected = whole.evaluate(tiny_model)["nll_sum"]
+    vocab = tiny_model.config.vocab_size
+    monkeypatch.setattr(kernels, "LOGITS_BUDGET_BYTES", 4 * vocab * 40)  # 40 positions' logits
+    assert kernels.default_batch_tokens(tiny_model) == 40
+    shapes = []
+    hook = tiny_model.register_forward_hook(lambda module, inputs, output: shapes.append(output.logits.shape))
+    try:
+        bounded = build_task(TaskSpec("perplexity", docs_file, options=spec), tokenizer).evaluate(tiny_model)
+    finally:
+        hook.remove()
+    assert len(shapes) > 1 and all(rows * width <= 40 for rows, width, _ in shapes)
+    assert bounded["nll_sum"] == pytest.approx(expected, rel=1e-6)
+
+
+def test_the_default_batch_is_smaller_only_for_a_large_vocabulary():
+    from types import SimpleNamespace
+
+    from search.fitness.kernels import DEFAULT_BATCH_TOKENS, default_batch_tokens
+
+    def model(vocab):
+        return SimpleNamespace(config=SimpleNamespace(vocab_size=vocab))
+
+    assert default_batch_tokens(model(49152)) == 1365  # SmolLM2: 256 MiB / (4 B x 49,152)
+    assert default_batch_tokens(model(8192)) == DEFAULT_BATCH_TOKENS  # 8,192 x 8,192 x 4 B = 256 MiB
+    assert default_batch_tokens(model(10**9)) == 1  # a batch is never empty

@@ -29,7 +29,7 @@ from typing import Any, Mapping, Sequence
 
 import torch
 
-from search.fitness.kernels import DEFAULT_BATCH_TOKENS, model_max_length, prefix_token_id, subsample_indices
+from search.fitness.kernels import model_max_length, prefix_token_id, subsample_indices
 from search.fitness.spec import TaskError, TaskSpec
 
 
@@ -145,8 +145,9 @@ class FitnessTask:
         return self._int_option("context_length", None) or model_max_length(model, self.tokenizer)
 
     def batching(self) -> dict:
+        """The task's `batch_tokens` and `batch_size`; None where unset (each kernel's default)."""
         return dict(
-            batch_tokens=self._int_option("batch_tokens", DEFAULT_BATCH_TOKENS),
+            batch_tokens=self._int_option("batch_tokens", None),
             batch_size=self._int_option("batch_size", None),
         )
 

@@ -18,7 +18,7 @@ from __future__ import annotations
 import torch
 
 from search.fitness.base import FitnessTask, Scored, check_row, count_weighted
-from search.fitness.kernels import encode, greedy_decode, length_batches, progress_bar
+from search.fitness.kernels import DEFAULT_BATCH_TOKENS, encode, greedy_decode, length_batches, progress_bar
 from search.fitness.spec import COMMON_OPTIONS, TaskError, TaskSpec, register_task_kind
 from search.models.datasets import load_rows
 
@@ -96,7 +96,7 @@ class GenerateTask(FitnessTask):
         texts = [""] * len(prompts)
         budget = self.batching()
         lengths = [len(p) + self.max_new_tokens for p in prompts]
-        batches = length_batches(lengths, budget["batch_tokens"], budget["batch_size"] or 64)
+        batches = length_batches(lengths, budget["batch_tokens"] or DEFAULT_BATCH_TOKENS, budget["batch_size"] or 64)
         for batch in progress_bar(batches, progress, "generating"):
             new_tokens = greedy_decode(model, [prompts[i] for i in batch], self.max_new_tokens, self.stop_token_mask)
             for i, tokens in zip(batch, new_tokens):

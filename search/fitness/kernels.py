@@ -13,6 +13,13 @@ when the tokenizer has no BOS. L (`model_max_length`) is the model config's `n_p
 Model calls run under `torch.inference_mode`, send inputs to `model.device` (CUDA/bf16 works)
 and always compute log-probabilities in float32. Batches are length-sorted and bounded by
 `batch_tokens` padded tokens (and `batch_size` rows when given).
+
+A forward pass that scores every position returns (rows, width, vocabulary) logits, so with a
+large vocabulary the logits, not the weights, are a scoring pass's largest tensor: 8,192 tokens
+of SmolLM2's 49,152-token vocabulary in float32 are 1.6 GB, three times the model. Unless a task
+sets `batch_tokens`, `sequence_logprobs` therefore bounds a batch by LOGITS_BUDGET_BYTES of
+logits (`default_batch_tokens`); batching moves the scores only by float rounding (a relative
+4e-9 on the demo's pydoc task: benchmarks/bench_scoring_memory.py).
 """
 from __future__ import annotations
 
@@ -27,6 +34,7 @@ from search.fitness.spec import TaskError
 
 DEFAULT_MAX_LENGTH = 2048  # lm-eval's default when neither config nor tokenizer names one
 DEFAULT_BATCH_TOKENS = 8192
+LOGITS_BUDGET_BYTES = 256 * 2**20  # one batch's float32 logits, every position scored
 IGNORE = -100  # cross_entropy's ignore_index: positions not scored
 
 
@@ -169,6 +177,14 @@ def token_nll(logits: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
     return torch.stack(rows)  # (B, T)
 
 
+def default_batch_tokens(model) -> int:
+    """Padded tokens per batch when a task sets none: DEFAULT_BATCH_TOKENS, or fewer when that
+    many positions' float32 logits (4 bytes x vocabulary each) would pass LOGITS_BUDGET_BYTES
+    (SmolLM2's 49,152-token vocabulary: 1,365 tokens, ten 128-token pieces)."""
+    vocab = model.config.vocab_size
+    return max(1, min(DEFAULT_BATCH_TOKENS, LOGITS_BUDGET_BYTES // (4 * vocab)))
+
+
 def accepts(model, argument: str) -> bool:
     """Whether `model.forward` takes a keyword `argument` (e.g. `logits_to_keep`)."""
     try:
@@ -194,7 +210,7 @@ def sequence_logprobs(
     model,
     sequences: Sequence[tuple[Sequence[int], int]],
     *,
-    batch_tokens: int = DEFAULT_BATCH_TOKENS,
+    batch_tokens: int | None = None,
     batch_size: int | None = None,
     pad_id: int = 0,
     progress: bool = False,
@@ -202,10 +218,12 @@ def sequence_logprobs(
     """Sum of log p over the last n_scored predictions of each (sequence, n_scored).
 
     Right padding and no attention mask, as lm-eval: a causal model's real positions never see
-    the padding that follows them. One forward pass per length-sorted batch.
+    the padding that follows them. One forward pass per length-sorted batch, of `batch_tokens`
+    padded tokens (default: `default_batch_tokens`, which bounds the batch's logits).
     """
     device = model.device
     totals = [0.0] * len(sequences)
+    batch_tokens = batch_tokens or default_batch_tokens(model)
     batches = length_batches([len(s) - 1 for s, _ in sequences], batch_tokens, batch_size)
     for batch in progress_bar(batches, progress, "scoring"):
         inputs = pad_rows([sequences[i][0][:-1] for i in batch], pad_id)  # (B, W)
@@ -216,6 +234,7 @@ def sequence_logprobs(
             targets[row, width - n_scored : width] = torch.as_tensor(seq[width - n_scored + 1 :])
         logits = model(input_ids=inputs.to(device), use_cache=False).logits  # (B, W, V)
         sums = -token_nll(logits, targets).double().sum(dim=1)  # (B,)
+        del logits  # before the next batch's forward, or both batches' logits are alive at once
         for row, i in enumerate(batch):
             totals[i] = float(sums[row])
     return totals
@@ -223,7 +242,7 @@ def sequence_logprobs(
 
 @torch.inference_mode()
 def shared_prefix_logprobs(
-    model, questions: Sequence, *, batch_tokens: int = DEFAULT_BATCH_TOKENS, batch_size: int | None = None,
+    model, questions: Sequence, *, batch_tokens: int | None = None, batch_size: int | None = None,
     progress: bool = False,
 ) -> list[list[float]]:
     """Score each question's context once, then all its choices after it through the KV cache.
@@ -233,9 +252,11 @@ def shared_prefix_logprobs(
     token); the last position's log-softmax gives every choice's first token. The cache is then
     gathered so each choice row has its question's context. Pass 2: each choice minus its last
     token, right-padded, predicts the choice's tokens 2..m. Cost: sum(context) + sum(choices)
-    tokens instead of n_choices * context + sum(choices).
+    tokens instead of n_choices * context + sum(choices). Only the choices' positions return
+    logits here (the contexts keep their last), so batches keep DEFAULT_BATCH_TOKENS.
     """
     device = model.device
+    batch_tokens = batch_tokens or DEFAULT_BATCH_TOKENS
     keep_last = {"logits_to_keep": 1} if accepts(model, "logits_to_keep") else {}
     results: list[list[float]] = [[] for _ in questions]
     # a question's cost in padded tokens ~ its context plus its choices
@@ -267,6 +288,7 @@ def shared_prefix_logprobs(
         rest = -token_nll(logits, targets).double().sum(dim=1)  # (R,)
         heads = first[owner.to(device), torch.tensor([c[0] for c in conts], device=device)].double()  # (R,)
         row_ll = (heads + rest).tolist()
+        del out, cache, logits  # as in `sequence_logprobs`: one batch's tensors alive at a time
         r = 0
         for b, i in enumerate(batch):
             n = len(group[b].continuations)
@@ -308,7 +330,7 @@ def greedy_decode(model, prompts: list[list[int]], max_new_tokens: int, stop_mas
 
 
 __all__ = [
-    "DEFAULT_MAX_LENGTH", "DEFAULT_BATCH_TOKENS", "IGNORE", "prefix_token_id", "encode", "encode_pair",
+    "DEFAULT_MAX_LENGTH", "DEFAULT_BATCH_TOKENS", "LOGITS_BUDGET_BYTES", "default_batch_tokens", "IGNORE", "prefix_token_id", "encode", "encode_pair",
     "model_max_length", "rolling_windows", "length_batches", "subsample_indices", "pad_rows", "token_nll",
     "accepts", "progress_bar", "sequence_logprobs", "shared_prefix_logprobs", "greedy_decode",
 ]
