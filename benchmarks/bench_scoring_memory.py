@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import statistics
 import subprocess
 import sys
@@ -39,10 +40,10 @@ DEMO_TASKS = {  # configs/demo.yaml's dev tasks: (kind, data, options)
 
 
 def status_gib(field: str) -> float:
-    for line in Path("/proc/self/status").read_text().splitlines():
-        if line.startswith(field + ":"):
-            return int(line.split()[1]) * 1024 / 2**30
-    raise KeyError(field)
+    """One of this process's /proc status fields (`bench_search.MEMORY_STATUS`), GiB."""
+    from benchmarks.bench_search import _proc_status
+
+    return _proc_status(os.getpid())[field] / 2**30
 
 
 def one_pass(kind: str, data: str, options: dict, threads: int) -> dict:

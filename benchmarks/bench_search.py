@@ -673,6 +673,14 @@ def _gib(value: float | None) -> str:
     return "-" if value is None else f"{value / GIB:.2f}"
 
 
+KIND_ORDER = {"driver": 0, "raylet": 50, "other Ray processes": 60}  # actors (10) between
+
+
+def _kind_label(kind: str, record: dict) -> str:
+    """A process kind as a table row names it: summed kinds say how many processes they sum."""
+    return f"{kind} ({record['processes']}, sum of peaks)" if "processes" in record else kind
+
+
 def _memory_rows(runs: dict[str, dict]) -> list[tuple[str, list]]:
     """(label, [(peak RSS, peak private) per path]) rows of one model's table."""
     labels = []
@@ -680,19 +688,15 @@ def _memory_rows(runs: dict[str, dict]) -> list[tuple[str, list]]:
         for kind in run.get("kinds", {}):
             if kind not in labels:
                 labels.append(kind)
-    order = {"driver": 0, "raylet": 50, "other Ray processes": 60}
-    labels.sort(key=lambda k: order.get(k, 10))
+    labels.sort(key=lambda k: KIND_ORDER.get(k, 10))
     rows = []
     for kind in labels:
         cells = []
         for run in runs.values():
             k = run.get("kinds", {}).get(kind)
             cells.append((k["peak_rss"], k["peak_anon"], k["peak_shmem"]) if k else (None, None, None))
-        name = kind
-        other = next((r["kinds"][kind] for r in runs.values() if kind in r.get("kinds", {})), {})
-        if "processes" in other:
-            name = f"{kind} ({other['processes']}, sum of peaks)"
-        rows.append((name, cells))
+        record = next((r["kinds"][kind] for r in runs.values() if kind in r.get("kinds", {})), {})
+        rows.append((_kind_label(kind, record), cells))
     rows.append(("driver while keeping one member (growth)",
                  [(r.get("driver_phases", {}).get("keep", {}).get("rss_growth"),
                    r.get("driver_phases", {}).get("keep", {}).get("anon_growth"), None) for r in runs.values()]))
@@ -821,7 +825,6 @@ def write_demo_memory(result: dict) -> None:
     RESULTS.mkdir(parents=True, exist_ok=True)
     (RESULTS / "demo_memory.json").write_text(json.dumps(result, indent=1))
     m, kinds = result["machine"], result["kinds"]
-    order = {"driver": 0, "raylet": 50, "other Ray processes": 60}
     lines = [
         "# The demo's memory, by process",
         "",
@@ -838,9 +841,9 @@ def write_demo_memory(result: dict) -> None:
         "| process | peak RSS | private | object store | files |",
         "|---|---|---|---|---|",
     ]
-    for kind in sorted(kinds, key=lambda k: order.get(k, 10)):
+    for kind in sorted(kinds, key=lambda k: KIND_ORDER.get(k, 10)):
         k = kinds[kind]
-        name = f"{kind} ({k['processes']}, sum of peaks)" if "processes" in k else kind
+        name = _kind_label(kind, k)
         name = f"**{name}** (the largest)" if kind == result["largest"] else name
         lines.append(f"| {name} | {_gib(k['peak_rss'])} | {_gib(k['peak_anon'])} | {_gib(k['peak_shmem'])} | "
                      f"{_gib(k['peak_file'])} |")

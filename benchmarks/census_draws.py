@@ -318,11 +318,12 @@ def on_fresh_dev_sets(census: list[dict], draws: int, weights: dict[str, float],
     scoring on another would. The mean, least and most of the rate over the draws, the rate the
     full dev sets resolve, and the mean gain."""
     runs = []
+    ids = item_ids(census[0])  # every family's member was scored on the same dev sets
     for seed in range(draws):
         stopped = false = resolved = 0
         gains = []
+        draw = fresh_dev_set(ids, seed)
         for family in census:
-            draw = fresh_dev_set(item_ids(family), seed)
             chosen = max(family["offspring"], key=lambda o: (resampled_score(o["examples"], draw, weights), o["id"]))["id"]
             result = outcome(family, [chosen], chosen, weights, confidence)
             stopped, false, resolved = stopped + result["stopped"], false + result["false"], resolved + result["resolved"]

@@ -14,8 +14,8 @@ After each stage but the last, a candidate goes on while it can still win:
 - merge runs: of one member's offspring (with `evolver.offspring_per_member` > 1) those a race
   at `fitness.race` does not put behind their best sibling (`StageJudge.race_stops`; no race by
   default), then the best `fitness.advance` by stage score (one number, or one per stage) are
-  its contenders, and a contender goes on unless its stage score is worse than its target member's on the same items
-  by more than the one-sided paired margin at `fitness.confidence`;
+  its contenders, and a contender goes on unless its stage score is worse than its target
+  member's on the same items by more than the one-sided paired margin at `fitness.confidence`;
 - compress / joint: no member of the current front, with no more parameters (and no more
   latency), beats it by more than that margin (at a proxy stage, a member of its own recipe:
   `StageJudge.pareto_survivors`); of one member's offspring the `fitness.advance`
@@ -286,10 +286,11 @@ class StageJudge:
         `advancing(stage)` by stage score are the contenders (all siblings share the member and
         the items, so this is also their order by paired difference) and the rest stop as
         siblings; a contender then goes on unless the paired test says it is worse than the member.
-        The test comes second on purpose: it is sharper for a sibling that trails the member by a little on every item than for one that trails
-        by much with noise, so filtering first promoted a worse sibling over better ones (seed 3
-        of the staged benchmark: a group 0.03 behind on 11 items was stopped, a group 0.10
-        behind went on, and in full the first group beat the member and the second did not)."""
+        The test comes second on purpose: it is sharper for a sibling that trails the member by a
+        little on every item than for one that trails by much with noise, so filtering first
+        promoted a worse sibling over better ones (seed 3 of the staged benchmark: a group 0.03
+        behind on 11 items was stopped, a group 0.10 behind went on, and in full the first group
+        beat the member and the second did not)."""
         tasks, weights = self.plan.tasks[stage], weights_for(self.plan.tasks[stage], self.task_weights)
         mine = {c.id: examples_of(rows[c.id], tasks) for c in candidates}
         stopped = {c.id: failed_at(rows[c.id], stage) for c in candidates if mine[c.id] is None}
@@ -297,8 +298,8 @@ class StageJudge:
         ranks = lambda c: (-rows[c.id].score, c.id)  # noqa: E731
         if self.racing(stage) is not None:
             stopped.update(self.race_stops(stage, scored, mine, ranks))
-        racing = [c for c in scored if c.id not in stopped]
-        stopped.update(sibling_stops(racing, ranks, self.advancing(stage), stage, "scored higher"))
+        still_in = [c for c in scored if c.id not in stopped]
+        stopped.update(sibling_stops(still_in, ranks, self.advancing(stage), stage, "scored higher"))
         for c in (c for c in scored if c.id not in stopped):  # the contenders
             rival = rivals.get(c.target)
             theirs = examples_of(rival, tasks) if rival is not None else None
