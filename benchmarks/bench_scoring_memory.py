@@ -1,15 +1,18 @@
-"""A scoring pass's peak memory: batches bounded by their logits vs the fixed 8,192-token batches.
+"""A scoring pass's peak memory: batches bounded in bytes vs the fixed 8,192-token batches.
 
 A pass that scores every position returns (rows, width, vocabulary) float32 logits; with
 SmolLM2's 49,152-token vocabulary, 8,192 tokens of them are 1.6 GB, three times the model's
-weights. `search.fitness.kernels.default_batch_tokens` bounds a batch by LOGITS_BUDGET_BYTES of
-logits (and each batch's logits are freed before the next forward). Here the demo's pydoc task
-(32 pieces of 128 tokens, perplexity) is scored on SmolLM2-135M both ways, alternating, each pass
-in a fresh process (so no allocator history carries over), after one warm pass: the pass's peak
-resident growth (the kernel's VmHWM, reset before it), its seconds and its NLL, which must not
-change. Then each of the demo's three dev tasks the same way, as an actor scores a candidate:
-its pass's peak growth, the private heap it leaves behind, and that heap after `gc.collect()`
-and glibc's `malloc_trim(0)` (freed memory the allocator kept).
+weights. `search.fitness.kernels.default_batch_tokens` bounds a batch by BATCH_BUDGET_BYTES of
+logits (and each batch's logits are freed before the next forward). Multiple choice scored
+through a shared prefix also copies each question's key/value cache to every choice's row;
+`kernels.choice_batches` bounds those rows' cache and logits by the same budget. Two passes are
+compared both ways, alternating, each in a fresh process (so no allocator history carries over)
+after one warm pass: the demo's pydoc task (32 pieces of 128 tokens, perplexity) and its compare
+task (64 questions of four choices), on SmolLM2-135M: the pass's peak resident growth (the
+kernel's VmHWM, reset before it), its seconds and its score, which must not change. Then each
+of the demo's three dev tasks the same way, as an actor scores a candidate: its pass's peak
+growth, the private heap it leaves behind, and that heap after `gc.collect()` and glibc's
+`malloc_trim(0)` (freed memory the allocator kept).
 
     python -m benchmarks.bench_scoring_memory            # 5 alternating repeats, ~4 min
     python -m benchmarks.bench_scoring_memory --quick    # one repeat, ~1.5 min (scoring_memory_quick)
@@ -28,9 +31,15 @@ from pathlib import Path
 RESULTS = Path(__file__).resolve().parent / "results"
 DEMO_PYDOC = {"chunk_tokens": 128, "subsample": 32}  # configs/demo.yaml's pydoc task
 FIXED_TOKENS = 8192  # the batches before the bound: kernels.DEFAULT_BATCH_TOKENS
-WAYS = {  # name: pydoc task options
-    f"fixed {FIXED_TOKENS:,} tokens": {**DEMO_PYDOC, "batch_tokens": FIXED_TOKENS},
-    "bounded by the logits (the default)": DEMO_PYDOC,
+COMPARED = {  # pass: (kind, data, {way: task options}); the fixed way first
+    "pydoc (perplexity)": ("perplexity", "pydoc:dev", {
+        f"fixed {FIXED_TOKENS:,} tokens": {**DEMO_PYDOC, "batch_tokens": FIXED_TOKENS},
+        "bounded by the logits (the default)": DEMO_PYDOC,
+    }),
+    "compare (multiple choice)": ("multiple_choice", "compare:dev", {
+        f"fixed {FIXED_TOKENS:,} tokens": {"batch_tokens": FIXED_TOKENS},
+        "bounded by the cache and logits (the default)": {},
+    }),
 }
 DEMO_TASKS = {  # configs/demo.yaml's dev tasks: (kind, data, options)
     "pydoc (perplexity)": ("perplexity", "pydoc:dev", DEMO_PYDOC),
@@ -46,6 +55,17 @@ def status_gib(field: str) -> float:
     return _proc_status(os.getpid())[field] / 2**30
 
 
+def batch_bound(kind: str, options: dict, model) -> str:
+    """What bounds a pass's batches: the task's tokens, or the kernels' default for its kind."""
+    from search.fitness.kernels import BATCH_BUDGET_BYTES, default_batch_tokens
+
+    if "batch_tokens" in options:
+        return f"{options['batch_tokens']:,} tokens"
+    if kind == "multiple_choice":
+        return f"{BATCH_BUDGET_BYTES // 2**20} MiB of cache and logits"
+    return f"{default_batch_tokens(model):,} tokens ({BATCH_BUDGET_BYTES // 2**20} MiB of logits)"
+
+
 def one_pass(kind: str, data: str, options: dict, threads: int) -> dict:
     """In this (fresh) process: SmolLM2-135M, the task scored once to warm, then measured."""
     import ctypes
@@ -54,7 +74,6 @@ def one_pass(kind: str, data: str, options: dict, threads: int) -> dict:
     import torch
 
     from search.fitness import TaskSpec, build_task
-    from search.fitness.kernels import default_batch_tokens
     from search.models.sources import load_model
 
     torch.set_num_threads(threads)
@@ -71,7 +90,8 @@ def one_pass(kind: str, data: str, options: dict, threads: int) -> dict:
     gc.collect()
     trim(0)
     return {"peak_growth_gib": grown, "seconds": seconds, "heap_after_gib": left, "heap_after_trim_gib": status_gib("RssAnon"),
-            "score": result.get("nll_sum", result.get("score")), "batch_tokens": options.get("batch_tokens", default_batch_tokens(model))}
+            "score": result.get("nll_sum", result.get("score")), "batch_bound": batch_bound(kind, options, model),
+            "mean_gold_loglik": result.get("mean_gold_loglik")}
 
 
 def measured(kind: str, data: str, options: dict, threads: int) -> dict:
@@ -79,6 +99,18 @@ def measured(kind: str, data: str, options: dict, threads: int) -> dict:
     proc = subprocess.run([sys.executable, "-m", "benchmarks.bench_scoring_memory", "--_one", spec],
                           capture_output=True, text=True, check=True)
     return json.loads(proc.stdout.strip().splitlines()[-1])
+
+
+def compared(samples: dict[str, list[dict]], score: str) -> dict:
+    """Medians per way (the fixed way first, the bounded second) and the bounded way's ratios."""
+    rows = {way: {"batch_bound": s[0]["batch_bound"], "peak_growth_gib": round(statistics.median(x["peak_growth_gib"] for x in s), 3),
+                  "seconds": round(statistics.median(x["seconds"] for x in s), 2), "score": s[0][score],
+                  "peak_growth_gib_each": [round(x["peak_growth_gib"], 3) for x in s]}
+            for way, s in samples.items()}
+    fixed, bounded = rows.values()
+    return {"rows": rows, "memory_ratio": round(fixed["peak_growth_gib"] / bounded["peak_growth_gib"], 2),
+            "time_ratio": round(bounded["seconds"] / fixed["seconds"], 2),
+            "score_relative_difference": abs(fixed["score"] - bounded["score"]) / abs(fixed["score"])}
 
 
 def main() -> None:
@@ -92,32 +124,31 @@ def main() -> None:
         print(json.dumps(one_pass(*json.loads(args._one))))
         return
     repeats, name = (1, "scoring_memory_quick") if args.quick else (args.repeats, "scoring_memory")
-    samples: dict[str, list[dict]] = {way: [] for way in WAYS}
-    for _ in range(repeats):
-        for way, options in WAYS.items():
-            samples[way].append(measured("perplexity", "pydoc:dev", options, args.threads))
-    rows = {way: {"batch_tokens": s[0]["batch_tokens"], "peak_growth_gib": round(statistics.median(x["peak_growth_gib"] for x in s), 3),
-                   "seconds": round(statistics.median(x["seconds"] for x in s), 2), "nll_sum": s[0]["score"],
-                   "peak_growth_gib_each": [round(x["peak_growth_gib"], 3) for x in s]}
-            for way, s in samples.items()}
-    f, b = rows.values()
+    comparisons = {}
+    for label, (kind, data, ways) in COMPARED.items():
+        samples: dict[str, list[dict]] = {way: [] for way in ways}
+        for _ in range(repeats):
+            for way, options in ways.items():
+                samples[way].append(measured(kind, data, options, args.threads))
+        comparisons[label] = compared(samples, "mean_gold_loglik" if kind == "multiple_choice" else "score")
     tasks = {task: {k: round(v, 3) if isinstance(v, float) else v for k, v in measured(*spec, args.threads).items()}
              for task, spec in DEMO_TASKS.items()}
-    result = {"rows": rows, "repeats": repeats, "threads": args.threads,
-              "memory_ratio": round(f["peak_growth_gib"] / b["peak_growth_gib"], 2),
-              "time_ratio": round(b["seconds"] / f["seconds"], 2),
-              "nll_relative_difference": abs(f["nll_sum"] - b["nll_sum"]) / abs(f["nll_sum"]), "demo_tasks": tasks}
+    result = {"comparisons": comparisons, "repeats": repeats, "threads": args.threads, "demo_tasks": tasks}
     RESULTS.mkdir(parents=True, exist_ok=True)
     (RESULTS / f"{name}.json").write_text(json.dumps(result, indent=1))
-    lines = ["# A scoring pass's peak memory: logits-bounded batches vs fixed ones", "",
-             "`python -m benchmarks.bench_scoring_memory`: the demo's pydoc task (32 pieces of 128 tokens) on "
-             f"SmolLM2-135M, {args.threads} torch thread(s), each pass in a fresh process after a warm one, median of "
-             f"{repeats} alternating repeats.", "",
-             "| batches | tokens per batch | peak resident growth, GiB | seconds | NLL sum |", "|---|---|---|---|---|"]
-    lines += [f"| {way} | {r['batch_tokens']:,} | {r['peak_growth_gib']} | {r['seconds']} | {r['nll_sum']:.6f} |"
-              for way, r in rows.items()]
-    lines += ["", f"Peak growth {result['memory_ratio']}x lower, time x{result['time_ratio']}, NLL relative difference "
-              f"{result['nll_relative_difference']:.1e}.", "",
+    lines = ["# A scoring pass's peak memory: batches bounded in bytes vs fixed ones", "",
+             "`python -m benchmarks.bench_scoring_memory`: two of the demo's dev tasks on SmolLM2-135M, "
+             f"{args.threads} torch thread(s), each pass in a fresh process after a warm one, median of "
+             f"{repeats} alternating repeats. The score: pydoc's NLL sum; compare's mean log-likelihood of the "
+             "right choice.", "",
+             "| pass | batches | bound | peak resident growth, GiB | seconds | score |", "|---|---|---|---|---|---|"]
+    for label, c in comparisons.items():
+        lines += [f"| {label} | {way} | {r['batch_bound']} | {r['peak_growth_gib']} | {r['seconds']} | {r['score']:.6f} |"
+                  for way, r in c["rows"].items()]
+    lines.append("")
+    lines += [f"{label}: peak growth {c['memory_ratio']}x lower, time x{c['time_ratio']}, score relative difference "
+              f"{c['score_relative_difference']:.1e}." for label, c in comparisons.items()]
+    lines += ["",
               "Each demo dev task the same way, as an actor scores a candidate (default batches), GiB:", "",
               "| task | pass's peak growth | private heap after | after gc + malloc_trim | seconds |", "|---|---|---|---|---|"]
     lines += [f"| {task} | {r['peak_growth_gib']} | {r['heap_after_gib']} | {r['heap_after_trim_gib']} | {r['seconds']} |"

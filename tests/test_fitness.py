@@ -201,6 +201,41 @@ def test_multiple_choice_shared_prefix_equals_full_sequences(tokenizer, tiny_mod
     assert shared[0][0] == pytest.approx(by_hand, rel=1e-5)
 
 
+def test_multiple_choice_batches_bound_the_cache_and_logits(tokenizer, tiny_model, mc_file, monkeypatch):
+    """By default a shared-prefix batch's choice rows (their cache and logits) stay within the
+    budget; the scores are those of one batch."""
+    from search.fitness import kernels
+
+    task = build_task(TaskSpec("multiple_choice", mc_file, options={"context_length": 512}), tokenizer)
+    with torch.inference_mode():
+        whole = kernels.shared_prefix_logprobs(tiny_model, task.items, batch_tokens=100_000)
+    config = tiny_model.config
+    kv = kernels.kv_bytes_per_token(tiny_model)
+    head_dim = getattr(config, "head_dim", None) or config.hidden_size // config.num_attention_heads
+    assert kv == 2 * config.num_hidden_layers * config.num_key_value_heads * head_dim * 4  # float32
+    one = [kernels.choice_batch_bytes(len(q.context), len(q.continuations), max(map(len, q.continuations)) - 1, 1,
+                                      kv, config.vocab_size) for q in task.items]
+    budget = 2 * max(one)  # room for two questions at most
+    monkeypatch.setattr(kernels, "BATCH_BUDGET_BYTES", budget)
+    passes = []  # (rows, input width, cached tokens after the pass) of each forward
+
+    def record(module, args, kwargs, output):
+        passes.append((kwargs["input_ids"].shape[0], kwargs["input_ids"].shape[1], output.past_key_values.get_seq_length()))
+
+    hook = tiny_model.register_forward_hook(record, with_kwargs=True)
+    try:
+        with torch.inference_mode():
+            bounded = kernels.shared_prefix_logprobs(tiny_model, task.items)
+    finally:
+        hook.remove()
+    contexts, choices = passes[0::2], passes[1::2]  # each batch: its contexts' pass, then its choices'
+    assert len(choices) == len(kernels.choice_batches(tiny_model, task.items)) > 2
+    for (questions, _, _), (rows, width, cached) in zip(contexts, choices):
+        assert rows * cached * kv + (rows * width + 2 * questions) * 4 * config.vocab_size <= budget
+    for a, b in zip(bounded, whole):
+        assert a == pytest.approx(b, rel=1e-5, abs=1e-5)
+
+
 def test_multiple_choice_metrics_from_logliks(tokenizer, mc_file, monkeypatch):
     """acc: raw argmax; acc_norm: per character of the choice; acc_bytes: per UTF-8 byte."""
     task = build_task(TaskSpec("multiple_choice", mc_file), tokenizer)
@@ -328,7 +363,7 @@ def test_default_batches_bound_the_logits_and_do_not_change_the_sum(tokenizer, t
     whole = build_task(TaskSpec("perplexity", docs_file, options={**spec, "batch_tokens": 100_000}), tokenizer)
     expected = whole.evaluate(tiny_model)["nll_sum"]
     vocab = tiny_model.config.vocab_size
-    monkeypatch.setattr(kernels, "LOGITS_BUDGET_BYTES", 4 * vocab * 40)  # 40 positions' logits
+    monkeypatch.setattr(kernels, "BATCH_BUDGET_BYTES", 4 * vocab * 40)  # 40 positions' logits
     assert kernels.default_batch_tokens(tiny_model) == 40
     shapes = []
     hook = tiny_model.register_forward_hook(lambda module, inputs, output: shapes.append(output.logits.shape))

@@ -17,9 +17,12 @@ and always compute log-probabilities in float32. Batches are length-sorted and b
 A forward pass that scores every position returns (rows, width, vocabulary) logits, so with a
 large vocabulary the logits, not the weights, are a scoring pass's largest tensor: 8,192 tokens
 of SmolLM2's 49,152-token vocabulary in float32 are 1.6 GB, three times the model. Unless a task
-sets `batch_tokens`, `sequence_logprobs` therefore bounds a batch by LOGITS_BUDGET_BYTES of
+sets `batch_tokens`, `sequence_logprobs` therefore bounds a batch by BATCH_BUDGET_BYTES of
 logits (`default_batch_tokens`); batching moves the scores only by float rounding (a relative
-4e-9 on the demo's pydoc task: benchmarks/bench_scoring_memory.py).
+4e-9 on the demo's pydoc task: benchmarks/bench_scoring_memory.py). Shared-prefix scoring
+(multiple choice) holds a key/value cache row per choice as well, which for a large model
+outweighs the logits (a 7B model with 32 layers of 32 key/value heads of 128 dims caches 1 MiB
+per token in float32); its batches are bounded by the same budget over both (`choice_batches`).
 """
 from __future__ import annotations
 
@@ -34,7 +37,7 @@ from search.fitness.spec import TaskError
 
 DEFAULT_MAX_LENGTH = 2048  # lm-eval's default when neither config nor tokenizer names one
 DEFAULT_BATCH_TOKENS = 8192
-LOGITS_BUDGET_BYTES = 256 * 2**20  # one batch's float32 logits, every position scored
+BATCH_BUDGET_BYTES = 256 * 2**20  # one batch's logits (and key/value cache, when it keeps one)
 IGNORE = -100  # cross_entropy's ignore_index: positions not scored
 
 
@@ -179,10 +182,64 @@ def token_nll(logits: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
 
 def default_batch_tokens(model) -> int:
     """Padded tokens per batch when a task sets none: DEFAULT_BATCH_TOKENS, or fewer when that
-    many positions' float32 logits (4 bytes x vocabulary each) would pass LOGITS_BUDGET_BYTES
+    many positions' float32 logits (4 bytes x vocabulary each) would pass BATCH_BUDGET_BYTES
     (SmolLM2's 49,152-token vocabulary: 1,365 tokens, ten 128-token pieces)."""
     vocab = model.config.vocab_size
-    return max(1, min(DEFAULT_BATCH_TOKENS, LOGITS_BUDGET_BYTES // (4 * vocab)))
+    return max(1, min(DEFAULT_BATCH_TOKENS, BATCH_BUDGET_BYTES // (4 * vocab)))
+
+
+def kv_bytes_per_token(model) -> int | None:
+    """Bytes one token's keys and values take in the cache over all layers, or None when the
+    config does not say: 2 x layers x key/value heads x head dim x the parameters' element size
+    (SmolLM2-135M in float32: 2 x 30 x 3 x 64 x 4 = 46,080)."""
+    config = getattr(model.config, "text_config", None) or model.config
+    try:
+        layers, heads = config.num_hidden_layers, config.num_attention_heads
+        kv_heads = getattr(config, "num_key_value_heads", None) or heads
+        head_dim = getattr(config, "head_dim", None) or config.hidden_size // heads
+        element = next(model.parameters()).element_size()
+    except (AttributeError, TypeError, StopIteration):
+        return None
+    return 2 * layers * kv_heads * head_dim * element
+
+
+def choice_batch_bytes(context: int, rows: int, width: int, questions: int, kv_bytes: int, vocab: int) -> int:
+    """Memory of one `shared_prefix_logprobs` batch: `rows` choice rows, each holding its
+    question's context (padded to `context` tokens) and `width` choice inputs in the cache, and
+    float32 logits for rows x width choice positions plus each question's first-token logits
+    and their log-softmax (2 x questions rows)."""
+    return rows * (context + width) * kv_bytes + (rows * width + 2 * questions) * 4 * vocab
+
+
+def choice_batches(model, questions: Sequence, batch_tokens: int | None = None,
+                   batch_size: int | None = None) -> list[list[int]]:
+    """Question indices grouped for `shared_prefix_logprobs`, longest first.
+
+    By default a batch's padded cache rows and logits stay within BATCH_BUDGET_BYTES
+    (`choice_batch_bytes`; one question always fits): the cache, not the logits, is what grows
+    with a model's size. With `batch_tokens`, or a config that does not give the cache's size,
+    a question costs its context plus its choices in padded tokens, as `length_batches` counts.
+    """
+    kv = kv_bytes_per_token(model)
+    if batch_tokens or kv is None:
+        costs = [len(q.context) + sum(len(c) for c in q.continuations) for q in questions]
+        return length_batches(costs, batch_tokens or DEFAULT_BATCH_TOKENS, batch_size)
+    shapes = [(len(q.context), len(q.continuations), max(1, max(map(len, q.continuations)) - 1)) for q in questions]
+    order = sorted(range(len(questions)), key=lambda i: -(shapes[i][0] + shapes[i][2]))
+    batches: list[list[int]] = []
+    current: list[int] = []
+    context = rows = width = 0
+    for i in order:
+        t, n, w = shapes[i]
+        grown = choice_batch_bytes(max(context, t), rows + n, max(width, w), len(current) + 1, kv, model.config.vocab_size)
+        if current and (grown > BATCH_BUDGET_BYTES or (batch_size and len(current) >= batch_size)):
+            batches.append(current)
+            current, context, rows, width = [], 0, 0, 0
+        current.append(i)
+        context, rows, width = max(context, t), rows + n, max(width, w)
+    if current:
+        batches.append(current)
+    return batches
 
 
 def accepts(model, argument: str) -> bool:
@@ -252,16 +309,14 @@ def shared_prefix_logprobs(
     token); the last position's log-softmax gives every choice's first token. The cache is then
     gathered so each choice row has its question's context. Pass 2: each choice minus its last
     token, right-padded, predicts the choice's tokens 2..m. Cost: sum(context) + sum(choices)
-    tokens instead of n_choices * context + sum(choices). Only the choices' positions return
-    logits here (the contexts keep their last), so batches keep DEFAULT_BATCH_TOKENS.
+    tokens instead of n_choices * context + sum(choices). A batch is bounded by its choice rows'
+    cache and logits (`choice_batches`).
     """
     device = model.device
-    batch_tokens = batch_tokens or DEFAULT_BATCH_TOKENS
     keep_last = {"logits_to_keep": 1} if accepts(model, "logits_to_keep") else {}
     results: list[list[float]] = [[] for _ in questions]
-    # a question's cost in padded tokens ~ its context plus its choices
-    cost = [len(q.context) + sum(len(c) for c in q.continuations) for q in questions]
-    for batch in progress_bar(length_batches(cost, batch_tokens, batch_size), progress, "scoring choices"):
+    batches = choice_batches(model, questions, batch_tokens, batch_size)
+    for batch in progress_bar(batches, progress, "scoring choices"):
         group = [questions[i] for i in batch]
         ctx_lens = torch.tensor([len(q.context) for q in group])  # (B,)
         ctx_ids = pad_rows([q.context for q in group], 0, left=True)  # (B, Tc)
@@ -330,7 +385,8 @@ def greedy_decode(model, prompts: list[list[int]], max_new_tokens: int, stop_mas
 
 
 __all__ = [
-    "DEFAULT_MAX_LENGTH", "DEFAULT_BATCH_TOKENS", "LOGITS_BUDGET_BYTES", "default_batch_tokens", "IGNORE", "prefix_token_id", "encode", "encode_pair",
+    "DEFAULT_MAX_LENGTH", "DEFAULT_BATCH_TOKENS", "BATCH_BUDGET_BYTES", "default_batch_tokens", "kv_bytes_per_token",
+    "choice_batch_bytes", "choice_batches", "IGNORE", "prefix_token_id", "encode", "encode_pair",
     "model_max_length", "rolling_windows", "length_batches", "subsample_indices", "pad_rows", "token_nll",
     "accepts", "progress_bar", "sequence_logprobs", "shared_prefix_logprobs", "greedy_decode",
 ]
