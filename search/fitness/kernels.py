@@ -220,7 +220,7 @@ def choice_batches(model, questions: Sequence, batch_tokens: int | None = None,
     with a model's size. With `batch_tokens`, or a config that does not give the cache's size,
     a question costs its context plus its choices in padded tokens, as `length_batches` counts.
     """
-    kv = kv_bytes_per_token(model)
+    kv, vocab = kv_bytes_per_token(model), model.config.vocab_size
     if batch_tokens or kv is None:
         costs = [len(q.context) + sum(len(c) for c in q.continuations) for q in questions]
         return length_batches(costs, batch_tokens or DEFAULT_BATCH_TOKENS, batch_size)
@@ -231,7 +231,7 @@ def choice_batches(model, questions: Sequence, batch_tokens: int | None = None,
     context = rows = width = 0
     for i in order:
         t, n, w = shapes[i]
-        grown = choice_batch_bytes(max(context, t), rows + n, max(width, w), len(current) + 1, kv, model.config.vocab_size)
+        grown = choice_batch_bytes(max(context, t), rows + n, max(width, w), len(current) + 1, kv, vocab)
         if current and (grown > BATCH_BUDGET_BYTES or (batch_size and len(current) >= batch_size)):
             batches.append(current)
             current, context, rows, width = [], 0, 0, 0
