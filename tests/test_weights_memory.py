@@ -2,8 +2,8 @@
 safetensors file (the bytes and sha256 of the old whole-dict `safetensors.torch.save`) and
 published from that file, so the driver never holds a whole model of its own.
 
-No Ray here: the object store is stood in for by the same `{name: float32 numpy array}` dicts
-that `put_weights` would put (`ray.get` returns them as they are).
+No Ray here: the object store is stood in for by the same `SharedState`s (numpy arrays in the
+weights' own dtype) that `put_weights` would put (`ray.get` returns them as they are).
 """
 from __future__ import annotations
 
@@ -87,10 +87,11 @@ def test_streaming_keep_writes_the_whole_dict_bytes(bank, recipe):
     assert path.read_bytes() == expected
     assert checksum == hashlib.sha256(expected).hexdigest()
     published = bank.refs["g000-001"]
-    assert set(published) == set(weights)
+    assert set(published.arrays) == set(weights) and not published.bfloat16
     for name, tensor in weights.items():  # what offspring read equals what was replayed
-        assert isinstance(published[name], np.ndarray) and published[name].dtype == np.float32
-        assert torch.equal(torch.from_numpy(np.array(published[name])), tensor), name
+        array = published.arrays[name]
+        assert isinstance(array, np.ndarray) and array.dtype == np.float32
+        assert torch.equal(torch.from_numpy(np.array(array)), tensor), name
     assert [p.name for p in path.parent.iterdir()] == [path.name]  # no temporary file left behind
 
 
@@ -124,10 +125,10 @@ def test_keep_all_replays_side_by_side_with_the_bytes_of_one_at_a_time(bank, tmp
 
 
 def test_keep_all_raises_the_failing_replay_and_leaves_no_file_of_it(bank, monkeypatch):
-    def broken(recipe, inputs, names, exclude):
+    def broken(recipe, inputs, names, exclude, out=None):
         if recipe.seed == RECIPES[1].seed and names == [bank.names[2]]:
             raise RuntimeError("boom")
-        return materialize(recipe, inputs, names, exclude)
+        return materialize(recipe, inputs, names, exclude, out=out)
 
     monkeypatch.setattr(weights_module, "materialize", broken)
     with pytest.raises(RuntimeError, match="boom"):
@@ -160,16 +161,92 @@ def test_save_weights_of_a_state_matches_safetensors_save(tmp_path):
 
 
 def test_a_failing_replay_leaves_no_file(bank, monkeypatch):
-    def broken(recipe, inputs, names, exclude):
+    def broken(recipe, inputs, names, exclude, out=None):
         if names == [bank.names[2]]:
             raise RuntimeError("boom")
-        return materialize(recipe, inputs, names, exclude)
+        return materialize(recipe, inputs, names, exclude, out=out)
 
     monkeypatch.setattr(weights_module, "materialize", broken)
     with pytest.raises(RuntimeError, match="boom"):
         bank.keep(RECIPES[0], "g000-002")
     assert not bank.store.weights_dir.exists() or not any(bank.store.weights_dir.iterdir())
     assert "g000-002" not in bank.refs
+
+
+def test_shared_state_keeps_each_dtype_at_its_own_size():
+    """bfloat16 travels as its bit patterns (numpy has none) and comes back bit for bit; every
+    other dtype as itself: the store holds a bfloat16 checkpoint at its own size."""
+    gen = torch.Generator().manual_seed(0)
+    state = {
+        "w.bf16": torch.randn(8, 4, generator=gen).bfloat16(),
+        "w.half": torch.randn(3, generator=gen).half(),
+        "w.float": torch.randn(2, 5, generator=gen),
+        "w.double": torch.randn(2, dtype=torch.float64, generator=gen),
+        "b.ids": torch.arange(6),
+    }
+    shared = to_numpy_state(state)
+    assert shared.bfloat16 == {"w.bf16"} and shared.arrays["w.bf16"].dtype == np.int16
+    assert shared.nbytes() == sum(t.numel() * t.element_size() for t in state.values())
+    back = from_numpy_state(shared)
+    for name, tensor in state.items():
+        assert back[name].dtype == tensor.dtype and torch.equal(back[name], tensor), name
+
+
+def upcast(state: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    return {k: v.float() for k, v in state.items()}
+
+
+@pytest.mark.parametrize("recipe", RECIPES[:2], ids=[r.op for r in RECIPES[:2]])
+def test_members_of_bfloat16_parents_keep_their_step_in_float32(bank, recipe):
+    """Parents stay bfloat16 in the store; the replayed member is float32 and equals the replay
+    from float32 copies of the same parents (the arithmetic ran in float32 either way). Written
+    back in bfloat16 it would lose the step: a quarter or more of its entries (crossover keeps the
+    rest as the member's own bfloat16 values) are not bfloat16 numbers."""
+    for wid in list(bank.refs):
+        bank.refs[wid] = to_numpy_state({k: v.bfloat16() for k, v in from_numpy_state(bank.refs[wid]).items()})
+    checksum = bank.keep(recipe, "g000-001")
+    stored = bank.store.load_weights("g000-001", checksum)
+    upcast_inputs = {wid: upcast(from_numpy_state(bank.refs[wid])) for wid in recipe.input_ids()}
+    expected = materialize(recipe, upcast_inputs, bank.names, bank.exclude)
+    assert all(t.dtype == torch.float32 for t in stored.values())
+    assert all(torch.equal(stored[name], expected[name]) for name in bank.names)
+    evolved = stored["model.layers.0.mlp.up_proj.weight"]
+    assert (evolved != evolved.bfloat16().float()).float().mean() > 0.2
+    # an actor materialises the same candidate from the same bfloat16 store into its float32 model
+    working = {name: torch.zeros_like(t) for name, t in expected.items()}
+    materialize(recipe, {wid: from_numpy_state(bank.refs[wid]) for wid in recipe.input_ids()}, bank.names,
+                bank.exclude, out=working)
+    assert all(torch.equal(working[name], stored[name]) for name in bank.names)
+
+
+@pytest.mark.slow
+def test_bfloat16_parents_in_a_real_object_store_are_shared_at_their_own_size(tmp_path):
+    """Through a real Ray object store: a bfloat16 parent published from its model directory
+    reaches another process as read-only (zero-copy) views of its own bfloat16 bytes."""
+    import ray
+
+    from search.models.sources import load_state
+    from search.models.tiny import tiny_llama
+
+    tiny_llama(seed=0).to(torch.bfloat16).save_pretrained(tmp_path / "parent")
+    state = load_state(tmp_path / "parent")
+    ray.init(num_cpus=1, include_dashboard=False, log_to_driver=False)
+    try:
+        bank = WeightBank(RunStore(tmp_path / "run"), sorted(state), exclude=[])
+        bank.publish_parents({"base": tmp_path / "parent"})
+
+        @ray.remote
+        def read(refs):
+            shared = ray.get(refs[0])
+            views = {name: array.flags.writeable for name, array in shared.arrays.items()}
+            return views, {name: t.to(torch.float32) for name, t in from_numpy_state(shared).items()}, shared.nbytes()
+
+        writeable, values, nbytes = ray.get(read.remote([bank.refs["base"]]))
+    finally:
+        ray.shutdown()
+    assert set(values) == set(state) and not any(writeable.values())
+    assert nbytes == sum(2 * t.numel() for t in state.values())
+    assert all(torch.equal(values[name], t.float()) for name, t in state.items())
 
 
 # ---- memory: the kernel's own peak-RSS counter (VmHWM), reset right before the replay ----------
@@ -223,7 +300,7 @@ def test_replay_peak_memory_is_about_one_tensor_not_a_model(tmp_path, monkeypatc
     bank = WeightBank(RunStore(tmp_path / "run"), names, exclude=[])
     gen = torch.Generator().manual_seed(0)
     for wid in ("a", "b"):
-        bank.refs[wid] = {n: torch.randn(shape, generator=gen).numpy() for n in names}
+        bank.refs[wid] = to_numpy_state({n: torch.randn(shape, generator=gen) for n in names})
     recipe = Recipe(op="evolver", inputs=("a", "b"), params={"F": 0.5, "CR": 0.5}, seed=1)
 
     bank.keep(recipe, "g000-000")  # warm-up: first-use imports and allocator pools are not the replay's

@@ -12,7 +12,8 @@ Memory: the driver never holds a whole model of its own. Parents are read memory
 at a time from zero-copy views of its inputs in the object store and streamed into its
 safetensors file (at most one output tensor alive per replay; the new members of a generation
 are replayed side by side, one per core up to four), then published from that file, again
-memory-mapped (page cache, not heap). What a run needs per node is the object store (parents
+memory-mapped (page cache, not heap). Parents stay in their own dtype there; a member is
+float32 at least (`member_dtype`). What a run needs per node is the object store (parents
 once, plus the live members) and one working model per actor (`benchmarks/bench_search.py
 --memory` measures it).
 """
@@ -24,12 +25,21 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Iterable, Mapping
 
+import torch
+
 from evolve.materialize import materialize
 from evolve.recipe import Recipe
 
 from search.models.sources import load_state
 from search.run.store import RunStore
 from search.run.workers import from_numpy_state, put_weights
+
+
+def member_dtype(dtype: torch.dtype) -> torch.dtype:
+    """The dtype a replayed member is stored in: its first input's, at least float32. An evolved
+    step is often smaller than a bfloat16 weight's rounding (2^-8 of it), so a member of
+    half-precision parents written back in half precision would lose the step that made it."""
+    return torch.promote_types(dtype, torch.float32) if dtype.is_floating_point else dtype
 
 
 @dataclass
@@ -59,7 +69,7 @@ class WeightBank:
         return {wid: self.refs[wid] for wid in recipe.input_ids()}
 
     def keep(self, recipe: Recipe, member_id: str) -> str:
-        """Replay a member on the driver (CPU, fp32), store and publish it; its sha256.
+        """Replay a member on the driver (CPU, at least fp32), store and publish it; its sha256.
 
         Tensor by tensor: each is materialised from the inputs' object-store views and written
         to the member's file before the next is made (the bytes are those of a whole-dict save),
@@ -67,11 +77,14 @@ class WeightBank:
         import ray
 
         inputs = {wid: from_numpy_state(ray.get(self.refs[wid])) for wid in recipe.input_ids()}
-        first = inputs[recipe.inputs[0]]  # every output tensor has its dtype and shape
-        specs = [(name, first[name].dtype, tuple(first[name].shape)) for name in self.names]
-        checksum = self.store.save_weights(
-            member_id, specs=specs, produce=lambda name: materialize(recipe, inputs, [name], self.exclude)[name]
-        )
+        first = inputs[recipe.inputs[0]]  # every output tensor has its shape
+
+        def produce(name: str) -> torch.Tensor:  # one tensor, in the member's dtype (not the input's)
+            out = {name: torch.empty(first[name].shape, dtype=member_dtype(first[name].dtype))}
+            return materialize(recipe, inputs, [name], self.exclude, out=out)[name]
+
+        specs = [(name, member_dtype(first[name].dtype), tuple(first[name].shape)) for name in self.names]
+        checksum = self.store.save_weights(member_id, specs=specs, produce=produce)
         self.refs[member_id] = put_weights(self.store.load_weights(member_id))
         return checksum
 

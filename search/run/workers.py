@@ -1,8 +1,9 @@
 """Ray workers: an actor pool that materialises candidates in place and scores them.
 
 Weights travel once. The driver puts every weight set it needs (parents, accepted offspring)
-into the Ray object store as `{name: numpy array}`; actors on the same node read them
-zero-copy (the arrays are views of shared memory, never written). Each actor keeps ONE
+into the Ray object store as a `SharedState` of numpy arrays in the weights' own dtype (a
+bfloat16 checkpoint's parents at their own size); actors on the same node read them zero-copy
+(the arrays are views of shared memory, never written). Each actor keeps ONE
 working model and, per candidate, overwrites its parameters in place with the candidate's
 tensors, one tensor at a time: no reload, no disk round trip, no second model in memory.
 
@@ -34,14 +35,37 @@ from search.run.candidate import EXAMPLE_KEYS, Candidate
 
 
 
-def to_numpy_state(state: dict[str, torch.Tensor]) -> dict[str, np.ndarray]:
-    return {k: v.detach().to(torch.float32).contiguous().cpu().numpy() for k, v in state.items()}
+@dataclass(frozen=True)
+class SharedState:
+    """A weight set as the object store holds it: numpy arrays, which Ray hands to every process
+    on the node as zero-copy views of shared memory, in the weights' own dtype. numpy has no
+    bfloat16, so those tensors travel as their raw 16-bit patterns (an int16 view, named in
+    `bfloat16`) and are viewed back on the way out: a bfloat16 checkpoint's parents take their
+    own size in the store, not the twice of a float32 upcast."""
+
+    arrays: dict[str, np.ndarray]
+    bfloat16: frozenset[str] = frozenset()
+
+    def nbytes(self) -> int:
+        return sum(a.nbytes for a in self.arrays.values())
 
 
-def from_numpy_state(state: dict[str, np.ndarray]) -> dict[str, torch.Tensor]:
+def to_numpy_state(state: dict[str, torch.Tensor]) -> SharedState:
+    arrays, bfloat16 = {}, set()
+    for name, tensor in state.items():
+        tensor = tensor.detach().contiguous().cpu()
+        if tensor.dtype == torch.bfloat16:
+            tensor = tensor.view(torch.int16)
+            bfloat16.add(name)
+        arrays[name] = tensor.numpy()
+    return SharedState(arrays, frozenset(bfloat16))
+
+
+def from_numpy_state(state: SharedState) -> dict[str, torch.Tensor]:
     with warnings.catch_warnings():  # object-store arrays are read-only views; we only read them
         warnings.simplefilter("ignore", UserWarning)
-        return {k: torch.from_numpy(v) for k, v in state.items()}
+        tensors = {name: torch.from_numpy(array) for name, array in state.arrays.items()}
+    return {name: t.view(torch.bfloat16) if name in state.bfloat16 else t for name, t in tensors.items()}
 
 
 @dataclass
