@@ -68,27 +68,26 @@ def batch_bound(kind: str, options: dict, model) -> str:
 
 def one_pass(kind: str, data: str, options: dict, threads: int) -> dict:
     """In this (fresh) process: SmolLM2-135M, the task scored once to warm, then measured."""
-    import ctypes
     import gc
 
     import torch
 
     from search.fitness import TaskSpec, build_task
+    from search.models.memory import release_freed_heap
     from search.models.sources import load_model
 
     torch.set_num_threads(threads)
     model, tokenizer = load_model("smollm2-135m")
     task = build_task(TaskSpec(kind, data, options=options), tokenizer)
     task.evaluate(model)
-    trim = ctypes.CDLL("libc.so.6").malloc_trim
     gc.collect()
-    trim(0)
+    release_freed_heap()
     Path("/proc/self/clear_refs").write_text("5")  # VmHWM := the current RSS
     before, started = status_gib("VmRSS"), time.perf_counter()
     result = task.evaluate(model)
     seconds, grown, left = time.perf_counter() - started, status_gib("VmHWM") - before, status_gib("RssAnon")
     gc.collect()
-    trim(0)
+    release_freed_heap()
     return {"peak_growth_gib": grown, "seconds": seconds, "heap_after_gib": left, "heap_after_trim_gib": status_gib("RssAnon"),
             "score": result.get("nll_sum", result.get("score")), "batch_bound": batch_bound(kind, options, model),
             "mean_gold_loglik": result.get("mean_gold_loglik")}

@@ -818,7 +818,34 @@ def demo_memory(run_dir: Path) -> dict:
     largest = max((k for k in kinds if "processes" not in kinds[k]), key=lambda k: kinds[k]["peak_rss"])
     return {"machine": _machine(), "measured": time.strftime("%Y-%m-%d %H:%M"), "wall_s": round(wall, 1),
             "sample_s": MEMORY_SAMPLE_S, "kinds": kinds, "largest": largest,
-            "object_store_peak": monitor.peak_store, "all_processes_peak": monitor.peak_total}
+            "object_store_peak": monitor.peak_store, "all_processes_peak": monitor.peak_total,
+            "memory_by_job_kind": memory_by_job_kind(run_dir)}
+
+
+def memory_by_job_kind(run_dir: Path) -> list[dict]:
+    """Per kind of job (split, stage, precision), from the run's journal: each row carries its
+    actor's memory once the job's freed heap was handed back (private heap and resident set)
+    and the most that actor has held (VmHWM, which only grows, object-store pages included), so
+    a job whose peak exceeds the actor's previous row's raised it by the difference."""
+    from search.run.store import RunStore
+
+    last_peak: dict[str, float] = {}
+    kinds: dict[tuple, dict] = {}
+    for row in RunStore(run_dir).read_journal():
+        memory = row.get("memory")
+        if not memory:
+            continue
+        key = (row["split"], row.get("stage"), row.get("autocast") or "float32")
+        kind = kinds.setdefault(key, {"split": key[0], "stage": key[1], "precision": key[2], "jobs": 0,
+                                      "private_max_gib": 0.0, "raised_peak": 0, "largest_raise_gib": 0.0})
+        raise_gib = memory["peak_gib"] - last_peak.get(row["worker"], memory["peak_gib"])  # an actor's first job: none
+        kind["jobs"] += 1
+        kind["private_max_gib"] = max(kind["private_max_gib"], memory.get("private_gib", 0.0))
+        if raise_gib > 0:
+            kind["raised_peak"] += 1
+            kind["largest_raise_gib"] = round(max(kind["largest_raise_gib"], raise_gib), 3)
+        last_peak[row["worker"]] = max(last_peak.get(row["worker"], 0.0), memory["peak_gib"])
+    return sorted(kinds.values(), key=lambda k: (k["split"], -1 if k["stage"] is None else k["stage"]))
 
 
 def write_demo_memory(result: dict) -> None:
@@ -852,6 +879,19 @@ def write_demo_memory(result: dict) -> None:
         f"| **all processes: private + object store, peak over time** | | {_gib(result['all_processes_peak'])} | | |",
         "",
     ]
+    kinds = result.get("memory_by_job_kind")
+    if kinds:
+        lines += [
+            "By kind of job, from the run's journal: after each job an actor journals its private heap (with "
+            "the freed heap glibc keeps for the next job), its resident set and its peak so far (VmHWM, which "
+            "counts the object-store pages it has mapped: each weight set an actor reads adds its pages). GiB:",
+            "",
+            "| split | stage | precision | jobs | most private heap held after one | jobs that raised their actor's peak | largest raise |",
+            "|---|---|---|---|---|---|---|",
+        ]
+        lines += [f"| {k['split']} | {'-' if k['stage'] is None else k['stage']} | {k['precision']} | {k['jobs']} | "
+                  f"{k['private_max_gib']:.2f} | {k['raised_peak']} | {k['largest_raise_gib']:.2f} |" for k in kinds]
+        lines.append("")
     (RESULTS / "demo_memory.md").write_text("\n".join(lines))
     print("\n".join(lines))
 

@@ -197,7 +197,7 @@ def snapshot(run: Path) -> dict[str, object]:
             continue
         rel = path.relative_to(run).as_posix()
         if rel in ("journal.jsonl", "logbook.jsonl"):
-            volatile = {"time", "timing", "worker", "wall_s"}
+            volatile = {"time", "timing", "memory", "worker", "wall_s"}
             rows = [json.loads(line) for line in path.read_text().splitlines()]
             out[rel] = [{k: v for k, v in row.items() if k not in volatile} for row in rows]
         elif rel == "state.json":

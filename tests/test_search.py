@@ -74,6 +74,12 @@ def test_run_finishes_with_a_complete_run_directory(uninterrupted):
     assert status.returncode == 0
     summary = json.loads(status.stdout)
     assert summary["generation"] == 2 and summary["evaluations"] == 9 and set(summary["best_per_task"]) == {"arith", "compare"}
+    # every scoring journals its actor's memory after it; the status names the job that set the peak
+    assert all(0 < e["memory"]["private_gib"] <= e["memory"]["rss_gib"] <= e["memory"]["peak_gib"] for e in journal)
+    peak = max(e["memory"]["peak_gib"] for e in journal)
+    assert summary["actor_memory"]["peak_gib"] == peak and summary["actor_memory"]["actors"] == 1
+    assert summary["actor_memory"]["set_by"]["id"] in {e["id"] for e in journal if e["memory"]["peak_gib"] == peak}
+    assert "actors       peak" in evofuse("status", str(uninterrupted)).stdout
 
 
 def test_sigkill_mid_generation_then_resume_matches_uninterrupted(uninterrupted, tmp_path, search_killed_at):

@@ -19,6 +19,7 @@ import torch
 
 from evolve.materialize import materialize
 from evolve.recipe import Recipe
+from search.models.memory import release_freed_heap
 from search.run import weights as weights_module
 from search.run.store import RunStore
 from search.run.weights import WeightBank
@@ -256,20 +257,9 @@ def _status_kb(field: str) -> int:
     return int(re.search(rf"^{field}:\s+(\d+) kB", Path("/proc/self/status").read_text(), re.M).group(1))
 
 
-def _release_free_heap() -> None:
-    """Give freed heap memory back to the OS (glibc keeps it otherwise, and a later allocation
-    that reuses it would not show up in the resident set: the probe would go blind)."""
-    import ctypes
-
-    try:
-        ctypes.CDLL("libc.so.6").malloc_trim(0)
-    except (OSError, AttributeError):
-        pass
-
-
 def _peak_rss_growth(fn) -> int:
     """Bytes by which the process's peak resident set exceeded its resident set before `fn`."""
-    _release_free_heap()
+    release_freed_heap()  # else a later allocation reusing kept heap would not show in the resident set
     Path("/proc/self/clear_refs").write_text("5")  # resets VmHWM to the current VmRSS
     before = _status_kb("VmRSS")
     fn()

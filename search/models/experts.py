@@ -36,6 +36,7 @@ from compression.calibration import token_stream
 
 from search.config import FineTune, ParentSpec, RunConfig
 from search.models.datasets import data_fingerprint, training_texts
+from search.models.memory import release_freed_heap
 from search.models.progress import SetupStep
 from search.models.sources import SourceError, build_cached, cache_root, file_lock, load_model, resolve_source
 
@@ -111,12 +112,7 @@ def finetune(model: nn.Module, tokenizer, spec: FineTune, label: str = "", quiet
     # back to the OS, which glibc's malloc would otherwise keep for the rest of the run (+0.65
     # GiB on SmolLM2-135M, +2.1 GiB on a 3x model; benchmarks/results/search_memory.md).
     del opt, sched, params, loss, batch
-    try:
-        import ctypes
-
-        ctypes.CDLL("libc.so.6").malloc_trim(0)
-    except (OSError, AttributeError):  # not glibc
-        pass
+    release_freed_heap()
     return model
 
 

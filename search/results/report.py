@@ -59,8 +59,33 @@ def run_status(run_dir: Path) -> dict:
         "staged": staged_summary(journal, last_stage(config), merge=config.mode == "merge",
                                  task_weights={t.name: t.weight for t in config.tasks}, confidence=config.fitness.confidence),
         "recipe_study": _recipe_study(run_dir) if config.mode == "recipe" else None,
+        "actor_memory": actor_memory(journal),
         "updated": time.strftime("%Y-%m-%d %H:%M:%S", time.localtime(store.journal_path.stat().st_mtime)) if store.journal_path.exists() else None,
     }
+
+
+def actor_memory(journal: list[dict]) -> dict | None:
+    """The actors' largest resident set and the job that set it. Each row's `memory` is its
+    actor's GiB after the job (resident, private heap) and the most that actor has ever held
+    (`peak_gib`, VmHWM: it only grows, and counts the object-store pages the actor has mapped),
+    so the first row in the journal at the highest peak is the job that raised it.
+    `private_gib`: the most private heap any actor held after its last job."""
+    rows = [r for r in journal if r.get("memory", {}).get("peak_gib") is not None]
+    if not rows:
+        return None
+    top = max(rows, key=lambda r: r["memory"]["peak_gib"])  # the first of equal maxima
+    last = {r.get("worker"): r["memory"] for r in rows}  # each actor's last row wins
+    job = {"id": top["id"], "split": top["split"], "stage": top.get("stage"), "autocast": top.get("autocast")}
+    return {"peak_gib": top["memory"]["peak_gib"], "set_by": job, "actors": len(last),
+            "private_gib": max(m.get("private_gib", m["rss_gib"]) for m in last.values())}
+
+
+def format_actor_memory(memory: dict) -> str:
+    job = memory["set_by"]
+    how = ", ".join(str(v) for v in (job["split"], job["stage"] is not None and f"stage {job['stage']}", job["autocast"]) if v)
+    return (f"actors       peak {memory['peak_gib']:.2f} GiB resident (object-store pages included), set by "
+            f"{job['id']} ({how}); {memory['private_gib']:.2f} GiB private after the last job "
+            f"({memory['actors']} actor processes)")
 
 
 def _recipe_study(run_dir: Path) -> dict | None:
@@ -86,6 +111,8 @@ def format_status(status: dict) -> str:
         from search.run.recipe_mode import format_study
 
         lines += format_study(status["recipe_study"])
+    if status.get("actor_memory"):
+        lines.append(format_actor_memory(status["actor_memory"]))
     if status["eta_s"] is not None:
         lines.append(f"eta          {status['eta_s'] // 60} min {status['eta_s'] % 60} s")
     return "\n".join(lines)

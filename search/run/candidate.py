@@ -6,9 +6,9 @@ Optuna trial that asked the plan, the generation that bred it and the member it 
 with structure genes (`compress.space.genes`), the genes its plan was compiled from and where
 they came from (journalled as `genes: {blocks, levels, from}`; rows without it read as before).
 `Evaluation` is one scoring of a candidate on one split: status, metrics per task, parameter
-count, latency, timings, the worker, the reason of a failure and the stage it reached. The
-journal row of an evaluation is `Evaluation.to_json()`, read back by `Evaluation.from_json`;
-nothing else builds or reads journal rows.
+count, latency, timings, the actor's memory after it, the worker, the reason of a failure and
+the stage it reached. The journal row of an evaluation is `Evaluation.to_json()`, read back by
+`Evaluation.from_json`; nothing else builds or reads journal rows.
 
 `objectives()` is the one place that turns an evaluation into the values selection, Optuna's
 `study.tell`, the report and `export --pareto` compare: (dev score,) for merge runs, and
@@ -105,6 +105,7 @@ class Evaluation:
     worker: str | None = None
     attempts: int = 1
     timing: Mapping[str, float] = field(default_factory=dict)
+    memory: Mapping[str, float] = field(default_factory=dict)  # the actor's GiB after the job: {rss_gib, private_gib, peak_gib}
     time: float | None = None
     stage: int | None = None  # staged fitness: the last stage scored
     extra: Mapping[str, Any] = field(default_factory=dict)  # fields written by newer versions
@@ -157,13 +158,15 @@ class Evaluation:
                "metrics": dict(self.metrics), "score": self.score, "attempts": self.attempts}
         if self.timing:
             row["timing"] = dict(self.timing)
+        if self.memory:
+            row["memory"] = dict(self.memory)
         row.update({k: getattr(self, k) for k in self._SCALARS if getattr(self, k) is not None})
         return row
 
     @classmethod
     def from_json(cls, row: Mapping[str, Any]) -> "Evaluation":
         known = {"id", "recipe", "plan", "trial", "generation", "target", "genes", "split", "status", "metrics",
-                 "score", "attempts", "timing", *cls._SCALARS}
+                 "score", "attempts", "timing", "memory", *cls._SCALARS}
         return cls(
             candidate=Candidate.from_json(row),
             split=row["split"],
@@ -172,6 +175,7 @@ class Evaluation:
             score=row.get("score", WORST),
             attempts=row.get("attempts", 1),
             timing=row.get("timing") or {},
+            memory=row.get("memory") or {},
             extra={k: v for k, v in row.items() if k not in known},
             **{k: row.get(k) for k in cls._SCALARS},
         )
@@ -191,6 +195,7 @@ class Evaluation:
             worker=result.get("worker"),
             attempts=result.get("attempts", 1),
             timing=result.get("timing") or {},
+            memory=result.get("memory") or {},
             time=round(when, 3),
             stage=stage,
             extra={"autocast": result["autocast"]} if result.get("autocast") else {},

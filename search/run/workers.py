@@ -30,6 +30,7 @@ import torch
 
 from evolve.materialize import materialize
 
+from search.models.memory import resident_memory
 from search.run import faults
 from search.run.candidate import EXAMPLE_KEYS, Candidate
 
@@ -121,6 +122,16 @@ def linear_weights_as(model: torch.nn.Module, dtype: torch.dtype):
     finally:
         for param, data in kept:
             param.data = data
+
+
+def memory_after_job() -> dict[str, float] | None:
+    """GiB an actor holds after a job: resident, its private heap (with what glibc keeps of the
+    freed heap for the next job, which is cheaper than handing it back: see
+    `search.models.memory`), and the most it has ever held. The peak only grows: the job that
+    raised it is the one that set it, so the journal tells which candidates, stages and
+    precisions an actor's memory must be sized for."""
+    memory = resident_memory()
+    return None if memory is None else {f"{k}_gib": round(v / 2**30, 3) for k, v in memory.items()}
 
 
 def resolve_dtype(dtype: str, device: torch.device) -> torch.dtype:
@@ -255,6 +266,9 @@ class Evaluator:
         result["timing"] = {"materialize_s": round(materialized - start, 4), "score_s": round(scored - materialized, 4)}
         if screen_s is not None:
             result["timing"]["screen_s"] = screen_s
+        memory = memory_after_job()
+        if memory:
+            result["memory"] = memory
         return result
 
     def _autocast_dtype(self, dtype: str | None) -> torch.dtype | None:
