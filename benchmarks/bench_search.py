@@ -29,7 +29,8 @@ Five measurements:
 5. The demo's memory (`--demo-memory`): `evofuse demo` from start to end in a subprocess (experts
    cached, a fresh run directory) under the same monitor, so the peak resident set that
    `/usr/bin/time -v make demo` reports is taken apart by process and by kind of page: private
-   heap, object-store pages mapped, memory-mapped files. See `demo_memory`.
+   heap, object-store pages mapped, memory-mapped files; and, from the run's journal, what each
+   kind of job (split, stage, precision) leaves an actor holding. See `demo_memory`.
 
     python -m benchmarks.bench_search --quick            # tiny model, seconds
     python -m benchmarks.bench_search --run runs/demo    # SmolLM2-135M + the demo run
@@ -824,9 +825,9 @@ def demo_memory(run_dir: Path) -> dict:
 
 def memory_by_job_kind(run_dir: Path) -> list[dict]:
     """Per kind of job (split, stage, precision), from the run's journal: each row carries its
-    actor's memory once the job's freed heap was handed back (private heap and resident set)
-    and the most that actor has held (VmHWM, which only grows, object-store pages included), so
-    a job whose peak exceeds the actor's previous row's raised it by the difference."""
+    actor's memory after the job (private heap and resident set) and the most that actor has
+    held (VmHWM, which only grows, object-store pages included), so a job whose peak exceeds
+    the actor's previous row's raised it by the difference."""
     from search.run.store import RunStore
 
     last_peak: dict[str, float] = {}

@@ -6,7 +6,7 @@ multiple-choice pass an actor keeps 0.56 GiB it no longer uses, 0.30 after `mall
 (benchmarks/results/scoring_memory.md); after fine-tuning, the driver kept 0.65 GiB of
 optimizer state and activations (search_memory.md). `release_freed_heap` hands it back.
 Handing it back costs the next job the page faults of taking it again: after every job of
-the demo's mix, 5% more time (10% on first-stage screens) for a 6% lower peak
+the demo's mix, 5% more time (11% on first-stage screens) for a 6% lower peak
 (benchmarks/results/heap_release.md), so actors keep theirs. `resident_memory` reads the
 kernel's count of the process's resident set, its private part and its peak (Linux; None
 elsewhere).

@@ -42,7 +42,7 @@ class SharedState:
     on the node as zero-copy views of shared memory, in the weights' own dtype. numpy has no
     bfloat16, so those tensors travel as their raw 16-bit patterns (an int16 view, named in
     `bfloat16`) and are viewed back on the way out: a bfloat16 checkpoint's parents take their
-    own size in the store, not the twice of a float32 upcast."""
+    own size in the store, not twice it as float32."""
 
     arrays: dict[str, np.ndarray]
     bfloat16: frozenset[str] = frozenset()
