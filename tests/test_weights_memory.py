@@ -220,34 +220,54 @@ def test_members_of_bfloat16_parents_keep_their_step_in_float32(bank, recipe):
     assert all(torch.equal(working[name], stored[name]) for name in bank.names)
 
 
+PUBLISH_AND_READ = """
+import json, sys
+from pathlib import Path
+
+import ray, torch
+
+from search.run.store import RunStore
+from search.run.weights import WeightBank
+from search.run.workers import from_numpy_state
+
+parent = Path(sys.argv[1])
+ray.init(num_cpus=1, include_dashboard=False, log_to_driver=False)
+bank = WeightBank(RunStore(parent.parent / "run"), [], exclude=[])
+bank.publish_parents({"base": parent})
+
+@ray.remote
+def read(refs):
+    shared = ray.get(refs[0])
+    sums = {name: t.to(torch.float64).sum().item() for name, t in from_numpy_state(shared).items()}
+    dtypes = {name: str(t.dtype) for name, t in from_numpy_state(shared).items()}
+    return {"writeable": any(a.flags.writeable for a in shared.arrays.values()), "nbytes": shared.nbytes(),
+            "sums": sums, "dtypes": dtypes}
+
+print(json.dumps(ray.get(read.remote([bank.refs["base"]]))))
+ray.shutdown()
+"""
+
+
 @pytest.mark.slow
 def test_bfloat16_parents_in_a_real_object_store_are_shared_at_their_own_size(tmp_path):
-    """Through a real Ray object store: a bfloat16 parent published from its model directory
-    reaches another process as read-only (zero-copy) views of its own bfloat16 bytes."""
-    import ray
+    """Through a real Ray object store (a fresh process and its own local Ray): a bfloat16
+    parent published from its model directory reaches another process as read-only (zero-copy)
+    views of its own bfloat16 bytes."""
+    import json
+    import subprocess
 
     from search.models.sources import load_state
     from search.models.tiny import tiny_llama
 
     tiny_llama(seed=0).to(torch.bfloat16).save_pretrained(tmp_path / "parent")
     state = load_state(tmp_path / "parent")
-    ray.init(num_cpus=1, include_dashboard=False, log_to_driver=False)
-    try:
-        bank = WeightBank(RunStore(tmp_path / "run"), sorted(state), exclude=[])
-        bank.publish_parents({"base": tmp_path / "parent"})
-
-        @ray.remote
-        def read(refs):
-            shared = ray.get(refs[0])
-            views = {name: array.flags.writeable for name, array in shared.arrays.items()}
-            return views, {name: t.to(torch.float32) for name, t in from_numpy_state(shared).items()}, shared.nbytes()
-
-        writeable, values, nbytes = ray.get(read.remote([bank.refs["base"]]))
-    finally:
-        ray.shutdown()
-    assert set(values) == set(state) and not any(writeable.values())
-    assert nbytes == sum(2 * t.numel() for t in state.values())
-    assert all(torch.equal(values[name], t.float()) for name, t in state.items())
+    proc = subprocess.run([sys.executable, "-c", PUBLISH_AND_READ, str(tmp_path / "parent")],
+                          capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    seen = json.loads(proc.stdout.strip().splitlines()[-1])
+    assert not seen["writeable"] and seen["nbytes"] == sum(2 * t.numel() for t in state.values())
+    assert seen["dtypes"] == {name: "torch.bfloat16" for name in state}
+    assert seen["sums"] == {name: t.to(torch.float64).sum().item() for name, t in state.items()}
 
 
 # ---- memory: the kernel's own peak-RSS counter (VmHWM), reset right before the replay ----------
