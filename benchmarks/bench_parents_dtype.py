@@ -18,8 +18,8 @@ of SmolLM2-135M and of the 3x model (bench_search's THREE_X, random weights):
 The offspring's weights and the stored member's sha256 must be the same both ways (checked):
 the arithmetic runs in float32 from the same values.
 
-    python -m benchmarks.bench_parents_dtype                       # SmolLM2-135M and 3x, ~4 min
-    python -m benchmarks.bench_parents_dtype --models smollm2-135m --repeats 1   # ~40 s
+    python -m benchmarks.bench_parents_dtype            # SmolLM2-135M and 3x, ~4 min
+    python -m benchmarks.bench_parents_dtype --quick    # SmolLM2-135M, one repeat, ~40 s (parents_dtype_quick)
 """
 from __future__ import annotations
 
@@ -188,14 +188,16 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--models", default="smollm2-135m,3x", help="comma-separated: smollm2-135m, 3x")
     parser.add_argument("--repeats", type=int, default=5)
+    parser.add_argument("--quick", action="store_true", help="SmolLM2-135M only, one repeat")
     args = parser.parse_args()
-    models = args.models.split(",")
-    result = {"machine": _machine(), "repeats": args.repeats, "models": {}}
+    models, repeats = (["smollm2-135m"], 1) if args.quick else (args.models.split(","), args.repeats)
+    result = {"machine": _machine(), "repeats": repeats, "models": {}}
     for model in models:
         log(f"{model}: publishing two bfloat16 parents both ways")
-        result["models"][model] = measure(model, args.repeats)
+        result["models"][model] = measure(model, repeats)
         log(json.dumps(result["models"][model]))
-    write_results(result, "parents_dtype" if models == ["smollm2-135m", "3x"] else "parents_dtype_partial")
+    name = "parents_dtype_quick" if args.quick else "parents_dtype" if models == ["smollm2-135m", "3x"] else "parents_dtype_partial"
+    write_results(result, name)
 
 
 if __name__ == "__main__":
