@@ -16,19 +16,16 @@ the resident set held between jobs and the process's peak (the kernel's VmRSS an
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import statistics
 import subprocess
 import sys
 import time
 
+from benchmarks.bench_scoring_memory import DEMO_TASKS
 from benchmarks.bench_search import GIB, RESULTS, _machine
 
-DEMO_TASKS = {  # the demo's dev tasks (configs/demo.yaml)
-    "pydoc": ("perplexity", "pydoc:dev", {"chunk_tokens": 128, "subsample": 32}),
-    "arith": ("generate", "arithmetic:dev", {"max_new_tokens": 4}),
-    "compare": ("multiple_choice", "compare:dev", {}),
-}
 # (job kind, share of each task's items, autocast dtype or None): one staged generation's mix
 ROUND = [("screen 1/16, bf16", 1 / 16, "bfloat16")] * 4 + [("screen 1/4, bf16", 1 / 4, "bfloat16"),
                                                              ("full, fp32", 1.0, None)]
@@ -64,14 +61,12 @@ def run_jobs(release: bool, rounds: int) -> dict:
         for kind, share, autocast in ROUND:
             job += 1
             start = time.perf_counter()
-            with torch.inference_mode():
-                if autocast:
-                    with torch.autocast("cpu", dtype=getattr(torch, autocast)), linear_weights_as(model, getattr(torch, autocast)):
-                        for task in tasks.values():
-                            task.evaluate(model, indices=job_indices(task, share, job))
-                else:
-                    for task in tasks.values():
-                        task.evaluate(model, indices=job_indices(task, share, job))
+            with torch.inference_mode(), contextlib.ExitStack() as screening:
+                if autocast:  # as an Evaluator screens: autocast, the linear weights cast once
+                    screening.enter_context(torch.autocast("cpu", dtype=getattr(torch, autocast)))
+                    screening.enter_context(linear_weights_as(model, getattr(torch, autocast)))
+                for task in tasks.values():
+                    task.evaluate(model, indices=job_indices(task, share, job))
             if release:
                 release_freed_heap()
             elapsed = time.perf_counter() - start  # the hand-back is part of the job's cost

@@ -33,7 +33,8 @@ from pathlib import Path
 
 import torch
 
-from benchmarks.bench_search import GIB, RESULTS, THREE_X, _machine, _plasma_resident, _proc_title, log
+from benchmarks.bench_search import (GIB, RESULTS, THREE_X, _machine, _plasma_resident, _proc_title, log,
+                                     random_llama_shapes, random_llama_tensor)
 from evolve.materialize import materialize
 from evolve.recipe import Recipe
 from search.run.workers import SharedState, from_numpy_state, init_ray, to_numpy_state
@@ -51,21 +52,13 @@ WAYS = {"float32 upcast (before)": upcast_state, "own dtype (now)": to_numpy_sta
 
 def bfloat16_parents(model: str) -> dict[str, dict[str, torch.Tensor]]:
     """{base, expert: bfloat16 state}: the model's weights and a copy with seeded noise of 1% of
-    each tensor's std (the 3x model: N(0, 0.02) weights, norms 1, from SmolLM2's config scaled)."""
-    from transformers import AutoConfig, AutoModelForCausalLM
-
+    each tensor's std (the 3x model: bench_search's random Llama, SmolLM2's config scaled)."""
     from search.models.sources import load_state, resolve_source
 
     if model == "3x":
-        config = AutoConfig.from_pretrained(str(resolve_source("smollm2-135m")))
-        for key, value in THREE_X.items():
-            setattr(config, key, value)
-        with torch.device("meta"):
-            shapes = {n: tuple(t.shape) for n, t in AutoModelForCausalLM.from_config(config).state_dict().items()}
-        shapes.pop("lm_head.weight", None)  # tied to the embeddings
+        config, shapes = random_llama_shapes(resolve_source("smollm2-135m"), THREE_X)
         gen = torch.Generator().manual_seed(0)
-        base = {n: (torch.ones(s) if n.endswith("norm.weight") else 0.02 * torch.randn(s, generator=gen)).bfloat16()
-                for n, s in sorted(shapes.items())}
+        base = {n: random_llama_tensor(n, s, config, gen).bfloat16() for n, s in sorted(shapes.items())}
     else:
         base = {n: t.bfloat16() for n, t in load_state(model).items()}
     gen = torch.Generator().manual_seed(1)

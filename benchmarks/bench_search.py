@@ -440,13 +440,10 @@ def _write_noisy_copy(src: Path, out: Path, seed: int, scale: float = 0.01) -> N
     source.close()
 
 
-def _write_random_llama(out: Path, template: Path, overrides: dict, seed: int = 0) -> None:
-    """A random Llama of `template`'s config with `overrides` (fp32, N(0, initializer_range),
-    norms 1), written tensor by tensor, with a byte tokenizer."""
+def random_llama_shapes(template: Path, overrides: dict):
+    """`template`'s config with `overrides` and a byte tokenizer's special ids, and the shapes of
+    its weights (tied embeddings counted once)."""
     from transformers import AutoConfig, AutoModelForCausalLM
-
-    from search.models.tensors import write_safetensors_streaming
-    from search.models.tiny import byte_tokenizer
 
     config = AutoConfig.from_pretrained(str(template))
     for key, value in {**overrides, "pad_token_id": 0, "bos_token_id": 1, "eos_token_id": 2, "unk_token_id": None}.items():
@@ -455,15 +452,27 @@ def _write_random_llama(out: Path, template: Path, overrides: dict, seed: int = 
         shapes = {n: tuple(t.shape) for n, t in AutoModelForCausalLM.from_config(config).state_dict().items()}
     if config.tie_word_embeddings:
         shapes.pop("lm_head.weight", None)
+    return config, shapes
+
+
+def random_llama_tensor(name: str, shape: tuple, config, gen: torch.Generator) -> torch.Tensor:
+    """A random Llama's float32 tensor: norms 1, everything else N(0, initializer_range)."""
+    if name.endswith("norm.weight"):
+        return torch.ones(shape)
+    return torch.randn(shape, generator=gen) * config.initializer_range
+
+
+def _write_random_llama(out: Path, template: Path, overrides: dict, seed: int = 0) -> None:
+    """A random Llama of `template`'s config with `overrides` (`random_llama_tensor`), written
+    tensor by tensor, with a byte tokenizer."""
+    from search.models.tensors import write_safetensors_streaming
+    from search.models.tiny import byte_tokenizer
+
+    config, shapes = random_llama_shapes(template, overrides)
     gen = torch.Generator().manual_seed(seed)
-
-    def produce(name: str) -> torch.Tensor:
-        if name.endswith("norm.weight"):
-            return torch.ones(shapes[name])
-        return torch.randn(shapes[name], generator=gen) * config.initializer_range
-
     out.mkdir(parents=True, exist_ok=True)
-    write_safetensors_streaming(out / "model.safetensors", [(n, torch.float32, s) for n, s in sorted(shapes.items())], produce)
+    write_safetensors_streaming(out / "model.safetensors", [(n, torch.float32, s) for n, s in sorted(shapes.items())],
+                                lambda name: random_llama_tensor(name, shapes[name], config, gen))
     config.save_pretrained(out)
     byte_tokenizer().save_pretrained(out)
 
@@ -841,7 +850,7 @@ def memory_by_job_kind(run_dir: Path) -> list[dict]:
                                       "private_max_gib": 0.0, "raised_peak": 0, "largest_raise_gib": 0.0})
         raise_gib = memory["peak_gib"] - last_peak.get(row["worker"], memory["peak_gib"])  # an actor's first job: none
         kind["jobs"] += 1
-        kind["private_max_gib"] = max(kind["private_max_gib"], memory.get("private_gib", 0.0))
+        kind["private_max_gib"] = max(kind["private_max_gib"], memory["private_gib"])
         if raise_gib > 0:
             kind["raised_peak"] += 1
             kind["largest_raise_gib"] = round(max(kind["largest_raise_gib"], raise_gib), 3)

@@ -77,7 +77,7 @@ def actor_memory(journal: list[dict]) -> dict | None:
     last = {r.get("worker"): r["memory"] for r in rows}  # each actor's last row wins
     job = {"id": top["id"], "split": top["split"], "stage": top.get("stage"), "autocast": top.get("autocast")}
     return {"peak_gib": top["memory"]["peak_gib"], "set_by": job, "actors": len(last),
-            "private_gib": max(m.get("private_gib", m["rss_gib"]) for m in last.values())}
+            "private_gib": max(m["private_gib"] for m in last.values())}
 
 
 def format_actor_memory(memory: dict) -> str:
