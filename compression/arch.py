@@ -239,5 +239,20 @@ def linear_layers(block: nn.Module) -> dict[str, nn.Module]:
     return found
 
 
+def own_parameters(module: nn.Module) -> list[nn.Parameter]:
+    """Give each of `module`'s parameters storage of its own (a copy, as a new parameter object
+    of the same name) and return them: what an op trains in place must not be memory it shares
+    with another model (`compression.plan.copy_sharing_weights`). A parameter two submodules
+    share stays shared."""
+    owned: dict[int, nn.Parameter] = {}
+    for sub in module.modules():
+        for name, param in list(sub._parameters.items()):
+            if param is not None:
+                if id(param) not in owned:
+                    owned[id(param)] = nn.Parameter(param.detach().clone(), requires_grad=param.requires_grad)
+                sub._parameters[name] = owned[id(param)]
+    return list(owned.values())
+
+
 def replace_submodule(root: nn.Module, dotted: str, module: nn.Module) -> None:
     _set_submodule(root, dotted, module)

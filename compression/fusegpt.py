@@ -336,6 +336,6 @@ def heal_block_removal(model: nn.Module, position: int, calibration: Calibration
     """The fair baseline to fusion: remove block `position`, then fine-tune every parameter of
     the same neighbours with the same local distillation, data and step budget."""
     settings = settings or DistillSettings(lr=3e-4)
-    return _shrink_group(
-        model, position, calibration, group_size, settings, lambda blocks, _: [p for b in blocks for p in b.parameters()]
+    return _shrink_group(  # the neighbours are trained in place: on weights of their own
+        model, position, calibration, group_size, settings, lambda blocks, _: [p for b in blocks for p in arch.own_parameters(b)]
     )

@@ -586,8 +586,8 @@ def test_an_unreconstructed_width_step_chooses_units_on_the_proxy_windows():
 
     on_proxy = pruned_on(calibration_windows(evaluator.tokenizer, "pydoc:train", 32, 2))
     on_plan = pruned_on(evaluator.calibration())
-    judged = evaluator._apply_plan(candidate, reconstruct=False).state_dict()
+    judged = evaluator._apply_plan(candidate, {}, reconstruct=False).state_dict()
     assert all(torch.equal(judged[k], on_proxy[k]) for k in on_proxy)
     assert any(not torch.equal(on_plan[k], on_proxy[k]) for k in on_proxy), "the two windows chose the same units"
-    rebuilt = evaluator._apply_plan(candidate, reconstruct=True).state_dict()
+    rebuilt = evaluator._apply_plan(candidate, {}, reconstruct=True).state_dict()
     assert any(not torch.equal(rebuilt[k], judged[k]) for k in judged)  # LIAR's reconstruction, on the plan's windows

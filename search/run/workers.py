@@ -5,7 +5,9 @@ into the Ray object store as a `SharedState` of numpy arrays in the weights' own
 bfloat16 checkpoint's parents at their own size); actors on the same node read them zero-copy
 (the arrays are views of shared memory, never written). Each actor keeps ONE
 working model and, per candidate, overwrites its parameters in place with the candidate's
-tensors, one tensor at a time: no reload, no disk round trip, no second model in memory.
+tensors, one tensor at a time: no reload, no disk round trip, no second model in memory (a
+compression plan is applied to a copy sharing the working model's weights, so it holds only
+what the plan makes new).
 
 An actor that dies (OOM, segfault, a lost node) is replaced by a fresh one and its candidate
 is retried, up to `max_retries`; an exception inside scoring is a failed candidate with its
@@ -204,6 +206,7 @@ class Evaluator:
         self._references: dict[tuple[str, str], Any] = {}  # (weights key, task:split:precision) -> KL reference
         self._width_stats: tuple | None = None  # ((weights key, plan windows?, target, samples, batch size), grams)
         self._planned: tuple | None = None  # (candidate key, its compressed model): kept for its next stage
+        self._plans_share_weights = True  # plans start from a copy sharing the working weights (see _apply_plan)
 
     def task(self, name: str, split: str):
         key = (name, split)
@@ -220,8 +223,6 @@ class Evaluator:
         return {"host": socket.gethostname(), "pid": os.getpid(), "device": str(self.device), "dtype": str(self.dtype)}
 
     def evaluate(self, job: ScoreJob, refs: dict) -> dict:
-        import ray
-
         start = time.perf_counter()
         candidate = job.candidate
         faults.crash_once(candidate.id)
@@ -230,16 +231,11 @@ class Evaluator:
         if self._planned is not None and self._planned[0] == key:
             model = self._planned[1]  # the next stage of the candidate this actor just scored
         else:
-            fingerprint = candidate.recipe.fingerprint()
-            if self._weights_key != fingerprint:  # a sibling sharing the recipe finds it made
-                weights = {wid: from_numpy_state(ray.get(ref)) for wid, ref in refs.items()}
-                materialize(candidate.recipe, weights, self.spec.names, self.spec.exclude, out=self.params)
-                del weights
-                self._weights_key = fingerprint
+            self._planned = None  # free the previous candidate's compressed model first (it shares these weights)
+            self._hold_recipe(candidate, refs)
             if faults.poison_weights(candidate.id, self.params):
-                self._weights_key = f"{fingerprint}:poisoned:{candidate.id}"  # never reused
-            self._planned = None  # free the previous candidate's compressed model first
-            model = self._apply_plan(candidate, reconstruct) if candidate.plan else self.model
+                self._weights_key = f"{self._weights_key}:poisoned:{candidate.id}"  # never reused
+            model = self._apply_plan(candidate, refs, reconstruct) if candidate.plan else self.model
             if candidate.plan:
                 self._planned = (key, model)
         materialized = time.perf_counter()
@@ -270,6 +266,18 @@ class Evaluator:
         if memory:
             result["memory"] = memory
         return result
+
+    def _hold_recipe(self, candidate: Candidate, refs: dict) -> None:
+        """Make the working model hold the candidate's recipe, unless it already does (a sibling
+        sharing the recipe finds it made)."""
+        import ray
+
+        fingerprint = candidate.recipe.fingerprint()
+        if self._weights_key != fingerprint:
+            weights = {wid: from_numpy_state(ray.get(ref)) for wid, ref in refs.items()}
+            materialize(candidate.recipe, weights, self.spec.names, self.spec.exclude, out=self.params)
+            del weights
+            self._weights_key = fingerprint
 
     def _autocast_dtype(self, dtype: str | None) -> torch.dtype | None:
         """The dtype a job's autocast runs in, or None when it is the working model's own (the
@@ -330,8 +338,13 @@ class Evaluator:
             references[name] = self._references[key]
         return references
 
-    def _apply_plan(self, candidate: Candidate, reconstruct: bool = True):
-        """Apply a plan to a copy of the working model (the working model keeps its shape).
+    def _apply_plan(self, candidate: Candidate, refs: dict, reconstruct: bool = True):
+        """Apply a plan to a copy of the working model that shares its weights
+        (`copy_sharing_weights`): the working model keeps its shape and its dense weights, for
+        the KL references and the siblings of its recipe, and the actor holds one model plus what
+        the plan makes new, not two models. Should an op write into the shared weights after
+        all (an op registered outside evofuse may), the working model is made again from its
+        recipe and this plan and every later one get a copy of their own (a deep copy).
 
         Without `reconstruct` (`proxy.unreconstructed`, the KL stage) width steps choose their
         units by their criterion and reconstruct nothing. With shared recipes, the statistics
@@ -347,11 +360,25 @@ class Evaluator:
         layer the step's target reaches, they serve every plan over the same weights
         (bit-identical to the step's own pass: the same batches, and each projection's
         statistics are its own), so the candidates of a recipe pay one calibration pass."""
+        from compression.plan import copy_sharing_weights, weight_versions
+
+        steps = list(candidate.steps) if reconstruct else [without_reconstruction(step) for step in candidate.steps]
+        if self._plans_share_weights:
+            versions = weight_versions(self.model)
+            model = self._planned_from(copy_sharing_weights(self.model), steps, reconstruct)
+            if weight_versions(self.model) == versions:
+                return model
+            del model
+            warnings.warn(f"{candidate.id}: a plan step wrote into the working model's weights; plans get a copy of their own from now on")
+            self._plans_share_weights = False
+            self._weights_key, self._references, self._width_stats = None, {}, None  # nothing made from them holds
+            self._hold_recipe(candidate, refs)
+        return self._planned_from(copy.deepcopy(self.model), steps, reconstruct)
+
+    def _planned_from(self, model, steps: list, reconstruct: bool):
         from compression.plan import apply_plan
         from compression.width import apply_plan_from_stats, needs_stats
 
-        steps = list(candidate.steps) if reconstruct else [without_reconstruction(step) for step in candidate.steps]
-        model = copy.deepcopy(self.model)
         if self.spec.shared_recipes and steps and steps[0].op == "prune_width" and needs_stats(steps[0]):
             first = steps[0] if reconstruct else steps[0].model_copy(update={"samples": None})  # every proxy window
             stats = self._recipe_width_stats(first, self.calibration() if reconstruct else self.proxy_windows())
