@@ -99,13 +99,13 @@ def test_streaming_keep_writes_the_whole_dict_bytes(bank, recipe):
 def test_keep_all_replays_side_by_side_with_the_bytes_of_one_at_a_time(bank, tmp_path, monkeypatch):
     recipes = {f"g001-{i:03d}": recipe for i, recipe in enumerate(RECIPES)}
     threads = set()
-    keep = WeightBank.keep
+    replay = WeightBank.replay
 
     def noting_thread(self, recipe, member_id):
         threads.add(threading.current_thread().name)
-        return keep(self, recipe, member_id)
+        return replay(self, recipe, member_id)
 
-    monkeypatch.setattr(WeightBank, "keep", noting_thread)
+    monkeypatch.setattr(WeightBank, "replay", noting_thread)
     bank.replay_threads = 2
     checksums = bank.keep_all(recipes)
     assert list(checksums) == list(recipes)  # in the members' order
@@ -123,6 +123,32 @@ def test_keep_all_replays_side_by_side_with_the_bytes_of_one_at_a_time(bank, tmp
     bank.parent_dirs = {"base": tmp_path}
     bank.keep_new(members, stored)
     assert set(stored) - set(checksums) == {"g002-000"} and stored["g001-000"] == checksums["g001-000"]
+
+
+@pytest.mark.parametrize("threads", [1, 2])
+def test_replaced_members_leave_the_store_before_their_replacements_enter_it(bank, tmp_path, monkeypatch, threads):
+    """A merge generation: offspring of `a` and `b` replace them. Both replay first (each reads
+    both), then `a` and `b` are released, then the new members are published: the store holds
+    five weight sets at most, not seven."""
+    recipes = {"g001-000": RECIPES[0], "g001-001": RECIPES[1]}
+    expected = {member_id: whole_dict_keep(bank, recipe)[0] for member_id, recipe in recipes.items()}
+    held_at_put = []
+
+    def put(state):
+        held_at_put.append(set(bank.refs))
+        return to_numpy_state(state)
+
+    monkeypatch.setattr(weights_module, "put_weights", put)
+    bank.parent_dirs, bank.replay_threads = {"base": tmp_path}, threads
+    checksums = bank.keep_all(recipes, live={"g001-000", "g001-001", "c"})
+    assert held_at_put == [{"base", "c"}, {"base", "c", "g001-000"}]
+    assert set(bank.refs) == {"base", "c", "g001-000", "g001-001"}
+    for member_id, data in expected.items():
+        assert bank.store.weights_path(member_id).read_bytes() == data
+        assert checksums[member_id] == hashlib.sha256(data).hexdigest()
+    # without `live` (a joint run's front may read the old population) nothing is released
+    bank.keep_all({"g002-000": Recipe(op="evolver", inputs=("c", "g001-000"), params={"F": 0.5, "CR": 0.5}, seed=8)})
+    assert set(bank.refs) == {"base", "c", "g001-000", "g001-001", "g002-000"}
 
 
 def test_keep_all_raises_the_failing_replay_and_leaves_no_file_of_it(bank, monkeypatch):

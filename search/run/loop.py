@@ -212,7 +212,13 @@ class Search:
         accepted = [m for m in next_population if m["id"] not in previous]
         checksums = dict(state["weight_checksums"])
         if self.mode.stores_members:  # a recipe run's members replay from the parents instead
-            self.weights.keep_new(accepted, checksums)  # before the population merge reads them
+            # Stored before the population merge reads them. In a merge run nothing reads a
+            # replaced member once its replacement is replayed (the merge and the hall of fame
+            # read the new population; stored members are not replayed again): it leaves the
+            # object store first. A joint run's front may still take this generation's
+            # candidates, whose recipes read the old population.
+            live = None if self.mode.front_of_all else {m["id"] for m in next_population}
+            self.weights.keep_new(accepted, checksums, live)
         merged = self.score_population_merge(generation, next_population)
         # The Pareto front is over every candidate scored; a merge run's hall of fame only over
         # members (a rejected offspring is worse than the member it challenged).

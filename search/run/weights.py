@@ -69,11 +69,16 @@ class WeightBank:
         return {wid: self.refs[wid] for wid in recipe.input_ids()}
 
     def keep(self, recipe: Recipe, member_id: str) -> str:
-        """Replay a member on the driver (CPU, at least fp32), store and publish it; its sha256.
+        """Replay a member on the driver (CPU, at least fp32), store and publish it; its sha256."""
+        checksum = self.replay(recipe, member_id)
+        self.publish(member_id)
+        return checksum
+
+    def replay(self, recipe: Recipe, member_id: str) -> str:
+        """Replay a member into its safetensors file; its sha256.
 
         Tensor by tensor: each is materialised from the inputs' object-store views and written
-        to the member's file before the next is made (the bytes are those of a whole-dict save),
-        then the file, memory-mapped, is put into the object store."""
+        to the member's file before the next is made (the bytes are those of a whole-dict save)."""
         import ray
 
         inputs = {wid: from_numpy_state(ray.get(self.refs[wid])) for wid in recipe.input_ids()}
@@ -84,31 +89,44 @@ class WeightBank:
             return materialize(recipe, inputs, [name], self.exclude, out=out)[name]
 
         specs = [(name, member_dtype(first[name].dtype), tuple(first[name].shape)) for name in self.names]
-        checksum = self.store.save_weights(member_id, specs=specs, produce=produce)
-        self.refs[member_id] = put_weights(self.store.load_weights(member_id))
-        return checksum
+        return self.store.save_weights(member_id, specs=specs, produce=produce)
 
-    def keep_all(self, recipes: Mapping[str, Recipe]) -> dict[str, str]:
+    def publish(self, member_id: str) -> None:
+        """Put a stored member into the object store from its file, memory-mapped."""
+        self.refs[member_id] = put_weights(self.store.load_weights(member_id))
+
+    def keep_all(self, recipes: Mapping[str, Recipe], live: set[str] | None = None) -> dict[str, str]:
         """`keep` each {member id: recipe}; {member id: sha256} in the same order.
 
         The replays run side by side, `replay_threads` at a time (one per core, at most four): the
         actors wait for the new members between generations, so the node's cores are otherwise
         idle, and the work (torch's element-wise ops, sha256, file writes) releases the GIL. Each
-        replay still holds one output tensor at a time."""
+        replay still holds one output tensor at a time. The new members are published once all
+        are replayed; given `live`, the weight sets outside it (parents and the new members
+        aside) are released first, so the store never holds the members being replaced and
+        their replacements at once (the demo's twelve live models of 0.5 GiB, over Ray's default
+        store on a 24 GiB machine, spilled to disk; now eight at most)."""
         if len(recipes) < 2 or self.replay_threads < 2:
-            return {member_id: self.keep(recipe, member_id) for member_id, recipe in recipes.items()}
-        with ThreadPoolExecutor(max_workers=min(len(recipes), self.replay_threads), thread_name_prefix="keep") as pool:
-            futures = {member_id: pool.submit(self.keep, recipe, member_id) for member_id, recipe in recipes.items()}
-            return {member_id: future.result() for member_id, future in futures.items()}
+            checksums = {member_id: self.replay(recipe, member_id) for member_id, recipe in recipes.items()}
+        else:
+            with ThreadPoolExecutor(max_workers=min(len(recipes), self.replay_threads), thread_name_prefix="keep") as pool:
+                futures = {member_id: pool.submit(self.replay, recipe, member_id) for member_id, recipe in recipes.items()}
+                checksums = {member_id: future.result() for member_id, future in futures.items()}
+        if live is not None:
+            self.release(live | set(recipes))
+        for member_id in recipes:
+            self.publish(member_id)
+        return checksums
 
-    def keep_new(self, members: Iterable, checksums: dict[str, str]) -> None:
-        """Store members whose weights are new: not a parent's, not stored yet, not a copy."""
+    def keep_new(self, members: Iterable, checksums: dict[str, str], live: set[str] | None = None) -> None:
+        """Store members whose weights are new: not a parent's, not stored yet, not a copy (with
+        `live`, release the rest first: `keep_all`)."""
         new = {}
         for member in members:
             recipe = Recipe.from_dict(member["recipe"])
             if member["id"] not in checksums and member["id"] not in self.parent_dirs and recipe.op != "copy":
                 new[member["id"]] = recipe
-        checksums.update(self.keep_all(new))
+        checksums.update(self.keep_all(new, live))
 
     def release(self, live: set[str]) -> None:
         """Let Ray free weight sets nothing will read again (parents always stay)."""
