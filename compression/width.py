@@ -56,7 +56,7 @@ from compression.criteria import CRITERIA, NEEDS_GRAM, UnitStats, score_units
 from compression.plan import PlanError, register_op
 from compression.reconstruct import (
     GramAccumulator,
-    collect_input_grams,
+    collect_grams_by_block,
     greedy_removal,
     refit_output_projection,
     with_bias_column,
@@ -405,10 +405,12 @@ def needs_stats(step: PruneWidthStep) -> bool:
 
 
 def collect_width_stats(model: nn.Module, step: PruneWidthStep, calibration: CalibrationData | None,
-                        every_layer: bool = False) -> dict[str, GramAccumulator]:
-    """One streaming pass of the (unpruned) model over the calibration batches: the statistics
-    of the layers the step cuts, or with `every_layer` of every layer its target reaches (one
-    pass that serves any ratios of the same target, samples and batches on the same weights)."""
+                        every_layer: bool = False, consume=None) -> dict[str, GramAccumulator]:
+    """One pass of the (unpruned) model over the calibration batches, block by block
+    (`collect_grams_by_block`): the statistics of the layers the step cuts, or with `every_layer`
+    of every layer its target reaches (one pass that serves any ratios of the same target,
+    samples and batches on the same weights). `consume(block index, its statistics)` takes each
+    block's as soon as they are complete instead of returning them all."""
     if not needs_stats(step):
         return {}
     if calibration is None:
@@ -419,7 +421,7 @@ def collect_width_stats(model: nn.Module, step: PruneWidthStep, calibration: Cal
     was_training = model.training
     model.eval()
     try:
-        return collect_input_grams(model, data.batches(step.batch_size), watched)
+        return collect_grams_by_block(model, data.batches(step.batch_size), watched, consume)
     finally:
         model.train(was_training)
 
@@ -429,10 +431,15 @@ def prune_with_stats(model: nn.Module, step: PruneWidthStep, grams: dict[str, Gr
     statistics of other layers are ignored)."""
     blocks = decoder_blocks(model)
     for i, cut in layer_cuts(model, step).items():
-        prune_attention(blocks[i].self_attn, cut, grams.get(f"{i}.attn"), step)
-        prune_ffn(blocks[i].mlp, cut.ffn_remove, grams.get(f"{i}.ffn"), step)
+        prune_block(blocks[i], i, cut, grams, step)
     sync_config_widths(model)
     return model
+
+
+def prune_block(block: nn.Module, i: int, cut: LayerCut, grams: dict[str, GramAccumulator], step: PruneWidthStep) -> None:
+    """Cut block `i`'s heads and FFN units (its statistics named as in `watched_projections`)."""
+    prune_attention(block.self_attn, cut, grams.get(f"{i}.attn"), step)
+    prune_ffn(block.mlp, cut.ffn_remove, grams.get(f"{i}.ffn"), step)
 
 
 def apply_plan_from_stats(model: nn.Module, steps: list, grams: dict[str, GramAccumulator], calibration) -> nn.Module:
@@ -461,6 +468,20 @@ def pruned_shape(skeleton: nn.Module, step: PruneWidthStep) -> nn.Module:
 
 @register_op("prune_width", PruneWidthStep, reshape=pruned_shape)
 def prune_width(model: nn.Module, step: PruneWidthStep, calibration: CalibrationData | None) -> nn.Module:
-    layer_cuts(model, step)  # reject a step that does not fit before the calibration pass
-    grams = collect_width_stats(model, step, calibration)
-    return prune_with_stats(model, step, grams)
+    """Each block is cut as soon as its statistics are complete, which is after the pass has
+    carried the calibration batches through it unpruned (one-shot: no block sees a pruned
+    predecessor), so one block's Gram matrices are alive at a time. The cuts, and the bytes, are
+    those of `prune_with_stats` after a pass over every layer."""
+    cuts = layer_cuts(model, step)  # reject a step that does not fit before the calibration pass
+    blocks, done = decoder_blocks(model), set()
+
+    def cut_block(i: int, grams: dict[str, GramAccumulator]) -> None:
+        if i in cuts:
+            prune_block(blocks[i], i, cuts[i], grams, step)
+            done.add(i)
+
+    collect_width_stats(model, step, calibration, consume=cut_block)
+    for i in sorted(cuts.keys() - done):  # after the last watched block, or no statistics needed
+        prune_block(blocks[i], i, cuts[i], {}, step)
+    sync_config_widths(model)
+    return model

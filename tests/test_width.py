@@ -142,6 +142,44 @@ def test_statistics_of_every_layer_serve_any_ratios_bit_identically(calibration,
         assert list(want) == list(got) and all(torch.equal(want[k], got[k]) for k in want), ratio
 
 
+def test_block_by_block_statistics_are_the_streaming_pass_bits(calibration):
+    """`collect_grams_by_block` sums the same rows as a whole-model pass, and hands each
+    block's statistics over in order (empty where nothing is watched) without keeping them."""
+    from compression.reconstruct import collect_grams_by_block, collect_input_grams
+    from compression.width import targeted_projections
+
+    model = tiny_llama(seed=0)
+    watched = {k: v for k, v in targeted_projections(model, "both").items() if k not in ("0.ffn", "0.attn", "3.ffn")}
+    data = calibration.take(5)  # batches of 2, 2 and 1 windows
+    want = collect_input_grams(model, data.batches(2), watched)
+    got = collect_grams_by_block(model, data.batches(2), watched)
+    assert set(got) == set(want)
+    for name in want:
+        assert torch.equal(got[name].sum_outer, want[name].sum_outer) and torch.equal(got[name].sum, want[name].sum)
+        assert got[name].count == want[name].count == 5 * data.seq_len
+    handed = []
+    kept = collect_grams_by_block(model, data.batches(2), watched, consume=lambda i, stats: handed.append((i, sorted(stats))))
+    assert kept == {} and handed == [(0, []), (1, ["1.attn", "1.ffn"]), (2, ["2.attn", "2.ffn"]), (3, ["3.attn"])]
+
+
+@pytest.mark.parametrize("fields", [
+    {"ratio": 0.25, "target": "both", "reconstruct": "liar"},
+    {"ratio": {1: 0.5, 2: 0.25}, "target": "ffn", "reconstruct": "greedy", "greedy_rounds": 2},
+    {"ratio": 0.5, "target": "heads", "reconstruct": "none", "criterion": "wanda"},
+    {"ratio": {0: 0.25}, "target": "ffn", "reconstruct": "liar", "criterion": "magnitude"},
+], ids=["both-liar", "ffn-greedy", "heads-wanda", "first-layer-only"])
+def test_pruning_block_by_block_makes_the_bytes_of_pruning_after_the_whole_pass(calibration, fields):
+    from compression.width import collect_width_stats, prune_with_stats
+
+    data = calibration.take(4)
+    (step,) = _step(**fields)
+    whole = prune_with_stats(tiny_llama(seed=0), step, collect_width_stats(tiny_llama(seed=0), step, data))
+    blockwise = apply_plan(tiny_llama(seed=0), [step], data)
+    want, got = whole.state_dict(), blockwise.state_dict()
+    assert list(want) == list(got) and all(torch.equal(want[k], got[k]) for k in want)
+    assert whole.config.to_dict() == blockwise.config.to_dict()
+
+
 def test_liar_folds_linearly_dependent_neurons_exactly(calibration):
     ids = calibration.input_ids[:2]
     results = {}
