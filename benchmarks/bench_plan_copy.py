@@ -63,15 +63,14 @@ def whole_pass_grams(model, batches, modules, consume=None):
     """The statistics as gathered before: every layer's in one whole-model pass, then the
     blocks cut one after another while all of them stay alive (`prune_with_stats` over the
     returned dict, as `prune_width` did)."""
-    from compression import arch
-    from compression.reconstruct import collect_input_grams
+    from compression.reconstruct import collect_input_grams, owning_blocks
 
     stats = collect_input_grams(model, batches, modules)
     if consume is None:
         return stats
-    for i, block in enumerate(arch.decoder_blocks(model)):
-        inside = {id(m) for m in block.modules()}
-        consume(i, {name: acc for name, acc in stats.items() if id(modules[name]) in inside})
+    owner = owning_blocks(model, modules)
+    for i in range(max(owner.values(), default=-1) + 1):
+        consume(i, {name: acc for name, acc in stats.items() if owner[name] == i})
     return {}  # `stats` lived until every block was cut
 
 

@@ -81,6 +81,15 @@ def collect_input_grams(
     return stats
 
 
+def owning_blocks(model: nn.Module, modules: dict[str, nn.Module]) -> dict[str, int]:
+    """{name: index of the decoder block holding the module}, for the modules inside one."""
+    owner: dict[str, int] = {}
+    for i, block in enumerate(arch.decoder_blocks(model)):
+        inside = {id(m) for m in block.modules()}
+        owner.update({name: i for name, module in modules.items() if id(module) in inside})
+    return owner
+
+
 @torch.no_grad()
 def collect_grams_by_block(
     model: nn.Module,
@@ -101,10 +110,7 @@ def collect_grams_by_block(
     a time (a Llama-2-7B shape: 1.1 GB of float64, against 35 GB for all 32 blocks). Without it
     every accumulator is returned."""
     blocks = arch.decoder_blocks(model)
-    owner: dict[str, int] = {}
-    for i, block in enumerate(blocks):
-        inside = {id(m) for m in block.modules()}
-        owner.update({name: i for name, linear in modules.items() if id(linear) in inside})
+    owner = owning_blocks(model, modules)
     outside = sorted(set(modules) - set(owner))
     if outside:
         raise CompressionError(f"{outside[0]}: not a module of a decoder block (use collect_input_grams)")
