@@ -135,14 +135,14 @@ def measure(model_name: str, plan_name: str, way: str) -> dict:
     }
 
 
-def run_child(model_name: str, plan_name: str, way: str) -> dict:
-    """One way in a fresh process. glibc's mmap threshold is fixed (as in
+def run_child(*args: str, module: str = "benchmarks.bench_plan_copy") -> dict:
+    """One way (`module --child *args`) in a fresh process. glibc's mmap threshold is fixed (as in
     `bench_width --memory`): every allocation of 128 KiB or more is its own mapping, returned to
     the kernel when freed, so the resident set is what is alive, not what the allocator kept of
     earlier frees (otherwise the same way's peak moves by a few hundred MiB with the order of
     allocations)."""
     env = {**os.environ, "MALLOC_MMAP_THRESHOLD_": str(128 * 1024)}
-    out = subprocess.run([sys.executable, "-m", "benchmarks.bench_plan_copy", "--child", model_name, plan_name, way],
+    out = subprocess.run([sys.executable, "-m", module, "--child", *args],
                          cwd=ROOT, capture_output=True, text=True, check=True, env=env)
     return json.loads(out.stdout.strip().splitlines()[-1])
 

@@ -7,7 +7,8 @@ weights. This measures, on one SmolLM2-135M demo expert (single thread, fp32), f
 kinds of plan the joint demo's anchors use (depth, width, both at the 75% budget):
 
 - `plan s`: applying the plan (`compression.plan.apply_plan`, the joint demo's calibration:
-  32 windows of 128 tokens of pydoc:train);
+  32 windows of 128 tokens of pydoc:train) to a copy sharing the expert's weights, as an actor
+  does (`compression.plan.copy_sharing_weights`);
 - `kl s`: the `kl` proxy stage (8 windows of 128 tokens), and once per recipe `kl ref s`, the
   dense reference's log-probs;
 - `dev s`: the joint demo's full dev scoring (three tasks).
@@ -31,7 +32,6 @@ pays `own plan s` (the step's own statistics pass) + dev per candidate; the boun
 from __future__ import annotations
 
 import argparse
-import copy
 import json
 import sys
 import time
@@ -45,7 +45,7 @@ sys.path.insert(0, str(ROOT))
 
 from compression.genes import KEEP, Budget, Genes, WidthGrid, compile_plan, from_ranking, uniform_levels  # noqa: E402
 from compression.importance import importance_fn  # noqa: E402
-from compression.plan import apply_plan, parse_plan  # noqa: E402
+from compression.plan import apply_plan, copy_sharing_weights, parse_plan  # noqa: E402
 from compression.width import apply_plan_from_stats, collect_width_stats  # noqa: E402
 from search.config import load_config  # noqa: E402
 from search.fitness import TaskSpec, build_task  # noqa: E402
@@ -87,14 +87,14 @@ def shared_recipe_rows(model, calibration, kl, reference, ref_s, tasks) -> list[
     rows = []
     for name, raw in gene_plans(model, calibration).items():
         steps = parse_plan(raw)
-        _, own_s = timed(lambda: apply_plan(copy.deepcopy(model), steps, calibration))
+        _, own_s = timed(lambda: apply_plan(copy_sharing_weights(model), steps, calibration))
         width = steps[0] if steps[0].op == "prune_width" else None
         grams, stats_s = timed(lambda: collect_width_stats(model, width, calibration, every_layer=True)) if width else ({}, 0.0)
 
         def from_stats():
             if width is None:
-                return apply_plan(copy.deepcopy(model), steps, calibration).eval()
-            return apply_plan_from_stats(copy.deepcopy(model), steps, grams, calibration).eval()
+                return apply_plan(copy_sharing_weights(model), steps, calibration).eval()
+            return apply_plan_from_stats(copy_sharing_weights(model), steps, grams, calibration).eval()
 
         pruned, plan_s = timed(from_stats)
         _, kl_s = timed(lambda: kl.evaluate(pruned, reference=reference))
@@ -147,7 +147,7 @@ def main(argv=None) -> None:
         reference, ref_s = timed(lambda: kl.reference(model))
         rows = []
         for name, plan in PLANS.items():
-            pruned, plan_s = timed(lambda: apply_plan(copy.deepcopy(model), parse_plan(plan), calibration).eval())
+            pruned, plan_s = timed(lambda: apply_plan(copy_sharing_weights(model), parse_plan(plan), calibration).eval())
             _, kl_s = timed(lambda: kl.evaluate(pruned, reference=reference))
             _, dev_s = timed(lambda: [task.evaluate(pruned) for task in tasks.values()])
             rows.append({"plan": name, "plan_s": plan_s, "kl_s": kl_s, "kl_ref_s": ref_s, "dev_s": dev_s,

@@ -11,7 +11,7 @@ import sys
 from pathlib import Path
 
 HERE = Path(__file__).resolve().parent
-SCRIPTS = ["bench_search", "bench_scoring_memory", "bench_parents_dtype", "bench_plan_copy", "bench_heap_release", "bench_fitness", "bench_merge", "bench_merge_table", "bench_depth", "bench_width", "bench_ttm", "bench_ttm_scratch", "bench_joint", "bench_staged", "bench_recipe", "bench_structure"]
+SCRIPTS = ["bench_search", "bench_scoring_memory", "bench_parents_dtype", "bench_plan_copy", "bench_recipe_stats", "bench_heap_release", "bench_fitness", "bench_merge", "bench_merge_table", "bench_depth", "bench_width", "bench_ttm", "bench_ttm_scratch", "bench_joint", "bench_staged", "bench_recipe", "bench_structure"]
 
 
 def main() -> int:

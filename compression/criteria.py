@@ -42,12 +42,14 @@ class UnitStats:
     out_weight: (d, n) the output projection's weight.
     blocks: (U, s) long, the columns of `out_weight` owned by each unit.
     in_norm_sq: (U,) squared Frobenius norm of each unit's input-projection rows.
+    unit_gram: (U, s, s) G's diagonal blocks G_{b_u b_u}, when only they were kept (gram None).
     """
 
     gram: torch.Tensor | None
     out_weight: torch.Tensor
     blocks: torch.Tensor
     in_norm_sq: torch.Tensor
+    unit_gram: torch.Tensor | None = None
 
     @property
     def num_units(self) -> int:
@@ -56,8 +58,30 @@ class UnitStats:
 
 def _require_gram(stats: UnitStats, name: str) -> torch.Tensor:
     if stats.gram is None:
-        raise ValueError(f"criterion {name!r} needs calibration statistics (a Gram matrix)")
+        kept = " (only its units' diagonal blocks were kept)" if stats.unit_gram is not None else ""
+        raise ValueError(f"criterion {name!r} needs calibration statistics (a Gram matrix){kept}")
     return stats.gram
+
+
+def unit_diagonal_blocks(gram: torch.Tensor, blocks: torch.Tensor) -> torch.Tensor:
+    """(U, s, s) G_{b_u b_u}: each unit's block of the Gram matrix."""
+    return gram[blocks.unsqueeze(2), blocks.unsqueeze(1)]
+
+
+def _unit_gram(stats: UnitStats, name: str) -> torch.Tensor:
+    if stats.unit_gram is not None:
+        return stats.unit_gram
+    return unit_diagonal_blocks(_require_gram(stats, name), stats.blocks)
+
+
+def _gram_diagonal(stats: UnitStats, name: str) -> torch.Tensor:
+    """(n,) G_jj in column order; from the unit blocks where only they were kept (columns no
+    unit owns stay 0: no score reads them)."""
+    if stats.unit_gram is None:
+        return _require_gram(stats, name).diagonal()
+    diagonal = stats.unit_gram.new_zeros(stats.out_weight.shape[1])
+    diagonal[stats.blocks.reshape(-1)] = stats.unit_gram.diagonal(dim1=1, dim2=2).reshape(-1)
+    return diagonal
 
 
 def magnitude(stats: UnitStats) -> torch.Tensor:
@@ -66,8 +90,7 @@ def magnitude(stats: UnitStats) -> torch.Tensor:
 
 
 def wanda(stats: UnitStats) -> torch.Tensor:
-    gram = _require_gram(stats, "wanda")
-    act_norm = gram.diagonal().clamp_min(0).sqrt()  # (n,) RMS of each input feature
+    act_norm = _gram_diagonal(stats, "wanda").clamp_min(0).sqrt()  # (n,) RMS of each input feature
     per_column = stats.out_weight.abs().sum(0) * act_norm  # (n,) Σ_i |W_ij| ‖a_j‖
     return per_column[stats.blocks].sum(1)
 
@@ -84,11 +107,10 @@ def contribution_inner_products(stats: UnitStats) -> torch.Tensor:
 
 
 def second_moment(stats: UnitStats) -> torch.Tensor:
-    gram = _require_gram(stats, "second_moment")
     W, blocks = stats.out_weight, stats.blocks
     # E‖c_u‖² = Σ_{i,j∈b_u} (WᵀW)_ij G_ij, one (s, s) block per unit: no U×U matrix needed.
     Wb = W[:, blocks].permute(1, 0, 2)  # (U, d, s)
-    Gb = gram[blocks.unsqueeze(2), blocks.unsqueeze(1)]  # (U, s, s)
+    Gb = _unit_gram(stats, "second_moment")  # (U, s, s)
     return ((Wb.transpose(1, 2) @ Wb) * Gb).sum(dim=(1, 2))  # (U,)
 
 
@@ -110,6 +132,7 @@ CRITERIA: dict[str, Callable[[UnitStats], torch.Tensor]] = {
     "similarity": similarity,
 }
 NEEDS_GRAM = frozenset({"wanda", "second_moment", "similarity"})
+UNIT_BLOCKS_SUFFICE = frozenset({"wanda", "second_moment"})  # they read only G's unit blocks
 
 
 def score_units(criterion: str, stats: UnitStats) -> torch.Tensor:

@@ -52,7 +52,7 @@ from pydantic_core import PydanticCustomError
 
 from compression.arch import decoder_blocks
 from compression.calibration import CalibrationData
-from compression.criteria import CRITERIA, NEEDS_GRAM, UnitStats, score_units
+from compression.criteria import CRITERIA, NEEDS_GRAM, UNIT_BLOCKS_SUFFICE, UnitStats, score_units, unit_diagonal_blocks
 from compression.plan import PlanError, register_op
 from compression.reconstruct import (
     GramAccumulator,
@@ -247,8 +247,46 @@ def _candidate_pool(scores: torch.Tensor, n_remove: int, factor: float | None) -
     return scores.argsort()[:size].tolist()
 
 
+@dataclass(frozen=True)
+class UnitGrams:
+    """A layer's statistics reduced to each unit's diagonal block of the Gram matrix: all that a
+    `UNIT_BLOCKS_SUFFICE` criterion reads (compression/criteria.py), and not enough to
+    reconstruct."""
+
+    blocks: torch.Tensor  # (U, s) the output projection's columns owned by each unit
+    values: torch.Tensor  # (U, s, s) float64 G_{b_u b_u}
+
+    @classmethod
+    def of(cls, acc: GramAccumulator, blocks: torch.Tensor) -> "UnitGrams":
+        # The entries of acc.gram()'s blocks to the bit: its division by the count is elementwise.
+        return cls(blocks, unit_diagonal_blocks(acc.sum_outer, blocks) / max(acc.count, 1))
+
+
+def ffn_unit_columns(mlp: nn.Module) -> torch.Tensor:
+    """(I, 1): down_proj's column of each FFN neuron."""
+    return torch.arange(mlp.down_proj.in_features).unsqueeze(1)
+
+
+def head_unit_columns(attn: nn.Module) -> torch.Tensor:
+    """(H, head_dim): o_proj's columns of each query head."""
+    hd = attn.head_dim
+    return torch.arange(attn.q_proj.out_features).view(-1, hd)
+
+
+def unit_stats(acc: GramAccumulator | UnitGrams | None, out_weight: torch.Tensor, blocks: torch.Tensor,
+               in_norm_sq: torch.Tensor) -> UnitStats:
+    """What the criterion sees of a layer, from whole statistics or from its units' blocks."""
+    if isinstance(acc, UnitGrams):
+        if not torch.equal(acc.blocks, blocks):
+            raise ValueError(f"statistics of units {tuple(acc.blocks.shape)} given for units {tuple(blocks.shape)}")
+        return UnitStats(None, out_weight, blocks, in_norm_sq, unit_gram=acc.values)
+    return UnitStats(acc.gram() if acc is not None else None, out_weight, blocks, in_norm_sq)
+
+
 def _output_weight(linear: nn.Linear, acc: GramAccumulator | None):
     """(gram, weight) of the output projection in float64, with a bias column if it has one."""
+    if isinstance(acc, UnitGrams):
+        raise ValueError("reconstruction needs a layer's whole Gram matrix, not only its units' blocks")
     weight = linear.weight.data.double().cpu()  # (d, n)
     gram = acc.gram() if acc is not None else None
     if linear.bias is not None and gram is not None:
@@ -269,14 +307,13 @@ def _new_output_projection(linear: nn.Linear, kept_cols: torch.Tensor, acc, step
 
 
 @torch.no_grad()
-def prune_ffn(mlp: nn.Module, n_remove: int, acc: GramAccumulator | None, step: PruneWidthStep) -> None:
+def prune_ffn(mlp: nn.Module, n_remove: int, acc: GramAccumulator | UnitGrams | None, step: PruneWidthStep) -> None:
     if n_remove == 0:
         return
     I = mlp.down_proj.in_features
-    blocks = torch.arange(I).unsqueeze(1)  # (I, 1): one column per neuron
+    blocks = ffn_unit_columns(mlp)  # (I, 1): one column per neuron
     in_norm_sq = mlp.gate_proj.weight.double().pow(2).sum(1) + mlp.up_proj.weight.double().pow(2).sum(1)
-    gram = acc.gram() if acc is not None else None
-    scores = score_units(step.criterion, UnitStats(gram, mlp.down_proj.weight.double().cpu(), blocks, in_norm_sq.cpu()))
+    scores = score_units(step.criterion, unit_stats(acc, mlp.down_proj.weight.double().cpu(), blocks, in_norm_sq.cpu()))
     if step.reconstruct == "greedy":
         g, w = _output_weight(mlp.down_proj, acc)
         removed = greedy_removal(g, w, blocks, n_remove, ridge=step.ridge, per_round=math.ceil(n_remove / step.greedy_rounds),
@@ -324,16 +361,15 @@ def _choose_heads_greedily(scores, gram, weight, G, n_rep, hd, g, q, step) -> tu
 
 
 @torch.no_grad()
-def prune_attention(attn: nn.Module, cut: LayerCut, acc: GramAccumulator | None, step: PruneWidthStep) -> None:
+def prune_attention(attn: nn.Module, cut: LayerCut, acc: GramAccumulator | UnitGrams | None, step: PruneWidthStep) -> None:
     hd = attn.head_dim
     H, G = attn.q_proj.out_features // hd, attn.k_proj.out_features // hd
     n_rep, g, q = H // G, cut.groups_kept, cut.heads_per_group
     if g * q == H:
         return
-    head_blocks = torch.arange(H * hd).view(H, hd)  # (H, hd)
+    head_blocks = head_unit_columns(attn)  # (H, hd)
     in_norm_sq = attn.q_proj.weight.double().view(H, hd, -1).pow(2).sum(dim=(1, 2)).cpu()
-    gram = acc.gram() if acc is not None else None
-    scores = score_units(step.criterion, UnitStats(gram, attn.o_proj.weight.double().cpu(), head_blocks, in_norm_sq))
+    scores = score_units(step.criterion, unit_stats(acc, attn.o_proj.weight.double().cpu(), head_blocks, in_norm_sq))
     if step.reconstruct == "greedy":
         gram_b, weight_b = _output_weight(attn.o_proj, acc)
         kept_groups, kept_heads = _choose_heads_greedily(scores, gram_b, weight_b, G, n_rep, hd, g, q, step)
@@ -404,6 +440,18 @@ def needs_stats(step: PruneWidthStep) -> bool:
     return step.reconstruct != "none" or step.criterion in NEEDS_GRAM
 
 
+def unit_blocks_suffice(step: PruneWidthStep) -> bool:
+    """Whether the step reads no more of its statistics than each unit's diagonal block: it
+    reconstructs nothing and its criterion is one of `UNIT_BLOCKS_SUFFICE`."""
+    return step.reconstruct == "none" and step.criterion in UNIT_BLOCKS_SUFFICE
+
+
+def width_stats_bytes(model: nn.Module, target: str) -> int:
+    """What `collect_width_stats(..., every_layer=True)` holds: a float64 n x n Gram matrix per
+    targeted output projection."""
+    return sum(8 * linear.in_features**2 for linear in targeted_projections(model, target).values())
+
+
 def collect_width_stats(model: nn.Module, step: PruneWidthStep, calibration: CalibrationData | None,
                         every_layer: bool = False, consume=None) -> dict[str, GramAccumulator]:
     """One pass of the (unpruned) model over the calibration batches, block by block
@@ -426,7 +474,26 @@ def collect_width_stats(model: nn.Module, step: PruneWidthStep, calibration: Cal
         model.train(was_training)
 
 
-def prune_with_stats(model: nn.Module, step: PruneWidthStep, grams: dict[str, GramAccumulator]) -> nn.Module:
+def collect_unit_grams(model: nn.Module, step: PruneWidthStep, calibration: CalibrationData | None) -> dict[str, UnitGrams]:
+    """The statistics of every layer the step's target reaches, as `collect_width_stats(...,
+    every_layer=True)`, each block's reduced to its units' diagonal blocks as soon as the pass
+    has completed them: for a step that `unit_blocks_suffice`, the same choices from a fraction
+    of the memory (the Llama-2-7B shape: 137 MB against 35 GB). One block's whole matrices are
+    alive at a time."""
+    if not unit_blocks_suffice(step):
+        raise ValueError(f"criterion {step.criterion!r} with reconstruct {step.reconstruct!r} reads more than the units' blocks")
+    blocks, kept = decoder_blocks(model), {}
+
+    def reduce(i: int, grams: dict[str, GramAccumulator]) -> None:
+        for name, acc in grams.items():
+            columns = ffn_unit_columns(blocks[i].mlp) if name.endswith(".ffn") else head_unit_columns(blocks[i].self_attn)
+            kept[name] = UnitGrams.of(acc, columns)
+
+    collect_width_stats(model, step, calibration, every_layer=True, consume=reduce)
+    return kept
+
+
+def prune_with_stats(model: nn.Module, step: PruneWidthStep, grams: dict[str, GramAccumulator | UnitGrams]) -> nn.Module:
     """Apply the cuts using already collected statistics (names as in `watched_projections`;
     statistics of other layers are ignored)."""
     blocks = decoder_blocks(model)
@@ -436,15 +503,16 @@ def prune_with_stats(model: nn.Module, step: PruneWidthStep, grams: dict[str, Gr
     return model
 
 
-def prune_block(block: nn.Module, i: int, cut: LayerCut, grams: dict[str, GramAccumulator], step: PruneWidthStep) -> None:
+def prune_block(block: nn.Module, i: int, cut: LayerCut, grams: dict[str, GramAccumulator | UnitGrams], step: PruneWidthStep) -> None:
     """Cut block `i`'s heads and FFN units (its statistics named as in `watched_projections`)."""
     prune_attention(block.self_attn, cut, grams.get(f"{i}.attn"), step)
     prune_ffn(block.mlp, cut.ffn_remove, grams.get(f"{i}.ffn"), step)
 
 
-def apply_plan_from_stats(model: nn.Module, steps: list, grams: dict[str, GramAccumulator], calibration) -> nn.Module:
+def apply_plan_from_stats(model: nn.Module, steps: list, grams: dict[str, GramAccumulator | UnitGrams], calibration) -> nn.Module:
     """`apply_plan`, its first step a `prune_width` that takes already gathered statistics
-    (`collect_width_stats(..., every_layer=True)` on these weights) instead of its own pass."""
+    (`collect_width_stats(..., every_layer=True)`, or `collect_unit_grams` where its units'
+    blocks suffice, on these weights) instead of its own pass."""
     from compression.plan import apply_plan
 
     layer_cuts(model, steps[0])  # a step that does not fit fails before any work

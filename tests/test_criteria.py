@@ -77,3 +77,26 @@ def test_unknown_criterion_lists_the_valid_ones():
     with pytest.raises(ValueError, match="needs calibration"):
         score_units("wanda", stats)
     assert set(CRITERIA) == {"magnitude", "wanda", "second_moment", "similarity"}
+
+
+@pytest.mark.parametrize("case", ["ffn", "heads"])
+def test_unit_blocks_alone_give_the_whole_gram_scores_to_the_bit(tiny_model, calibration, ffn_case, case):
+    """`wanda` and `second_moment` read only each unit's diagonal block of G, so scores from
+    the blocks alone (what a shared recipe's screening cache keeps) are the same floats;
+    `similarity` reads all of G and says the blocks are not enough."""
+    from compression.criteria import UNIT_BLOCKS_SUFFICE, unit_diagonal_blocks
+
+    if case == "ffn":
+        stats = ffn_case[0]
+    else:
+        attn = tiny_model.model.layers[2].self_attn
+        grams = collect_input_grams(tiny_model, calibration.take(4).batches(4), {"o": attn.o_proj})
+        blocks = torch.arange(attn.q_proj.out_features).view(-1, attn.head_dim)
+        stats = UnitStats(grams["o"].gram(), attn.o_proj.weight.double(), blocks, torch.ones(blocks.shape[0]))
+    blocks_only = UnitStats(None, stats.out_weight, stats.blocks, stats.in_norm_sq,
+                            unit_gram=unit_diagonal_blocks(stats.gram, stats.blocks).clone())
+    assert UNIT_BLOCKS_SUFFICE == {"wanda", "second_moment"}
+    for name in UNIT_BLOCKS_SUFFICE:
+        assert torch.equal(score_units(name, blocks_only), score_units(name, stats)), name
+    with pytest.raises(ValueError, match="only its units' diagonal blocks were kept"):
+        score_units("similarity", blocks_only)

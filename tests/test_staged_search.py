@@ -591,3 +591,46 @@ def test_an_unreconstructed_width_step_chooses_units_on_the_proxy_windows():
     assert any(not torch.equal(on_plan[k], on_proxy[k]) for k in on_proxy), "the two windows chose the same units"
     rebuilt = evaluator._apply_plan(candidate, {}, reconstruct=True).state_dict()
     assert any(not torch.equal(rebuilt[k], judged[k]) for k in judged)  # LIAR's reconstruction, on the plan's windows
+
+
+def test_a_recipe_keeps_its_units_blocks_for_screening_and_whole_statistics_only_within_the_models_size(monkeypatch):
+    """A shared recipe's cache: the KL stage's unreconstructed steps keep each unit's diagonal
+    block (`UnitGrams`); a rebuild's whole Gram matrices are kept while no larger than the
+    working model, else each rebuilt plan gathers its own block by block, to the same bytes;
+    another recipe's statistics are dropped before new ones are gathered."""
+    import copy
+
+    import torch
+
+    import compression.width
+    from compression.plan import apply_plan
+    from compression.reconstruct import GramAccumulator
+    from compression.width import UnitGrams
+    from search.models.sources import resolve_source
+    from search.run.workers import Evaluator, WorkerSpec
+
+    proxy = {"kind": "kl", "data": "pydoc:train", "options": {"seq_len": 32, "num_sequences": 2}, "unreconstructed": True}
+    spec = WorkerSpec(template_dir=str(resolve_source("tiny-llama")), tasks=[], names=[], proxy=proxy, shared_recipes=True,
+                      calibration={"data": "pydoc:dev", "seq_len": 32, "num_sequences": 16})
+    evaluator = Evaluator(spec)
+    evaluator._weights_key = "recipe"
+    plan = [{"op": "prune_width", "ratio": 0.25, "target": "both", "criterion": "second_moment", "reconstruct": "liar"}]
+    candidate = Candidate(id="c", recipe=Recipe(op="copy", inputs=("base",)), plan=plan)
+    own = apply_plan(copy.deepcopy(evaluator.model), candidate.steps, evaluator.calibration()).state_dict()
+
+    evaluator._apply_plan(candidate, {}, reconstruct=False)
+    (screening,) = evaluator._width_stats.values()
+    assert all(isinstance(stats, UnitGrams) for stats in screening.values())
+    rebuilt = evaluator._apply_plan(candidate, {}, reconstruct=True).state_dict()
+    assert all(torch.equal(rebuilt[k], own[k]) for k in own)
+    assert len(evaluator._width_stats) == 2  # the tiny model's whole statistics are smaller than its weights
+    assert any(all(isinstance(s, GramAccumulator) for s in stats.values()) for stats in evaluator._width_stats.values())
+
+    evaluator._width_stats, evaluator._weights_key = {}, "another recipe"
+    evaluator._width_stats[("recipe", False, True, "both", None, 8)] = {"stale": None}
+    monkeypatch.setattr(compression.width, "width_stats_bytes", lambda model, target: 10**12)  # a 7B-like shape
+    rebuilt = evaluator._apply_plan(candidate, {}, reconstruct=True).state_dict()
+    assert all(torch.equal(rebuilt[k], own[k]) for k in own)
+    assert evaluator._width_stats == {("recipe", False, True, "both", None, 8): {"stale": None}}  # nothing gathered, nothing kept
+    evaluator._apply_plan(candidate, {}, reconstruct=False)
+    assert [key[0] for key in evaluator._width_stats] == ["another recipe"]

@@ -142,6 +142,37 @@ def test_statistics_of_every_layer_serve_any_ratios_bit_identically(calibration,
         assert list(want) == list(got) and all(torch.equal(want[k], got[k]) for k in want), ratio
 
 
+@pytest.mark.parametrize("criterion,target", [("second_moment", "both"), ("wanda", "heads"), ("second_moment", "ffn")])
+def test_units_blocks_serve_unreconstructed_plans_bit_identically(calibration, criterion, target):
+    """What a shared recipe's screening cache keeps (`collect_unit_grams`: each unit's diagonal
+    block, a 7B layer's 0.5M numbers for 138M) makes the bytes of each plan's own pass, and is
+    refused where a step reconstructs."""
+    from compression.width import (UnitGrams, apply_plan_from_stats, collect_unit_grams, collect_width_stats,
+                                   width_stats_bytes)
+
+    data = calibration.take(4)
+    first = _step(ratio=0.25, target=target, reconstruct="none", criterion=criterion)[0]
+    units = collect_unit_grams(tiny_llama(seed=0), first, data)
+    whole = collect_width_stats(tiny_llama(seed=0), first, data, every_layer=True)
+    assert set(units) == set(whole) and all(isinstance(u, UnitGrams) for u in units.values())
+    config = tiny_llama(seed=0).config  # 4 layers; each unit keeps its neuron's number or its head's hd x hd block
+    hd = config.hidden_size // config.num_attention_heads
+    per_layer = {"ffn": config.intermediate_size, "heads": config.num_attention_heads * hd * hd}
+    per_layer["both"] = per_layer["ffn"] + per_layer["heads"]
+    assert sum(u.values.numel() for u in units.values()) == config.num_hidden_layers * per_layer[target]
+    assert sum(u.values.numel() * 8 for u in units.values()) < width_stats_bytes(tiny_llama(seed=0), target)
+    for ratio in ({0: 0.5, 2: 0.25}, {1: 0.125, 3: 0.625}, 0.375):
+        step = first.model_copy(update={"ratio": ratio})
+        own = apply_plan(tiny_llama(seed=0), [step], data).state_dict()
+        shared = apply_plan_from_stats(tiny_llama(seed=0), [step], units, data).state_dict()
+        assert list(own) == list(shared) and all(torch.equal(own[k], shared[k]) for k in own), ratio
+    rebuilding = first.model_copy(update={"reconstruct": "liar"})
+    with pytest.raises(ValueError, match="reads more than the units' blocks"):
+        collect_unit_grams(tiny_llama(seed=0), rebuilding, data)
+    with pytest.raises(ValueError, match="whole Gram matrix"):
+        apply_plan_from_stats(tiny_llama(seed=0), [rebuilding], units, data)
+
+
 def test_block_by_block_statistics_are_the_streaming_pass_bits(calibration):
     """`collect_grams_by_block` sums the same rows as a whole-model pass, and hands each
     block's statistics over in order (empty where nothing is watched) without keeping them."""

@@ -78,10 +78,14 @@ def encode_pair(tokenizer, context: str, continuation: str, prefix: int) -> tupl
     return ctx, whole[len(ctx) :]
 
 
+def language_config(config):
+    """The language model's part of a config: a multimodal config's `text_config`, else itself."""
+    return getattr(config, "text_config", None) or config
+
+
 def model_max_length(model, tokenizer) -> int:
     """lm-eval's `resolve_max_length`: config positions, else tokenizer limit, else 2048."""
-    config = getattr(model, "config", None)
-    config = getattr(config, "text_config", None) or config
+    config = language_config(getattr(model, "config", None))
     for attr in ("n_positions", "max_position_embeddings", "n_ctx"):
         value = getattr(config, attr, None)
         if isinstance(value, int) and value > 0:
@@ -192,7 +196,7 @@ def kv_bytes_per_token(model) -> int | None:
     """Bytes one token's keys and values take in the cache over all layers, or None when the
     config does not say: 2 x layers x key/value heads x head dim x the parameters' element size
     (SmolLM2-135M in float32: 2 x 30 x 3 x 64 x 4 = 46,080)."""
-    config = getattr(model.config, "text_config", None) or model.config
+    config = language_config(model.config)
     try:
         layers, heads = config.num_hidden_layers, config.num_attention_heads
         kv_heads = getattr(config, "num_key_value_heads", None) or heads

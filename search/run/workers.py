@@ -204,7 +204,7 @@ class Evaluator:
         self._calibration = None
         self._weights_key: str | None = None  # what the working model holds: its recipe's fingerprint
         self._references: dict[tuple[str, str], Any] = {}  # (weights key, task:split:precision) -> KL reference
-        self._width_stats: tuple | None = None  # ((weights key, plan windows?, target, samples, batch size), grams)
+        self._width_stats: dict[tuple, dict] = {}  # (weights key, plan windows?, step fields) -> a recipe's width statistics
         self._planned: tuple | None = None  # (candidate key, its compressed model): kept for its next stage
         self._plans_share_weights = True  # plans start from a copy sharing the working weights (see _apply_plan)
 
@@ -356,10 +356,11 @@ class Evaluator:
         candidate that goes on is rebuilt from the plan's calibration with its reconstruction.
 
         When candidates share recipes (`evolver.share_recipe`), a plan that starts by pruning
-        width takes its statistics from a cache of one entry per recipe: gathered once for every
+        width takes its statistics from a cache kept for the recipe: gathered once for every
         layer the step's target reaches, they serve every plan over the same weights
         (bit-identical to the step's own pass: the same batches, and each projection's
-        statistics are its own), so the candidates of a recipe pay one calibration pass."""
+        statistics are its own), so the candidates of a recipe pay one calibration pass. See
+        `_recipe_width_stats` for what the cache keeps."""
         from compression.plan import copy_sharing_weights, weight_versions
 
         steps = list(candidate.steps) if reconstruct else [without_reconstruction(step) for step in candidate.steps]
@@ -371,7 +372,7 @@ class Evaluator:
             del model
             warnings.warn(f"{candidate.id}: a plan step wrote into the working model's weights; plans get a copy of their own from now on")
             self._plans_share_weights = False
-            self._weights_key, self._references, self._width_stats = None, {}, None  # nothing made from them holds
+            self._weights_key, self._references, self._width_stats = None, {}, {}  # nothing made from them holds
             self._hold_recipe(candidate, refs)
         return self._planned_from(copy.deepcopy(self.model), steps, reconstruct)
 
@@ -382,7 +383,8 @@ class Evaluator:
         if self.spec.shared_recipes and steps and steps[0].op == "prune_width" and needs_stats(steps[0]):
             first = steps[0] if reconstruct else steps[0].model_copy(update={"samples": None})  # every proxy window
             stats = self._recipe_width_stats(first, self.calibration() if reconstruct else self.proxy_windows())
-            return apply_plan_from_stats(model, steps, stats, self.calibration()).eval()
+            if stats is not None:
+                return apply_plan_from_stats(model, steps, stats, self.calibration()).eval()
         return apply_plan(model, steps, self.calibration()).eval()
 
     def calibration(self):
@@ -400,16 +402,33 @@ class Evaluator:
         windows = getattr(self.task(PROXY, "dev"), "windows", None)
         return CalibrationData(windows) if windows is not None else self.calibration()
 
-    def _recipe_width_stats(self, step, windows) -> dict:
+    def _recipe_width_stats(self, step, windows) -> dict | None:
         """Every targeted layer's input statistics on the working model over `windows` (see
-        `_apply_plan`)."""
-        from compression.width import collect_width_stats
+        `_apply_plan`), or None where the step had better gather its own.
 
-        key = (self._weights_key, windows is self._calibration, step.target, step.samples, step.batch_size)
-        if self._width_stats is None or self._width_stats[0] != key:
-            self._width_stats = None  # free the previous recipe's before gathering these
-            self._width_stats = (key, collect_width_stats(self.model, step, windows, every_layer=True))
-        return self._width_stats[1]
+        What is kept scales with the model only as far as the step needs:
+        - a step that reconstructs nothing and ranks by `wanda` or `second_moment` (the KL
+          stage's unreconstructed width steps) reads only each unit's diagonal block of the Gram
+          matrices: those are kept (`collect_unit_grams`; 137 MB for the Llama-2-7B shape);
+        - a step that reconstructs reads whole matrices (hidden² + intermediate² float64 per
+          layer: 35 GB for that shape). They are kept only while no larger than the working
+          model's own weights; beyond that the step gathers its own block by block
+          (`prune_width`: one block's matrices alive), a pass per plan rather than per recipe."""
+        from compression.width import collect_unit_grams, collect_width_stats, unit_blocks_suffice, width_stats_bytes
+
+        units = unit_blocks_suffice(step)
+        key = (self._weights_key, windows is self._calibration, units, step.target, step.samples, step.batch_size)
+        if key not in self._width_stats:
+            model_bytes = sum(p.numel() * p.element_size() for p in self.model.parameters())
+            if not units and width_stats_bytes(self.model, step.target) > model_bytes:
+                return None
+            # Free another recipe's statistics before gathering these.
+            self._width_stats = {k: v for k, v in self._width_stats.items() if k[0] == self._weights_key}
+            if units:
+                self._width_stats[key] = collect_unit_grams(self.model, step, windows)
+            else:
+                self._width_stats[key] = collect_width_stats(self.model, step, windows, every_layer=True)
+        return self._width_stats[key]
 
 
 def without_reconstruction(step):
