@@ -558,6 +558,21 @@ def test_unstaged_generations_score_the_items_the_parents_were_scored_on(tmp_pat
     assert (search.scorer.jobs[-1].subsample, search.scorer.jobs[-1].subsample_seed) == (0.5, 2)
 
 
+def _shared_recipe_evaluator(target: str):
+    """An actor of tiny-llama sharing recipes, a 2 x 32-token `kl` proxy judged unreconstructed,
+    holding the recipe "recipe"; and a candidate whose plan prunes `target` with LIAR."""
+    from search.models.sources import resolve_source
+    from search.run.workers import Evaluator, WorkerSpec
+
+    proxy = {"kind": "kl", "data": "pydoc:train", "options": {"seq_len": 32, "num_sequences": 2}, "unreconstructed": True}
+    spec = WorkerSpec(template_dir=str(resolve_source("tiny-llama")), tasks=[], names=[], proxy=proxy, shared_recipes=True,
+                      calibration={"data": "pydoc:dev", "seq_len": 32, "num_sequences": 16})
+    evaluator = Evaluator(spec)
+    evaluator._weights_key = "recipe"
+    plan = [{"op": "prune_width", "ratio": 0.25, "target": target, "criterion": "second_moment", "reconstruct": "liar"}]
+    return evaluator, Candidate(id="c", recipe=Recipe(op="copy", inputs=("base",)), plan=plan)
+
+
 def test_an_unreconstructed_width_step_chooses_units_on_the_proxy_windows():
     """With shared recipes the KL stage's unreconstructed width step reads statistics gathered on
     the proxy's own windows (a quarter of the calibration pass in the joint demo); the rebuilt
@@ -568,16 +583,9 @@ def test_an_unreconstructed_width_step_chooses_units_on_the_proxy_windows():
 
     from compression.width import collect_width_stats, prune_with_stats
     from search.models.datasets import calibration_windows
-    from search.models.sources import resolve_source
-    from search.run.workers import Evaluator, WorkerSpec, without_reconstruction
+    from search.run.workers import without_reconstruction
 
-    proxy = {"kind": "kl", "data": "pydoc:train", "options": {"seq_len": 32, "num_sequences": 2}, "unreconstructed": True}
-    spec = WorkerSpec(template_dir=str(resolve_source("tiny-llama")), tasks=[], names=[], proxy=proxy, shared_recipes=True,
-                      calibration={"data": "pydoc:dev", "seq_len": 32, "num_sequences": 16})
-    evaluator = Evaluator(spec)
-    evaluator._weights_key = "recipe"
-    plan = [{"op": "prune_width", "ratio": 0.25, "target": "ffn", "criterion": "second_moment", "reconstruct": "liar"}]
-    candidate = Candidate(id="c", recipe=Recipe(op="copy", inputs=("base",)), plan=plan)
+    evaluator, candidate = _shared_recipe_evaluator(target="ffn")
     step = without_reconstruction(candidate.steps[0])
 
     def pruned_on(windows):
@@ -606,16 +614,8 @@ def test_a_recipe_keeps_its_units_blocks_for_screening_and_whole_statistics_only
     from compression.plan import apply_plan
     from compression.reconstruct import GramAccumulator
     from compression.width import UnitGrams
-    from search.models.sources import resolve_source
-    from search.run.workers import Evaluator, WorkerSpec
 
-    proxy = {"kind": "kl", "data": "pydoc:train", "options": {"seq_len": 32, "num_sequences": 2}, "unreconstructed": True}
-    spec = WorkerSpec(template_dir=str(resolve_source("tiny-llama")), tasks=[], names=[], proxy=proxy, shared_recipes=True,
-                      calibration={"data": "pydoc:dev", "seq_len": 32, "num_sequences": 16})
-    evaluator = Evaluator(spec)
-    evaluator._weights_key = "recipe"
-    plan = [{"op": "prune_width", "ratio": 0.25, "target": "both", "criterion": "second_moment", "reconstruct": "liar"}]
-    candidate = Candidate(id="c", recipe=Recipe(op="copy", inputs=("base",)), plan=plan)
+    evaluator, candidate = _shared_recipe_evaluator(target="both")
     own = apply_plan(copy.deepcopy(evaluator.model), candidate.steps, evaluator.calibration()).state_dict()
 
     evaluator._apply_plan(candidate, {}, reconstruct=False)
