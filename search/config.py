@@ -283,6 +283,11 @@ class WorkersConfig(Strict):
     address: Optional[str] = None  # join an existing Ray cluster; default: start a local one
     dtype: Literal["auto", "float32", "bfloat16"] = "auto"  # auto: bf16 on CUDA, fp32 on CPU
     max_retries: int = Field(2, ge=0)
+    # With evolver.share_recipe: how many GiB of a recipe's whole width statistics (every pruned
+    # layer's input Gram matrices, which its plans' reconstructions read) an actor may keep for
+    # the recipe's next rebuilt plan. Beyond it each rebuilt plan gathers its own, block by block:
+    # the same bytes, one calibration pass more per rebuild. Default: the working model's size.
+    recipe_stats_gib: Optional[float] = Field(None, ge=0)
 
 
 class LatencyConfig(Strict):
@@ -359,6 +364,8 @@ class RunConfig(Strict):
             raise ValueError("fitness.stages: lm_eval tasks give no per-example scores to stage on")
         if self.evolver.share_recipe and self.mode != "joint":
             raise ValueError(f"evolver.share_recipe: for joint runs (offspring sharing a recipe differ only in their plans; this run's mode is {self.mode})")
+        if self.workers.recipe_stats_gib is not None and not self.evolver.share_recipe:
+            raise ValueError("workers.recipe_stats_gib: bounds what an actor keeps of a shared recipe; this run shares none (evolver.share_recipe)")
         if self.fitness.race is not None and self.mode not in ("merge", "recipe"):
             raise ValueError(f"fitness.race: races siblings by stage score, for merge runs (a {self.mode} run's siblings differ "
                              f"in size and are ranked by their lead over the front)")
@@ -410,7 +417,7 @@ class RunConfig(Strict):
 
     def fingerprint(self) -> str:
         """Hash of everything that changes results (not where they are written or who runs them)."""
-        data = self.model_dump(mode="json", exclude={"run_dir": True, "workers": {"address", "count"}})
+        data = self.model_dump(mode="json", exclude={"run_dir": True, "workers": {"address", "count", "recipe_stats_gib"}})
         return hashlib.sha256(json.dumps(data, sort_keys=True).encode()).hexdigest()[:16]
 
 

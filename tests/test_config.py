@@ -47,6 +47,8 @@ def test_shipped_configs_load():
         (lambda r: r["workers"].update(count=0), "workers.count: Input should be greater than or equal to 1"),
         (lambda r: r.setdefault("compress", {}).update(latency={"repeats": 0}), "compress.latency.repeats: Input should be greater than or equal to 1"),
         (lambda r: r["evolver"].update(share_recipe=True), "evolver.share_recipe: for joint runs"),
+        (lambda r: r["workers"].update(recipe_stats_gib=1.0), "workers.recipe_stats_gib: bounds what an actor keeps of a shared recipe"),
+        (lambda r: r["workers"].update(recipe_stats_gib=-1), "workers.recipe_stats_gib: Input should be greater than or equal to 0"),
         (lambda r: r.update(fitness={"screen_dtype": "bfloat16"}), "fitness.screen_dtype: screens the stages before the last"),
         (lambda r: r.update(fitness={"stages": [0.5, 1.0], "screen_dtype": "int8"}), "fitness.screen_dtype: Input should be"),
         (lambda r: r.update(fitness={"stages": [0.1, 0.5, 1.0], "advance": [1, 4]}),
@@ -71,6 +73,16 @@ def test_bad_config_names_the_field(tmp_path, mutate, expected):
     message = str(info.value)
     assert expected in message, message
     assert "\n" not in message
+
+
+def test_what_an_actor_keeps_of_a_recipe_is_not_part_of_the_runs_identity(tmp_path):
+    """workers.recipe_stats_gib changes memory and time, never a score: a run resumes with it
+    changed, as with workers.count."""
+    raw = yaml.safe_load((TINY.parent / "joint-demo.yaml").read_text())
+    default = load_config(write(tmp_path, raw))
+    raw["workers"]["recipe_stats_gib"] = 2.5
+    bounded = load_config(write(tmp_path, raw))
+    assert bounded.workers.recipe_stats_gib == 2.5 and bounded.fingerprint() == default.fingerprint()
 
 
 def test_cli_exit_code_2_and_one_line(tmp_path):

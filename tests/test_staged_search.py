@@ -634,3 +634,35 @@ def test_a_recipe_keeps_its_units_blocks_for_screening_and_whole_statistics_only
     assert evaluator._width_stats == {("recipe", False, True, "both", None, 8): {"stale": None}}  # nothing gathered, nothing kept
     evaluator._apply_plan(candidate, {}, reconstruct=False)
     assert [key[0] for key in evaluator._width_stats] == ["another recipe"]
+
+
+def test_workers_recipe_stats_gib_bounds_the_whole_statistics_a_recipe_keeps(monkeypatch):
+    """`workers.recipe_stats_gib` (the spec's `recipe_stats_bytes`) replaces the working model's
+    size as the bound on a recipe's whole Gram matrices: one byte under their size keeps none,
+    their size keeps them, and a bound above the model keeps a shape larger than the model.
+    Every way rebuilds the plan to its own pass's bytes."""
+    import copy
+
+    import torch
+
+    import compression.width
+    from compression.plan import apply_plan
+    from compression.reconstruct import GramAccumulator
+    from compression.width import width_stats_bytes
+
+    evaluator, candidate = _shared_recipe_evaluator(target="both")
+    own = apply_plan(copy.deepcopy(evaluator.model), candidate.steps, evaluator.calibration()).state_dict()
+    whole = width_stats_bytes(evaluator.model, "both")
+    model_bytes = sum(p.numel() * p.element_size() for p in evaluator.model.parameters())
+
+    def rebuild_keeps(budget: int | None) -> bool:
+        evaluator._width_stats, evaluator.spec.recipe_stats_bytes = {}, budget
+        rebuilt = evaluator._apply_plan(candidate, {}, reconstruct=True).state_dict()
+        assert all(torch.equal(rebuilt[k], own[k]) for k in own)
+        return any(all(isinstance(s, GramAccumulator) for s in stats.values()) for stats in evaluator._width_stats.values())
+
+    assert whole < model_bytes and rebuild_keeps(None)  # the default: within the model's size
+    assert not rebuild_keeps(whole - 1) and not rebuild_keeps(0)
+    assert rebuild_keeps(whole)
+    monkeypatch.setattr(compression.width, "width_stats_bytes", lambda model, target: 2 * model_bytes)
+    assert not rebuild_keeps(None) and rebuild_keeps(2 * model_bytes)

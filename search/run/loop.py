@@ -78,6 +78,7 @@ class Search:
             latency=config.compress.latency.model_dump() if compressing and config.compress.latency else None,
             proxy=config.fitness.proxy.model_dump() if config.fitness.proxy else None,
             shared_recipes=config.evolver.share_recipe,
+            recipe_stats_bytes=None if workers.recipe_stats_gib is None else int(workers.recipe_stats_gib * 2**30),
         )
         self.parent_dirs = parent_dirs
         self.base_config = AutoConfig.from_pretrained(spec.template_dir, trust_remote_code=False)

@@ -85,6 +85,7 @@ class WorkerSpec:
     latency: dict | None = None  # {batch_size, seq_len, repeats, warmup}: time each candidate too
     proxy: dict | None = None  # staged fitness: the first stage's task ({kind, data, options}), named PROXY
     shared_recipes: bool = False  # candidates share recipes (evolver.share_recipe): cache per-recipe statistics
+    recipe_stats_bytes: int | None = None  # whole width statistics kept per recipe at most (default: the model's size)
 
 
 def all_finite(tensors) -> bool:
@@ -411,16 +412,19 @@ class Evaluator:
           stage's unreconstructed width steps) reads only each unit's diagonal block of the Gram
           matrices: those are kept (`collect_unit_grams`; 137 MB for the Llama-2-7B shape);
         - a step that reconstructs reads whole matrices (hidden² + intermediate² float64 per
-          layer: 35 GB for that shape). They are kept only while no larger than the working
-          model's own weights; beyond that the step gathers its own block by block
-          (`prune_width`: one block's matrices alive), a pass per plan rather than per recipe."""
+          layer: 35 GB for that shape). They are kept only while within `recipe_stats_bytes`
+          (`workers.recipe_stats_gib`; default: no larger than the working model's own weights);
+          beyond that the step gathers its own block by block (`prune_width`: one block's
+          matrices alive), a pass per plan rather than per recipe."""
         from compression.width import collect_unit_grams, collect_width_stats, unit_blocks_suffice, width_stats_bytes
 
         units = unit_blocks_suffice(step)
         key = (self._weights_key, windows is self._calibration, units, step.target, step.samples, step.batch_size)
         if key not in self._width_stats:
-            model_bytes = sum(p.numel() * p.element_size() for p in self.model.parameters())
-            if not units and width_stats_bytes(self.model, step.target) > model_bytes:
+            budget = self.spec.recipe_stats_bytes
+            if budget is None:
+                budget = sum(p.numel() * p.element_size() for p in self.model.parameters())
+            if not units and width_stats_bytes(self.model, step.target) > budget:
                 return None
             # Free another recipe's statistics before gathering these.
             self._width_stats = {k: v for k, v in self._width_stats.items() if k[0] == self._weights_key}
