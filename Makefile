@@ -27,7 +27,7 @@ demo: $(STAMP)
 
 # Two pytest-xdist workers, each taking whole modules (a module's fixtures are built once): a real
 # search leaves a core idle while its one actor scores, so two streams fill this machine
-# (851 tests in 11-12 min on a 2-core AMD EPYC VM against 19-20 min one at a time).
+# (11-12 min on a 2-core AMD EPYC VM against 19-20 min one at a time; README).
 PYTEST := $(BIN)/python -m pytest -q -n 2 --dist loadscope
 
 test: $(STAMP)
