@@ -417,8 +417,25 @@ class RunConfig(Strict):
 
     def fingerprint(self) -> str:
         """Hash of everything that changes results (not where they are written or who runs them)."""
-        data = self.model_dump(mode="json", exclude={"run_dir": True, "workers": {"address", "count", "recipe_stats_gib"}})
-        return hashlib.sha256(json.dumps(data, sort_keys=True).encode()).hexdigest()[:16]
+        return identity_hash(self.model_dump(mode="json"))
+
+
+# Where a run's results are written and who computes them (how many actors, on which cluster,
+# keeping how much memory) change no result, so they are not part of a run's identity.
+NOT_IDENTITY = {"run_dir": True, "workers": {"address", "count", "recipe_stats_gib"}}
+
+
+def identity_part(dumped: dict) -> dict:
+    """A config's JSON dump less the fields that are not part of a run's identity."""
+    data = {k: v for k, v in dumped.items() if k != "run_dir"}
+    if isinstance(data.get("workers"), dict):
+        data["workers"] = {k: v for k, v in data["workers"].items() if k not in NOT_IDENTITY["workers"]}
+    return data
+
+
+def identity_hash(dumped: dict) -> str:
+    """The fingerprint of a config's JSON dump: a 16-hex sha256 prefix of its identity part."""
+    return hashlib.sha256(json.dumps(identity_part(dumped), sort_keys=True).encode()).hexdigest()[:16]
 
 
 def seed_recipe(config: "RunConfig", seed: SeedMerge):

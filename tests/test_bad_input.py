@@ -177,6 +177,42 @@ def read_only(ctx: Ctx, monkeypatch) -> list[str]:
     return ["resume", str(ctx.run)]
 
 
+# ---- a run directory an earlier evofuse wrote ----------------------------------------------
+# Fields added to the config after the first runs: an earlier evofuse's config.yaml,
+# identity.json and checkpoint fingerprint were made without them.
+LATER_FIELDS = {"fitness": None, "evolver": ("offspring_per_member", "share_recipe", "merge_population", "merge_params"),
+                "workers": ("recipe_stats_gib",)}
+
+
+def without_later_fields(dumped: dict) -> dict:
+    old = {k: v for k, v in dumped.items() if LATER_FIELDS.get(k, ()) is not None}
+    for section, names in LATER_FIELDS.items():
+        if names:
+            old[section] = {k: v for k, v in old[section].items() if k not in names}
+    return old
+
+
+def made_by_earlier_version(run: Path, identity_edits: dict | None = None) -> Path:
+    """Rewrite a run directory as an evofuse before LATER_FIELDS would have written it (its
+    identity's config changed by `identity_edits` after its fingerprint was taken)."""
+    from search.config import identity_hash
+
+    store = RunStore(run)
+    old = without_later_fields(store.read_identity()["config"])
+    fingerprint = identity_hash(old)
+    for dotted, value in (identity_edits or {}).items():
+        *path, last = dotted.split(".")
+        section = old
+        for key in path:
+            section = section[key]
+        section[last] = value
+    store.write_identity(fingerprint, old)
+    store.write_config(yaml.safe_dump(without_later_fields(yaml.safe_load(store.config_path.read_text())), sort_keys=False))
+    state = store.read_state()
+    store.write_state({**state, "fingerprint": fingerprint})
+    return run
+
+
 R = lambda ctx: str(ctx.run)  # noqa: E731
 
 # (id, what the case sets up and returns as argv, a piece of the one line it must print)
@@ -199,6 +235,15 @@ CASES: list[tuple[str, Callable, str]] = [
      "config.yaml: changed since the run started (tasks[0].dev: 'arithmetic:dev' -> 'compare:dev')"),
     ("resume-changed-F", lambda c: (c.run.joinpath("config.yaml").write_text(
         c.run.joinpath("config.yaml").read_text().replace("F: 0.5", "F: 0.9")), ["resume", R(c)])[-1], "evolver.F: 0.5 -> 0.9"),
+    ("resume-earlier-version-changed-F", lambda c: (made_by_earlier_version(c.run), c.run.joinpath("config.yaml").write_text(
+        c.run.joinpath("config.yaml").read_text().replace("F: 0.5", "F: 0.9")), ["resume", R(c)])[-1], "evolver.F: 0.5 -> 0.9"),
+    ("resume-earlier-version-identity-edited", lambda c: (made_by_earlier_version(c.run, {"evolver.F": 0.9}), ["resume", R(c)])[-1],
+     "config.yaml: changed since the run started (evolver.F: 0.9 -> 0.5)"),
+    ("resume-identity-fingerprint-not-of-its-config", lambda c: (made_by_earlier_version(c.run, {"evolver.CR": 0.9}),
+        c.run.joinpath("config.yaml").write_text(c.run.joinpath("config.yaml").read_text().replace("CR: 0.5", "CR: 0.9")),
+        ["resume", R(c)])[-1], "changed since the run started (identity.json's fingerprint is not of its config)"),
+    ("resume-identity-unknown-field", lambda c: (made_by_earlier_version(c.run, {"evolver.mutation_rate": 0.1}), ["resume", R(c)])[-1],
+     "changed since the run started (identity.json's evolver.mutation_rate: Extra inputs are not permitted, as this evofuse reads it)"),
     # 6, 7. task data and options checked when the config loads
     ("task-malformed-line", lambda c: ["search", str(c.task_config("perplexity", '{"text": "a"}\n{"text": \n')), "--run-dir", str(c.tmp / "r")],
      "tasks[0].dev: "),
@@ -305,3 +350,19 @@ def test_bad_input_is_one_line_exit_2_and_changes_nothing(case, finished_run, tm
     for made in ("r", "new-run", "runs", "o", "merged", "small"):
         assert not (tmp_path / made).exists(), f"{made} was created"
     assert not (tmp_path / "RAN").exists(), "a model directory's code ran"
+
+
+def test_a_run_an_earlier_evofuse_started_resumes_after_an_upgrade(tmp_path, capsys):
+    """A field added to the config changes every fingerprint; a run started before it (config,
+    identity and checkpoint without the field) is still the same run: resume, status, report
+    and export take it, and a changed value in it is still refused (the table above)."""
+    from search.config import load_config
+
+    run = made_by_earlier_version(write_run(tmp_path / "run", tiny_raw(export_top=0)).root)
+    assert json.loads((run / "identity.json").read_text())["fingerprint"] != load_config(run / "config.yaml").fingerprint()
+    capsys.readouterr()
+    assert main(["resume", str(run)]) == 0
+    assert "already finished" in capsys.readouterr().err
+    for argv in (["status", str(run)], ["report", str(run)], ["export", str(run), "--id", "base", "--out", str(tmp_path / "out")]):
+        assert main(argv) == 0, argv
+    assert (tmp_path / "out" / "config.json").is_file()

@@ -25,9 +25,10 @@ import threading
 import time
 from pathlib import Path
 
+from pydantic import ValidationError
 from tqdm.auto import tqdm
 
-from search.config import ConfigError, RunConfig, check_tasks, dump_config, load_config
+from search.config import ConfigError, RunConfig, check_tasks, dump_config, identity_hash, identity_part, load_config
 from search.errors import BAD_INPUT, EvofuseError, one_line
 from search.run.scoring import RunFailed, check_generation  # noqa: F401  (re-exported)
 from search.run.store import CorruptRunError, RunDirError, RunStore
@@ -108,22 +109,57 @@ def check_run(store: RunStore, config_path: str | Path | None = None, weights: b
         raise ConfigError(f"{run_dir}: not a run directory (no config.yaml)")
     config = load_config(store.config_path)
     identity = store.read_identity()
-    if identity is not None and identity["fingerprint"] != config.fingerprint():
-        original = identity.get("config")
-        what = changed_field(RunConfig.model_validate(original), config) if isinstance(original, dict) else "fingerprint"
-        raise ConfigError(f"{store.config_path}: changed since the run started ({what}); restore it or start a new run")
+    if identity is not None and not started_as(identity, config):
+        raise ConfigError(f"{store.config_path}: changed since the run started ({changed_since(identity, config)}); "
+                          "restore it or start a new run")
     if config_path is not None:
         given = load_config(config_path)
         if given.fingerprint() != config.fingerprint():
             raise ConfigError(f"{config_path}: differs from the config {run_dir} was started with ({changed_field(config, given)})")
     state = store.read_state()
     if state is not None:
-        if state.get("fingerprint") != config.fingerprint():
+        # A checkpoint of an earlier evofuse carries that version's fingerprint, which the
+        # identity (checked above) vouches for; this version's checkpoints carry its own.
+        fingerprints = {config.fingerprint()} | ({identity["fingerprint"]} if identity is not None else set())
+        if state.get("fingerprint") not in fingerprints:
             raise ConfigError(f"{store.config_path}: changed since the run started; restore it or start a new run")
         if weights:
             store.verify_weights(state.get("weight_checksums", {}))
     store.check_journal(state)
     return config, state
+
+
+def started_as(identity: dict, config: RunConfig) -> bool:
+    """Whether `config` is the config a run with this identity started with.
+
+    An earlier evofuse fingerprinted its own dump of the config, which lacks every field added
+    since. A new field's default keeps the behaviour from before it existed (as it does for a
+    config file written before it), so such an identity still fits when its stored config is
+    what its fingerprint was taken of and, read by this version, fingerprints as `config` does.
+    """
+    if identity["fingerprint"] == config.fingerprint():
+        return True
+    original = identity.get("config")
+    if not isinstance(original, dict) or identity_hash(original) != identity["fingerprint"]:
+        return False
+    try:
+        return RunConfig.model_validate(original).fingerprint() == config.fingerprint()
+    except ValidationError:  # a field this version no longer knows, or a value it refuses
+        return False
+
+
+def changed_since(identity: dict, config: RunConfig) -> str:
+    """What `changed_field` names between a run's identity and `config`, or why it cannot."""
+    original = identity.get("config")
+    if not isinstance(original, dict):
+        return "fingerprint"
+    try:
+        found = changed_field(RunConfig.model_validate(original), config)
+    except ValidationError as exc:
+        error = exc.errors()[0]
+        where = ".".join(str(part) for part in error["loc"]) or "config"
+        return f"identity.json's {where}: {error['msg']}, as this evofuse reads it"
+    return "identity.json's fingerprint is not of its config" if found == "unknown field" else found
 
 
 def changed_field(old: RunConfig, new: RunConfig) -> str:
@@ -140,8 +176,7 @@ def changed_field(old: RunConfig, new: RunConfig) -> str:
             return next((found for i, (a, b) in enumerate(zip(x, y)) if (found := walk(a, b, f"{path}[{i}]"))), None)
         return None if x == y else f"{path}: {x!r} -> {y!r}"
 
-    skip = {"run_dir": True, "workers": {"address", "count"}}  # not part of the identity
-    return walk(old.model_dump(mode="json", exclude=skip), new.model_dump(mode="json", exclude=skip), "") or "unknown field"
+    return walk(identity_part(old.model_dump(mode="json")), identity_part(new.model_dump(mode="json")), "") or "unknown field"
 
 
 def run_search(config: RunConfig, store: RunStore, address, quiet: bool, verified: bool = False) -> Path:
