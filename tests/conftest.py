@@ -1,11 +1,24 @@
-"""Shared fixtures: tiny models built from transformers configs, a byte tokenizer, pydoc text."""
+"""Shared fixtures: tiny models built from transformers configs, a byte tokenizer, pydoc text,
+and one Ray cluster for the whole session.
+
+Starting a local Ray costs a run about 10 s and 9 CPU-s more than joining a running cluster
+(GCS, raylet, dashboard process, agents, monitors: `python -m benchmarks.bench_ray_start`), and
+the suite's real runs would start two dozen. So the session starts one cluster (xdist's
+controller, before its workers), and every test process and `evofuse` process joins it through
+RAY_ADDRESS, the variable evofuse reads as Ray does. A test about a local Ray's own life sets
+RAY_ADDRESS empty for its driver. `RAY_ADDRESS= pytest ...` starts none (each run its own local
+Ray); `RAY_ADDRESS=HOST:PORT pytest ...` joins that cluster instead.
+"""
 from __future__ import annotations
 
 import os
 import re
+import shutil
 import signal
+import socket
 import subprocess
 import sys
+import threading
 import time
 from pathlib import Path
 
@@ -54,7 +67,8 @@ def calibration(tokenizer):
 def search_killed_at():
     """`kill(config, run_dir, candidate_id)`: run `evofuse search` in its own process group, stall it
     right after `candidate_id` is journalled (EVOFUSE_FAULT_STALL), then SIGKILL the whole group
-    (driver, raylet, actors) as a crash or an OOM killer would."""
+    (the driver, and a local Ray's raylet and actors; a joined cluster ends the driver's actors
+    itself) as a crash or an OOM killer would."""
     from search.run.store import RunStore
 
     def kill(config: Path, run_dir: Path, candidate_id: str, timeout: float = 300) -> None:
@@ -73,3 +87,101 @@ def search_killed_at():
             proc.wait()
 
     return kill
+
+
+# ---- one Ray cluster for the session ---------------------------------------------------------
+def session_processes(sid: int) -> list[int]:
+    """Live processes of session `sid` (what a process started with start_new_session=True and
+    everything it started, unless they left the session)."""
+    pids = []
+    for entry in Path("/proc").iterdir():
+        if entry.name.isdigit():
+            try:
+                fields = (entry / "stat").read_text().rsplit(")", 1)[1].split()
+            except OSError:
+                continue
+            if int(fields[3]) == sid and fields[0] != "Z":
+                pids.append(int(entry.name))
+    return pids
+
+
+def kill_session(sid: int) -> None:
+    for pid in session_processes(sid):
+        try:
+            os.kill(pid, signal.SIGKILL)
+        except OSError:
+            pass
+
+
+class RayHead:
+    """A throwaway one-node Ray cluster in its own session: `ray start --head` on a free port and
+    a short temporary directory (Ray's socket paths have a length limit); `stop` kills the session."""
+
+    def __init__(self, num_cpus: int, tag: str):
+        with socket.socket() as s:
+            s.bind(("127.0.0.1", 0))
+            port = s.getsockname()[1]
+        self.address = f"127.0.0.1:{port}"
+        self.temp_dir = Path("/tmp") / f"ef{tag}-{os.getpid()}"
+        self.proc = subprocess.Popen(
+            [str(Path(sys.executable).parent / "ray"), "start", "--head", f"--port={port}", f"--num-cpus={num_cpus}",
+             f"--temp-dir={self.temp_dir}", "--include-dashboard=false", "--disable-usage-stats"],
+            env={**os.environ, "RAY_AUTH_MODE": "disabled", "RAY_ADDRESS": ""}, stdout=subprocess.PIPE,
+            stderr=subprocess.STDOUT, text=True, start_new_session=True,
+        )
+
+    def wait(self) -> str:
+        out, _ = self.proc.communicate(timeout=300)
+        if self.proc.returncode != 0:
+            self.stop()
+            raise RuntimeError(f"ray start --head failed: {out[-2000:]}")
+        return self.address
+
+    def stop(self) -> None:
+        kill_session(self.proc.pid)
+        shutil.rmtree(self.temp_dir, ignore_errors=True)
+
+
+def pytest_configure(config):
+    if hasattr(config, "workerinput") or os.environ.get("RAY_ADDRESS") is not None:
+        return  # an xdist worker (its controller started the cluster), or the caller chose
+    # Logical CPUs: both xdist workers' runs and a kill chain's concurrent drivers place actors
+    # at once; the cores are shared however many are declared.
+    head = RayHead(num_cpus=16, tag="s")
+    ready = head.temp_dir.with_name(head.temp_dir.name + ".ready")
+    os.environ.update(RAY_ADDRESS=head.address, RAY_AUTH_MODE="disabled", EVOFUSE_TEST_RAY_READY=str(ready))
+    config.stash[RAY_HEAD] = head
+
+    def started() -> None:  # the cluster starts while the workers start and collect
+        try:
+            head.wait()
+            ready.write_text("ok")
+        except Exception as exc:  # noqa: BLE001 (whatever it was, the tests say it)
+            ready.write_text(str(exc))
+
+    threading.Thread(target=started, daemon=True).start()
+
+
+def pytest_unconfigure(config):
+    head = config.stash.get(RAY_HEAD, None)
+    if head is not None:
+        head.stop()
+        Path(os.environ.pop("EVOFUSE_TEST_RAY_READY")).unlink(missing_ok=True)
+        os.environ.pop("RAY_ADDRESS", None)
+
+
+@pytest.fixture(scope="session", autouse=True)
+def session_ray_cluster():
+    """Waits for the session's cluster to have started (pytest_configure) before the first test."""
+    ready = os.environ.get("EVOFUSE_TEST_RAY_READY")
+    if ready:
+        deadline = time.time() + 300
+        while not os.path.exists(ready) and time.time() < deadline:
+            time.sleep(0.1)
+        status = Path(ready).read_text() if os.path.exists(ready) else "no cluster after 300 s"
+        if status != "ok":
+            pytest.exit(f"the session's Ray cluster: {status}", returncode=3)
+    return os.environ.get("RAY_ADDRESS") or None
+
+
+RAY_HEAD = pytest.StashKey[RayHead]()

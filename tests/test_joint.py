@@ -104,7 +104,7 @@ def test_two_node_ray_cluster(tmp_path):
     temp_dir = Path("/tmp") / f"evofuse-ray-{os.getpid()}"  # short: Ray's socket paths have a length limit
     port = 6390 + os.getpid() % 400
     address = f"127.0.0.1:{port}"
-    env = {**os.environ, "RAY_AUTH_MODE": "disabled"}  # a throwaway local cluster: no token files
+    env = {**os.environ, "RAY_AUTH_MODE": "disabled", "RAY_ADDRESS": ""}  # a throwaway cluster of its own: no token files
     try:
         head = subprocess.run(
             [str(ray_bin), "start", "--head", f"--port={port}", "--num-cpus=1", f"--temp-dir={temp_dir}",

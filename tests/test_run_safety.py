@@ -9,8 +9,9 @@
 
 Every run is a real `evofuse` process killed for real. To keep this fast on a small machine the
 processes are forked from one that has imported evofuse already (`forkserver`: the interpreter
-start and imports are shared, nothing else), and the kill chains join one Ray cluster
-(`--address`) instead of starting a local Ray each; the lock test uses a local Ray, as a user does.
+start and imports are shared, nothing else), and the kill chains join the session's Ray cluster
+(`--address`, conftest) instead of starting a local Ray each; the lock test uses a local Ray, as a
+user does.
 """
 from __future__ import annotations
 
@@ -18,7 +19,6 @@ import hashlib
 import json
 import os
 import signal
-import socket
 import subprocess
 import sys
 import time
@@ -27,6 +27,7 @@ from pathlib import Path
 import pytest
 import yaml
 
+from conftest import RayHead, kill_session, session_processes
 from search.run.store import RunStore
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -135,48 +136,16 @@ def forkserver(tmp_path_factory):
 
 @pytest.fixture(scope="module")
 def cluster(request):
-    """A throwaway one-node Ray cluster (its own session, killed after): the kill chains join it."""
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
-    temp_dir = Path("/tmp") / f"efk-{os.getpid()}"  # short: Ray's socket paths have a length limit
-    head = subprocess.Popen(
-        [str(Path(sys.executable).parent / "ray"), "start", "--head", f"--port={port}", "--num-cpus=4",
-         f"--temp-dir={temp_dir}", "--include-dashboard=false", "--disable-usage-stats"],
-        env={**os.environ, "RAY_AUTH_MODE": "disabled"}, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
-        text=True, start_new_session=True,
-    )
+    """The session's Ray cluster (conftest), or a throwaway one of this module's: the kill chains join it."""
+    if os.environ.get("RAY_ADDRESS"):
+        yield os.environ["RAY_ADDRESS"]
+        return
+    head = RayHead(num_cpus=4, tag="k")
     request.getfixturevalue("forkserver")  # started while the cluster starts
-    out, _ = head.communicate(timeout=300)
     try:
-        assert head.returncode == 0, out[-2000:]
-        yield f"127.0.0.1:{port}"
+        yield head.wait()
     finally:
-        kill_session(head.pid)
-        import shutil
-
-        shutil.rmtree(temp_dir, ignore_errors=True)
-
-
-def session_processes(sid: int) -> list[int]:
-    pids = []
-    for entry in Path("/proc").iterdir():
-        if entry.name.isdigit():
-            try:
-                fields = (entry / "stat").read_text().rsplit(")", 1)[1].split()
-            except OSError:
-                continue
-            if int(fields[3]) == sid and fields[0] != "Z":
-                pids.append(int(entry.name))
-    return pids
-
-
-def kill_session(sid: int) -> None:
-    for pid in session_processes(sid):
-        try:
-            os.kill(pid, signal.SIGKILL)
-        except OSError:
-            pass
+        head.stop()
 
 
 def run_config(tmp: Path, mode: str) -> Path:
@@ -261,7 +230,8 @@ def wait_for(predicate, timeout: float, what: str) -> None:
 
 def test_one_driver_per_run_status_knows_a_gone_driver_and_local_ray_dies_with_it(tmp_path, forkserver, capsys, cli_stderr):
     config, run = run_config(tmp_path, "merge"), tmp_path / "run"
-    pid, log = forkserver.start("search", str(config), "--run-dir", str(run), "--quiet", EVOFUSE_FAULT_STALL="g000-000")
+    pid, log = forkserver.start("search", str(config), "--run-dir", str(run), "--quiet", EVOFUSE_FAULT_STALL="g000-000",
+                                RAY_ADDRESS="")  # a local Ray of its own, not the session's cluster
     try:
         check_lock_and_status(run, config, pid, forkserver, capsys, cli_stderr)
     finally:

@@ -247,7 +247,7 @@ def test_members_of_bfloat16_parents_keep_their_step_in_float32(bank, recipe):
 
 
 PUBLISH_AND_READ = """
-import json, sys
+import json, os, sys
 from pathlib import Path
 
 import ray, torch
@@ -257,7 +257,7 @@ from search.run.weights import WeightBank
 from search.run.workers import from_numpy_state
 
 parent = Path(sys.argv[1])
-ray.init(num_cpus=1, include_dashboard=False, log_to_driver=False)
+ray.init(include_dashboard=False, log_to_driver=False, **({} if os.environ.get("RAY_ADDRESS") else {"num_cpus": 1}))
 bank = WeightBank(RunStore(parent.parent / "run"), [], exclude=[])
 bank.publish_parents({"base": parent})
 
@@ -276,7 +276,7 @@ ray.shutdown()
 
 @pytest.mark.slow
 def test_bfloat16_parents_in_a_real_object_store_are_shared_at_their_own_size(tmp_path):
-    """Through a real Ray object store (a fresh process and its own local Ray): a bfloat16
+    """Through a real Ray object store (a fresh process joining the session's cluster): a bfloat16
     parent published from its model directory reaches another process as read-only (zero-copy)
     views of its own bfloat16 bytes."""
     import json

@@ -456,6 +456,9 @@ def init_ray(address: str | None, num_cpus: int | None = None, quiet: bool = Tru
         log_to_driver=not quiet,
         runtime_env={"env_vars": env} if env else None,
     )
+    # Ray's own convention (`ray job submit` sets it for its entrypoint): RAY_ADDRESS names the
+    # cluster when neither --address nor workers.address does.
+    address = address or os.environ.get("RAY_ADDRESS") or None
     if address:
         ray.init(address=address, **kwargs)
         return
