@@ -3,7 +3,8 @@
 - an uninterrupted run and one SIGKILLed mid-generation then resumed end identically;
 - an actor that dies is replaced and its candidate retried; NaN weights get the worst fitness;
 - the exported best candidate loads with plain transformers and reproduces its journalled fitness;
-- parents whose tensors differ are refused before anything starts.
+- parents whose tensors differ are refused before anything starts;
+- a run joins the Ray cluster it is given, else the one RAY_ADDRESS names.
 """
 from __future__ import annotations
 
@@ -220,3 +221,20 @@ def test_all_finite_finds_one_bad_entry_in_any_dtype(bad):
         assert all_finite(weights)
         weights[0][17, 3] = bad
         assert not all_finite(weights)
+
+
+def test_ray_is_joined_at_the_given_address_then_at_RAY_ADDRESS(monkeypatch):
+    """`--address` / `workers.address` first; without one, RAY_ADDRESS, as Ray's own tools set it
+    (`ray job submit`); the suite's runs join its session cluster so (conftest), and a test about
+    a local Ray's own life sets it empty (test_run_safety)."""
+    import ray
+
+    from search.run.workers import init_ray
+
+    joined = []
+    monkeypatch.setattr(ray, "is_initialized", lambda: False)
+    monkeypatch.setattr(ray, "init", lambda address=None, **kwargs: joined.append(address))
+    monkeypatch.setenv("RAY_ADDRESS", "10.0.0.1:6379")
+    init_ray("10.0.0.2:6379")
+    init_ray(None)
+    assert joined == ["10.0.0.2:6379", "10.0.0.1:6379"]
