@@ -189,8 +189,10 @@ class FitnessConfig(Strict):
     # workers' dtype. On a CPU with AVX-512 BF16 a bfloat16 stage costs about half of a
     # float32 one; each candidate scored in full also scores, in this dtype, the screening items
     # it will be compared on as a member, so screening comparisons never mix precisions
-    # (README, "Screening in bfloat16").
-    screen_dtype: Optional[Literal["bfloat16", "float16"]] = None
+    # (README, "Screening in bfloat16"). `auto`: bfloat16 where the actors' hardware multiplies
+    # it (a GPU, a CPU with AVX-512 BF16 or AMX), else none; decided when the run starts and
+    # written into its config, so a resume elsewhere screens as the run began.
+    screen_dtype: Optional[Literal["auto", "bfloat16", "float16"]] = None
     # Stage items chosen, not drawn (README, "Stage items where siblings disagree"): {dev task:
     # item positions, most useful first} (search.fitness.items), or a JSON file of one, read when
     # the config loads (relative to the config) so the run's own config.yaml carries the order.

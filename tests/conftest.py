@@ -115,7 +115,8 @@ def kill_session(sid: int) -> None:
 
 class RayHead:
     """A throwaway one-node Ray cluster in its own session: `ray start --head` on a free port and
-    a short temporary directory (Ray's socket paths have a length limit); `stop` kills the session."""
+    a short temporary directory (Ray's socket paths have a length limit); `stop` kills the session.
+    `ready`: a file beside the directory for whoever waits on the start elsewhere."""
 
     def __init__(self, num_cpus: int, tag: str):
         with socket.socket() as s:
@@ -123,12 +124,17 @@ class RayHead:
             port = s.getsockname()[1]
         self.address = f"127.0.0.1:{port}"
         self.temp_dir = Path("/tmp") / f"ef{tag}-{os.getpid()}"
+        self.ready = self.temp_dir.with_name(self.temp_dir.name + ".ready")
         self.proc = subprocess.Popen(
             [str(Path(sys.executable).parent / "ray"), "start", "--head", f"--port={port}", f"--num-cpus={num_cpus}",
              f"--temp-dir={self.temp_dir}", "--include-dashboard=false", "--disable-usage-stats"],
             env={**os.environ, "RAY_AUTH_MODE": "disabled", "RAY_ADDRESS": ""}, stdout=subprocess.PIPE,
             stderr=subprocess.STDOUT, text=True, start_new_session=True,
         )
+        # Should this process die without `stop` (a SIGKILL), the watcher stops the cluster: it
+        # reads a pipe only this process holds open, whose end is this process's end.
+        self.watcher = subprocess.Popen([sys.executable, "-c", _STOP_WHEN_ORPHANED, str(Path(__file__).parent),
+                                         str(self.proc.pid), str(self.temp_dir)], stdin=subprocess.PIPE, start_new_session=True)
 
     def wait(self) -> str:
         out, _ = self.proc.communicate(timeout=300)
@@ -138,8 +144,23 @@ class RayHead:
         return self.address
 
     def stop(self) -> None:
+        self.watcher.kill()
+        self.watcher.wait()
         kill_session(self.proc.pid)
         shutil.rmtree(self.temp_dir, ignore_errors=True)
+        self.ready.unlink(missing_ok=True)
+
+
+_STOP_WHEN_ORPHANED = """
+import os, shutil, sys
+sys.stdin.buffer.read()
+sys.path.insert(0, sys.argv[1])
+from conftest import kill_session
+kill_session(int(sys.argv[2]))
+shutil.rmtree(sys.argv[3], ignore_errors=True)
+if os.path.exists(sys.argv[3] + ".ready"):
+    os.remove(sys.argv[3] + ".ready")
+"""
 
 
 def pytest_configure(config):
@@ -148,16 +169,15 @@ def pytest_configure(config):
     # Logical CPUs: both xdist workers' runs and a kill chain's concurrent drivers place actors
     # at once; the cores are shared however many are declared.
     head = RayHead(num_cpus=16, tag="s")
-    ready = head.temp_dir.with_name(head.temp_dir.name + ".ready")
-    os.environ.update(RAY_ADDRESS=head.address, RAY_AUTH_MODE="disabled", EVOFUSE_TEST_RAY_READY=str(ready))
+    os.environ.update(RAY_ADDRESS=head.address, RAY_AUTH_MODE="disabled", EVOFUSE_TEST_RAY_READY=str(head.ready))
     config.stash[RAY_HEAD] = head
 
     def started() -> None:  # the cluster starts while the workers start and collect
         try:
             head.wait()
-            ready.write_text("ok")
+            head.ready.write_text("ok")
         except Exception as exc:  # noqa: BLE001 (whatever it was, the tests say it)
-            ready.write_text(str(exc))
+            head.ready.write_text(str(exc))
 
     threading.Thread(target=started, daemon=True).start()
 
@@ -166,8 +186,8 @@ def pytest_unconfigure(config):
     head = config.stash.get(RAY_HEAD, None)
     if head is not None:
         head.stop()
-        Path(os.environ.pop("EVOFUSE_TEST_RAY_READY")).unlink(missing_ok=True)
-        os.environ.pop("RAY_ADDRESS", None)
+        for name in ("RAY_ADDRESS", "EVOFUSE_TEST_RAY_READY"):
+            os.environ.pop(name, None)
 
 
 @pytest.fixture(scope="session", autouse=True)

@@ -236,11 +236,14 @@ def test_a_nested_stage_scores_only_the_items_it_adds():
     assert not plan_stages([0.25, 1.0], {"a": 16}, seed=1, min_items=1, proxy=False, screen_dtype="bfloat16", joins_last=True).joins_last
 
 
+BF16 = {"screen_dtype": "bfloat16"}
+
+
 @pytest.mark.parametrize("fitness, workers, screen, joins", [
-    ({}, {}, "bfloat16", False),  # screened in bfloat16, scored in full in float32
+    (BF16, {}, "bfloat16", False),  # screened in bfloat16, scored in full in float32
     ({"screen_dtype": None}, {}, None, True),
-    ({}, {"dtype": "bfloat16"}, None, True),  # the workers' own dtype: no other precision
-    ({}, {"dtype": "auto", "num_gpus": 1}, "bfloat16", False),  # the actors decide: the plan cannot
+    (BF16, {"dtype": "bfloat16"}, None, True),  # the workers' own dtype: no other precision
+    (BF16, {"dtype": "auto", "num_gpus": 1}, "bfloat16", False),  # the actors decide: the plan cannot
 ])
 def test_a_full_evaluation_joins_its_screens_only_in_their_precision(fitness, workers, screen, joins):
     from search.config import parse_config
@@ -252,6 +255,55 @@ def test_a_full_evaluation_joins_its_screens_only_in_their_precision(fitness, wo
     config = parse_config(raw, "demo.yaml")
     plan = stage_plan(config, {t.name: 16 for t in config.tasks})
     assert plan.screen_dtype == screen and plan.joins_last is joins
+
+
+AVX2_EPYC = "processor\t: 0\nmodel name\t: AMD EPYC\nflags\t\t: fpu sse2 avx avx2 fma\n"
+SAPPHIRE_RAPIDS = "flags\t\t: fpu avx2 avx512f avx512_bf16 amx_bf16 amx_tile\n"
+GRAVITON3 = "processor\t: 0\nFeatures\t: fp asimd sve bf16 i8mm\n"
+
+
+def test_native_bfloat16_is_read_off_the_cpus_flags():
+    from search.run.stages import native_bfloat16_cpu
+
+    assert not native_bfloat16_cpu(AVX2_EPYC) and not native_bfloat16_cpu("")
+    assert native_bfloat16_cpu(SAPPHIRE_RAPIDS) and native_bfloat16_cpu(GRAVITON3)
+
+
+@pytest.mark.parametrize("workers, native, screen", [
+    ({}, True, "bfloat16"),  # a CPU that multiplies bfloat16: half a float32 screen's cost
+    ({}, False, None),  # one that emulates it (32x float32 on an AVX2 EPYC): the workers' dtype
+    ({"dtype": "bfloat16"}, True, None),  # the workers' own dtype already
+    ({"num_gpus": 1}, False, None),  # GPU actors run bfloat16 anyway (workers.dtype auto)
+    ({"num_gpus": 1, "dtype": "float32"}, False, "bfloat16"),
+])
+def test_an_auto_screen_dtype_is_decided_by_the_actors_hardware(workers, native, screen):
+    from search.config import parse_config
+    from search.run.stages import resolved_screen_dtype
+
+    raw = yaml.safe_load((ROOT / "configs" / "demo.yaml").read_text())
+    assert raw["fitness"]["screen_dtype"] == "auto"
+    raw["workers"].update(workers)
+    config = parse_config(raw, "demo.yaml")
+    assert resolved_screen_dtype(config, native_bfloat16=native) == screen
+    config.fitness.screen_dtype = "float16"
+    assert resolved_screen_dtype(config, native_bfloat16=native) == "float16"  # what is written stays
+
+
+def test_a_run_started_with_an_auto_screen_writes_what_it_decided(tmp_path, monkeypatch):
+    """`start_search` decides `auto` before the run's identity is written, so the config a resume
+    reads holds the dtype this machine chose, wherever it resumes."""
+    from search.config import load_config
+    from search.run import session
+
+    raw = yaml.safe_load((ROOT / "configs" / "tiny.yaml").read_text())
+    raw["fitness"] = {"stages": [0.25, 1.0], "screen_dtype": "auto"}
+    (tmp_path / "auto.yaml").write_text(yaml.safe_dump(raw))
+    for native, written in ((True, "bfloat16"), (False, None)):
+        monkeypatch.setattr("search.run.stages.native_bfloat16_cpu", lambda native=native: native)
+        monkeypatch.setattr(session, "run_search", lambda config, store, *args, **kwargs: store.root)
+        run = session.start_search(tmp_path / "auto.yaml", tmp_path / f"run-{native}", quiet=True)
+        assert load_config(run / "config.yaml").fitness.screen_dtype == written
+        assert json.loads((run / "identity.json").read_text())["config"]["fitness"]["screen_dtype"] == written
 
 
 def test_a_joined_row_scores_every_item_it_holds():

@@ -45,6 +45,7 @@ def start_search(config_path: str | Path, run_dir: str | Path | None = None, *, 
         if workers < 1:
             raise ConfigError(f"--workers: must be at least 1, got {workers}")
         config.workers.count = workers
+    decide_screen_dtype(config, quiet)
     root = Path(run_dir) if run_dir else default_run_dir(config)
     store = RunStore(root)
     _check_new_run_dir(store)
@@ -68,6 +69,22 @@ def start_search(config_path: str | Path, run_dir: str | Path | None = None, *, 
         if written and not (store.journal_path.exists() or store.state_path.exists()):
             _undo_start(store, created)  # bad input found before any evaluation: leave no run behind
         raise
+
+
+def decide_screen_dtype(config: RunConfig, quiet: bool) -> None:
+    """Writes `fitness.screen_dtype: auto` as what this machine decides (the run's config then
+    holds it, so a resume elsewhere screens as the run began), and says when an explicit
+    bfloat16 screen will be emulated on this CPU."""
+    from search.run.stages import native_bfloat16_cpu, resolved_screen_dtype
+
+    fitness, workers = config.fitness, config.workers
+    if fitness.screen_dtype == "bfloat16" and workers.num_gpus == 0 and not native_bfloat16_cpu():
+        tqdm.write("fitness.screen_dtype: bfloat16 on a CPU that emulates it (no AVX-512 BF16 or AMX): screens cost more "
+                   "than in float32 here; `auto` decides by the CPU", file=sys.stderr)
+    elif fitness.screen_dtype == "auto":
+        fitness.screen_dtype = resolved_screen_dtype(config)
+        if not quiet:
+            tqdm.write(f"fitness.screen_dtype: auto -> {fitness.screen_dtype or 'the workers dtype'}", file=sys.stderr)
 
 
 def _undo_start(store: RunStore, created: bool) -> None:

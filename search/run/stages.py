@@ -540,13 +540,47 @@ class StagedScoring:
         }
 
 
+def native_bfloat16_cpu(cpuinfo: str | None = None) -> bool:
+    """Whether this CPU multiplies bfloat16 matrices in hardware: AVX-512 BF16 or AMX on x86, the
+    BF16 extension on Arm (`/proc/cpuinfo`'s flags or Features). Without it torch emulates them:
+    on an AVX2-only AMD EPYC a bfloat16 product took 32x a float32 one and a demo first stage
+    20 s instead of about 2 (README, "Screening in bfloat16")."""
+    if cpuinfo is None:
+        try:
+            with open("/proc/cpuinfo") as handle:
+                cpuinfo = handle.read()
+        except OSError:
+            return False
+    flags: set[str] = set()
+    for line in cpuinfo.splitlines():
+        key, _, value = line.partition(":")
+        if key.strip() in ("flags", "Features"):
+            flags.update(value.split())
+    return bool(flags & {"avx512_bf16", "amx_bf16", "bf16"})
+
+
+def resolved_screen_dtype(config, native_bfloat16: bool | None = None) -> str | None:
+    """`fitness.screen_dtype` with `auto` decided for the actors' hardware: on GPUs (where every
+    bfloat16 product is native) bfloat16 unless the workers already run in a half precision; on
+    CPUs bfloat16 only where `native_bfloat16_cpu` (else the screens run in the workers' dtype)."""
+    wanted, workers = config.fitness.screen_dtype, config.workers
+    if wanted != "auto":
+        return wanted
+    if workers.num_gpus > 0:
+        return None if workers.dtype in ("auto", "bfloat16") else "bfloat16"
+    native = native_bfloat16_cpu() if native_bfloat16 is None else native_bfloat16
+    return "bfloat16" if native and workers.dtype != "bfloat16" else None
+
+
 def stage_plan(config, dev_items: Mapping[str, int]) -> StagePlan:
     """A run's stages (`config.fitness`) over its dev tasks' item counts."""
     fitness = config.fitness
     # A screen in the workers' own dtype is no other precision: its stages run as the last does
     # (a member's screening scores would be a filter of its full ones), so the last stage may join
     # them. With `workers.dtype: auto` the actors decide (bfloat16 on a GPU), so the plan cannot.
-    screen = None if fitness.screen_dtype == config.workers.dtype else fitness.screen_dtype
+    # (`auto` is decided when the run starts: `start_search` writes what it chose.)
+    screen = resolved_screen_dtype(config)
+    screen = None if screen == config.workers.dtype else screen
     joins = all(kind_class(t.kind).joins_metrics for t in config.tasks)
     return plan_stages(fitness.stages, dev_items, config.seed, fitness.min_items, fitness.proxy is not None,
                        resample=fitness.resample, screen_dtype=screen, generations=config.evolver.generations,
