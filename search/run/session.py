@@ -84,7 +84,8 @@ def decide_screen_dtype(config: RunConfig, quiet: bool) -> None:
     elif fitness.screen_dtype == "auto":
         fitness.screen_dtype = resolved_screen_dtype(config)
         if not quiet:
-            tqdm.write(f"fitness.screen_dtype: auto -> {fitness.screen_dtype or 'the workers dtype'}", file=sys.stderr)
+            chosen = fitness.screen_dtype or "none (the workers' own dtype)"
+            tqdm.write(f"fitness.screen_dtype: auto -> {chosen}", file=sys.stderr)
 
 
 def _undo_start(store: RunStore, created: bool) -> None:
