@@ -27,6 +27,7 @@ import sys
 import time
 
 from benchmarks.bench_search import RESULTS, _machine
+from benchmarks.ray_head import RayHead
 
 SETTLE_S = 3.0  # after a driver ends: a local Ray's watchdog kills what is left within ~1 s
 
@@ -72,41 +73,14 @@ def one_driver(address: str) -> dict:
     return {**phases, "driver_s": wall, "busy_cpu_s": busy_cpu_seconds() - cpu0, "span_s": time.time() - wall0}
 
 
-def start_cluster() -> tuple[subprocess.Popen, str, str, dict]:
-    import socket
-
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
-    temp_dir = f"/tmp/efb-{os.getpid()}"
+def start_cluster() -> tuple[RayHead, dict]:
     cpu0, wall0 = busy_cpu_seconds(), time.time()
-    head = subprocess.Popen(
-        [os.path.join(os.path.dirname(sys.executable), "ray"), "start", "--head", f"--port={port}", "--num-cpus=4",
-         f"--temp-dir={temp_dir}", "--include-dashboard=false", "--disable-usage-stats"],
-        env={**os.environ, "RAY_ADDRESS": "", "RAY_AUTH_MODE": "disabled"}, stdout=subprocess.PIPE,
-        stderr=subprocess.STDOUT, text=True, start_new_session=True,
-    )
-    out, _ = head.communicate(timeout=300)
-    if head.returncode != 0:
-        raise SystemExit(f"ray start --head failed: {out[-2000:]}")
-    started = {"start_s": time.time() - wall0, "busy_cpu_s": busy_cpu_seconds() - cpu0}
-    return head, f"127.0.0.1:{port}", temp_dir, started
-
-
-def stop_cluster(head: subprocess.Popen, temp_dir: str) -> None:
-    import shutil
-    import signal
-
-    for entry in os.listdir("/proc"):
-        if entry.isdigit():
-            try:
-                with open(f"/proc/{entry}/stat") as handle:
-                    sid = int(handle.read().rsplit(")", 1)[1].split()[3])
-                if sid == head.pid:
-                    os.kill(int(entry), signal.SIGKILL)
-            except (OSError, IndexError, ValueError):
-                pass
-    shutil.rmtree(temp_dir, ignore_errors=True)
+    head = RayHead(num_cpus=4, tag="b")
+    try:
+        head.wait()
+    except RuntimeError as exc:
+        raise SystemExit(str(exc)) from None
+    return head, {"start_s": time.time() - wall0, "busy_cpu_s": busy_cpu_seconds() - cpu0}
 
 
 def idle_rate(seconds: float) -> float:
@@ -130,15 +104,15 @@ def main() -> None:
     parser.add_argument("--name", default="ray_start", help="results file name (default ray_start)")
     args = parser.parse_args()
 
-    head, address, temp_dir, started = start_cluster()
+    head, started = start_cluster()
     try:
         idle = idle_rate(10.0)
         runs: dict[str, list[dict]] = {"local Ray": [], "joined cluster": []}
         for _ in range(args.repeats):
             runs["local Ray"].append(one_driver(""))
-            runs["joined cluster"].append(one_driver(address))
+            runs["joined cluster"].append(one_driver(head.address))
     finally:
-        stop_cluster(head, temp_dir)
+        head.stop()
     ways = {way: summarize(r, idle) for way, r in runs.items()}
     local, joined = ways["local Ray"], ways["joined cluster"]
     result = {"machine": _machine(), "repeats": args.repeats, "idle_cpu_per_s": round(idle, 3),

@@ -429,9 +429,10 @@ NOT_IDENTITY = {"run_dir": True, "workers": {"address", "count", "recipe_stats_g
 
 def identity_part(dumped: dict) -> dict:
     """A config's JSON dump less the fields that are not part of a run's identity."""
-    data = {k: v for k, v in dumped.items() if k != "run_dir"}
-    if isinstance(data.get("workers"), dict):
-        data["workers"] = {k: v for k, v in data["workers"].items() if k not in NOT_IDENTITY["workers"]}
+    data = {k: v for k, v in dumped.items() if NOT_IDENTITY.get(k) is not True}
+    for section, names in NOT_IDENTITY.items():
+        if names is not True and isinstance(data.get(section), dict):
+            data[section] = {k: v for k, v in data[section].items() if k not in names}
     return data
 
 

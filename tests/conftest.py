@@ -13,9 +13,7 @@ from __future__ import annotations
 
 import os
 import re
-import shutil
 import signal
-import socket
 import subprocess
 import sys
 import threading
@@ -27,6 +25,7 @@ import torch
 
 torch.set_num_threads(1)  # tiny models: threads only contend (with Ray actors, other jobs)
 
+from benchmarks.ray_head import RayHead  # noqa: E402
 from compression.calibration import calibration_windows  # noqa: E402
 from search.models.tiny import byte_tokenizer, tiny_llama  # noqa: E402
 
@@ -90,79 +89,6 @@ def search_killed_at():
 
 
 # ---- one Ray cluster for the session ---------------------------------------------------------
-def session_processes(sid: int) -> list[int]:
-    """Live processes of session `sid` (what a process started with start_new_session=True and
-    everything it started, unless they left the session)."""
-    pids = []
-    for entry in Path("/proc").iterdir():
-        if entry.name.isdigit():
-            try:
-                fields = (entry / "stat").read_text().rsplit(")", 1)[1].split()
-            except OSError:
-                continue
-            if int(fields[3]) == sid and fields[0] != "Z":
-                pids.append(int(entry.name))
-    return pids
-
-
-def kill_session(sid: int) -> None:
-    for pid in session_processes(sid):
-        try:
-            os.kill(pid, signal.SIGKILL)
-        except OSError:
-            pass
-
-
-class RayHead:
-    """A throwaway one-node Ray cluster in its own session: `ray start --head` on a free port and
-    a short temporary directory (Ray's socket paths have a length limit); `stop` kills the session.
-    `ready`: a file beside the directory for whoever waits on the start elsewhere."""
-
-    def __init__(self, num_cpus: int, tag: str):
-        with socket.socket() as s:
-            s.bind(("127.0.0.1", 0))
-            port = s.getsockname()[1]
-        self.address = f"127.0.0.1:{port}"
-        self.temp_dir = Path("/tmp") / f"ef{tag}-{os.getpid()}"
-        self.ready = self.temp_dir.with_name(self.temp_dir.name + ".ready")
-        self.proc = subprocess.Popen(
-            [str(Path(sys.executable).parent / "ray"), "start", "--head", f"--port={port}", f"--num-cpus={num_cpus}",
-             f"--temp-dir={self.temp_dir}", "--include-dashboard=false", "--disable-usage-stats"],
-            env={**os.environ, "RAY_AUTH_MODE": "disabled", "RAY_ADDRESS": ""}, stdout=subprocess.PIPE,
-            stderr=subprocess.STDOUT, text=True, start_new_session=True,
-        )
-        # Should this process die without `stop` (a SIGKILL), the watcher stops the cluster: it
-        # reads a pipe only this process holds open, whose end is this process's end.
-        self.watcher = subprocess.Popen([sys.executable, "-c", _STOP_WHEN_ORPHANED, str(Path(__file__).parent),
-                                         str(self.proc.pid), str(self.temp_dir)], stdin=subprocess.PIPE, start_new_session=True)
-
-    def wait(self) -> str:
-        out, _ = self.proc.communicate(timeout=300)
-        if self.proc.returncode != 0:
-            self.stop()
-            raise RuntimeError(f"ray start --head failed: {out[-2000:]}")
-        return self.address
-
-    def stop(self) -> None:
-        self.watcher.kill()
-        self.watcher.wait()
-        kill_session(self.proc.pid)
-        shutil.rmtree(self.temp_dir, ignore_errors=True)
-        self.ready.unlink(missing_ok=True)
-
-
-_STOP_WHEN_ORPHANED = """
-import os, shutil, sys
-sys.stdin.buffer.read()
-sys.path.insert(0, sys.argv[1])
-from conftest import kill_session
-kill_session(int(sys.argv[2]))
-shutil.rmtree(sys.argv[3], ignore_errors=True)
-if os.path.exists(sys.argv[3] + ".ready"):
-    os.remove(sys.argv[3] + ".ready")
-"""
-
-
 def pytest_configure(config):
     if hasattr(config, "workerinput") or os.environ.get("RAY_ADDRESS") is not None:
         return  # an xdist worker (its controller started the cluster), or the caller chose

@@ -27,7 +27,7 @@ from pathlib import Path
 import pytest
 import yaml
 
-from conftest import RayHead, kill_session, session_processes
+from benchmarks.ray_head import RayHead, kill_session, session_processes
 from search.run.store import RunStore
 
 ROOT = Path(__file__).resolve().parent.parent
