@@ -465,10 +465,10 @@ def _stream(recipes: list[Recipe], tensors: list[OutputTensor], sources: dict[st
     waiting beyond the next tensor to write stay within LOOKAHEAD_BYTES. With W tensors only,
     SmolLM2's 28M-coordinate embedding (a third of a second of TIES on one core, then a quarter
     of a second to write) left the other merge thread idle for most of both; with the
-    look-ahead it merges the following layers meanwhile. Memory: at most W tensors plus
-    LOOKAHEAD_BYTES of outputs wait at once, whatever the model size; a tensor's inputs are
-    released as soon as it is merged, unless its output is a view of one of them (then once
-    it is written).
+    look-ahead it merges the following layers meanwhile. Memory: besides the tensor being
+    written, at most W tensors plus LOOKAHEAD_BYTES of outputs wait at once, whatever the model
+    size; a tensor's inputs are released as soon as it is merged, unless its output is a view
+    of one of them (then once it is written).
     """
     names = [name for name, _, _ in plan]
     dtypes = {name: dtype for name, dtype, _ in plan}

@@ -313,8 +313,9 @@ def test_sliced_config_rebuilds_depth_and_per_layer_lists():
 
 def _merge_trace(models, tmp_path, monkeypatch, lookahead: int, slow: str | None = None):
     """Merge `_ties(models)` with LOOKAHEAD_BYTES = lookahead, recording in order each merge's
-    start ("merge", name) and each tensor handed to the writer ("write", name); the merge of
-    `slow` takes a tenth of a second longer."""
+    start ("merge", name), each tensor the writer asks for ("ask", name: it has written the one
+    before) and each tensor handed to it ("write", name); the merge of `slow` takes a tenth of a
+    second longer."""
     import threading
     import time
 
@@ -332,6 +333,8 @@ def _merge_trace(models, tmp_path, monkeypatch, lookahead: int, slow: str | None
 
     def traced_write(out, plan, produce, max_shard_bytes):
         def traced_produce(name):
+            with lock:
+                events.append(("ask", name))
             tensor = produce(name)
             with lock:
                 events.append(("write", name))
@@ -345,10 +348,14 @@ def _merge_trace(models, tmp_path, monkeypatch, lookahead: int, slow: str | None
     return out, events
 
 
+def _merges_and_writes(events: list[tuple[str, str]]) -> list[tuple[str, str]]:
+    return [event for event in events if event[0] != "ask"]
+
+
 def test_merges_run_ahead_of_the_writer_within_the_budget(models, tmp_path, monkeypatch):
     """A slow first tensor does not stall the others (they are merged while it is), the
-    merged-but-unwritten bytes stay within W tensors plus LOOKAHEAD_BYTES, and the output is the
-    same bytes as without look-ahead."""
+    merged-but-unwritten bytes beyond the tensor being written stay within W tensors plus
+    LOOKAHEAD_BYTES, and the output is the same bytes as without look-ahead."""
     from search.merge import MERGE_WORKERS
 
     sizes = {name: t.numel() * t.element_size() for name, t in load_file(next(models["a"].glob("*.safetensors"))).items()}
@@ -357,14 +364,23 @@ def test_merges_run_ahead_of_the_writer_within_the_budget(models, tmp_path, monk
     budget = 3 * max(sizes.values())
     ahead_out, ahead = _merge_trace(models, tmp_path, monkeypatch, budget, slow=first)
     plain_out, plain = _merge_trace(models, tmp_path, monkeypatch, 0, slow=first)
-    assert ahead.index(("write", first)) > MERGE_WORKERS + 1, "the other thread went on while the first was slow"
-    assert plain.index(("write", first)) <= MERGE_WORKERS, "without look-ahead, W tensors at most"
+    # Merges started before the first tensor reached the writer: without look-ahead W, and the
+    # one that handing it over lets start (its "merge" may be recorded before its "write").
+    assert _merges_and_writes(ahead).index(("write", first)) > MERGE_WORKERS + 1, "the other thread went on while the first was slow"
+    assert _merges_and_writes(plain).index(("write", first)) <= MERGE_WORKERS + 1, "without look-ahead, W tensors at most"
+    # A tensor counts as written once the writer asks for the next one: "write" is recorded
+    # after `produce` returns, and `produce` has already let further merges start by then.
     written: set[str] = set()
     started: list[str] = []
+    asked: list[str] = []
     for kind, name in ahead:
-        (started.append if kind == "merge" else written.add)(name)
-        waiting = [n for n in started if n not in written]
-        assert sum(sizes[n] for n in waiting[MERGE_WORKERS:]) <= budget, waiting
+        if kind == "merge":
+            started.append(name)
+        elif kind == "ask":
+            written.update(asked[-1:])
+            asked.append(name)
+        waiting = [n for n in started if n not in written]  # the one being written first
+        assert sum(sizes[n] for n in waiting[1 + MERGE_WORKERS:]) <= budget, waiting
     for shard in ahead_out.glob("*.safetensors"):
         assert shard.read_bytes() == (plain_out / shard.name).read_bytes()
 
