@@ -37,6 +37,17 @@ def kill_session(sid: int) -> None:
             pass
 
 
+def ready_file(temp_dir: Path) -> Path:
+    return temp_dir.with_name(temp_dir.name + ".ready")
+
+
+def end_cluster(sid: int, temp_dir: Path) -> None:
+    """Kill the cluster's session and remove what it left on disk (by `stop`, or by the watcher)."""
+    kill_session(sid)
+    shutil.rmtree(temp_dir, ignore_errors=True)
+    ready_file(temp_dir).unlink(missing_ok=True)
+
+
 class RayHead:
     """`ray start --head` on a free port and a short temporary directory (Ray's socket paths have
     a length limit), in its own session; `wait` for the start, `stop` kills the session.
@@ -48,7 +59,7 @@ class RayHead:
             port = s.getsockname()[1]
         self.address = f"127.0.0.1:{port}"
         self.temp_dir = Path("/tmp") / f"ef{tag}-{os.getpid()}"
-        self.ready = self.temp_dir.with_name(self.temp_dir.name + ".ready")
+        self.ready = ready_file(self.temp_dir)
         self.proc = subprocess.Popen(
             [str(Path(sys.executable).parent / "ray"), "start", "--head", f"--port={port}", f"--num-cpus={num_cpus}",
              f"--temp-dir={self.temp_dir}", "--include-dashboard=false", "--disable-usage-stats"],
@@ -70,18 +81,14 @@ class RayHead:
     def stop(self) -> None:
         self.watcher.kill()
         self.watcher.wait()
-        kill_session(self.proc.pid)
-        shutil.rmtree(self.temp_dir, ignore_errors=True)
-        self.ready.unlink(missing_ok=True)
+        end_cluster(self.proc.pid, self.temp_dir)
 
 
 _STOP_WHEN_ORPHANED = """
-import os, shutil, sys
+import sys
+from pathlib import Path
 sys.stdin.buffer.read()
 sys.path.insert(0, sys.argv[1])
-from benchmarks.ray_head import kill_session
-kill_session(int(sys.argv[2]))
-shutil.rmtree(sys.argv[3], ignore_errors=True)
-if os.path.exists(sys.argv[3] + ".ready"):
-    os.remove(sys.argv[3] + ".ready")
+from benchmarks.ray_head import end_cluster
+end_cluster(int(sys.argv[2]), Path(sys.argv[3]))
 """
