@@ -331,7 +331,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--quiet", action="store_true")
     p.set_defaults(func=cmd_merge)
 
-    p = sub.add_parser("demo", help="the demo search on SmolLM2-135M (configs/demo.yaml)")
+    p = sub.add_parser("demo", help="the demo search on SmolLM2-135M (configs/demo.yaml; configs/demo-float32.yaml "
+                                    "where the CPU emulates bfloat16)")
     p.add_argument("--run-dir")
     p.add_argument("--address")
     p.add_argument("--fresh", action="store_true", help="start over even if the demo run exists")

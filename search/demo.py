@@ -1,4 +1,5 @@
-"""`evofuse demo`: the demo search on SmolLM2-135M-Instruct (configs/demo.yaml).
+"""`evofuse demo`: the demo search on SmolLM2-135M-Instruct (configs/demo.yaml, or
+configs/demo-float32.yaml on a CPU that does not multiply bfloat16: `demo_config`).
 
 Three experts are made from the base by short LoRA fine-tunes on distinct skills whose data
 ships with Python or is generated from a seed (the Python reference text, two-digit addition,
@@ -10,7 +11,22 @@ from __future__ import annotations
 
 from pathlib import Path
 
-DEMO_CONFIG = Path(__file__).resolve().parent.parent / "configs" / "demo.yaml"
+CONFIGS = Path(__file__).resolve().parent.parent / "configs"
+DEMO_CONFIG = CONFIGS / "demo.yaml"
+FLOAT32_DEMO_CONFIG = CONFIGS / "demo-float32.yaml"
+
+
+def demo_config(native_bfloat16: bool | None = None) -> Path:
+    """The demo's config for this machine. demo.yaml screens its 384 offspring in bfloat16 where
+    the CPU multiplies it (`fitness.screen_dtype: auto`); where torch emulates bfloat16 the screens
+    fall back to float32 at four times the cost and that demo takes about 30 minutes on two cores,
+    so there the demo is demo-float32.yaml: the same search with 128 offspring in one step, which
+    fits the demo's 15 minutes (README, "The demo")."""
+    from search.config import load_config
+    from search.run.stages import resolved_screen_dtype
+
+    screens_cheaply = resolved_screen_dtype(load_config(DEMO_CONFIG), native_bfloat16) is not None
+    return DEMO_CONFIG if screens_cheaply else FLOAT32_DEMO_CONFIG
 
 
 def run_demo(run_dir: str | None = None, address: str | None = None, quiet: bool = False, fresh: bool = False) -> int:
@@ -21,13 +37,17 @@ def run_demo(run_dir: str | None = None, address: str | None = None, quiet: bool
     from search.run.session import default_run_dir, export_after_run, resume_search, start_search
     from search.run.store import RunStore
 
-    root = Path(run_dir) if run_dir else default_run_dir(load_config(DEMO_CONFIG))
+    config = demo_config()
+    root = Path(run_dir) if run_dir else default_run_dir(load_config(config))
     if fresh and root.exists():
         shutil.rmtree(root)
     if RunStore(root).exists():
         resume_search(root, address=address, quiet=quiet)
     else:
-        start_search(DEMO_CONFIG, root, address=address, quiet=quiet)
+        if config != DEMO_CONFIG and not quiet:
+            shown = config.relative_to(CONFIGS.parent)
+            print(f"this CPU does not multiply bfloat16: the demo runs {shown} (README, \"The demo\")")
+        start_search(config, root, address=address, quiet=quiet)
     export_after_run(root, quiet=quiet)
     print(results_table(root))
     exports = sorted((root / "exports").glob("*/config.json"))

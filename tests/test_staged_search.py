@@ -289,6 +289,33 @@ def test_an_auto_screen_dtype_is_decided_by_the_actors_hardware(workers, native,
     assert resolved_screen_dtype(config, native_bfloat16=native) == "float16"  # what is written stays
 
 
+@pytest.mark.parametrize("native, demo", [(True, "demo.yaml"), (False, "demo-float32.yaml")])
+def test_the_demo_is_the_float32_one_where_the_cpu_emulates_bfloat16(native, demo):
+    from search.demo import demo_config
+
+    assert demo_config(native_bfloat16=native).name == demo
+
+
+def test_the_float32_demo_is_the_demo_made_smaller():
+    """demo-float32.yaml searches what demo.yaml does (parents, tasks, seed, generations, first
+    stage) with fewer offspring in one step, all in float32, so its full evaluations join the
+    first stage's items instead of scoring them again."""
+    from search.config import load_config
+    from search.run.stages import stage_plan
+
+    demo, small = (load_config(ROOT / "configs" / name) for name in ("demo.yaml", "demo-float32.yaml"))
+    for part in ("seed", "parents", "tasks", "workers"):
+        assert getattr(small, part) == getattr(demo, part), part
+    assert small.evolver.generations == demo.evolver.generations and small.evolver.F == demo.evolver.F
+    assert small.evolver.offspring_per_member < demo.evolver.offspring_per_member
+    assert small.fitness.stages[0] == demo.fitness.stages[0] and small.fitness.min_items == demo.fitness.min_items
+    assert small.fitness.screen_dtype is None and small.fitness.stages[-1] == 1.0
+    items = {"pydoc": 32, "arith": 64, "compare": 64}
+    plan = stage_plan(small, items)
+    assert plan.screen_dtype is None and plan.joins_last
+    assert plan.indices(0)[0] == stage_plan(demo, items).indices(0)[0]  # the same first-stage items
+
+
 def test_a_run_started_with_an_auto_screen_writes_what_it_decided(tmp_path, monkeypatch):
     """`start_search` decides `auto` before the run's identity is written, so the config a resume
     reads holds the dtype this machine chose, wherever it resumes."""
