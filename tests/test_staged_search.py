@@ -306,7 +306,8 @@ def test_the_float32_demo_is_the_demo_made_smaller():
     demo, small = (load_config(ROOT / "configs" / name) for name in ("demo.yaml", "demo-float32.yaml"))
     for part in ("seed", "parents", "tasks", "workers"):
         assert getattr(small, part) == getattr(demo, part), part
-    assert small.evolver.generations == demo.evolver.generations and small.evolver.F == demo.evolver.F
+    for gene in ("generations", "F", "CR", "include_base"):
+        assert getattr(small.evolver, gene) == getattr(demo.evolver, gene), gene
     assert small.evolver.offspring_per_member < demo.evolver.offspring_per_member
     assert small.fitness.stages[0] == demo.fitness.stages[0] and small.fitness.min_items == demo.fitness.min_items
     assert small.fitness.screen_dtype is None and small.fitness.stages[-1] == 1.0
