@@ -131,7 +131,7 @@ def measure(run_dir: Path, name: str, full: bool) -> dict:
 def compare(config: Path, label: str, seeds: list[int], keep: bool, concurrent: int | None = None,
             full_generations: int | None = None, tag: str = "", staged_only: bool = False) -> list[dict]:
     if concurrent:
-        return [row for seed in seeds for row in side_by_side(config, label, seed, keep, concurrent)]
+        return [row for seed in seeds for row in side_by_side(config, label, seed, keep, concurrent, tag)]
     rows = []
     for seed in seeds:
         staged = variant(config, f"{label}-staged{tag}-s{seed}", seed, full=False, generations=None, keep=keep)
@@ -150,16 +150,17 @@ def compare(config: Path, label: str, seeds: list[int], keep: bool, concurrent: 
     return rows
 
 
-def side_by_side(config: Path, label: str, seed: int, keep: bool, full_generations: int) -> list[dict]:
+def side_by_side(config: Path, label: str, seed: int, keep: bool, full_generations: int, tag: str = "") -> list[dict]:
     """The staged run and a full-scoring run of `full_generations` at the same time, each with
     its own Ray runtime: both see the same machine load, so equal wall time needs no probe on a
     shared machine whose load changes by the minute (pick `full_generations` so that the full
-    run ends near the staged one; both wall times are reported)."""
+    run ends near the staged one; both wall times are reported). A `tag` names both runs, since
+    a variant's pair may run on another machine than the rows it sits beside."""
     from concurrent.futures import ThreadPoolExecutor
 
     with ThreadPoolExecutor(2) as pool:
-        staged = pool.submit(variant, config, f"{label}-staged-s{seed}", seed, False, None, keep)
-        full = pool.submit(variant, config, f"{label}-full-s{seed}", seed, True, full_generations, keep)
+        staged = pool.submit(variant, config, f"{label}-staged{tag}-s{seed}", seed, False, None, keep)
+        full = pool.submit(variant, config, f"{label}-full{tag}-s{seed}", seed, True, full_generations, keep)
         rows = [staged.result(), full.result()]
     for row in rows:
         row["concurrent"] = True
