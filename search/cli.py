@@ -19,7 +19,8 @@ from search.errors import BAD_INPUT, RunFailed, one_line
 def cmd_search(args) -> int:
     from search.run.session import export_after_run, start_search
 
-    root = start_search(args.config, args.run_dir, address=args.address, workers=args.workers, quiet=args.quiet)
+    root = start_search(args.config, args.run_dir, address=args.address, workers=args.workers, quiet=args.quiet,
+                        overrides=args.overrides)
     export_after_run(root, quiet=args.quiet)
     _print_summary(root, args.quiet)
     return 0
@@ -265,6 +266,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--run-dir")
     p.add_argument("--address", help="join an existing Ray cluster (default: a local Ray)")
     p.add_argument("--workers", type=count(1), help="number of evaluator actors (overrides workers.count)")
+    p.add_argument("--set", action="append", default=[], dest="overrides", metavar="KEY=VALUE",
+                   help="set one config field for this run, e.g. --set evolver.generations=3 (a dotted path, "
+                        "list items by number; the value is read as YAML); repeatable; the run's config.yaml "
+                        "records the result")
     p.add_argument("--quiet", action="store_true")
     p.set_defaults(func=cmd_search)
 

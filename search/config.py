@@ -6,12 +6,13 @@ silently ignored option. `load_config` turns any problem into one `ConfigError` 
 """
 from __future__ import annotations
 
+import copy
 import hashlib
 import json
 import math
 import re
 from pathlib import Path
-from typing import Any, Literal, Optional
+from typing import Any, Literal, Optional, Sequence
 
 import yaml
 from pydantic import Field, field_validator, model_validator
@@ -470,13 +471,75 @@ def _check_recipe(recipe, where: str) -> None:
         raise ValueError(f"{where}: {exc}") from None
 
 
+def apply_overrides(raw: Any, overrides: Sequence[str]) -> Any:
+    """A copy of the parsed config `raw` with each `KEY=VALUE` of `overrides` set, in order.
+
+    KEY is a dotted path into the document: `evolver.generations`, `fitness.proxy.options.top_k`,
+    `tasks.0.options.subsample` (a number indexes a list). VALUE is read as YAML, so `3`, `0.5`,
+    `[0.1, 0.9]`, `true` and `null` are what they look like and anything else is a string. A
+    missing mapping on the way is created; the schema then refuses a key it does not know, as it
+    would in the file."""
+    if not overrides or not isinstance(raw, dict):
+        return raw  # nothing to set, or a document `validate` refuses as a whole
+    raw = copy.deepcopy(raw)
+    for item in overrides:
+        key, value = parse_override(item)
+        *path, last = key.split(".")
+        node: Any = raw
+        for depth, part in enumerate(path):
+            node = override_child(node, part, ".".join(path[: depth + 1]), key)
+        override_set(node, last, value, key)
+    return raw
+
+
+def parse_override(item: str) -> tuple[str, Any]:
+    key, sep, text = item.partition("=")
+    key = key.strip()
+    if not sep or not key or any(not part for part in key.split(".")):
+        raise ConfigError(f"--set {item!r}: expected KEY=VALUE with a dotted KEY, e.g. evolver.generations=3")
+    try:
+        return key, yaml.safe_load(text)
+    except yaml.YAMLError as exc:
+        raise ConfigError(f"--set {key}: the value is not valid YAML ({str(exc).splitlines()[0]})") from None
+
+
+def list_index(node: list, part: str, where: str, key: str) -> int:
+    if not part.isdigit() or int(part) >= len(node):
+        raise ConfigError(f"--set {key}: {where} is a list of {len(node)}; index it by 0..{len(node) - 1}, got {part!r}")
+    return int(part)
+
+
+def override_child(node: Any, part: str, where: str, key: str) -> Any:
+    """The mapping or list at `part` of `node` (a mapping made where none is)."""
+    if isinstance(node, list):
+        return node[list_index(node, part, where.rpartition(".")[0] or "the config", key)]
+    if not isinstance(node, dict):
+        raise ConfigError(f"--set {key}: {where.rpartition('.')[0]} is {node!r}, not a mapping")
+    if node.get(part) is None:
+        node[part] = {}
+    return node[part]
+
+
+def override_set(node: Any, part: str, value: Any, key: str) -> None:
+    parent = key.rpartition(".")[0] or "the config"
+    if isinstance(node, list):
+        node[list_index(node, part, parent, key)] = value
+    elif isinstance(node, dict):
+        node[part] = value
+    else:
+        raise ConfigError(f"--set {key}: {parent} is {node!r}, not a mapping")
+
+
 def parse_config(raw: Any, origin: str = "config") -> RunConfig:
     return validate(RunConfig, raw, origin, ConfigError)
 
 
-def load_config(path: str | Path) -> RunConfig:
+def load_config(path: str | Path, overrides: Sequence[str] = ()) -> RunConfig:
+    """The run config in `path`, with `overrides` (`KEY=VALUE`, `evofuse search --set`) applied
+    before it is checked, so a bad override is refused like a bad line of the file."""
     path = Path(path)
-    config = parse_config(read_yaml(path, ConfigError), str(path))
+    raw = apply_overrides(read_yaml(path, ConfigError), overrides)
+    config = parse_config(raw, f"{path} with --set" if overrides else str(path))
     check_data(config, base_dir=path.parent)
     preflight(config, base_dir=path.parent)  # dev and test distinct, the plan space fits the architecture
     return config

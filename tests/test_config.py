@@ -8,7 +8,7 @@ from pathlib import Path
 import pytest
 import yaml
 
-from search.config import ConfigError, load_config
+from search.config import ConfigError, apply_overrides, load_config
 
 TINY = Path(__file__).resolve().parent.parent / "configs" / "tiny.yaml"
 
@@ -96,6 +96,59 @@ def test_cli_exit_code_2_and_one_line(tmp_path):
     lines = proc.stderr.strip().splitlines()
     assert len(lines) == 1 and "evolver.F" in lines[0], proc.stderr
     assert not (tmp_path / "run").exists()
+
+
+def test_set_writes_fields_by_dotted_path_with_yaml_values():
+    raw = tiny_raw()
+    out = apply_overrides(raw, ["evolver.generations=5", "evolver.F=[0.1, 0.9]", "tasks.1.options.subsample=16",
+                                "fitness.audit=0.25", "workers.address=null", "name=tiny-more", "evolver.generations=6"])
+    assert out["evolver"]["generations"] == 6  # in order: the last one wins
+    assert out["evolver"]["F"] == [0.1, 0.9] and out["name"] == "tiny-more" and out["workers"]["address"] is None
+    assert out["tasks"][1]["options"] == {"subsample": 16} and out["fitness"] == {"audit": 0.25}  # made on the way
+    assert raw == tiny_raw()  # the document read is not changed
+    config = load_config(TINY, ["evolver.generations=5", "evolver.F=[0.1, 0.9]", "fitness.audit=0.25"])
+    assert config.evolver.generations == 5 and config.evolver.F == (0.1, 0.9) and config.fitness.audit == 0.25
+    assert config.fingerprint() != load_config(TINY).fingerprint()  # a different run, not a resume of one
+
+
+@pytest.mark.parametrize(
+    "override, expected",
+    [
+        ("evolver.generations", "--set 'evolver.generations': expected KEY=VALUE"),
+        ("=3", "--set '=3': expected KEY=VALUE"),
+        ("evolver..generations=3", "expected KEY=VALUE with a dotted KEY"),
+        ("evolver.F=[0.1, 0.9", "--set evolver.F: the value is not valid YAML"),
+        ("tasks.2.dev=x", "--set tasks.2.dev: tasks is a list of 2; index it by 0..1, got '2'"),
+        ("tasks.first.dev=x", "--set tasks.first.dev: tasks is a list of 2; index it by 0..1, got 'first'"),
+        ("seed.value=1", "--set seed.value: seed is 0, not a mapping"),
+        ("evolver.F.low.x=1", "--set evolver.F.low.x: evolver.F is 0.5, not a mapping"),
+        ("evolver.generations=-1", "with --set: evolver.generations: Input should be greater than or equal to 0"),
+        ("evolver.generatons=3", "with --set: evolver.generatons: unknown key"),
+        ("evolver.F=big", "evolver.F: must be a number or a range [lo, hi], got 'big'"),
+    ],
+)
+def test_a_bad_set_is_one_line_naming_the_field(override, expected):
+    with pytest.raises(ConfigError) as info:
+        load_config(TINY, [override])
+    message = str(info.value)
+    assert expected in message and "\n" not in message, message
+
+
+def test_a_run_started_with_set_records_the_config_it_ran(tmp_path, monkeypatch):
+    """The run directory's config.yaml is the config as run: a resume reads it and needs no --set
+    (and `resume --config` with the file alone is refused as a different config)."""
+    import search.run.session as session
+
+    ran = []
+    monkeypatch.setattr(session, "run_search", lambda config, store, address, quiet: ran.append(config) or store.root)
+    root = session.start_search(TINY, tmp_path / "run", quiet=True, overrides=["evolver.generations=2", "fitness.audit=0.5"])
+    stored = load_config(root / "config.yaml")
+    assert ran[0].evolver.generations == stored.evolver.generations == 2 and stored.fitness.audit == 0.5
+    assert stored.fingerprint() == ran[0].fingerprint() == load_config(TINY, ["evolver.generations=2", "fitness.audit=0.5"]).fingerprint()
+    store = session.RunStore(root)
+    assert session.check_run(store)[0].fingerprint() == stored.fingerprint()  # the identity vouches for the stored config
+    with pytest.raises(ConfigError, match="differs from the config"):
+        session.check_run(store, config_path=TINY)
 
 
 def test_missing_config_file(tmp_path):

@@ -24,6 +24,7 @@ import sys
 import threading
 import time
 from pathlib import Path
+from typing import Sequence
 
 from pydantic import ValidationError
 from tqdm.auto import tqdm
@@ -38,8 +39,12 @@ def default_run_dir(config: RunConfig) -> Path:
     return Path(config.run_dir) if config.run_dir else Path("runs") / config.name
 
 
-def start_search(config_path: str | Path, run_dir: str | Path | None = None, *, address=None, workers=None, quiet=False) -> Path:
-    config = load_config(config_path)
+def start_search(config_path: str | Path, run_dir: str | Path | None = None, *, address=None, workers=None, quiet=False,
+                 overrides: Sequence[str] = ()) -> Path:
+    """Start a run of the config at `config_path` (with `overrides`, `KEY=VALUE` each: `--set`).
+    The run directory's config.yaml records the config as run, overrides applied, so a resume
+    needs none of them."""
+    config = load_config(config_path, overrides)
     check_tasks(config)
     if workers is not None:
         if workers < 1:
