@@ -29,7 +29,8 @@ def cmd_search(args) -> int:
 def cmd_resume(args) -> int:
     from search.run.session import export_after_run, resume_search
 
-    root = resume_search(args.run_dir, config_path=args.config, address=args.address, quiet=args.quiet)
+    root = resume_search(args.run_dir, config_path=args.config, address=args.address, quiet=args.quiet,
+                         workers=args.workers, overrides=args.overrides)
     export_after_run(root, quiet=args.quiet)
     _print_summary(root, args.quiet)
     return 0
@@ -277,6 +278,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("run_dir")
     p.add_argument("--config", help="refuse to resume if this config differs from the run's")
     p.add_argument("--address")
+    p.add_argument("--workers", type=count(1), help="number of evaluator actors from now on (overrides workers.count)")
+    p.add_argument("--set", action="append", default=[], dest="overrides", metavar="KEY=VALUE",
+                   help="as search's --set, for what changes no result: workers.count, workers.address, "
+                        "workers.recipe_stats_gib; the run's config.yaml records it")
     p.add_argument("--quiet", action="store_true")
     p.set_defaults(func=cmd_resume)
 

@@ -151,6 +151,29 @@ def test_a_run_started_with_set_records_the_config_it_ran(tmp_path, monkeypatch)
         session.check_run(store, config_path=TINY)
 
 
+def test_a_resume_may_set_who_computes_the_run_not_what_it_computes(tmp_path, monkeypatch):
+    """`resume --workers` / `--set` change fields outside the run's identity (workers.count,
+    address, recipe_stats_gib), recorded in config.yaml for the resumes after it; a field that
+    changes results is refused, naming it, and the run directory is left as it was."""
+    import search.run.session as session
+
+    ran = []
+    monkeypatch.setattr(session, "run_search", lambda config, store, address, quiet, verified=False: ran.append(config) or store.root)
+    root = session.start_search(TINY, tmp_path / "run", quiet=True)
+    before = (root / "config.yaml").read_text()
+    with pytest.raises(ConfigError) as info:
+        session.resume_search(root, quiet=True, overrides=["workers.count=3", "evolver.CR=0.9"])
+    assert str(info.value).startswith("--set: evolver.CR: 0.5 -> 0.9 would change the run's results; a resume can change only workers.count")
+    assert (root / "config.yaml").read_text() == before
+    session.resume_search(root, quiet=True, workers=3, overrides=["workers.address=10.0.0.7:6379"])
+    assert ran[-1].workers.count == 3 and ran[-1].workers.address == "10.0.0.7:6379"
+    stored = load_config(root / "config.yaml")
+    assert stored.workers.count == 3 and stored.workers.address == "10.0.0.7:6379"
+    assert stored.fingerprint() == load_config(TINY).fingerprint()
+    session.resume_search(root, quiet=True)  # the next resume runs as the last one did
+    assert ran[-1].workers.count == 3
+
+
 def test_missing_config_file(tmp_path):
     proc = subprocess.run([sys.executable, "-m", "search.cli", "search", str(tmp_path / "nope.yaml")], capture_output=True, text=True)
     assert proc.returncode == 2 and "nope.yaml: no such config file" in proc.stderr

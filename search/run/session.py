@@ -110,15 +110,40 @@ def _check_new_run_dir(store: RunStore) -> None:
         raise RunDirError(f"{root}: not empty and not a run directory (choose another --run-dir)")
 
 
-def resume_search(run_dir: str | Path, *, config_path: str | Path | None = None, address=None, quiet=False) -> Path:
+def resume_search(run_dir: str | Path, *, config_path: str | Path | None = None, address=None, quiet=False,
+                  workers: int | None = None, overrides: Sequence[str] = ()) -> Path:
+    """Go on with the run in `run_dir` from its checkpoint and journal. `workers` and `overrides`
+    (`--workers`, `--set`) may change who computes it, nothing that changes its results."""
     store = RunStore(run_dir)
-    config, state = check_run(store, config_path)
+    recorded, state = check_run(store, config_path)
+    config = with_resume_settings(store, recorded, workers, overrides)
     check_tasks(config)
     store.check_writable()
     store.lock()
+    if config is not recorded:
+        store.write_config(dump_config(config))  # the run's record says how it goes on
     state = store.read_state()  # under the lock: what the last driver left
     store.repair(state)
     return run_search(config, store, address, quiet, verified=True)
+
+
+RESUME_SETTINGS = "workers.count, workers.address and workers.recipe_stats_gib"  # config.NOT_IDENTITY; cli's resume --set help
+
+
+def with_resume_settings(store: RunStore, config: RunConfig, workers: int | None, overrides: Sequence[str]) -> RunConfig:
+    """The run's config with a resume's `--set` overrides and `--workers` applied; an override of a
+    field that changes results (anything in the run's identity) is refused, naming it."""
+    if workers is None and not overrides:
+        return config
+    changed = load_config(store.config_path, overrides) if overrides else config.model_copy(deep=True)
+    if changed.fingerprint() != config.fingerprint():
+        raise ConfigError(f"--set: {changed_field(config, changed)} would change the run's results; a resume can change "
+                          f"only {RESUME_SETTINGS} (start a new run for the rest)")
+    if workers is not None:
+        if workers < 1:
+            raise ConfigError(f"--workers: must be at least 1, got {workers}")
+        changed.workers.count = workers
+    return changed
 
 
 def check_run(store: RunStore, config_path: str | Path | None = None, weights: bool = True) -> tuple[RunConfig, dict | None]:
