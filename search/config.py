@@ -484,11 +484,22 @@ def apply_overrides(raw: Any, overrides: Sequence[str]) -> Any:
     raw = copy.deepcopy(raw)
     for item in overrides:
         key, value = parse_override(item)
-        *path, last = key.split(".")
+        parts = key.split(".")
         node: Any = raw
-        for depth, part in enumerate(path):
-            node = override_child(node, part, ".".join(path[: depth + 1]), key)
-        override_set(node, last, value, key)
+        for depth, part in enumerate(parts):
+            parent = ".".join(parts[:depth]) or "the config"
+            if isinstance(node, list):
+                slot: Any = list_index(node, part, parent, key)
+            elif isinstance(node, dict):
+                slot = part
+                if depth < len(parts) - 1 and node.get(part) is None:
+                    node[part] = {}
+            else:
+                raise ConfigError(f"--set {key}: {parent} is {node!r}, not a mapping")
+            if depth == len(parts) - 1:
+                node[slot] = value
+            else:
+                node = node[slot]
     return raw
 
 
@@ -507,27 +518,6 @@ def list_index(node: list, part: str, where: str, key: str) -> int:
     if not part.isdigit() or int(part) >= len(node):
         raise ConfigError(f"--set {key}: {where} is a list of {len(node)}; index it by 0..{len(node) - 1}, got {part!r}")
     return int(part)
-
-
-def override_child(node: Any, part: str, where: str, key: str) -> Any:
-    """The mapping or list at `part` of `node` (a mapping made where none is)."""
-    if isinstance(node, list):
-        return node[list_index(node, part, where.rpartition(".")[0] or "the config", key)]
-    if not isinstance(node, dict):
-        raise ConfigError(f"--set {key}: {where.rpartition('.')[0]} is {node!r}, not a mapping")
-    if node.get(part) is None:
-        node[part] = {}
-    return node[part]
-
-
-def override_set(node: Any, part: str, value: Any, key: str) -> None:
-    parent = key.rpartition(".")[0] or "the config"
-    if isinstance(node, list):
-        node[list_index(node, part, parent, key)] = value
-    elif isinstance(node, dict):
-        node[part] = value
-    else:
-        raise ConfigError(f"--set {key}: {parent} is {node!r}, not a mapping")
 
 
 def parse_config(raw: Any, origin: str = "config") -> RunConfig:

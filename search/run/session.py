@@ -44,12 +44,8 @@ def start_search(config_path: str | Path, run_dir: str | Path | None = None, *, 
     """Start a run of the config at `config_path` (with `overrides`, `KEY=VALUE` each: `--set`).
     The run directory's config.yaml records the config as run, overrides applied, so a resume
     needs none of them."""
-    config = load_config(config_path, overrides)
+    config = with_workers(load_config(config_path, overrides), workers)
     check_tasks(config)
-    if workers is not None:
-        if workers < 1:
-            raise ConfigError(f"--workers: must be at least 1, got {workers}")
-        config.workers.count = workers
     decide_screen_dtype(config, quiet)
     root = Path(run_dir) if run_dir else default_run_dir(config)
     store = RunStore(root)
@@ -139,11 +135,16 @@ def with_resume_settings(store: RunStore, config: RunConfig, workers: int | None
     if changed.fingerprint() != config.fingerprint():
         raise ConfigError(f"--set: {changed_field(config, changed)} would change the run's results; a resume can change "
                           f"only {RESUME_SETTINGS} (start a new run for the rest)")
+    return with_workers(changed, workers)
+
+
+def with_workers(config: RunConfig, workers: int | None) -> RunConfig:
+    """`config` with `--workers` actors (None: as configured)."""
     if workers is not None:
         if workers < 1:
             raise ConfigError(f"--workers: must be at least 1, got {workers}")
-        changed.workers.count = workers
-    return changed
+        config.workers.count = workers
+    return config
 
 
 def check_run(store: RunStore, config_path: str | Path | None = None, weights: bool = True) -> tuple[RunConfig, dict | None]:
