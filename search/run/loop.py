@@ -10,7 +10,8 @@ A run (see DESIGN.md, "The flow of one generation"):
                 selects survivors, new members' weights are stored, the hall of fame / Pareto
                 front is updated, a logbook line and a checkpoint are written
     finish      parents and the best candidates are scored on the test splits (reported,
-                never used to select)
+                never used to select); the parents' are scored during the generations by
+                actors that would otherwise wait (`Scorer.score_when_idle`)
 
 Resume: offspring ids and recipes are a pure function of (seed, generation, population), and
 the plans asked for a generation are checkpointed before it is scored, so a resumed run
@@ -96,6 +97,9 @@ class Search:
     def run(self) -> dict:
         state = self.store.read_state() or self.initial_state()
         self.restore(state)
+        # The parents' test splits are scored by actors that would otherwise wait (a generation's
+        # last full evaluation runs alone) instead of after the last generation.
+        self.scorer.score_when_idle([ScoreJob(Candidate.copy_of(p.name), split="test") for p in self.config.parents.all()])
         evo = self.config.evolver
         toolbox = make_toolbox(self.config.seed, evo.generations, evo.F, evo.CR, evo.strategy, evo.reference,
                                per_member=evo.offspring_per_member, shared_recipe=evo.share_recipe)
@@ -285,7 +289,8 @@ class Search:
         tests = [Candidate.copy_of(n) for n in names]
         tests += [Candidate(id=m["id"], recipe=self.weights.recipe_for_test(m["id"], Recipe.from_dict(m["recipe"])),
                             plan=tuple(m.get("plan") or ())) for m in chosen if m["id"] not in names]
-        self.scorer.evaluate([ScoreJob(c, split="test") for c in tests], "test splits")
+        # the parents' tests, scored in idle time (`run`), are journalled or finish beside these
+        self.scorer.evaluate_final([ScoreJob(c, split="test") for c in tests], "test splits")
         state = {**state, "status": "finished", "finished": time.time()}
         self.store.write_state(state)
         return state

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import sys
 import time
+from collections import deque
 from dataclasses import dataclass, field, replace
 from typing import Callable
 
@@ -21,7 +22,7 @@ from search.run import faults
 from search.run.candidate import Candidate, Evaluation
 from search.run.store import RunStore
 from search.run.weights import WeightBank
-from search.run.workers import EvaluatorPool, ScoreJob
+from search.run.workers import EvaluatorPool, Next, ScoreJob
 
 STOPPED = "stopped"  # the status (and journal stage key) of a candidate stopped by staged fitness
 
@@ -88,48 +89,61 @@ class Scorer:
         """A journalled evaluation: unstaged (None), of one stage, or the stop (STOPPED)."""
         return self.journal.get((candidate_id, split, stage))
 
-    def evaluate(self, jobs: list[ScoreJob], desc: str, follow: Callable[[Evaluation], ScoreJob | None] | None = None
-                 ) -> dict[str, Evaluation]:
-        """Evaluations by candidate id: journalled ones as they are, the rest scored now.
+    def evaluate(self, jobs: list[ScoreJob], desc: str, follow: Callable[[Evaluation], ScoreJob | None] | None = None,
+                 release: Callable[[Evaluation], list[ScoreJob]] | None = None,
+                 may_release: Callable[[ScoreJob], bool] | None = None) -> dict[str, Evaluation]:
+        """Evaluations by candidate id (each candidate's last): journalled ones as they are, the
+        rest scored now.
 
         `follow(evaluation)` chains jobs: it returns the candidate's next job (its next stage)
         or None; a follow-up runs on the actor that just scored the candidate (which still holds
-        its compressed model), and the result is the candidate's last evaluation.
+        its compressed model). `release(evaluation)` returns the jobs an evaluation lets start
+        on any actor, ahead of those queued (a family's next stage, once its last sibling is in);
+        `may_release(job)` says which jobs' evaluations can (default: all, with `release`).
+        Both see journalled evaluations too, so a resumed run walks the same chains. A job
+        running as idle-time work (`score_when_idle`) is not scored again: it is journalled
+        when it finishes (`evaluate_final` waits for it).
         """
         follow = follow or (lambda evaluation: None)
+        release = release or (lambda evaluation: [])
         results: dict[str, Evaluation] = {}
         bar = self.log.bar(len(jobs), desc)
         todo: dict[str, ScoreJob] = {}
-        for job in jobs:  # replay each chain through the journal to its first unfinished job
+
+        def released_by(evaluation: Evaluation) -> list[ScoreJob]:
+            more = release(evaluation)
+            if more:
+                bar.total += len(more)
+                bar.refresh()
+            return more
+
+        in_flight = self.pool.spare_in_flight()
+        replay = deque(jobs)
+        while replay:  # each chain through the journal to its first unfinished job; what a
+            job = replay.popleft()  # journalled row released goes first, as it did when scored
             while job is not None and (job.id, job.split, job.stage) in self.journal:
                 results[job.id] = self.journal[(job.id, job.split, job.stage)]
+                replay.extendleft(reversed(released_by(results[job.id])))
                 job = follow(results[job.id])
-            if job is None:
+            if job is None or (job.id, job.split, job.stage) in in_flight:
                 bar.update(1)
             else:
                 todo[job.id] = job
 
-        def on_result(result: dict) -> tuple | None:
+        def on_result(result: dict) -> Next:
             job = todo.pop(result["id"])
-            evaluation = Evaluation.from_worker(job.candidate, job.split, result, time.time(), job.stage)
-            if job.extends is not None:  # the items the stage adds, joined with the stage before: the whole stage
-                evaluation = evaluation.joined(self.journal[(job.id, job.split, job.extends)], self.joiners)
-                job = replace(job, tasks=tuple(evaluation.metrics) or job.tasks)
-            evaluation = evaluation.with_score(stage_weights(job, self.task_weights))
-            self.record(evaluation)
+            evaluation = self.arrived(job, result)
             results[evaluation.id] = evaluation
-            if not evaluation.ok:
-                self.log(f"{evaluation.id}: {evaluation.status} ({evaluation.reason or ''}), worst fitness")
-            elif evaluation.attempts > 1:
-                self.log(f"{evaluation.id}: scored after {evaluation.attempts} attempts (worker replaced)")
+            released = [(j, self.weights.inputs_of(j.candidate.recipe)) for j in released_by(evaluation)]
+            todo.update((j.id, j) for j, _ in released)
             nxt = follow(evaluation)
             if nxt is None:
                 bar.update(1)
                 label = "best" if is_whole(job, self.task_weights) else "stage best"
                 bar.set_postfix({label: f"{max(r.score for r in results.values()):.4f}"})
-                return None
+                return Next(released=tuple(released))
             todo[nxt.id] = nxt
-            return nxt, self.weights.inputs_of(nxt.candidate.recipe)
+            return Next((nxt, self.weights.inputs_of(nxt.candidate.recipe)), tuple(released))
 
         runnable = []
         for job in list(todo.values()):
@@ -138,9 +152,40 @@ class Scorer:
                 runnable.append((job, self.weights.inputs_of(job.candidate.recipe)))
             else:
                 on_result({"id": job.id, "split": job.split, "status": "failed", "metrics": {}, "reason": reason, "attempts": 0})
-        self.pool.run(runnable, on_result)
+        may_release = may_release or (lambda job: release is not None)
+        self.pool.run(runnable, on_result, may_release)
         bar.close()
         return results
+
+    def arrived(self, job: ScoreJob, result: dict) -> Evaluation:
+        """A worker's result as the journalled evaluation of `job` (a stage that adds items
+        joined with the stage before it: the whole stage)."""
+        evaluation = Evaluation.from_worker(job.candidate, job.split, result, time.time(), job.stage)
+        if job.extends is not None:
+            evaluation = evaluation.joined(self.journal[(job.id, job.split, job.extends)], self.joiners)
+            job = replace(job, tasks=tuple(evaluation.metrics) or job.tasks)
+        evaluation = evaluation.with_score(stage_weights(job, self.task_weights))
+        self.record(evaluation)
+        if not evaluation.ok:
+            self.log(f"{evaluation.id}: {evaluation.status} ({evaluation.reason or ''}), worst fitness")
+        elif evaluation.attempts > 1:
+            self.log(f"{evaluation.id}: scored after {evaluation.attempts} attempts (worker replaced)")
+        return evaluation
+
+    def score_when_idle(self, jobs: list[ScoreJob]) -> None:
+        """Score `jobs` on actors that would otherwise wait (`EvaluatorPool.add_spare`), each
+        journalled when it finishes; nothing reads them before `evaluate_final`: the run's parents'
+        test splits, scored in the generations' idle time instead of after them."""
+        todo = [job for job in jobs if (job.id, job.split, job.stage) not in self.journal]
+        if todo:
+            self.pool.add_spare([(job, self.weights.inputs_of(job.candidate.recipe)) for job in todo], self.arrived)
+
+    def evaluate_final(self, jobs: list[ScoreJob], desc: str) -> None:
+        """Score `jobs`, the idle-time work among them included: what never started is scored
+        with the rest, what is running is waited for (journalled)."""
+        self.pool.drop_spare()
+        self.evaluate(jobs, desc)
+        self.pool.drain()
 
     def record(self, evaluation: Evaluation) -> None:
         """Journal an evaluation (fsynced) before anything else can happen to it."""

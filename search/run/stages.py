@@ -21,7 +21,8 @@ After each stage but the last, a candidate goes on while it can still win:
   `StageJudge.pareto_survivors`); of one member's offspring the `fitness.advance`
   that lead the front furthest at their own size go on (`StageJudge.pareto_siblings`). Without
   siblings each candidate runs through its stages in one chain on one actor (depth first);
-  with them a generation is scored stage by stage, since siblings are compared.
+  with them a member's offspring go through each stage together, since siblings are compared,
+  and each family goes on as soon as its last sibling is in (`StagedScoring.score_by_family`).
 With `fitness.screen_dtype` the stages before the last run under autocast in that dtype and the
 last at the workers' own (`StagePlan.job`); a member is then compared at a screening stage with
 what it scored in that dtype (`screening_examples`): every job that scores a future member in full
@@ -451,21 +452,49 @@ class StagedScoring:
         """Each candidate's outcome: its last stage's evaluation, or its stop."""
         if self.pareto and not has_siblings(candidates):
             return self.score_depth_first(candidates, desc, hall_of_fame)
-        alive, outcome = list(candidates), {}
-        for stage in range(self.plan.count):
-            label = f"{desc}, stage {stage + 1}/{self.plan.count}"
-            rows = self.scorer.evaluate([self.plan.job(c, stage) for c in alive], label)
+        return self.score_by_family(candidates, desc, hall_of_fame)
+
+    def score_by_family(self, candidates: list[Candidate], desc: str, hall_of_fame: list[dict]) -> dict[str, Evaluation]:
+        """Siblings are compared, so a member's offspring go through each stage together; but one
+        family's decision reads only its own rows, its member's and the front (fixed during the
+        generation), so a family goes on the moment its last sibling is in, while the others
+        are still at earlier stages. What it releases (its contenders' next stage, the audits of
+        its stops) goes ahead of the queue: the long jobs start early and the short first-stage
+        ones fill the end, where a barrier per stage left one actor waiting on the last full
+        evaluation, and the audits after it."""
+        by_id = {c.id: c for c in candidates}
+        waiting: dict[tuple, set[str]] = {}  # (member, stage) -> the ids not yet scored there
+        for c in candidates:
+            waiting.setdefault((c.target, 0), set()).add(c.id)
+        scored: dict[tuple, dict[str, Evaluation]] = {}
+        outcome: dict[str, Evaluation] = {}
+
+        def release(row: Evaluation) -> list[ScoreJob]:
+            member = by_id[row.id].target if row.id in by_id else None
+            key = (member, row.stage)
+            if row.id not in waiting.get(key, ()):
+                return []  # an audit's row
+            waiting[key].discard(row.id)
+            scored.setdefault(key, {})[row.id] = row
+            if waiting[key]:
+                return []
+            stage, rows = row.stage, scored[key]
+            family = [c for c in candidates if c.id in rows]
             if stage == self.plan.last:
-                outcome.update({c.id: rows[c.id] for c in alive})
-                break
-            for cid, decision in self.decisions(stage, rows, alive, hall_of_fame).items():
+                outcome.update(rows)
+                return []
+            audits = []
+            for cid, decision in self.decisions(stage, rows, family, hall_of_fame).items():
                 outcome[cid] = self.stop(rows[cid], stage, *decision)
-            alive = [c for c in alive if c.id not in outcome]
-        audits = [c for c in candidates if outcome[c.id].status == STOPPED
-                  and self.judge.audited(c.id, outcome[c.id].extra.get("rule"))]
-        if audits:  # fully scored anyway, journalled, never selected: the run's false-rejection check
-            self.scorer.evaluate([self.plan.job(c, self.plan.last, member=False) for c in audits], f"{desc}, audit")
-        return outcome
+                if self.judge.audited(cid, decision[2]):  # scored in full anyway, never selected
+                    audits.append(self.plan.job(by_id[cid], self.plan.last, member=False))
+            going = [c for c in family if c.id not in outcome]
+            waiting[(member, stage + 1)] = {g.id for g in going}
+            return [self.plan.job(g, stage + 1) for g in going] + audits
+
+        self.scorer.evaluate([self.plan.job(c, 0) for c in candidates], f"{desc}, staged", release=release,
+                             may_release=lambda job: job.stage != self.plan.last)
+        return {c.id: outcome[c.id] for c in candidates}
 
     def score_depth_first(self, candidates: list[Candidate], desc: str, hall_of_fame: list[dict]) -> dict[str, Evaluation]:
         """Compress / joint: a candidate's decision needs only the front, fixed during the

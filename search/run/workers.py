@@ -553,59 +553,136 @@ def put_weights(state: dict[str, torch.Tensor]):
     return ray.put(to_numpy_state(state))
 
 
-class EvaluatorPool:
-    """A fixed number of Evaluator actors fed from a queue; results come back as they finish."""
+@dataclass(frozen=True)
+class Next:
+    """What a result lets run next. `follow`, the candidate's next stage, goes to the actor that
+    just scored it, at once (it still holds the candidate's compressed model); `released` jobs
+    (a family's next stage once its last sibling is in, its audits) go ahead of the queue, to
+    whichever actor is free first. Each is (job, refs)."""
 
-    def __init__(self, spec: WorkerSpec, count: int, num_cpus: float, num_gpus: float, max_retries: int):
+    follow: tuple | None = None
+    released: tuple = ()
+
+
+class EvaluatorPool:
+    """A fixed number of Evaluator actors fed from a queue; results come back as they finish.
+
+    Spare work (`add_spare`) fills the actors that would otherwise wait: an actor takes a spare
+    job only when the queue is empty while other actors score jobs that release no more (the
+    end of a generation, where one full evaluation runs alone), and a spare job in flight runs
+    on across `run` calls, through the driver's work between generations, until it finishes or
+    `drain` waits for it."""
+
+    def __init__(self, spec: WorkerSpec, count: int, num_cpus: float, num_gpus: float, max_retries: int,
+                 actor_class: type | None = None):
         import ray
 
         gpus = num_gpus if num_gpus > 0 and _cluster_has_gpus() else 0
-        self._actor_cls = ray.remote(num_cpus=num_cpus, num_gpus=gpus, max_restarts=0)(Evaluator)
+        # `actor_class(spec)` with `evaluate(job, refs)`: the Evaluator (another for the pool's own tests)
+        self._actor_cls = ray.remote(num_cpus=num_cpus, num_gpus=gpus, max_restarts=0)(actor_class or Evaluator)
         self.spec = spec
         self.max_retries = max_retries
         self.actors = [self._actor_cls.remote(spec) for _ in range(count)]
         self.replaced = 0
+        self.spare: deque = deque()  # (job, refs, attempt, on_done) not started
+        self.spare_running: dict = {}  # future -> (actor index, job, refs, attempt, on_done)
+        self.recipe_of: dict[int, str] = {}  # actor index -> the recipe its working model last held
 
-    def run(self, jobs: list[tuple[ScoreJob, dict]], on_result: Callable[[dict], tuple | None]) -> None:
-        """Score every (job, refs); call on_result for each result the moment it arrives. When
-        on_result returns a follow-up (job, refs) — the next stage of the same candidate — it
-        goes to the same actor at once, which still holds that candidate's model."""
+    def add_spare(self, jobs: list[tuple[ScoreJob, dict]], on_done: Callable[[ScoreJob, dict], None]) -> None:
+        """Queue spare work; `on_done(job, result)` is called when a job finishes, whenever that is."""
+        self.spare.extend((job, refs, 0, on_done) for job, refs in jobs)
+
+    def spare_in_flight(self) -> set[tuple]:
+        """(id, split, stage) of the spare jobs running now."""
+        return {(job.id, job.split, job.stage) for _, job, *_ in self.spare_running.values()}
+
+    def drop_spare(self) -> None:
+        """Forget the spare jobs not started."""
+        self.spare.clear()
+
+    def drain(self) -> None:
+        """Wait for the spare jobs in flight (their `on_done` called) and drop those not started."""
         import ray
-        from ray.exceptions import RayActorError, RayTaskError
+
+        self.drop_spare()
+        while self.spare_running:
+            done, _ = ray.wait(list(self.spare_running), num_returns=1)
+            self._spare_finished(done[0])
+
+    def run(self, jobs: list[tuple[ScoreJob, dict]], on_result: Callable[[dict], Next | None],
+            may_release: Callable[[ScoreJob], bool] = lambda job: False) -> None:
+        """Score every (job, refs); call on_result for each result the moment it arrives, and
+        run what it returns (`Next`). `may_release(job)`: whether the job's result can release
+        more work; while such a job runs, an idle actor waits for it rather than take spare work
+        (a family's last first-stage job releases its full evaluation and audits at once)."""
+        import ray
 
         queue = deque((job, refs, 0) for job, refs in jobs)
         running: dict = {}  # future -> (actor index, job, refs, attempt)
-        idle = list(range(len(self.actors)))
-        recipe_of: dict[int, str] = {}  # actor index -> the recipe its working model last held
+        busy = {index for index, *_ in self.spare_running.values()}
+        idle = [i for i in range(len(self.actors)) if i not in busy]
         while queue or running:
             while queue and idle:
                 index = idle.pop()
-                job, refs, attempt = take_for(queue, recipe_of.get(index), set(recipe_of.values()))
-                recipe_of[index] = job.candidate.recipe.fingerprint()
-                future = self.actors[index].evaluate.remote(job, refs)
-                running[future] = (index, job, refs, attempt)
-            done, _ = ray.wait(list(running), num_returns=1)
+                job, refs, attempt = take_for(queue, self.recipe_of.get(index), set(self.recipe_of.values()))
+                running[self._start(index, job, refs)] = (index, job, refs, attempt)
+            spare_now = running and not any(may_release(job) for _, job, _, _ in running.values())
+            while idle and self.spare and spare_now:  # an actor that would wait for the last jobs
+                index = idle.pop()
+                job, refs, attempt, on_done = self.spare.popleft()
+                self.spare_running[self._start(index, job, refs)] = (index, job, refs, attempt, on_done)
+            done, _ = ray.wait(list(running) + list(self.spare_running), num_returns=1)
             future = done[0]
+            if future in self.spare_running:
+                idle.append(self._spare_finished(future))
+                continue
             index, job, refs, attempt = running.pop(future)
-            try:
-                result = ray.get(future)
-                result["attempts"] = attempt + 1
-            except RayActorError as exc:
-                self.actors[index] = self._actor_cls.remote(self.spec)  # a fresh actor
-                self.replaced += 1
-                if attempt < self.max_retries:
-                    queue.appendleft((job, refs, attempt + 1))
-                    idle.append(index)
-                    continue
-                result = _failed(job, f"worker died {attempt + 1} times: {type(exc).__name__}", attempt + 1)
-            except RayTaskError as exc:
-                cause = exc.cause if getattr(exc, "cause", None) is not None else exc
-                result = _failed(job, f"{type(cause).__name__}: {str(cause).strip().splitlines()[-1][:300]}", attempt + 1)
-            follow = on_result(result)
-            if follow is not None:
-                running[self.actors[index].evaluate.remote(*follow)] = (index, *follow, 0)
+            result = self._result(future, index, job, attempt)
+            if result is None:  # its actor died and was replaced: the job goes again
+                queue.appendleft((job, refs, attempt + 1))
+                idle.append(index)
+                continue
+            after = on_result(result) or Next()
+            queue.extendleft((job, refs, 0) for job, refs in reversed(after.released))
+            if after.follow is not None:
+                running[self._start(index, *after.follow)] = (index, *after.follow, 0)
             else:
                 idle.append(index)
+
+    def _start(self, index: int, job: ScoreJob, refs: dict):
+        self.recipe_of[index] = job.candidate.recipe.fingerprint()
+        return self.actors[index].evaluate.remote(job, refs)
+
+    def _result(self, future, index: int, job: ScoreJob, attempt: int) -> dict | None:
+        """A finished job's result (a failure is a result, with its reason); None when its actor
+        died and the job may go again (the actor is replaced by a fresh one either way)."""
+        import ray
+        from ray.exceptions import RayActorError, RayTaskError
+
+        try:
+            result = ray.get(future)
+            result["attempts"] = attempt + 1
+            return result
+        except RayActorError as exc:
+            self.actors[index] = self._actor_cls.remote(self.spec)
+            self.recipe_of.pop(index, None)
+            self.replaced += 1
+            if attempt < self.max_retries:
+                return None
+            return _failed(job, f"worker died {attempt + 1} times: {type(exc).__name__}", attempt + 1)
+        except RayTaskError as exc:
+            cause = exc.cause if getattr(exc, "cause", None) is not None else exc
+            return _failed(job, f"{type(cause).__name__}: {str(cause).strip().splitlines()[-1][:300]}", attempt + 1)
+
+    def _spare_finished(self, future) -> int:
+        """Hand a finished spare job's result to its `on_done` (or queue it again); its actor's index."""
+        index, job, refs, attempt, on_done = self.spare_running.pop(future)
+        result = self._result(future, index, job, attempt)
+        if result is None:
+            self.spare.appendleft((job, refs, attempt + 1, on_done))
+        else:
+            on_done(job, result)
+        return index
 
     def task_sizes(self, split: str = "dev") -> dict[str, int]:
         """Items per task, asked of one actor (they all build the same tasks)."""

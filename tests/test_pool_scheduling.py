@@ -1,0 +1,123 @@
+"""The actor pool's scheduling, with real Ray actors that only sleep (a fresh process joining the
+session's cluster): spare work fills the actors that would wait for the last jobs, never while a
+job that can release more runs, goes on across `run` calls and is waited for by `drain`."""
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parent.parent
+
+SCHEDULE = r"""
+import json, os, time
+import ray
+from evolve.recipe import Recipe
+from search.run.candidate import Candidate
+from search.run.workers import EvaluatorPool, Next, ScoreJob
+
+class Sleeper:
+    def __init__(self, seconds):
+        self.seconds = seconds
+
+    def evaluate(self, job, refs):
+        start = time.time()
+        time.sleep(self.seconds[job.id])
+        return {"id": job.id, "split": job.split, "status": "ok", "metrics": {}, "start": start, "end": time.time(),
+                "actor": os.getpid()}
+
+ray.init(include_dashboard=False, log_to_driver=False, **({} if os.environ.get("RAY_ADDRESS") else {"num_cpus": 3}))
+seconds = {"long": 4.0, "releaser": 1.0, "quick": 0.1, "after": 0.2, "later": 0.2,
+           "spare-1": 0.3, "spare-2": 10.0, "spare-3": 6.0, "spare-4": 0.1, **{f"warm-{k}": 0.0 for k in range(3)}}
+pool = EvaluatorPool(seconds, 3, num_cpus=0, num_gpus=0, max_retries=0, actor_class=Sleeper)
+job = lambda name, split="dev": (ScoreJob(Candidate(id=name, recipe=Recipe(op="copy", inputs=(name,))), split=split), {})
+pool.run([job(f"warm-{k}") for k in range(3)], lambda result: None)  # every actor started: one job each
+seen, spare_done = [], {}
+pool.add_spare([job(f"spare-{k}", "test") for k in (1, 2, 3, 4)], lambda j, result: spare_done.update({j.id: result}))
+
+def on_result(result):
+    seen.append(result)
+    return Next(released=(job("after"),)) if result["id"] == "releaser" else None
+
+pool.run([job("long"), job("releaser"), job("quick")], on_result, may_release=lambda j: j.id == "releaser")
+first = {"seen": seen[:], "spare_done": sorted(spare_done), "in_flight": len(pool.spare_running), "queued": len(pool.spare)}
+seen.clear()
+pool.run([job("later")], on_result)
+second = {"seen": seen[:], "in_flight": sorted(map(list, pool.spare_in_flight()))}
+pool.drain()
+print(json.dumps({"first": first, "second": second, "spare_done": spare_done, "queued": len(pool.spare)}))
+"""
+
+
+def test_spare_work_waits_for_released_jobs_fills_waiting_actors_and_runs_across_runs():
+    proc = subprocess.run([sys.executable, "-c", SCHEDULE], capture_output=True, text=True, timeout=300, cwd=ROOT,
+                          env=dict(os.environ))
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    out = json.loads(proc.stdout.strip().splitlines()[-1])
+    first, second, spare = out["first"], out["second"], out["spare_done"]
+    by_id = {r["id"]: r for r in first["seen"]}
+    assert [r["id"] for r in first["seen"]] == ["quick", "releaser", "after", "long"]
+    # an actor was free from `quick` on, but took no spare work while `releaser` could release
+    # more; what it released went first, and the spare work filled the actors `long` kept waiting
+    assert by_id["quick"]["end"] < by_id["releaser"]["end"] <= by_id["after"]["start"] <= spare["spare-1"]["start"]
+    assert all(spare[s]["start"] < by_id["long"]["end"] for s in ("spare-1", "spare-2", "spare-3"))
+    # `run` returned with `long`, leaving two spare jobs running and one queued
+    assert first["spare_done"] == ["spare-1"] and first["in_flight"] == 2 and first["queued"] == 1
+    # the next run had one free actor, `long`'s
+    assert [r["id"] for r in second["seen"]] == ["later"]
+    assert second["in_flight"] == [["spare-2", "test", None], ["spare-3", "test", None]]
+    assert second["seen"][0]["actor"] == by_id["long"]["actor"]
+    # drain waited for the spare jobs in flight and dropped spare-4, which never started
+    assert sorted(spare) == ["spare-1", "spare-2", "spare-3"] and out["queued"] == 0
+    assert all(r["status"] == "ok" and r["attempts"] == 1 for r in spare.values())
+
+
+def scored(name: str) -> dict:
+    return {"id": name, "split": "test", "status": "ok", "metrics": {"acc": {"score": 0.5}}, "attempts": 1}
+
+
+class FakePool:
+    """Records what the scorer asks of the pool; one parent's test split is running as spare work."""
+
+    def __init__(self):
+        self.calls = []
+
+    def spare_in_flight(self):
+        return {("base", "test", None)}
+
+    def drop_spare(self):
+        self.calls.append("drop")
+
+    def run(self, jobs, on_result, may_release):
+        self.calls.append(("run", [job.id for job, _ in jobs]))
+        for job, _ in jobs:
+            on_result(scored(job.id))
+
+    def drain(self):
+        self.calls.append("drain")
+
+
+def test_the_last_scoring_leaves_running_spare_work_to_finish_and_scores_the_rest(tmp_path):
+    """The run's test splits: a parent's split running as spare work is not scored twice (it is
+    waited for after the rest), spare work never started is scored with the rest, finished is
+    read from the journal."""
+    from evolve.recipe import Recipe
+    from search.run.candidate import Candidate
+    from search.run.scoring import Log, Scorer
+    from search.run.store import RunStore
+    from search.run.workers import ScoreJob
+
+    class NoWeights:
+        def inputs_of(self, recipe):
+            return {}
+
+    store = RunStore(tmp_path / "run")
+    store.root.mkdir()
+    pool = FakePool()
+    scorer = Scorer(store, pool, NoWeights(), {"acc": 1.0}, base_config=None, log=Log(quiet=True))
+    tests = [ScoreJob(Candidate(id=name, recipe=Recipe(op="copy", inputs=(name,))), split="test") for name in ("base", "a", "g001-000")]
+    scorer.arrived(tests[1], scored("a"))  # journalled before
+    scorer.evaluate_final(tests, "test splits")
+    assert pool.calls == ["drop", ("run", ["g001-000"]), "drain"]
