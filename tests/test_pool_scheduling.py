@@ -1,6 +1,8 @@
 """The actor pool's scheduling, with real Ray actors that only sleep (a fresh process joining the
 session's cluster): spare work fills the actors that would wait for the last jobs, never while a
-job that can release more runs, goes on across `run` calls and is waited for by `drain`."""
+job that can release more runs, goes on across `run` calls and is waited for by `drain`; the
+run's last scoring leaves a spare job in flight to finish; and `benchmarks.run_timeline` reads how
+busy the actors were off a journal."""
 from __future__ import annotations
 
 import json
@@ -8,6 +10,8 @@ import os
 import subprocess
 import sys
 from pathlib import Path
+
+import pytest
 
 ROOT = Path(__file__).resolve().parent.parent
 
@@ -121,3 +125,24 @@ def test_the_last_scoring_leaves_running_spare_work_to_finish_and_scores_the_res
     scorer.arrived(tests[1], scored("a"))  # journalled before
     scorer.evaluate_final(tests, "test splits")
     assert pool.calls == ["drop", ("run", ["g001-000"]), "drain"]
+
+
+def test_the_timeline_reads_each_phase_s_actor_time_off_a_journal():
+    """`benchmarks.run_timeline`: a job ran over [arrival - its timing, arrival] on its worker;
+    stops are decisions, not jobs; a phase's busy share is its actor seconds over actors x wall."""
+    from benchmarks.run_timeline import jobs_of, phases, waits
+
+    def row(cid, split, end, seconds, worker, status="ok"):
+        return {"id": cid, "split": split, "time": 100.0 + end, "worker": worker, "status": status,
+                "timing": {"materialize_s": 1.0, "score_s": seconds - 1.0}}
+
+    rows = [row("base", "dev", 10, 10, "a"), row("pydoc", "dev", 10, 10, "b"),
+            row("g000-000", "dev", 20, 10, "a"), row("g000-001", "dev", 30, 20, "b"),
+            row("g000-002", "dev", 30, 10, "a", status="stopped"), row("base", "test", 40, 15, "a")]
+    jobs = jobs_of(rows)
+    assert len(jobs) == 5 and min(j.start for j in jobs) == 0.0
+    by_phase = {p["phase"]: p for p in phases(jobs)}
+    assert list(by_phase) == ["parents", "generation 1", "test splits"]
+    assert by_phase["generation 1"]["wall_s"] == 20 and by_phase["generation 1"]["actor_s"] == 30
+    assert by_phase["generation 1"]["utilisation"] == pytest.approx(0.75)
+    assert waits(jobs) == {"a": [5.0, 0.0], "b": [0.0]}

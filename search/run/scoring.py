@@ -130,6 +130,8 @@ class Scorer:
             else:
                 todo[job.id] = job
 
+        bests: dict[str, float] = {}  # shown: the best whole score and the best stage score, apart
+
         def on_result(result: dict) -> Next:
             job = todo.pop(result["id"])
             evaluation = self.arrived(job, result)
@@ -139,8 +141,9 @@ class Scorer:
             nxt = follow(evaluation)
             if nxt is None:
                 bar.update(1)
-                label = "best" if is_whole(job, self.task_weights) else "stage best"
-                bar.set_postfix({label: f"{max(r.score for r in results.values()):.4f}"})
+                label = "best" if is_whole(job, self.task_weights) else "stage best"  # not comparable
+                bests[label] = max(bests.get(label, float("-inf")), evaluation.score)
+                bar.set_postfix({k: f"{v:.4f}" for k, v in sorted(bests.items())})
                 return Next(released=tuple(released))
             todo[nxt.id] = nxt
             return Next((nxt, self.weights.inputs_of(nxt.candidate.recipe)), tuple(released))
