@@ -749,7 +749,7 @@ def test_workers_recipe_stats_gib_bounds_the_whole_statistics_a_recipe_keeps(mon
 
 
 class OneActorScorer:
-    """Scores jobs one at a time from a queue, the jobs a result releases going first, as one
+    """Scores jobs one at a time from a queue, the jobs a result releases joining its end, as one
     actor of the pool does; rows hold each job's items of `values` (per candidate, 16 items)."""
 
     def __init__(self, values: dict[str, list[float]], members: dict[str, list[float]]):
@@ -771,7 +771,7 @@ class OneActorScorer:
             self.order.append((job.id, job.stage))
             self.record(row)
             results[job.id] = row
-            queue.extendleft(reversed(release(row)))
+            queue.extend(release(row))
         return results
 
     def finished(self, candidate_id, split="dev", stage=None):
@@ -784,23 +784,27 @@ class OneActorScorer:
 def test_a_family_goes_on_as_soon_as_its_last_sibling_is_in_with_its_audits():
     """A member's offspring are judged together, but not with the other members' offspring: its
     contender's full evaluation (and the audit of a stop) is released the moment its last sibling
-    is scored, ahead of the next family's first stage."""
+    is scored, behind the jobs already queued; each family's decision is its own."""
     from search.run.stages import StagedScoring
 
     plan = plan_stages([0.25, 1.0], {"acc": 16}, seed=0, min_items=4, proxy=False)
     judge = StageJudge(plan, {"acc": 1.0}, confidence=0.9, advance=1, run_seed=0, audit=1.0)
     good, bad = [1.0] * 16, [0.0] * 16
     values = {"m0": [0.5] * 16, "m1": good, "m2": [0.25] * 16,  # m1 leads its family and beats m
-              "n0": bad, "n1": [0.1] * 16, "n2": bad}  # n1 leads its family, clearly behind n
-    scorer = OneActorScorer(values, members={"m": [0.5] * 16, "n": good})
+              "n0": bad, "n1": [0.1] * 16, "n2": bad,  # n1 leads its family, clearly behind n
+              "o0": bad, "o1": good, "o2": bad}
+    scorer = OneActorScorer(values, members={"m": [0.5] * 16, "n": good, "o": [0.5] * 16})
     family = lambda member: [Candidate(id=f"{member}{k}", recipe=Recipe(op="copy", inputs=(member,)), generation=0, target=member)  # noqa: E731
                              for k in range(3)]
     staged = StagedScoring(scorer, plan, judge, pareto=False, latency=False)
-    outcome = staged.score(family("m") + family("n"), "generation 1", hall_of_fame=[])
+    outcome = staged.score(family("m") + family("n") + family("o"), "generation 1", hall_of_fame=[])
 
-    assert scorer.order[:4] == [("m0", 0), ("m1", 0), ("m2", 0), ("m1", 1)], "m1's full evaluation before n's first stage"
-    assert scorer.order[4:] == [("n0", 0), ("n1", 0), ("n2", 0), ("n1", 1)], "the audit follows its family at once"
+    firsts = [(f"{m}{k}", 0) for m in "mno" for k in range(3)]
+    # n's audit is queued when n's last sibling is in, before o's contender (a barrier per stage
+    # scored every contender first and the audits last)
+    assert scorer.order == firsts + [("m1", 1), ("n1", 1), ("o1", 1)]
+    assert outcome["o1"].ok and outcome["o1"].stage == 1
     assert outcome["m1"].ok and outcome["m1"].stage == 1
     rules = {cid: e.extra["rule"] for cid, e in outcome.items() if e.status == "stopped"}
-    assert rules == {"m0": "sibling", "m2": "sibling", "n0": "sibling", "n1": "margin", "n2": "sibling"}
+    assert rules == {"m0": "sibling", "m2": "sibling", "n0": "sibling", "n1": "margin", "n2": "sibling", "o0": "sibling", "o2": "sibling"}
     assert outcome["n1"].stage == 0 and scorer.finished("n1", "dev", 1).score == pytest.approx(0.1), "the audit's full row"

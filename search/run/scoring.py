@@ -98,7 +98,7 @@ class Scorer:
         `follow(evaluation)` chains jobs: it returns the candidate's next job (its next stage)
         or None; a follow-up runs on the actor that just scored the candidate (which still holds
         its compressed model). `release(evaluation)` returns the jobs an evaluation lets start
-        on any actor, ahead of those queued (a family's next stage, once its last sibling is in);
+        on any actor, queued behind the rest (a family's next stage, once its last sibling is in);
         `may_release(job)` says which jobs' evaluations can (default: all, with `release`).
         Both see journalled evaluations too, so a resumed run walks the same chains. A job
         running as idle-time work (`score_when_idle`) is not scored again: it is journalled
@@ -120,10 +120,10 @@ class Scorer:
         in_flight = self.pool.spare_in_flight()
         replay = deque(jobs)
         while replay:  # each chain through the journal to its first unfinished job; what a
-            job = replay.popleft()  # journalled row released goes first, as it did when scored
+            job = replay.popleft()  # journalled row released joins the end, as it did when scored
             while job is not None and (job.id, job.split, job.stage) in self.journal:
                 results[job.id] = self.journal[(job.id, job.split, job.stage)]
-                replay.extendleft(reversed(released_by(results[job.id])))
+                replay.extend(released_by(results[job.id]))
                 job = follow(results[job.id])
             if job is None or (job.id, job.split, job.stage) in in_flight:
                 bar.update(1)

@@ -557,8 +557,8 @@ def put_weights(state: dict[str, torch.Tensor]):
 class Next:
     """What a result lets run next. `follow`, the candidate's next stage, goes to the actor that
     just scored it, at once (it still holds the candidate's compressed model); `released` jobs
-    (a family's next stage once its last sibling is in, its audits) go ahead of the queue, to
-    whichever actor is free first. Each is (job, refs)."""
+    (a family's next stage once its last sibling is in, its audits) join the end of the queue,
+    for whichever actor is free. Each is (job, refs)."""
 
     follow: tuple | None = None
     released: tuple = ()
@@ -643,7 +643,7 @@ class EvaluatorPool:
                 idle.append(index)
                 continue
             after = on_result(result) or Next()
-            queue.extendleft((job, refs, 0) for job, refs in reversed(after.released))
+            queue.extend((job, refs, 0) for job, refs in after.released)
             if after.follow is not None:
                 running[self._start(index, *after.follow)] = (index, *after.follow, 0)
             else:
