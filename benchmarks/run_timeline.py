@@ -77,8 +77,7 @@ def waits(jobs: list[Job], top: int = 3) -> dict[str, list[float]]:
     return {w: sorted((b.start - a.end for a, b in zip(js, js[1:])), reverse=True)[:top] for w, js in by_worker.items()}
 
 
-def table(run: Path) -> str:
-    jobs = jobs_of(RunStore(run).read_journal())
+def table(run: Path, jobs: list[Job]) -> str:
     span = max(j.end for j in jobs)
     busy = sum(j.seconds for j in jobs)
     actors = len({j.worker for j in jobs})
@@ -97,12 +96,13 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("runs", nargs="+", type=Path)
     parser.add_argument("--out", type=Path, help="also write the tables here (Markdown)")
     args = parser.parse_args(argv)
-    text = "\n".join(table(run) for run in args.runs)
+    jobs = {run: jobs_of(RunStore(run).read_journal()) for run in args.runs}
+    text = "\n".join(table(run, run_jobs) for run, run_jobs in jobs.items())
     print(text)
     if args.out:
         args.out.write_text(f"# Where the actor time went (`python -m benchmarks.run_timeline {' '.join(map(str, args.runs))}`)\n\n{text}")
         json_path = args.out.with_suffix(".json")
-        json_path.write_text(json.dumps({str(run): phases(jobs_of(RunStore(run).read_journal())) for run in args.runs}, indent=1))
+        json_path.write_text(json.dumps({str(run): phases(run_jobs) for run, run_jobs in jobs.items()}, indent=1))
     return 0
 
 
