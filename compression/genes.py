@@ -37,7 +37,7 @@ from __future__ import annotations
 import hashlib
 import random
 from dataclasses import dataclass
-from typing import Literal, Sequence
+from typing import Literal, Optional, Sequence
 
 from pydantic import BaseModel, ConfigDict, PositiveFloat, PositiveInt, field_validator
 
@@ -83,6 +83,7 @@ class PlanKnobs(BaseModel):
 
     criterion: str = "second_moment"  # prune_width's unit criterion
     reconstruct: Literal["none", "liar", "greedy"] = "liar"
+    ridge: Optional[float] = None  # prune_width's relative ridge; None: the step's default
     fuse_rank: PositiveInt = 128
     fuse_steps: int = 100
     fuse_lr: PositiveFloat = 1e-2
@@ -155,7 +156,8 @@ def compile_plan(genes: Genes, grid: WidthGrid, knobs: PlanKnobs = PlanKnobs()) 
     widths = {i: grid.ratio(lv) for i, lv in enumerate(genes.levels) if lv > 0}
     if widths:
         plan.append({"op": "prune_width", "ratio": widths, "target": grid.target,
-                     "criterion": knobs.criterion, "reconstruct": knobs.reconstruct})
+                     "criterion": knobs.criterion, "reconstruct": knobs.reconstruct,
+                     **({"ridge": knobs.ridge} if knobs.ridge is not None else {})})
     removed = [i for i, a in enumerate(genes.blocks) if a == REMOVE]
     if removed:
         plan.append({"op": "remove_blocks", "blocks": removed})

@@ -79,6 +79,7 @@ class Stage(BaseModel):
 
 
 ADDED_SETTINGS = ("stats_windows",)  # StructureSearch fields newer than the state files in use
+ADDED_KNOBS = ("ridge",)  # PlanKnobs fields newer than them
 
 
 class StructureSearch(BaseModel):
@@ -151,7 +152,10 @@ class StructureSearch(BaseModel):
     def fingerprint(self) -> str:
         """What a state file must match to be resumed. Settings added since the state format
         stay out of it at their default, so a search started before they existed still resumes."""
-        unset = {name for name in ADDED_SETTINGS if getattr(self, name) == type(self).model_fields[name].default}
+        unset: dict = {name: True for name in ADDED_SETTINGS if getattr(self, name) == type(self).model_fields[name].default}
+        knobs = {name for name in ADDED_KNOBS if getattr(self.knobs, name) == PlanKnobs.model_fields[name].default}
+        if knobs:
+            unset["knobs"] = knobs
         return hashlib.sha256(self.model_dump_json(exclude=unset).encode()).hexdigest()[:16]
 
 

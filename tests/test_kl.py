@@ -66,6 +66,21 @@ def test_kl_matches_plain_computation(tokenizer, models):
     assert half.evaluate(cand, reference=half.reference(ref))["kl"] == pytest.approx(mean, rel=2e-3)
 
 
+@pytest.mark.parametrize("options", [{}, {"top_k": 8}, {"reference_dtype": "float32"}])
+def test_kl_under_a_bfloat16_screen_is_the_float32_kl_to_within_its_rounding(tokenizer, models, options):
+    """A screening stage (`fitness.screen_dtype`) runs the reference's and the candidate's forward
+    under autocast; the distribution math after it stays exact, so a model against its own
+    screened reference is still 0 and a real difference keeps its size."""
+    ref, cand = models
+    task = kl_task(tokenizer, **options)
+    exact = task.evaluate(cand, reference=task.reference(ref))["kl"]
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        screened_ref = task.reference(ref)
+        assert abs(task.evaluate(ref, reference=screened_ref)["kl"]) < 1e-6
+        screened = task.evaluate(cand, reference=screened_ref)["kl"]
+    assert screened == pytest.approx(exact, rel=0.1) and screened != exact
+
+
 @pytest.mark.parametrize("dtype", ["float16", "float32"])
 def test_top_k_converges_to_full_and_equals_it_at_v(tokenizer, models, dtype):
     ref, cand = models

@@ -110,6 +110,26 @@ def test_plans_are_their_genes_compiled_and_on_their_trials_budget():
     assert size < dense
 
 
+def test_the_spaces_ridge_reaches_every_width_step_and_only_when_set():
+    """`compress.space.ridge` is LIAR's relative ridge in every plan a trial makes, with genes or
+    without; unset, plans carry no `ridge` key, as runs made before it did."""
+    from search.tuning.space import suggest_plan
+
+    config = tiny_llama_config(num_hidden_layers=8)
+    rankings = lambda: {"block_influence": [random.Random(b).random() for b in range(8)]}
+    for ridge in (0.1, None):
+        space = SpaceConfig(genes=True, width=["prune_width"], width_ratio={"low": 0.1, "high": 0.4}, ridge=ridge)
+        study = optuna.create_study(directions=["maximize", "minimize"], sampler=optuna.samplers.RandomSampler(seed=1))
+        planner = Planner(study, space, config, 8, None, genes=GenePlacer(space.genes, space, 8, 0, rankings))
+        candidate = planner.ask_candidate(Candidate.copy_of("base", "g000-000", target="base"), [{"id": "base", "plan": []}])[0]
+        asked = suggest_plan(optuna.trial.FixedTrial(study.trials[0].params), space, 8)
+        for plan in (list(candidate.plan), asked):
+            width = next(step for step in plan if step["op"] == "prune_width")
+            assert width.get("ridge") == ridge and ("ridge" in width) == (ridge is not None)
+            step = next(step for step in parse_plan(plan) if step.op == "prune_width")
+            assert step.ridge == (ridge if ridge is not None else 1e-2)
+
+
 def test_a_joint_candidate_breeds_from_the_member_it_challenges():
     """The Evolver target is the gene parent when it has structure (crossover: the first
     parent); a dense target (an expert) leaves the choice to the candidate's seed."""

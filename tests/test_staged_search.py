@@ -439,14 +439,19 @@ def test_chosen_stage_items_are_scored_in_every_generation_and_a_bad_order_is_re
     assert not (bad / "run").exists()
 
 
-def test_a_kl_proxy_first_stage_in_a_joint_run(tmp_path):
+@pytest.mark.parametrize("screen", [{}, {"screen_dtype": "bfloat16"}], ids=["float32", "bfloat16"])
+def test_a_kl_proxy_first_stage_in_a_joint_run(tmp_path, screen):
+    """The KL stage, in the workers' float32 and screened in bfloat16 (`fitness.screen_dtype`:
+    the forward under autocast, the KL's own math exact): every candidate's proxy row is ok."""
     proxy = {"kind": "kl", "data": "pydoc:train", "options": {"seq_len": 32, "num_sequences": 4}}
-    config = staged_config(tmp_path, "tiny-joint.yaml", stages=[0.5, 1.0], proxy=proxy, audit=0.0)
+    config = staged_config(tmp_path, "tiny-joint.yaml", stages=[0.5, 1.0], proxy=proxy, audit=0.0, **screen)
     proc = evofuse("search", str(config), "--run-dir", str(tmp_path / "run"), "--quiet")
     assert proc.returncode == 0, proc.stderr[-3000:]
     journal = RunStore(tmp_path / "run").read_journal()
+    assert not [e for e in journal if e["status"] == "failed"]
     first = [e for e in journal if e.get("stage") == 0 and e["status"] == "ok"]
     assert first and all(set(e["metrics"]) == {"_proxy"} and e["metrics"]["_proxy"]["kl"] >= 0 for e in first)
+    assert all(e.get("autocast") == screen.get("screen_dtype") for e in first)
     planned = [e for e in first if e["plan"]]
     assert planned and all(e["metrics"]["_proxy"]["kl"] > 0 for e in planned)
     from optuna.storages import JournalStorage

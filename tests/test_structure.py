@@ -273,3 +273,4 @@ def test_settings_added_later_keep_earlier_state_files_resumable():
     assert StructureSearch().fingerprint() == "2394f1202c222c59"
     assert StructureSearch(width_ratio=0.25, fitness="nll", seed=3).fingerprint() == "26a14d208d7f3792"
     assert StructureSearch(stats_windows=8).fingerprint() != StructureSearch().fingerprint()
+    assert StructureSearch(knobs={"ridge": 0.1}).fingerprint() != StructureSearch().fingerprint()

@@ -118,6 +118,14 @@ def log_probs(logits: torch.Tensor, storage: torch.dtype) -> torch.Tensor:
     return torch.log_softmax(logits.to(precise), dim=-1)
 
 
+def exact_math(device: torch.device):
+    """The distribution math after a forward that may have run under autocast (a screening stage
+    in `fitness.screen_dtype`): only the model's matrix products are screened; the log-softmax,
+    the rounding to storage and the sums above stay in their own dtypes (autocast would refuse
+    their float64 operands)."""
+    return torch.autocast(device.type, enabled=False)
+
+
 def stored(x: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
     """x rounded to the storage dtype, back in float64."""
     return x.to(dtype).double()
@@ -151,8 +159,10 @@ class KLTask(FitnessTask):
         parts: list[dict[str, torch.Tensor]] = []
         with EvalMode(model):
             for _, logits in self._batched_logits(model, list(range(len(self.windows))), progress, "kl reference"):
-                parts.extend(self._store(log_probs(row, self.dtype)) for row in logits)  # row: (T, V)
-        stacked = {key: torch.stack([p[key] for p in parts]) for key in parts[0]}  # (N, T, ...)
+                with exact_math(logits.device):
+                    parts.extend(self._store(log_probs(row, self.dtype)) for row in logits)  # row: (T, V)
+        with exact_math(logits.device):
+            stacked = {key: torch.stack([p[key] for p in parts]) for key in parts[0]}  # (N, T, ...)
         return KLReference(self.windows.clone(), self.top_k, logits.shape[-1], **stacked)
 
     def _store(self, logp: torch.Tensor) -> dict[str, torch.Tensor]:
@@ -185,10 +195,11 @@ class KLTask(FitnessTask):
                 raise TaskError(
                     f"{self.label}: model has {logits.shape[-1]} logits, the reference {reference.vocab_size}"
                 )
-            for n, row_logits in zip(batch, logits):  # row_logits: (T, V)
-                logp, top = reference.window(n, logits.device)  # (T, V) or (T, k + 1), ids (T, k)
-                kl_t = self._position_kl(logp, log_probs(row_logits, self.dtype), top)  # (T,)
-                window_kl.append(float(kl_t.sum()))
+            with exact_math(logits.device):
+                for n, row_logits in zip(batch, logits):  # row_logits: (T, V)
+                    logp, top = reference.window(n, logits.device)  # (T, V) or (T, k + 1), ids (T, k)
+                    kl_t = self._position_kl(logp, log_probs(row_logits, self.dtype), top)  # (T,)
+                    window_kl.append(float(kl_t.sum()))
         positions = len(rows) * self.seq_len
         kl = sum(window_kl) / positions
         metrics = {"kl": kl, "score": -kl, "tokens": float(positions)}

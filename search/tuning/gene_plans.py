@@ -64,9 +64,10 @@ def trial_budget(params: dict, num_blocks: int, grid: WidthGrid) -> tuple[Budget
     return budget_for(num_blocks, blocks_out, ratio, grid), action
 
 
-def trial_knobs(params: dict) -> PlanKnobs:
-    """What the compiled plan's steps do beyond the structure: the trial's knobs."""
-    return PlanKnobs(criterion=params["criterion"], reconstruct=params["reconstruct"],
+def trial_knobs(params: dict, ridge: float | None = None) -> PlanKnobs:
+    """What the compiled plan's steps do beyond the structure: the trial's knobs (and the
+    space's fixed `ridge`)."""
+    return PlanKnobs(criterion=params["criterion"], reconstruct=params["reconstruct"], ridge=ridge,
                      fuse_rank=params["fuse_rank"], fuse_steps=params["fuse_steps"])
 
 
@@ -163,7 +164,7 @@ class GenePlacer:
 
     def _plan(self, genes: Genes, grid: WidthGrid, params: dict, steps: list[dict]) -> list[dict]:
         ttm = [step for step in steps if step["op"] == "ttm"]  # not structure genes: the trial's, after them
-        return plain_json(compile_plan(genes, grid, trial_knobs(params)) + ttm)
+        return plain_json(compile_plan(genes, grid, trial_knobs(params, self.space.ridge)) + ttm)
 
 
 def score_rankings(model_dir, calibration: CalibrationConfig, criteria: Sequence[str], samples: int) -> dict[str, list[float]]:

@@ -22,7 +22,7 @@ from __future__ import annotations
 
 import math
 from itertools import combinations
-from typing import Callable, Literal
+from typing import Callable, Literal, Optional
 
 from pydantic import Field, field_validator, model_serializer, model_validator
 
@@ -94,6 +94,11 @@ class SpaceConfig(Strict):
     width_target: list[Literal["ffn", "heads", "both"]] = ["both"]
     criterion: list[str] = ["second_moment"]
     reconstruct: list[Literal["none", "liar", "greedy"]] = ["liar"]
+    # The relative ridge of LIAR's / the greedy refit's least squares (λ = ridge · mean diag G;
+    # unset: the step's own default, 1e-2). A few thousand correlated calibration tokens for
+    # SmolLM2's 1,536-wide MLP inputs want more of it: at 0.1 a plan rebuilds 4-6% closer to the
+    # dense model than at 1e-2 (`benchmarks/results/calibration_size.md`).
+    ridge: Optional[float] = Field(None, ge=0)
     ttm: list[Literal["none", "ttm"]] = ["none"]
     ttm_rank: IntRange = IntRange(low=8, high=64, log=True)
     ttm_modules: str = "mlp"
@@ -150,6 +155,7 @@ def suggest_plan(trial, space: SpaceConfig, num_layers: int) -> list[dict]:
         "target": trial.suggest_categorical("width_target", space.width_target),
         "criterion": trial.suggest_categorical("criterion", space.criterion),
         "reconstruct": trial.suggest_categorical("reconstruct", space.reconstruct),
+        **({"ridge": space.ridge} if space.ridge is not None else {}),
     }
     ttm = {
         "op": trial.suggest_categorical("ttm", space.ttm),
