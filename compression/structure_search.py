@@ -301,7 +301,8 @@ def width_variants(model: nn.Module, calibration: CalibrationData, grid: WidthGr
 
     blocks = arch.decoder_blocks(model)
     widest = PruneWidthStep(ratio={i: grid.ratio(max_level) for i in range(len(blocks))}, target=grid.target,
-                            criterion=knobs.criterion, reconstruct=knobs.reconstruct)
+                            criterion=knobs.criterion, reconstruct=knobs.reconstruct,
+                            **({"ridge": knobs.ridge} if knobs.ridge is not None else {}))
     grams = collect_width_stats(model, widest, calibration)
     variants = {}
     for i, block in enumerate(blocks):

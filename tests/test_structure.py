@@ -274,3 +274,18 @@ def test_settings_added_later_keep_earlier_state_files_resumable():
     assert StructureSearch(width_ratio=0.25, fitness="nll", seed=3).fingerprint() == "26a14d208d7f3792"
     assert StructureSearch(stats_windows=8).fingerprint() != StructureSearch().fingerprint()
     assert StructureSearch(knobs={"ridge": 0.1}).fingerprint() != StructureSearch().fingerprint()
+
+
+def test_the_knobs_ridge_reaches_the_searchs_width_variants_and_its_plan(model8, calibration):
+    """A structure search's knobs carry LIAR's ridge (`PlanKnobs.ridge`) into the width variants
+    it scores and into the plan it compiles, so the exported plan rebuilds what was scored."""
+    from compression.structure_search import width_variants
+
+    def variant_weights(knobs: PlanKnobs) -> torch.Tensor:
+        variants = width_variants(model8, calibration, GRID, knobs, 1)
+        return variants[(2, 1)].mlp.down_proj.weight.detach().clone()
+
+    default, ridged = variant_weights(PlanKnobs()), variant_weights(PlanKnobs(ridge=1.0))
+    assert default.shape == ridged.shape and not torch.allclose(default, ridged)
+    genes = Genes((KEEP,) * N_BLOCKS, (0, 0, 1) + (0,) * (N_BLOCKS - 3))
+    assert parse_plan(compile_plan(genes, GRID, PlanKnobs(ridge=1.0)))[0].ridge == 1.0
