@@ -813,3 +813,22 @@ def test_a_family_goes_on_as_soon_as_its_last_sibling_is_in_with_its_audits():
     rules = {cid: e.extra["rule"] for cid, e in outcome.items() if e.status == "stopped"}
     assert rules == {"m0": "sibling", "m2": "sibling", "n0": "sibling", "n1": "margin", "n2": "sibling", "o0": "sibling", "o2": "sibling"}
     assert outcome["n1"].stage == 0 and scorer.finished("n1", "dev", 1).score == pytest.approx(0.1), "the audit's full row"
+
+
+def test_a_generation_in_which_every_candidate_failed_is_named_with_its_error():
+    """A stop for failing at a stage reads through to the failed row's error; any candidate
+    scored (ok, or stopped by a rule after its stage was scored) means the generation did not
+    all fail."""
+    from search.run.scoring import STOPPED, all_failed, failure_of
+    from search.run.stages import failed_at, stopped_row
+
+    def failed(cid: str) -> Evaluation:
+        return Evaluation(Candidate.copy_of("m", cid), "dev", "failed", {}, reason="RuntimeError: no bfloat16 here", stage=0)
+
+    journal = {(cid, "dev", 0): failed(cid) for cid in ("a", "b")}
+    stops = [stopped_row(journal[(cid, "dev", 0)], 0, *failed_at(journal[(cid, "dev", 0)], 0)) for cid in ("a", "b")]
+    assert stops[0].status == STOPPED and stops[0].reason == "failed at stage 1"
+    assert all_failed(failure_of(s, journal) for s in stops) == "all 2 candidates failed, e.g. a: RuntimeError: no bfloat16 here"
+    sibling = stopped_row(replace(failed("c"), status="ok", reason=None), 0, "stage 1: 1 of 2 siblings stop", "a", "sibling")
+    assert all_failed(failure_of(s, journal) for s in [*stops, sibling]) is None
+    assert all_failed([]) is None

@@ -34,7 +34,7 @@ from search.models.sources import tensor_index
 from search.models.tensors import check_same_tensors
 from search.run.candidate import Candidate, Evaluation, format_score
 from search.run.modes import Mode, make_mode
-from search.run.scoring import STOPPED, Log, Scorer, check_generation
+from search.run.scoring import STOPPED, Log, Scorer, all_failed, check_generation, failure_of
 from search.run.stages import StagedScoring, stage_plan, staged_scoring
 from search.run.store import RunStore
 from search.run.weights import WeightBank
@@ -201,6 +201,12 @@ class Search:
         started = time.perf_counter()
         candidates = self.candidates(toolbox, generation, state)
         results = self.score(candidates, generation, state)
+        # The run goes on (members stay as they were), but a generation in which nothing could be
+        # scored almost always has one cause in the setup (a task, a dtype, a plan), not in its
+        # candidates, and every later generation would fail the same way.
+        failed = all_failed(failure_of(results[c.id], self.scorer.journal) for c in candidates)
+        if failed:
+            self.log.warn(f"generation {generation + 1}: {failed} (each row is in {self.store.journal_path})")
         objectives = self.mode.objectives
         if self.planner is not None:
             for c in candidates:

@@ -28,14 +28,30 @@ STOPPED = "stopped"  # the status (and journal stage key) of a candidate stopped
 
 
 def check_generation(evaluations, what: str) -> None:
-    """Stop with one line when every candidate of a generation failed: there is nothing to
-    select from, and the reason is almost always the same for all (bad data, a broken model).
-    The run loop calls it after each generation's (and the first population's) scoring."""
+    """Stop with one line when every candidate of the first population failed: there is
+    nothing to select from, and the reason is almost always the same for all (bad data, a
+    broken model). The run loop calls it after the first population's scoring."""
+    failed = all_failed(evaluations)
+    if failed:
+        raise RunFailed(f"{what}: {failed}")
+
+
+def all_failed(evaluations) -> str | None:
+    """'all N candidates failed, e.g. ID: REASON' when none of `evaluations` was scored (a stop
+    is a scored candidate; read a stop for failing through `failure_of` first), else None."""
     evaluations = list(evaluations)
-    if evaluations and not any(e.ok for e in evaluations):
-        first = evaluations[0]
-        reason = first.reason or first.status
-        raise RunFailed(f"{what}: all {len(evaluations)} candidates failed, e.g. {first.id}: {reason}")
+    if not evaluations or any(e.ok or e.status == STOPPED for e in evaluations):
+        return None
+    first = evaluations[0]
+    return f"all {len(evaluations)} candidates failed, e.g. {first.id}: {first.reason or first.status}"
+
+
+def failure_of(result: Evaluation, journal: dict) -> Evaluation:
+    """The row a staged candidate failed with: a stop for failing at a stage (rule `failed`,
+    reason 'failed at stage k') read through to that stage's journalled row and its error."""
+    if result.status == STOPPED and result.extra.get("rule") == "failed":
+        return journal.get((result.id, result.split, result.stage), result)
+    return result
 
 
 def journal_key(evaluation: Evaluation) -> tuple:
@@ -65,6 +81,10 @@ class Log:
     def __call__(self, message: str) -> None:
         if not self.quiet:
             tqdm.write(message, file=sys.stderr)
+
+    def warn(self, message: str) -> None:
+        """A line shown even with --quiet."""
+        tqdm.write(f"evofuse: warning: {message}", file=sys.stderr)
 
     def bar(self, total: int, desc: str) -> tqdm:
         return tqdm(total=total, desc=desc, disable=self.quiet, file=sys.stderr, leave=False)
