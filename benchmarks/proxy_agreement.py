@@ -20,11 +20,10 @@ import sys
 from collections import defaultdict
 from pathlib import Path
 
-import numpy as np
-
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
+from search.fitness.staged import spearman  # noqa: E402
 from search.run.store import RunStore  # noqa: E402
 
 
@@ -51,11 +50,6 @@ def plan_without(plan: list[dict] | None, ignored: tuple[str, ...]) -> list[dict
 def same_candidate(a: dict, b: dict, ignored: tuple[str, ...] = ()) -> bool:
     """One recipe and one plan, but for the step fields in `ignored`."""
     return a.get("recipe") == b.get("recipe") and plan_without(a.get("plan"), ignored) == plan_without(b.get("plan"), ignored)
-
-
-def spearman(x: list[float], y: list[float]) -> float:
-    rx, ry = np.argsort(np.argsort(x)), np.argsort(np.argsort(y))
-    return float(np.corrcoef(rx, ry)[0, 1])
 
 
 def compare(rows_a: list[dict], rows_b: list[dict], ignored: tuple[str, ...] = ()) -> dict:

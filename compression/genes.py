@@ -90,6 +90,12 @@ class PlanKnobs(BaseModel):
     group_size: PositiveInt = 7
 
 
+def ridge_field(ridge: float | None) -> dict:
+    """A prune_width step's `ridge` entry: {"ridge": ridge} when one is set, else nothing, so
+    the step keeps its own default and plans made before the setting read the same."""
+    return {} if ridge is None else {"ridge": ridge}
+
+
 @dataclass(frozen=True)
 class Budget:
     blocks_out: int  # blocks removed or fused
@@ -157,7 +163,7 @@ def compile_plan(genes: Genes, grid: WidthGrid, knobs: PlanKnobs = PlanKnobs()) 
     if widths:
         plan.append({"op": "prune_width", "ratio": widths, "target": grid.target,
                      "criterion": knobs.criterion, "reconstruct": knobs.reconstruct,
-                     **({"ridge": knobs.ridge} if knobs.ridge is not None else {})})
+                     **ridge_field(knobs.ridge)})
     removed = [i for i, a in enumerate(genes.blocks) if a == REMOVE]
     if removed:
         plan.append({"op": "remove_blocks", "blocks": removed})

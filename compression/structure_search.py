@@ -58,7 +58,7 @@ from compression import arch
 from compression.calibration import CalibrationData
 from compression.errors import CompressionError, first_validation_error
 from compression.genes import (
-    FUSE, KEEP, REMOVE, Budget, Genes, PlanKnobs, WidthGrid, budget_for, compile_plan, from_ranking, gene_rng,
+    FUSE, KEEP, REMOVE, Budget, Genes, PlanKnobs, WidthGrid, budget_for, compile_plan, from_ranking, gene_rng, ridge_field,
     mutate, ranking_prior, uniform_levels,
 )
 from compression.importance import ImportanceName, importance_fn
@@ -302,7 +302,7 @@ def width_variants(model: nn.Module, calibration: CalibrationData, grid: WidthGr
     blocks = arch.decoder_blocks(model)
     widest = PruneWidthStep(ratio={i: grid.ratio(max_level) for i in range(len(blocks))}, target=grid.target,
                             criterion=knobs.criterion, reconstruct=knobs.reconstruct,
-                            **({"ridge": knobs.ridge} if knobs.ridge is not None else {}))
+                            **ridge_field(knobs.ridge))
     grams = collect_width_stats(model, widest, calibration)
     variants = {}
     for i, block in enumerate(blocks):

@@ -26,6 +26,7 @@ from typing import Callable, Literal, Optional
 
 from pydantic import Field, field_validator, model_serializer, model_validator
 
+from compression.genes import ridge_field
 from search.schema import Strict
 
 
@@ -155,7 +156,7 @@ def suggest_plan(trial, space: SpaceConfig, num_layers: int) -> list[dict]:
         "target": trial.suggest_categorical("width_target", space.width_target),
         "criterion": trial.suggest_categorical("criterion", space.criterion),
         "reconstruct": trial.suggest_categorical("reconstruct", space.reconstruct),
-        **({"ridge": space.ridge} if space.ridge is not None else {}),
+        **ridge_field(space.ridge),
     }
     ttm = {
         "op": trial.suggest_categorical("ttm", space.ttm),
