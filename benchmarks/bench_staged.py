@@ -27,6 +27,7 @@ import subprocess
 import sys
 import time
 from pathlib import Path
+from typing import Sequence
 
 import yaml
 
@@ -35,7 +36,7 @@ RESULTS = ROOT / "benchmarks" / "results"
 WORK = ROOT / "benchmarks" / ".work" / "staged"
 sys.path.insert(0, str(ROOT))
 
-from search.config import load_config  # noqa: E402
+from search.config import apply_overrides, load_config  # noqa: E402
 from search.results.report import run_status  # noqa: E402
 from search.results.staging import full_dev_rows, last_stage, whole_scoring_s  # noqa: E402
 from search.run.candidate import Evaluation  # noqa: E402
@@ -48,8 +49,10 @@ def evofuse(*args: str) -> None:
         raise SystemExit(f"evofuse {' '.join(args)} failed:\n{proc.stderr[-3000:]}")
 
 
-def variant(config: Path, name: str, seed: int, full: bool, generations: int | None, keep: bool) -> dict:
-    """Run one config variant (or reuse it with --keep) and measure it."""
+def variant(config: Path, name: str, seed: int, full: bool, generations: int | None, keep: bool,
+            overrides: Sequence[str] = ()) -> dict:
+    """Run one config variant (or reuse it with --keep) and measure it. `overrides` (`--set`)
+    apply to both variants of a pair, after what makes one of them full scoring."""
     raw = yaml.safe_load(config.read_text())
     raw.update(name=name, seed=seed, export_top=0)
     if full:
@@ -57,6 +60,7 @@ def variant(config: Path, name: str, seed: int, full: bool, generations: int | N
         raw["evolver"]["offspring_per_member"] = 1
     if generations is not None:
         raw["evolver"]["generations"] = generations
+    raw = apply_overrides(raw, overrides)
     WORK.mkdir(parents=True, exist_ok=True)
     path, run_dir = WORK / f"{name}.yaml", WORK / name
     path.write_text(yaml.safe_dump(raw, sort_keys=False))
@@ -118,8 +122,8 @@ def measure(run_dir: Path, name: str, full: bool) -> dict:
         "judged_per_hour_actor_without_audit": round(judged / (actor_s - audit_s) * 3600, 1) if actor_s > audit_s else None,
         "judged_per_hour_wall": round(judged / search_s * 3600, 1) if search_s else None,
         "judged_per_hour_actor": round(judged / actor_s * 3600, 1) if actor_s else None,
-        "actor_s_per_judged": round(actor_s / judged, 1) if judged else None,
-        "actor_s_per_full_evaluation": round(sum(full_costs) / len(full_costs), 1) if full_costs else None,
+        "actor_s_per_judged": round(actor_s / judged, 2) if judged else None,
+        "actor_s_per_full_evaluation": round(sum(full_costs) / len(full_costs), 2) if full_costs else None,
         "best_id": best["id"],
         "best_generation": int(best["id"][1:4]) + 1 if best["id"].startswith("g") else 0,
         "best_dev": round(best["score"], 4),
@@ -129,12 +133,13 @@ def measure(run_dir: Path, name: str, full: bool) -> dict:
 
 
 def compare(config: Path, label: str, seeds: list[int], keep: bool, concurrent: int | None = None,
-            full_generations: int | None = None, tag: str = "", staged_only: bool = False) -> list[dict]:
+            full_generations: int | None = None, tag: str = "", staged_only: bool = False,
+            overrides: Sequence[str] = ()) -> list[dict]:
     if concurrent:
-        return [row for seed in seeds for row in side_by_side(config, label, seed, keep, concurrent, tag)]
+        return [row for seed in seeds for row in side_by_side(config, label, seed, keep, concurrent, tag, overrides)]
     rows = []
     for seed in seeds:
-        staged = variant(config, f"{label}-staged{tag}-s{seed}", seed, full=False, generations=None, keep=keep)
+        staged = variant(config, f"{label}-staged{tag}-s{seed}", seed, False, None, keep, overrides)
         per_generation = staged["search_wall_s"] / max(1, staged["generations"])
         staged["wall_s_per_generation"] = round(per_generation, 1)
         if staged_only:  # a variant of the staged run, compared with full runs measured before
@@ -142,15 +147,16 @@ def compare(config: Path, label: str, seeds: list[int], keep: bool, concurrent: 
             continue
         generations = full_generations
         if generations is None:  # as many full-scoring generations as fit in the staged run's time
-            probe = variant(config, f"{label}-full-probe-s{seed}", seed, full=True, generations=1, keep=keep)
+            probe = variant(config, f"{label}-full-probe{tag}-s{seed}", seed, True, 1, keep, overrides)
             generations = max(1, round(staged["search_wall_s"] / max(probe["search_wall_s"], 1e-9)))
-        full = variant(config, f"{label}-full-s{seed}", seed, full=True, generations=generations, keep=keep)
+        full = variant(config, f"{label}-full{tag}-s{seed}", seed, True, generations, keep, overrides)
         full["equal_time_generations"] = generations
         rows += [staged, full]
     return rows
 
 
-def side_by_side(config: Path, label: str, seed: int, keep: bool, full_generations: int, tag: str = "") -> list[dict]:
+def side_by_side(config: Path, label: str, seed: int, keep: bool, full_generations: int, tag: str = "",
+                 overrides: Sequence[str] = ()) -> list[dict]:
     """The staged run and a full-scoring run of `full_generations` at the same time, each with
     its own Ray runtime: both see the same machine load, so equal wall time needs no probe on a
     shared machine whose load changes by the minute (pick `full_generations` so that the full
@@ -159,12 +165,26 @@ def side_by_side(config: Path, label: str, seed: int, keep: bool, full_generatio
     from concurrent.futures import ThreadPoolExecutor
 
     with ThreadPoolExecutor(2) as pool:
-        staged = pool.submit(variant, config, f"{label}-staged{tag}-s{seed}", seed, False, None, keep)
-        full = pool.submit(variant, config, f"{label}-full{tag}-s{seed}", seed, True, full_generations, keep)
+        staged = pool.submit(variant, config, f"{label}-staged{tag}-s{seed}", seed, False, None, keep, overrides)
+        full = pool.submit(variant, config, f"{label}-full{tag}-s{seed}", seed, True, full_generations, keep, overrides)
         rows = [staged.result(), full.result()]
     for row in rows:
         row["concurrent"] = True
     return rows
+
+
+def machine() -> str:
+    """Where the runs ran: the GPU when there is one (actors take it through `workers.num_gpus`),
+    and the CPU's model and core count."""
+    import os
+    import platform
+
+    import torch
+
+    cpu = next((line.split(":", 1)[1].strip() for line in Path("/proc/cpuinfo").read_text().splitlines()
+                if line.startswith("model name")), platform.processor()) if Path("/proc/cpuinfo").is_file() else platform.processor()
+    gpu = f"{torch.cuda.get_device_name(0)}, " if torch.cuda.is_available() else ""
+    return f"{gpu}{cpu}, {os.cpu_count()} CPUs, torch {torch.__version__}, Python {platform.python_version()}"
 
 
 def table(rows: list[dict]) -> str:
@@ -218,6 +238,9 @@ def main() -> None:
     parser.add_argument("--config", type=Path, help="with --only: this config instead of the demo's (a variant to compare)")
     parser.add_argument("--tag", default="", help="appended to the staged runs' names (--tag=-l8: a variant's runs)")
     parser.add_argument("--staged-only", action="store_true", help="the staged runs alone (full runs measured before)")
+    parser.add_argument("--set", action="append", default=[], dest="overrides", metavar="KEY=VALUE",
+                        help="set a config field in every run, as evofuse search's --set (e.g. workers.num_gpus=0.25)")
+    parser.add_argument("--suffix", default="", help="results in staged{SUFFIX}.md/.json (--suffix=_h200: another machine's)")
     args = parser.parse_args()
     if args.config and not args.only:
         parser.error("--config needs --only")
@@ -234,12 +257,14 @@ def main() -> None:
         if args.only and label != args.only:
             continue
         rows += compare(args.config or config, ("quick-" if args.quick else "") + label, seeds, args.keep,
-                        args.concurrent, args.full_generations, args.tag, args.staged_only)
-    name = "staged_quick" if args.quick else "staged"
+                        args.concurrent, args.full_generations, args.tag, args.staged_only, args.overrides)
+    name = ("staged_quick" if args.quick else "staged") + args.suffix
     RESULTS.mkdir(parents=True, exist_ok=True)
     rows = kept_rows(RESULTS / f"{name}.json", rows) + rows
     (RESULTS / f"{name}.json").write_text(json.dumps({"rows": rows, "wall_s": round(time.time() - started)}, indent=1))
-    text = f"# Staged fitness vs full scoring ({'tiny models' if args.quick else 'SmolLM2-135M demo experts'})\n\n{table(rows)}\n"
+    title = f"# Staged fitness vs full scoring ({'tiny models' if args.quick else 'SmolLM2-135M demo experts'})"
+    settings = f"; every run with `--set {' --set '.join(args.overrides)}`" if args.overrides else ""
+    text = f"{title}\n\nThe rows of this call: {machine()}{settings}.\n\n{table(rows)}\n"
     (RESULTS / f"{name}.md").write_text(text + kept_notes(RESULTS / f"{name}.md"))
     print(text)
 

@@ -3,8 +3,9 @@
 #
 # That machine has its own python3 with torch and transformers but no network, so what it lacks
 # travels with the call: the SmolLM2 GGUF (in two pieces: one call carries at most 64 MiB) and
-# the wheels of pydantic and gguf. Ray does not fit (its wheel alone is 79 MB), so these checks
-# run the search and scoring code in-process, not through actors:
+# the wheels of pydantic and gguf. Ray's wheel alone is 79 MB, so these checks run the search and
+# scoring code in-process, not through actors (benchmarks/device_search.sh carries Ray's core,
+# repacked, and runs the searches with actors):
 #   1. the depth structure search (8 of 30 blocks, NLL fitness, full settings) against the three
 #      rankings, + FuseGPT recovery: bench_structure.py --part depth, fp32 on the GPU;
 #   2. what a joint candidate costs to make and to judge at each fitness stage, bf16 on the GPU

@@ -105,6 +105,65 @@ class FakePool:
     def drain(self):
         self.calls.append("drain")
 
+    def add_spare(self, jobs, on_done):
+        self.calls.append(("spare", [job.id for job, _ in jobs]))
+
+
+class NoWeights:
+    def inputs_of(self, recipe):
+        return {}
+
+
+def test_idle_time_work_is_replaced_by_the_latest_final_set_never_twice(tmp_path):
+    """`score_when_idle` after a generation: the spare work not started is dropped (a member no
+    longer final), then the new set is queued in its order, less what is journalled and what
+    runs now."""
+    from evolve.recipe import Recipe
+    from search.run.candidate import Candidate
+    from search.run.scoring import Log, Scorer
+    from search.run.store import RunStore
+    from search.run.workers import ScoreJob
+
+    store = RunStore(tmp_path / "run")
+    store.root.mkdir()
+    pool = FakePool()
+    scorer = Scorer(store, pool, NoWeights(), {"acc": 1.0}, base_config=None, log=Log(quiet=True))
+    tests = [ScoreJob(Candidate(id=name, recipe=Recipe(op="copy", inputs=(name,))), split="test")
+             for name in ("base", "a", "g000-003", "g001-000")]
+    scorer.arrived(tests[1], scored("a"))  # journalled before
+    scorer.score_when_idle(tests)
+    assert pool.calls == ["drop", ("spare", ["g000-003", "g001-000"])]
+
+
+def test_the_final_set_is_the_parents_then_the_members_oldest_first():
+    """What the finish scores on the test splits, and the idle time scores ahead of it after each
+    generation: parents first, then the front (joint / compress) or the best `export_top`
+    members by dev score, oldest first; a published member is read from its stored weights."""
+    from types import SimpleNamespace
+
+    from evolve.population import member_from_json
+    from evolve.recipe import Recipe
+    from search.run.loop import Search
+
+    def member(cid, score):
+        return {"id": cid, "recipe": Recipe(op="copy", inputs=("a",)).to_dict(), "score": score,
+                "plan": [{"op": "remove_blocks", "blocks": [3]}] if cid.startswith("g") else None}
+
+    parents = SimpleNamespace(all=lambda: [SimpleNamespace(name="base"), SimpleNamespace(name="a")])
+    bank = SimpleNamespace(recipe_for_test=lambda cid, recipe: Recipe(op="copy", inputs=(cid,)) if cid == "g002-001" else recipe)
+    state = {"hall_of_fame": [member("g002-001", -1.0), member("a", -1.2), member("g000-004", -1.1)]}
+    joint = SimpleNamespace(config=SimpleNamespace(parents=parents, export_top=1), mode=SimpleNamespace(front_of_all=True),
+                            population=[], weights=bank)
+    tests = Search.final_tests(joint, state)
+    assert [c.id for c in tests] == ["base", "a", "g000-004", "g002-001"]
+    assert tests[3].recipe.inputs == ("g002-001",) and tests[2].recipe.inputs == ("a",)
+    assert tests[2].plan == ({"op": "remove_blocks", "blocks": [3]},) and tests[0].plan == ()
+
+    population = [member_from_json(member(cid, score)) for cid, score in (("g001-002", -0.70), ("g003-000", -0.60), ("g002-005", -0.65))]
+    merge = SimpleNamespace(config=SimpleNamespace(parents=parents, export_top=2), mode=SimpleNamespace(front_of_all=False),
+                            population=population, weights=bank)
+    assert [c.id for c in Search.final_tests(merge, state)] == ["base", "a", "g002-005", "g003-000"]
+
 
 def test_the_last_scoring_leaves_running_spare_work_to_finish_and_scores_the_rest(tmp_path):
     """The run's test splits: a parent's split running as spare work is not scored twice (it is
@@ -115,10 +174,6 @@ def test_the_last_scoring_leaves_running_spare_work_to_finish_and_scores_the_res
     from search.run.scoring import Log, Scorer
     from search.run.store import RunStore
     from search.run.workers import ScoreJob
-
-    class NoWeights:
-        def inputs_of(self, recipe):
-            return {}
 
     store = RunStore(tmp_path / "run")
     store.root.mkdir()

@@ -10,8 +10,9 @@ A run (see DESIGN.md, "The flow of one generation"):
                 selects survivors, new members' weights are stored, the hall of fame / Pareto
                 front is updated, a logbook line and a checkpoint are written
     finish      parents and the best candidates are scored on the test splits (reported,
-                never used to select); the parents' are scored during the generations by
-                actors that would otherwise wait (`Scorer.score_when_idle`)
+                never used to select); the parents', and after each generation those of the
+                members that would be final then, are scored during the generations by actors
+                that would otherwise wait (`Scorer.score_when_idle`)
 
 Resume: offspring ids and recipes are a pure function of (seed, generation, population), and
 the plans asked for a generation are checkpointed before it is scored, so a resumed run
@@ -97,14 +98,17 @@ class Search:
     def run(self) -> dict:
         state = self.store.read_state() or self.initial_state()
         self.restore(state)
-        # The parents' test splits are scored by actors that would otherwise wait (a generation's
-        # last full evaluation runs alone) instead of after the last generation.
-        self.scorer.score_when_idle([ScoreJob(Candidate.copy_of(p.name), split="test") for p in self.config.parents.all()])
+        # What the finish scores on the test splits is scored by actors that would otherwise wait
+        # (a generation's last full evaluation runs alone) instead of after the last generation:
+        # the parents' from the start, and after each generation the members that would be final
+        # if the run ended there.
+        self.scorer.score_when_idle([ScoreJob(c, split="test") for c in self.final_tests(state)])
         evo = self.config.evolver
         toolbox = make_toolbox(self.config.seed, evo.generations, evo.F, evo.CR, evo.strategy, evo.reference,
                                per_member=evo.offspring_per_member, shared_recipe=evo.share_recipe)
         for generation in range(state["generation"], evo.generations):
             state = self.run_generation(toolbox, generation, state)
+            self.scorer.score_when_idle([ScoreJob(c, split="test") for c in self.final_tests(state)])
         return self.finish(state)
 
     def initial_state(self) -> dict:
@@ -285,18 +289,25 @@ class Search:
         self.log(f"generation {generation + 1}: population merge ({recipe.op}) dev score {result.score:.4f}")
         return [self.mode.objectives.member(result)]
 
-    def finish(self, state: dict) -> dict:
-        """Score parents and the best members on the test splits; mark the run finished."""
+    def final_tests(self, state: dict) -> list[Candidate]:
+        """What the finish scores on the test splits, were the run to end at `state`: the parents,
+        then the whole Pareto front found so far (joint / compress) or the best `export_top`
+        members, oldest first (ids begin with their generation): the members most likely to
+        still be there at the end come first in idle time."""
         names = [p.name for p in self.config.parents.all()]
-        if self.mode.front_of_all:  # the whole Pareto front found so far
+        if self.mode.front_of_all:
             chosen = [member_from_json(m) for m in state["hall_of_fame"]]
         else:
             chosen = sorted(self.population, key=member_score, reverse=True)[: max(1, self.config.export_top)]
-        tests = [Candidate.copy_of(n) for n in names]
-        tests += [Candidate(id=m["id"], recipe=self.weights.recipe_for_test(m["id"], Recipe.from_dict(m["recipe"])),
-                            plan=tuple(m.get("plan") or ())) for m in chosen if m["id"] not in names]
-        # the parents' tests, scored in idle time (`run`), are journalled or finish beside these
-        self.scorer.evaluate_final([ScoreJob(c, split="test") for c in tests], "test splits")
+        members = sorted((m for m in chosen if m["id"] not in names), key=lambda m: m["id"])
+        return [Candidate.copy_of(n) for n in names] + [
+            Candidate(id=m["id"], recipe=self.weights.recipe_for_test(m["id"], Recipe.from_dict(m["recipe"])),
+                      plan=tuple(m.get("plan") or ())) for m in members]
+
+    def finish(self, state: dict) -> dict:
+        """Score parents and the best members on the test splits; mark the run finished."""
+        # those scored in idle time (`run`) are journalled, or finish beside the rest
+        self.scorer.evaluate_final([ScoreJob(c, split="test") for c in self.final_tests(state)], "test splits")
         state = {**state, "status": "finished", "finished": time.time()}
         self.store.write_state(state)
         return state

@@ -196,10 +196,15 @@ class Scorer:
         return evaluation
 
     def score_when_idle(self, jobs: list[ScoreJob]) -> None:
-        """Score `jobs` on actors that would otherwise wait (`EvaluatorPool.add_spare`), each
-        journalled when it finishes; nothing reads them before `evaluate_final`: the run's parents'
-        test splits, scored in the generations' idle time instead of after them."""
-        todo = [job for job in jobs if (job.id, job.split, job.stage) not in self.journal]
+        """From now on, the idle-time work is `jobs`: scored, in order, on actors that would
+        otherwise wait (`EvaluatorPool.add_spare`), each journalled when it finishes; nothing
+        reads them before `evaluate_final` (the test splits of the run's parents and of the
+        members that would be final, scored in the generations' idle time instead of after
+        them). Work queued before and not started is dropped (a member no longer final); what is
+        journalled or running is not queued again."""
+        self.pool.drop_spare()
+        running = self.pool.spare_in_flight()
+        todo = [job for job in jobs if (key := (job.id, job.split, job.stage)) not in self.journal and key not in running]
         if todo:
             self.pool.add_spare([(job, self.weights.inputs_of(job.candidate.recipe)) for job in todo], self.arrived)
 
