@@ -27,13 +27,8 @@ echo "gguf sha256 $(sha256sum "$gguf" | cut -c1-64) (expected ${GGUF_SHA256:-unk
 nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv,noheader
 python3 -c "import torch, transformers; print('torch', torch.__version__, 'transformers', transformers.__version__)"
 
-step() {  # step NAME SECONDS COMMAND...: one check, its log kept even when it fails or runs out of time
-    local name=$1 limit=$2; shift 2
-    local start=$SECONDS
-    timeout "$limit" "$@" >"$OUT/$name.log" 2>&1
-    echo "$name: exit $? after $((SECONDS - start)) s"
-    tail -n 4 "$OUT/$name.log"
-}
+# step NAME SECONDS COMMAND...: one check, its log kept even when it fails or runs out of time
+source "$(dirname "$0")/device_search.sh"
 
 step depth 240 python3 benchmarks/bench_structure.py --part depth --fitness nll --device cuda --threads 8 --suffix _nll_h200
 step costs 150 python3 -m benchmarks.joint_stage_costs --device cuda --dtype bfloat16 --base --threads 8 --suffix _h200

@@ -107,4 +107,5 @@ print(resolve_parents(load_config('configs/demo.yaml'), quiet=True))"
     ls -l "$OUT"
 }
 
-"$@"
+# a verb when run (`bash benchmarks/device_search.sh run`); only the functions when sourced
+if [[ "${BASH_SOURCE[0]}" == "$0" ]]; then "$@"; fi
