@@ -18,6 +18,8 @@ work, `--concurrent N` runs the staged run and an N-generation full run at the s
 
     python -m benchmarks.bench_staged            # SmolLM2-135M demo + joint demo (long: ~1 h on 2 cores)
     python -m benchmarks.bench_staged --quick    # tiny models, two seeds each (the seed-to-seed spread)
+    python -m benchmarks.bench_staged --only joint --concurrent 10 --set workers.num_gpus=0.125 \
+        --suffix _joint_h200                     # on a GPU (benchmarks/device_search.sh)
 """
 from __future__ import annotations
 
