@@ -24,6 +24,7 @@ work, `--concurrent N` runs the staged run and an N-generation full run at the s
 from __future__ import annotations
 
 import argparse
+import copy
 import json
 import subprocess
 import sys
@@ -51,18 +52,25 @@ def evofuse(*args: str) -> None:
         raise SystemExit(f"evofuse {' '.join(args)} failed:\n{proc.stderr[-3000:]}")
 
 
-def variant(config: Path, name: str, seed: int, full: bool, generations: int | None, keep: bool,
-            overrides: Sequence[str] = ()) -> dict:
-    """Run one config variant (or reuse it with --keep) and measure it. `overrides` (`--set`)
-    apply to both variants of a pair, after what makes one of them full scoring."""
-    raw = yaml.safe_load(config.read_text())
+def variant_config(raw: dict, name: str, seed: int, full: bool, generations: int | None,
+                   overrides: Sequence[str] = ()) -> dict:
+    """One run's config from the pair's: its name and seed, no exports; full scoring is every
+    candidate on the full dev sets with one offspring per member (the search as it was). The
+    `overrides` (`--set`) apply to both runs of a pair, last."""
+    raw = copy.deepcopy(raw)
     raw.update(name=name, seed=seed, export_top=0)
     if full:
         raw["fitness"] = {"stages": [1.0]}
         raw["evolver"]["offspring_per_member"] = 1
     if generations is not None:
         raw["evolver"]["generations"] = generations
-    raw = apply_overrides(raw, overrides)
+    return apply_overrides(raw, overrides)
+
+
+def variant(config: Path, name: str, seed: int, full: bool, generations: int | None, keep: bool,
+            overrides: Sequence[str] = ()) -> dict:
+    """Run one config variant (or reuse it with --keep) and measure it."""
+    raw = variant_config(yaml.safe_load(config.read_text()), name, seed, full, generations, overrides)
     WORK.mkdir(parents=True, exist_ok=True)
     path, run_dir = WORK / f"{name}.yaml", WORK / name
     path.write_text(yaml.safe_dump(raw, sort_keys=False))
