@@ -191,8 +191,9 @@ def machine() -> str:
 
     import torch
 
-    cpu = next((line.split(":", 1)[1].strip() for line in Path("/proc/cpuinfo").read_text().splitlines()
-                if line.startswith("model name")), platform.processor()) if Path("/proc/cpuinfo").is_file() else platform.processor()
+    cpuinfo = Path("/proc/cpuinfo")
+    lines = cpuinfo.read_text().splitlines() if cpuinfo.is_file() else []
+    cpu = next((line.split(":", 1)[1].strip() for line in lines if line.startswith("model name")), platform.processor())
     gpu = f"{torch.cuda.get_device_name(0)}, " if torch.cuda.is_available() else ""
     return f"{gpu}{cpu}, {os.cpu_count()} CPUs, torch {torch.__version__}, Python {platform.python_version()}"
 

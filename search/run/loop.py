@@ -98,17 +98,15 @@ class Search:
     def run(self) -> dict:
         state = self.store.read_state() or self.initial_state()
         self.restore(state)
-        # What the finish scores on the test splits is scored by actors that would otherwise wait
-        # (a generation's last full evaluation runs alone) instead of after the last generation:
-        # the parents' from the start, and after each generation the members that would be final
-        # if the run ended there.
-        self.scorer.score_when_idle([ScoreJob(c, split="test") for c in self.final_tests(state)])
         evo = self.config.evolver
         toolbox = make_toolbox(self.config.seed, evo.generations, evo.F, evo.CR, evo.strategy, evo.reference,
                                per_member=evo.offspring_per_member, shared_recipe=evo.share_recipe)
         for generation in range(state["generation"], evo.generations):
-            state = self.run_generation(toolbox, generation, state)
+            # What the finish would score on the test splits were the run to end here (the
+            # parents, the members it would report) is scored by actors that would otherwise
+            # wait (a generation's last full evaluation runs alone), not after the last generation.
             self.scorer.score_when_idle([ScoreJob(c, split="test") for c in self.final_tests(state)])
+            state = self.run_generation(toolbox, generation, state)
         return self.finish(state)
 
     def initial_state(self) -> dict:
