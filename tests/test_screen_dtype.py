@@ -199,9 +199,12 @@ def test_linear_weights_are_cast_once_for_the_screen_and_put_back():
         plain = model(tokens)
         with linear_weights_as(model, torch.bfloat16):
             assert model[1].weight.dtype == model[1].bias.dtype == torch.bfloat16
-            assert model[0].weight.dtype == model[2].weight.dtype == torch.float32  # tied head, norm: as autocast has them
+            assert model[3].weight.dtype == torch.bfloat16  # the tied head: its own cast copy for the duration
+            assert model[0].weight.dtype == model[2].weight.dtype == torch.float32  # embedding, norm: as autocast has them
+            assert model[0].weight.data_ptr() == originals["0.weight"][0]
             cast = model(tokens)
     assert torch.equal(plain, cast) and plain.dtype == torch.bfloat16
+    assert model[3].weight is model[0].weight  # tied again
     for name, p in model.named_parameters():
         storage, values = originals[name]
         assert p.data_ptr() == storage and torch.equal(p.data, values)  # the same float32 storage, untouched

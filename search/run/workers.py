@@ -107,22 +107,35 @@ def linear_weights_as(model: torch.nn.Module, dtype: torch.dtype):
     cast of every weight (for a 1-token step of a 135M model on one core, more than the step
     itself: benchmarks/bench_screen_cost.py measures a whole first stage). Casting them once
     gives autocast the same bfloat16 operands, so the results are the same. Only linear layers:
-    embeddings and norms run in float32 under autocast and keep their weights, and a parameter
-    a linear layer shares with another module (a tied embedding and output head) is left to
-    autocast, so the residual stream stays float32 as plain autocast has it."""
-    linear, other = {}, set()
+    embeddings and norms run in float32 under autocast and keep their weights. A parameter a
+    linear layer shares with another module (a tied embedding and output head: a fifth of
+    SmolLM2-135M) is untied for the duration: the linear layer gets its own cast copy, the other
+    module keeps the float32 original, so the residual stream stays float32 as plain autocast
+    has it and the head is cast once rather than at every forward."""
+    owners: dict[int, list[tuple[torch.nn.Module, str]]] = {}
+    shared_with_other = set()
     for module in model.modules():
-        for param in module.parameters(recurse=False):
+        for name, param in module.named_parameters(recurse=False):
             if isinstance(module, torch.nn.Linear):
-                linear[id(param)] = param
+                owners.setdefault(id(param), []).append((module, name))
             else:
-                other.add(id(param))
-    kept = [(p, p.data) for key, p in linear.items() if key not in other and p.is_floating_point() and p.dtype != dtype]
+                shared_with_other.add(id(param))
+    params = {id(p): p for p in model.parameters()}
+    castable = [key for key in owners if params[key].is_floating_point() and params[key].dtype != dtype]
+    kept = [(params[key], params[key].data) for key in castable if key not in shared_with_other]
+    untied = [(module, name, params[key]) for key in castable if key in shared_with_other for module, name in owners[key]]
     try:
         for param, data in kept:
             param.data = data.to(dtype)
+        copies = {}
+        for module, name, param in untied:
+            if id(param) not in copies:
+                copies[id(param)] = torch.nn.Parameter(param.data.to(dtype), requires_grad=False)
+            module._parameters[name] = copies[id(param)]
         yield
     finally:
+        for module, name, param in untied:
+            module._parameters[name] = param
         for param, data in kept:
             param.data = data
 
