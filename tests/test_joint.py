@@ -180,6 +180,10 @@ def test_compress_mode_budget_and_pareto_export(compress_run, tmp_path):
     assert sum(r["plans_over_budget"] for r in store.read_logbook()) == len(pruned)
     scored = [e for e in store.read_journal() if e["split"] == "dev" and "trial" in e]
     assert len(scored) == 8 and all(e["status"] == "ok" and e["num_params"] <= budget for e in scored)
+    # The front's test splits read the models their dev scoring rebuilt; none is left behind.
+    tested = [e for e in store.read_journal() if e["split"] == "test" and e.get("plan")]
+    assert tested and all("rebuilt_read_s" in e["timing"] for e in tested)
+    assert not (run_dir / "rebuilt").exists()
     out = tmp_path / "pareto"
     exported = evofuse("export", str(run_dir), "--pareto", "--out", str(out))
     assert exported.returncode == 0, exported.stderr[-2000:]

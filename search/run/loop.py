@@ -21,8 +21,11 @@ rest. The population changes only in the checkpoint written at the end of a gene
 """
 from __future__ import annotations
 
+import shutil
+import socket
 import time
 from dataclasses import dataclass, field
+from pathlib import Path
 
 from compression.arch import num_blocks
 from evolve.population import generation_record, make_toolbox, member_from_json, member_score, member_to_json
@@ -39,7 +42,19 @@ from search.run.scoring import STOPPED, Log, Scorer, all_failed, check_generatio
 from search.run.stages import StagedScoring, stage_plan, staged_scoring
 from search.run.store import RunStore
 from search.run.weights import WeightBank
-from search.run.workers import EvaluatorPool, ScoreJob, WorkerSpec, init_ray
+from search.run.workers import EvaluatorPool, ScoreJob, WorkerSpec, init_ray, rebuilt_name
+
+
+def keep_rebuilt_of(directory: Path, final: list[Candidate]) -> None:
+    """Drop from `directory` the kept rebuilt models (and unfinished writes) of candidates the
+    finish would not test (`final`): those not selected, and members that left the front. Called
+    before a generation, whose candidates' models then wait there until the next call."""
+    if not directory.is_dir():
+        return
+    wanted = {rebuilt_name(c) for c in final if c.plan}
+    for path in directory.iterdir():
+        if path.name not in wanted:
+            shutil.rmtree(path, ignore_errors=True)
 
 
 @dataclass
@@ -81,6 +96,9 @@ class Search:
             proxy=config.fitness.proxy.model_dump() if config.fitness.proxy else None,
             shared_recipes=config.evolver.share_recipe,
             recipe_stats_bytes=None if workers.recipe_stats_gib is None else int(workers.recipe_stats_gib * 2**30),
+            # actors on the driver's host share the run directory: a test split reads the rebuilt model
+            rebuilt_dir=str(self.rebuilt_dir) if compressing else None,
+            rebuilt_host=socket.gethostname(),
         )
         self.parent_dirs = parent_dirs
         self.base_config = AutoConfig.from_pretrained(spec.template_dir, trust_remote_code=False)
@@ -105,7 +123,9 @@ class Search:
             # What the finish would score on the test splits were the run to end here (the
             # parents, the members it would report) is scored by actors that would otherwise
             # wait (a generation's last full evaluation runs alone), not after the last generation.
-            self.scorer.score_when_idle([ScoreJob(c, split="test") for c in self.final_tests(state)])
+            final = self.final_tests(state)
+            keep_rebuilt_of(self.rebuilt_dir, final)
+            self.scorer.score_when_idle([ScoreJob(c, split="test") for c in final])
             state = self.run_generation(toolbox, generation, state)
         return self.finish(state)
 
@@ -116,7 +136,7 @@ class Search:
         checksums = self.weights.keep_all(seeds)
         candidates = [Candidate.copy_of(n) for n in names] + [Candidate(id=n, recipe=r) for n, r in seeds.items()]
         staged = self.config.fitness.staged  # members' per-example scores serve every later comparison
-        jobs = [ScoreJob(c, per_example=staged) for c in candidates]
+        jobs = [ScoreJob(c, per_example=staged, keep_rebuilt=bool(c.plan)) for c in candidates]
         if staged:  # and, with a screening dtype, those of the screening items they are compared on
             dev_items = self.pool.task_sizes("dev")
             plan = stage_plan(self.config, dev_items)
@@ -273,7 +293,7 @@ class Search:
         if self.staged is None:
             subsample = self.config.evolver.subsample  # a fresh draw per generation when set; else the
             seed = generation if subsample else 0  # tasks' own fixed items, as the parents were scored
-            jobs = [ScoreJob(c, subsample=subsample, subsample_seed=seed) for c in candidates]
+            jobs = [ScoreJob(c, subsample=subsample, subsample_seed=seed, keep_rebuilt=bool(c.plan)) for c in candidates]
             return self.scorer.evaluate(jobs, desc)
         return self.staged.score(candidates, desc, state["hall_of_fame"])
 
@@ -302,10 +322,17 @@ class Search:
             Candidate(id=m["id"], recipe=self.weights.recipe_for_test(m["id"], Recipe.from_dict(m["recipe"])),
                       plan=tuple(m.get("plan") or ())) for m in members]
 
+    @property
+    def rebuilt_dir(self) -> Path:
+        """Rebuilt models of candidates with a plan, kept for their test splits
+        (`ScoreJob.keep_rebuilt`); gone when the run finishes."""
+        return self.store.root / "rebuilt"
+
     def finish(self, state: dict) -> dict:
         """Score parents and the best members on the test splits; mark the run finished."""
         # those scored in idle time (`run`) are journalled, or finish beside the rest
         self.scorer.evaluate_final([ScoreJob(c, split="test") for c in self.final_tests(state)], "test splits")
+        shutil.rmtree(self.rebuilt_dir, ignore_errors=True)  # every test split is journalled
         state = {**state, "status": "finished", "finished": time.time()}
         self.store.write_state(state)
         return state

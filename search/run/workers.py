@@ -18,13 +18,16 @@ from __future__ import annotations
 
 import contextlib
 import copy
+import hashlib
 import json
 import os
+import shutil
 import socket
 import time
 import warnings
 from collections import deque
 from dataclasses import dataclass, field, replace
+from pathlib import Path
 from typing import Any, Callable
 
 import numpy as np
@@ -86,6 +89,8 @@ class WorkerSpec:
     proxy: dict | None = None  # staged fitness: the first stage's task ({kind, data, options}), named PROXY
     shared_recipes: bool = False  # candidates share recipes (evolver.share_recipe): cache per-recipe statistics
     recipe_stats_bytes: int | None = None  # whole width statistics kept per recipe at most (default: the model's size)
+    rebuilt_dir: str | None = None  # where a planned candidate's rebuilt model waits for its test split (`keep_rebuilt`)
+    rebuilt_host: str | None = None  # ... on this host, the driver's: actors elsewhere neither write nor read there
 
 
 def all_finite(tensors) -> bool:
@@ -156,6 +161,14 @@ def resolve_dtype(dtype: str, device: torch.device) -> torch.dtype:
     return getattr(torch, dtype)
 
 
+def rebuilt_name(candidate: Candidate) -> str:
+    """A kept rebuilt model's directory name: the candidate's id and a digest of its plan. Not of
+    its recipe: a member's test split reads its stored weights (a `copy` recipe) where its dev
+    scoring replayed the recipe that made them, the same weights."""
+    plan = json.dumps(candidate.plan, sort_keys=True)
+    return f"{candidate.id}-{hashlib.sha256(plan.encode()).hexdigest()[:12]}"
+
+
 PROXY = "_proxy"  # the task name of a staged run's proxy first stage
 
 
@@ -184,6 +197,10 @@ class ScoreJob:
     # stage `extends` (same items below, same precision); the driver joins the two
     # (`Evaluation.joined`), so no item is scored twice for one candidate.
     extends: int | None = None
+    # A candidate that may be reported: after this job, its rebuilt model (plan applied with its
+    # reconstruction) is written under `WorkerSpec.rebuilt_dir`, and its test split's job loads
+    # it there instead of rebuilding it.
+    keep_rebuilt: bool = False
 
     @property
     def id(self) -> str:
@@ -242,7 +259,10 @@ class Evaluator:
         faults.crash_once(candidate.id)
         reconstruct = not (job.tasks == (PROXY,) and self.spec.proxy.get("unreconstructed"))
         key = (candidate.id, candidate.recipe.fingerprint(), json.dumps(candidate.plan, sort_keys=True), reconstruct)
-        if self._planned is not None and self._planned[0] == key:
+        kept = self._read_rebuilt(candidate, job) if job.split == "test" and reconstruct else None
+        if kept is not None:
+            model = kept  # built for its dev scoring: the working model stays as it is
+        elif self._planned is not None and self._planned[0] == key:
             model = self._planned[1]  # the next stage of the candidate this actor just scored
         else:
             self._planned = None  # free the previous candidate's compressed model first (it shares these weights)
@@ -276,10 +296,57 @@ class Evaluator:
         result["timing"] = {"materialize_s": round(materialized - start, 4), "score_s": round(scored - materialized, 4)}
         if screen_s is not None:
             result["timing"]["screen_s"] = screen_s
+        if job.keep_rebuilt and candidate.plan and reconstruct and result["status"] == "ok" and self._write_rebuilt(candidate, model):
+            result["timing"]["keep_s"] = round(time.perf_counter() - scored, 4)
+        if kept is not None:  # the making was reading the model the candidate's dev scoring built
+            result["timing"]["rebuilt_read_s"] = result["timing"]["materialize_s"]
         memory = memory_after_job()
         if memory:
             result["memory"] = memory
         return result
+
+    def _rebuilt_path(self, candidate: Candidate) -> Path | None:
+        """Where `candidate`'s rebuilt model is kept (`rebuilt_name`), on the driver's host."""
+        if not self.spec.rebuilt_dir or not candidate.plan or socket.gethostname() != self.spec.rebuilt_host:
+            return None
+        return Path(self.spec.rebuilt_dir) / rebuilt_name(candidate)
+
+    def _write_rebuilt(self, candidate: Candidate, model) -> bool:
+        """Write the candidate's rebuilt model (`compression.loader` format) for its test split,
+        into a temporary directory renamed when complete: a reader finds a whole model or none.
+        False when there is nowhere to keep it or it is kept already."""
+        from compression.loader import save_compressed
+
+        final = self._rebuilt_path(candidate)
+        if final is None or final.is_dir():
+            return False
+        partial = final.with_name(f"{final.name}.partial-{os.getpid()}")
+        shutil.rmtree(partial, ignore_errors=True)
+        try:
+            save_compressed(model, None, partial)
+            os.replace(partial, final)
+        except OSError as exc:  # a full disk costs the rebuild later, not the run
+            shutil.rmtree(partial, ignore_errors=True)
+            warnings.warn(f"{candidate.id}: could not keep the rebuilt model ({exc}); its test split rebuilds it")
+            return False
+        return True
+
+    def _read_rebuilt(self, candidate: Candidate, job: ScoreJob):
+        """The candidate's kept rebuilt model, loaded beside the working model (as a plan's new
+        tensors are held beside it), or None where there is none or it does not load, or where
+        a `kl` task needs the candidate's dense weights in the working model as its reference."""
+        from compression.loader import StructureError, load_compressed
+
+        path = self._rebuilt_path(candidate)
+        if path is None or not path.is_dir():
+            return None
+        if any(self._task_specs[name]["kind"] == "kl" for name in job.tasks or self._run_tasks):
+            return None
+        try:
+            return load_compressed(path, dtype=self.dtype).to(self.device)
+        except (StructureError, OSError, RuntimeError) as exc:
+            warnings.warn(f"{candidate.id}: the kept rebuilt model does not load ({exc}); rebuilding it")
+            return None
 
     def _hold_recipe(self, candidate: Candidate, refs: dict) -> None:
         """Make the working model hold the candidate's recipe, unless it already does (a sibling
