@@ -136,7 +136,7 @@ class Search:
         checksums = self.weights.keep_all(seeds)
         candidates = [Candidate.copy_of(n) for n in names] + [Candidate(id=n, recipe=r) for n, r in seeds.items()]
         staged = self.config.fitness.staged  # members' per-example scores serve every later comparison
-        jobs = [ScoreJob(c, per_example=staged, keep_rebuilt=bool(c.plan)) for c in candidates]
+        jobs = [ScoreJob(c, per_example=staged, keep_rebuilt=True) for c in candidates]
         if staged:  # and, with a screening dtype, those of the screening items they are compared on
             dev_items = self.pool.task_sizes("dev")
             plan = stage_plan(self.config, dev_items)
@@ -293,7 +293,7 @@ class Search:
         if self.staged is None:
             subsample = self.config.evolver.subsample  # a fresh draw per generation when set; else the
             seed = generation if subsample else 0  # tasks' own fixed items, as the parents were scored
-            jobs = [ScoreJob(c, subsample=subsample, subsample_seed=seed, keep_rebuilt=bool(c.plan)) for c in candidates]
+            jobs = [ScoreJob(c, subsample=subsample, subsample_seed=seed, keep_rebuilt=True) for c in candidates]
             return self.scorer.evaluate(jobs, desc)
         return self.staged.score(candidates, desc, state["hall_of_fame"])
 

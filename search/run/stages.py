@@ -104,7 +104,7 @@ class StagePlan:
             return replace(self.added_items(job, drawn), autocast=self.screen_dtype)
         if not member:  # an audit: stopped at some stage, scored whole
             return job
-        job = replace(job, keep_rebuilt=bool(candidate.plan))  # its test split will read it
+        job = replace(job, keep_rebuilt=True)  # a member-to-be: its test split will read its rebuilt model
         return self.added_items(self.with_screening(job, candidate.generation), drawn)
 
     def extends(self, stage: int) -> bool:

@@ -198,8 +198,8 @@ class ScoreJob:
     # (`Evaluation.joined`), so no item is scored twice for one candidate.
     extends: int | None = None
     # A candidate that may be reported: after this job, its rebuilt model (plan applied with its
-    # reconstruction) is written under `WorkerSpec.rebuilt_dir`, and its test split's job loads
-    # it there instead of rebuilding it.
+    # reconstruction), if it has a plan, is written under `WorkerSpec.rebuilt_dir`, and its test
+    # split's job loads it there instead of rebuilding it.
     keep_rebuilt: bool = False
 
     @property
