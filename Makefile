@@ -1,13 +1,19 @@
 # evofuse: `make demo` runs the demo search on SmolLM2-135M; `make test` runs the test suite.
-# Both create .venv and install pinned packages first (CPU torch 2.13.0 from this machine's disk).
+# Both create .venv and install pinned packages first (CPU torch 2.13.0 from this machine's disk):
+# `make demo` what evofuse runs on (requirements.txt), `make test` and `make bench` that and the
+# tests' and benchmarks' packages too (requirements-test.txt: pytest, mergekit, lm-eval; half
+# a minute more of install, which a first demo does not wait for).
 PYTHON ?= python3
 VENV := .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
+TEST_STAMP := $(VENV)/.installed-test
 
-.PHONY: install demo test test-fast bench clean
+.PHONY: install install-test demo test test-fast bench clean
 
 install: $(STAMP)
+
+install-test: $(TEST_STAMP)
 
 $(STAMP): pyproject.toml requirements.txt
 	$(PYTHON) -m venv $(VENV)
@@ -22,6 +28,10 @@ $(STAMP): pyproject.toml requirements.txt
 	$(BIN)/python -m compileall -q search evolve compression
 	touch $(STAMP)
 
+$(TEST_STAMP): $(STAMP) requirements-test.txt
+	$(BIN)/pip install -q -r requirements-test.txt
+	touch $(TEST_STAMP)
+
 demo: $(STAMP)
 	$(BIN)/evofuse demo
 
@@ -30,13 +40,13 @@ demo: $(STAMP)
 # (11-12 min on a 2-core AMD EPYC VM against 19-20 min one at a time; README).
 PYTEST := $(BIN)/python -m pytest -q -n 2 --dist loadscope
 
-test: $(STAMP)
+test: $(TEST_STAMP)
 	$(PYTEST) tests
 
-test-fast: $(STAMP)
+test-fast: $(TEST_STAMP)
 	$(PYTEST) -m "not slow" tests
 
-bench: $(STAMP)
+bench: $(TEST_STAMP)
 	$(BIN)/python -m benchmarks.run_all
 
 clean:
