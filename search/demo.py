@@ -20,7 +20,7 @@ def demo_config(native_bfloat16: bool | None = None) -> Path:
     """The demo's config for this machine. demo.yaml screens its 384 offspring in bfloat16 where
     the CPU multiplies it (`fitness.screen_dtype: auto`); where torch emulates bfloat16 they are
     screened in float32 and that demo takes about 30 minutes on two cores, so there the demo is
-    demo-float32.yaml: the same search with 128 offspring in one step, which fits the demo's
+    demo-float32.yaml: the same search with 160 offspring in one step, which fits the demo's
     15 minutes (README, "The demo")."""
     from search.config import load_config
     from search.run.stages import resolved_screen_dtype
