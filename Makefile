@@ -1,8 +1,8 @@
 # evofuse: `make demo` runs the demo search on SmolLM2-135M; `make test` runs the test suite.
 # Both create .venv and install pinned packages first (CPU torch 2.13.0 from this machine's disk):
 # `make demo` what evofuse runs on (requirements.txt), `make test` and `make bench` that and the
-# tests' and benchmarks' packages too (requirements-test.txt: pytest, mergekit, lm-eval; half
-# a minute more of install, which a first demo does not wait for).
+# tests' and benchmarks' packages too (requirements-test.txt: pytest, mergekit, lm-eval; about
+# 16 s more of install here, which a first demo does not wait for).
 PYTHON ?= python3
 VENV := .venv
 BIN := $(VENV)/bin
