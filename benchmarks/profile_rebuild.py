@@ -41,14 +41,14 @@ PARTS = (
 )
 
 
-def journal_rows(run_dir: Path) -> list[dict]:
-    return [json.loads(line) for line in (run_dir / "journal.jsonl").open()]
+def full_dev(row: dict) -> bool:
+    """A dev scoring past a staged run's first stage (or any dev scoring of an unstaged run's)."""
+    return row.get("split") == "dev" and row.get("stage") not in (0, None)
 
 
 def rebuild_seconds(rows: list[dict]) -> dict[str, dict]:
     """Making seconds of planned candidates' whole dev evaluations and of their test splits."""
-    kinds = {"full dev": lambda r: r.get("split") == "dev" and r.get("stage") not in (0, None),
-             "test split": lambda r: r.get("split") == "test"}
+    kinds = {"full dev": full_dev, "test split": lambda r: r.get("split") == "test"}
     out = {}
     for kind, wanted in kinds.items():
         made = [r["timing"]["materialize_s"] for r in rows
@@ -88,14 +88,16 @@ def main() -> None:
     parser.add_argument("runs", type=Path, nargs="+")
     parser.add_argument("--name", default="rebuild_profile")
     args = parser.parse_args()
-    per_run = {str(run): rebuild_seconds(journal_rows(run)) for run in args.runs}
-    first = next((r for r in journal_rows(args.runs[0]) if r.get("plan") and r.get("split") == "dev"
-                  and r.get("stage") not in (0, None) and r.get("status") == "ok"), None)
+    from search.config import load_config
+    from search.run.store import RunStore
+
+    stores = [RunStore(run) for run in args.runs]
+    journals = [store.read_journal() for store in stores]
+    per_run = {str(run): rebuild_seconds(rows) for run, rows in zip(args.runs, journals)}
+    first = next((r for r in journals[0] if r.get("plan") and full_dev(r) and r.get("status") == "ok"), None)
     if first is None:
         raise SystemExit(f"{args.runs[0]}: no fully scored candidate with a plan in its journal")
-    from search.config import load_config
-
-    total, parts = profile_plan(first["plan"], load_config(args.runs[0] / "config.yaml").compress.space.calibration)
+    total, parts = profile_plan(first["plan"], load_config(stores[0].config_path).compress.space.calibration)
     lines = [f"# Where a joint candidate's rebuild goes (`python -m benchmarks.profile_rebuild "
              f"{' '.join(map(str, args.runs))}`)", "",
              f"{machine()}", "",
