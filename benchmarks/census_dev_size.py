@@ -1,0 +1,293 @@
+"""The family census on dev sets of other sizes: how a sibling rule's false stops, and their floor,
+move with the number of dev items (issue 14).
+
+A false sibling stop (`family_census.md`) is a stopped offspring at least as good in full as the
+member and the sibling chosen. On the demo's dev sets (32 text pieces, 64 and 64 right/wrong items)
+the demo's rule stops about a quarter of siblings falsely, and full scoring of every sibling on a
+second dev set of the same size about 5-7% ("the floor", `census_draws.md`). Both counts are set by
+how far apart siblings are against the dev sets' item noise: a first stage of a sixteenth of the
+items holds 4 right/wrong answers per task, and a 64-item dev set's own verdict between siblings
+0.01 apart is luck. This replay asks what the same rule does on larger (and smaller) dev sets.
+
+The census holds every offspring's score on every dev item of its family. Those items are taken as
+the population the tasks' items come from: a dev set of `scale` times the demo's size is drawn from
+each task's items with replacement (a bootstrap: a dev set four times as large is what the same
+source would give, to the extent that 64 items show the source), and on it
+
+- the rule (`top k1 > k2`, as in the census): stages drawn from that dev set with the config's
+  fractions and `min_items`, a fresh draw per generation, the best k1 of the first stage meet the
+  second, the best k2 of those are scored in full and the best in full is the family's choice;
+  its false stops are counted against the drawn dev set's full scores;
+- the floor: every offspring scored in full on a second dev set drawn independently at the same
+  size, the best there chosen and counted against the first.
+
+`--scales` lists the sizes; `own` is the census's dev sets themselves (each item once, the floor's
+second dev set a bootstrap of them), which reproduces `census_draws`' random draws and floor.
+A stage's share of the items is the config's at every size, so its share of a full evaluation's
+cost is too (less the making of the candidate, a fixed 0.3 s: larger dev sets make the ratio
+better).
+
+    python -m benchmarks.census_dev_size --draws 16
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+
+ROOT = Path(__file__).resolve().parent.parent
+RESULTS = ROOT / "benchmarks" / "results"
+sys.path.insert(0, str(ROOT))
+
+from search.config import load_config  # noqa: E402
+from search.fitness.staged import compare, stage_subsets  # noqa: E402
+
+Positions = dict[str, np.ndarray]  # {task: which census items a dev set (or stage) holds, repeats allowed}
+
+
+# ---------------------------------------------------------------------------------------------
+# A family as matrices: row 0 the member, then its offspring; one column per dev item
+# ---------------------------------------------------------------------------------------------
+
+@dataclass(frozen=True)
+class Family:
+    generation: int
+    ids: tuple[str, ...]  # row ids: the member's, then the offspring's
+    values: dict[str, np.ndarray]  # task -> (rows, items): each item's score (a right answer, a text piece's -NLL)
+    weights: dict[str, np.ndarray]  # task -> (rows, items): what the item counts for (1, a text piece's tokens)
+
+    @property
+    def sizes(self) -> dict[str, int]:
+        return {t: v.shape[1] for t, v in self.values.items()}
+
+
+def family_matrix(family: dict) -> Family:
+    """The census family as matrices, every row's items in the member's ascending id order."""
+    rows = [family["member"], *family["offspring"]]
+    values, weights = {}, {}
+    for task, member_examples in family["member"]["examples"].items():
+        ids = sorted(member_examples["index"])
+        columns = []
+        for row in rows:
+            e = row["examples"][task]
+            at = {i: k for k, i in enumerate(e["index"])}
+            if sorted(at) != ids:
+                raise ValueError(f"census family of {family['member']['id']}: {row['id']} was not scored on the member's {task} items")
+            columns.append([(e["value"][at[i]], e["weight"][at[i]]) for i in ids])
+        table = np.asarray(columns, dtype=np.float64)  # (rows, items, 2)
+        values[task], weights[task] = table[..., 0], table[..., 1]
+    return Family(family["generation"], tuple(r["id"] for r in rows), values, weights)
+
+
+def scores(family: Family, held: Positions, task_weights: dict[str, float]) -> np.ndarray:
+    """Every row's aggregate on the items `held`: the weighted mean over tasks of each task's
+    sum(value) / sum(weight) (`search.fitness.spec.aggregate`)."""
+    total = sum(w * family.values[t][:, held[t]].sum(1) / family.weights[t][:, held[t]].sum(1) for t, w in task_weights.items())
+    return total / sum(task_weights.values())
+
+
+def examples_at(family: Family, row: int, held: Positions) -> dict:
+    """A row's per-example scores on the items `held`, each held item (a repeat too) one example."""
+    return {t: {"index": list(range(len(p))), "value": family.values[t][row, p].tolist(), "weight": family.weights[t][row, p].tolist()}
+            for t, p in held.items()}
+
+
+# ---------------------------------------------------------------------------------------------
+# Dev sets and their stages
+# ---------------------------------------------------------------------------------------------
+
+def own_dev_set(sizes: dict[str, int]) -> Positions:
+    return {t: np.arange(n) for t, n in sizes.items()}
+
+
+def drawn_dev_set(sizes: dict[str, int], scale: float, seed: int, stream: tuple[int, ...] = ()) -> Positions:
+    """A dev set of round(scale * n) items per task drawn with replacement from the task's n census
+    items. With scale 1 and no stream it is `census_draws.fresh_dev_set`'s bootstrap draw."""
+    return {t: np.random.default_rng([seed, k, *stream]).integers(0, n, size=max(1, round(scale * n)))
+            for k, (t, n) in enumerate(sorted(sizes.items()))}
+
+
+def stages_of(dev: Positions, fractions: list[float], min_items: int, seed: int, generation: int) -> list[Positions]:
+    """The screening stages' items of one seeded draw for one generation, drawn from `dev` as a run
+    draws them from its dev set (nested; the salt is `census_draws.drawn_items`', so on the census's
+    own dev sets these are its draws)."""
+    subsets = {t: stage_subsets(len(p), fractions, seed, salt=f"{t}/census draw, generation {generation}", min_items=min_items)
+               for t, p in dev.items()}
+    return [{t: p[subsets[t][k]] for t, p in dev.items()} for k in range(len(fractions) - 1)]
+
+
+# ---------------------------------------------------------------------------------------------
+# One family on one dev set
+# ---------------------------------------------------------------------------------------------
+
+def screened(family: Family, stages: list[Positions], caps: tuple[int, ...], task_weights: dict[str, float]) -> list[int]:
+    """The offspring rows scored in full under `top caps[0] > caps[1] > ...`: after each stage the
+    best `cap` by stage score go on (ties broken by id, as `census_draws.screen`)."""
+    alive = list(range(1, len(family.ids)))
+    for held, cap in zip(stages, caps):
+        stage = scores(family, held, task_weights)
+        alive = sorted(alive, key=lambda r: (-stage[r], family.ids[r]))[:cap]
+    return alive
+
+
+def verdict(family: Family, dev: Positions, scored: list[int], full: np.ndarray, task_weights: dict[str, float],
+            confidence: float) -> dict:
+    """What choosing the best of `scored` in full does to the family, judged on `dev` with its full
+    scores `full` (`family_census.outcome`): stopped offspring, the false stops (at least as good as
+    the member and the chosen one), those the dev set's paired test resolves, and the gain."""
+    chosen = max(scored, key=lambda r: (full[r], family.ids[r]))
+    holder = chosen if full[chosen] >= full[0] else 0
+    stopped = [r for r in range(1, len(family.ids)) if r not in scored]
+    false = [r for r in stopped if full[r] >= full[holder]]
+    holder_examples = examples_at(family, holder, dev)
+    resolved = [r for r in false
+                if not compare(holder_examples, examples_at(family, r, dev), task_weights, confidence).can_still_win]
+    return {"stopped": len(stopped), "false": len(false), "resolved": len(resolved), "gain": float(full[holder] - full[0])}
+
+
+def on_dev_set(families: list[Family], dev_of, second_of, caps: tuple[int, ...], fractions: list[float], min_items: int,
+               seed: int, task_weights: dict[str, float], confidence: float) -> dict:
+    """The rule and the floor on one draw: each family's dev set `dev_of(family)`, the floor's
+    second dev set `second_of(family)`; counts pooled over the families."""
+    rule = {"stopped": 0, "false": 0, "resolved": 0, "gain": 0.0}
+    floor = dict(rule)
+    for family in families:
+        dev = dev_of(family)
+        full = scores(family, dev, task_weights)
+        stages = stages_of(dev, fractions, min_items, seed, family.generation)
+        second = scores(family, second_of(family), task_weights)
+        floor_choice = max(range(1, len(family.ids)), key=lambda r: (second[r], family.ids[r]))
+        for total, scored in ((rule, screened(family, stages, caps, task_weights)), (floor, [floor_choice])):
+            for key, value in verdict(family, dev, scored, full, task_weights, confidence).items():
+                total[key] += value
+    for total in (rule, floor):
+        total["gain"] /= len(families)
+    return {"rule": rule, "floor": floor}
+
+
+def at_scale(families: list[Family], scale: float | None, caps: tuple[int, ...], fractions: list[float], min_items: int,
+             draws: int, task_weights: dict[str, float], confidence: float) -> dict:
+    """The rule and the floor over `draws` seeded draws at one dev-set size (None: the census's own
+    dev sets, the floor's second set a bootstrap of them): each rate's mean, least and most."""
+    runs = []
+    for seed in range(draws):
+        if scale is None:
+            dev_of = lambda f: own_dev_set(f.sizes)  # noqa: E731
+            second_of = lambda f, s=seed: drawn_dev_set(f.sizes, 1.0, s)  # noqa: E731
+        else:  # one dev set per draw, shared by the run's generations as a dev set is
+            dev = drawn_dev_set(families[0].sizes, scale, seed, (1,))
+            second = drawn_dev_set(families[0].sizes, scale, seed, (2,))
+            dev_of, second_of = (lambda f: dev), (lambda f: second)
+        runs.append(on_dev_set(families, dev_of, second_of, caps, fractions, min_items, seed, task_weights, confidence))
+    sizes = own_dev_set(families[0].sizes) if scale is None else drawn_dev_set(families[0].sizes, scale, 0)
+    stage_items = [{t: len(p) for t, p in held.items()} for held in stages_of(sizes, fractions, min_items, 0, 0)]
+    out = {"scale": scale, "items": {t: len(p) for t, p in sizes.items()}, "stage_items": stage_items}
+    for who in ("rule", "floor"):
+        rates = [r[who]["false"] / r[who]["stopped"] for r in runs]
+        out[who] = {"false_rate": float(np.mean(rates)), "false_low": min(rates), "false_high": max(rates),
+                    "resolved_rate": float(np.mean([r[who]["resolved"] / r[who]["stopped"] for r in runs])),
+                    "gain": float(np.mean([r[who]["gain"] for r in runs]))}
+    return out
+
+
+# ---------------------------------------------------------------------------------------------
+# The report
+# ---------------------------------------------------------------------------------------------
+
+def scale_name(scale: float | None) -> str:
+    return "own (each item once)" if scale is None else f"{scale:g}x, drawn"
+
+
+def table(rows: list[dict]) -> list[str]:
+    lines = ["| dev sets | items per task | first / second stage items | rule: false stops, mean (least - most) | "
+             "resolved | gain | floor: false stops, mean (least - most) | resolved | gain | rule over the floor |",
+             "|---|---|---|---|---|---|---|---|---|---|"]
+    for r in rows:
+        items = ", ".join(f"{t} {n}" for t, n in r["items"].items())
+        stages = " / ".join(", ".join(str(n) for n in s.values()) for s in r["stage_items"])
+        cells = [f"{x['false_rate']:.1%} ({x['false_low']:.1%} - {x['false_high']:.1%}) | {x['resolved_rate']:.1%} | {x['gain']:.4f}"
+                 for x in (r["rule"], r["floor"])]
+        lines.append(f"| {scale_name(r['scale'])} | {items} | {stages} | {cells[0]} | {cells[1]} | "
+                     f"{100 * (r['rule']['false_rate'] - r['floor']['false_rate']):+.1f} |")
+    return lines
+
+
+def parse_scales(text: str) -> list[float | None]:
+    scales = []
+    for part in text.split(","):
+        part = part.strip()
+        if part == "own":
+            scales.append(None)
+            continue
+        try:
+            value = float(part)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"--scales: {part!r} is neither 'own' nor a number") from None
+        if not value > 0:
+            raise argparse.ArgumentTypeError(f"--scales: {part!r} is not a positive size")
+        scales.append(value)
+    return scales
+
+
+def parse_caps(text: str) -> tuple[int, ...]:
+    try:
+        caps = tuple(int(k) for k in text.split(","))
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"--caps: {text!r} is not a comma-separated list of counts") from None
+    if not caps or min(caps) < 1 or list(caps) != sorted(caps, reverse=True):
+        raise argparse.ArgumentTypeError(f"--caps: {text!r} must be positive counts, none above the one before")
+    return caps
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--census", type=Path, action="append",
+                        help="family_census.py's results (repeatable; default: the seed-0 and seed-1 censuses)")
+    parser.add_argument("--config", type=Path, default=ROOT / "configs" / "demo.yaml",
+                        help="the stages, min_items, confidence and task weights to replay")
+    parser.add_argument("--caps", type=parse_caps, default=(3, 1), help="the rule `top k1 > k2`: k1,k2 (the demo's advance)")
+    parser.add_argument("--scales", type=parse_scales, default=parse_scales("own,0.5,1,2,4,8,16"),
+                        help="dev-set sizes as multiples of the census's, 'own' for its own dev sets")
+    parser.add_argument("--draws", type=int, default=16)
+    parser.add_argument("--name", default="census_dev_size", help="results file stem")
+    args = parser.parse_args()
+    if args.draws < 1:
+        parser.error(f"--draws: {args.draws} is not a positive count")
+    censuses = args.census or [RESULTS / "family_census.json", RESULTS / "family_census_items.json"]
+    config = load_config(args.config)
+    fractions, task_weights = list(config.fitness.stages), {t.name: t.weight for t in config.tasks}
+    if len(args.caps) != len(fractions) - 1:
+        parser.error(f"--caps: {len(args.caps)} counts for {len(fractions) - 1} screening stages of {args.config}")
+    rule = "top " + " > ".join(str(k) for k in args.caps)
+    lines = [f"# Sibling rules on dev sets of other sizes (`{rule}`, {config.fitness.stages})", "",
+             "Each census's items taken as the population its tasks' items come from; a dev set of s times the census's "
+             "size drawn from them with replacement, the rule's stages drawn from that dev set (fractions and min_items of "
+             f"`{args.config.relative_to(ROOT) if args.config.is_relative_to(ROOT) else args.config}`, a fresh draw per generation), "
+             "its false stops counted against that dev set; the floor: every offspring in full on a second dev set of the "
+             f"same size, counted against the first. {args.draws} draws per row. A false stop: a stopped offspring at least as "
+             f"good in full as the member and the one chosen; resolved: ahead beyond the dev set's paired margin at "
+             f"{config.fitness.confidence}.", ""]
+    results = {}
+    for path in censuses:
+        saved = json.loads(path.read_text())
+        families = [family_matrix(f) for f in saved["families"]]
+        rows = [at_scale(families, s, args.caps, fractions, config.fitness.min_items, args.draws, task_weights,
+                         config.fitness.confidence) for s in args.scales]
+        results[saved["run"]] = rows
+        lam = len(families[0].ids) - 1
+        lines += [f"## {saved['run']}: {len(families)} families of {lam} offspring (`{path.relative_to(ROOT) if path.is_relative_to(ROOT) else path}`)", ""]
+        lines += table(rows) + [""]
+    lines += [f"`python -m benchmarks.census_dev_size --draws {args.draws} --caps {','.join(map(str, args.caps))} --scales "
+              + ",".join("own" if s is None else f"{s:g}" for s in args.scales) + "`", ""]
+    (RESULTS / f"{args.name}.md").write_text("\n".join(lines))
+    (RESULTS / f"{args.name}.json").write_text(json.dumps({"rule": rule, "stages": list(fractions), "draws": args.draws,
+                                                           "censuses": results}, indent=1) + "\n")
+    print("\n".join(lines))
+
+
+if __name__ == "__main__":
+    main()
