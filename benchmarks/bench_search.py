@@ -567,6 +567,8 @@ def _summarise(monitor: TreeMonitor) -> dict:
 
 
 def run_memory_case(model: str, path: str, dirs: dict[str, Path], model_bytes: int, workdir: Path) -> dict:
+    from search.run.store import RunStore
+
     name = f"memory-{model}-{path}"
     case = workdir / name
     shutil.rmtree(case, ignore_errors=True)
@@ -587,7 +589,7 @@ def run_memory_case(model: str, path: str, dirs: dict[str, Path], model_bytes: i
         tail = (case / "driver.log").read_text()[-3000:]
         raise RuntimeError(f"{name}: the search failed (exit {code}):\n{tail}")
     phases = [json.loads(line) for line in events.read_text().splitlines()] if events.is_file() else []
-    failed = [e for e in map(json.loads, (case / "run" / "journal.jsonl").read_text().splitlines()) if e.get("status") != "ok"]
+    failed = [e for e in RunStore(case / "run").read_journal() if e.get("status") != "ok"]
     if failed:  # actors that never scored hold no working model: the figures would mean nothing
         raise RuntimeError(f"{name}: {len(failed)} evaluations did not succeed, e.g. {failed[0].get('reason')}")
     state = json.loads((case / "run" / "state.json").read_text())

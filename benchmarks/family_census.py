@@ -52,6 +52,7 @@ sys.path.insert(0, str(ROOT))
 from benchmarks.audit_stops import OfflineScorer, resolved_by_full_dev  # noqa: E402
 from search.fitness.spec import aggregate  # noqa: E402
 from search.run.stages import plan_stages  # noqa: E402
+from search.run.store import RunStore  # noqa: E402
 
 
 # ---------------------------------------------------------------------------------------------
@@ -59,8 +60,7 @@ from search.run.stages import plan_stages  # noqa: E402
 # ---------------------------------------------------------------------------------------------
 
 def dev_rows(run_dir: Path) -> list[dict]:
-    rows = [json.loads(line) for line in (run_dir / "journal.jsonl").open()]
-    return [r for r in rows if r.get("split") == "dev"]
+    return [r for r in RunStore(run_dir).read_journal() if r["split"] == "dev"]
 
 
 def families(rows: list[dict]) -> dict[tuple[int, str], list[str]]:

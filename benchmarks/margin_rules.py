@@ -33,6 +33,7 @@ from pathlib import Path
 import yaml
 
 from search.fitness.staged import compare
+from search.run.store import RunStore
 
 VARIANCES = ("plug-in", "floor")
 ORDERS = ("filter", "ranked")
@@ -49,8 +50,9 @@ def stops(variance: str, candidate: dict, rival: dict, confidence: float) -> boo
 
 
 def replay(run_dir: Path, audit_file: Path) -> dict:
-    rows = [json.loads(line) for line in (run_dir / "journal.jsonl").open()]
-    confidence = float(yaml.safe_load((run_dir / "config.yaml").read_text())["fitness"]["confidence"])
+    store = RunStore(run_dir)
+    rows = store.read_journal()
+    confidence = float(yaml.safe_load(store.config_path.read_text())["fitness"]["confidence"])
     full = {r["id"]: r["score"] for r in rows if r.get("split") == "dev" and r.get("status") == "ok" and r.get("stage") in (1, None)}
     member_rows = {r["id"]: r for r in rows if r.get("split") == "dev" and r.get("status") == "ok" and r.get("stage") in (1, None)}
     for entry in json.loads(audit_file.read_text()):

@@ -37,13 +37,14 @@ from benchmarks.audit_stops import OfflineScorer  # noqa: E402
 from search.fitness.spec import aggregate  # noqa: E402
 from search.fitness.staged import spearman  # noqa: E402
 from search.run.stages import plan_stages  # noqa: E402
+from search.run.store import RunStore  # noqa: E402
 
 WAYS = (("float32", 0, False), ("bfloat16", 0, True), ("bfloat16 x3", 1, True))  # (name, nested stage, autocast)
 
 
 def families(run_dir: Path, audit: dict) -> tuple[dict[tuple, list[str]], dict[str, float], dict[str, float]]:
     """({(generation, member): offspring ids} with >= 2 full scores, {id: full dev score}, {id: first-stage score})."""
-    rows = [json.loads(line) for line in (run_dir / "journal.jsonl").open()]
+    rows = RunStore(run_dir).read_journal()
     full = {r["id"]: r["score"] for r in rows if r.get("split") == "dev" and r.get("status") == "ok" and r.get("stage") == 1}
     full.update({c["id"]: c["full_score"] for c in audit["sibling_candidates"]})
     first = {r["id"]: r["score"] for r in rows if r.get("split") == "dev" and r.get("stage") == 0 and r.get("status") == "ok"}

@@ -29,6 +29,8 @@ from pathlib import Path
 
 import numpy as np
 
+from search.run.store import RunStore
+
 RESULTS = Path(__file__).resolve().parent / "results"
 
 
@@ -75,7 +77,7 @@ def deviations(family: dict[str, dict]) -> tuple[dict[str, float], dict[str, flo
 
 
 def replay(run_dir: Path, audit: dict) -> dict:
-    rows = [json.loads(line) for line in (run_dir / "journal.jsonl").open()]
+    rows = RunStore(run_dir).read_journal()
     full = {r["id"]: r["score"] for r in rows if r.get("split") == "dev" and r.get("status") == "ok" and r.get("stage") == 1}
     full.update({c["id"]: c["full_score"] for c in audit["sibling_candidates"]})
     families: dict[tuple, dict[str, dict]] = defaultdict(dict)
@@ -115,8 +117,7 @@ CLOSE = 0.02  # pairs this close in full dev score are what a member's offspring
 def full_examples(run_dir: Path) -> list[tuple[float, dict[str, tuple[np.ndarray, np.ndarray]]]]:
     """(full dev score, {task: (values, weights) in item order}) of a staged run's fully scored candidates."""
     out = []
-    for line in (run_dir / "journal.jsonl").open():
-        r = json.loads(line)
+    for r in RunStore(run_dir).read_journal():
         if r.get("split") == "dev" and r.get("status") == "ok" and r.get("stage") == 1:
             tasks = {}
             for task, (values, weights) in task_values(r).items():
