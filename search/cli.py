@@ -110,20 +110,38 @@ def cmd_report(args) -> int:
 def cmd_eval(args) -> int:
     import torch
 
-    from search.fitness import build_task, parse_task_arg
+    from search.fitness import TaskError, build_task, parse_task_arg
     from search.models.sources import load_model
 
     options = {k: v for k, v in (("context_length", args.context_length), ("batch_size", args.batch_size)) if v is not None}
     specs = [replace(parse_task_arg(t), options=options) for t in args.task]
+    kl_specs = [spec for spec in specs if spec.kind == "kl"]
+    if kl_specs and not args.reference:
+        raise TaskError(f"--task {kl_specs[0].label}: a kl task measures how far the model's next-token distributions "
+                        "moved from another model's: give it with --reference MODEL (e.g. the model it was compressed from)")
+    if args.reference and not kl_specs:
+        raise TaskError("--reference: only kl tasks compare with a reference model (--task kl:DATA)")
     device = "cuda" if torch.cuda.is_available() else "cpu"
     dtype = torch.bfloat16 if device == "cuda" else torch.float32
-    model, tokenizer = load_model(args.source, dtype=dtype, device=device, allow_pickle=args.allow_pickle,
-                                  trust_remote_code=args.trust_remote_code)
+    progress = not args.quiet and not args.json
+
+    def load(source: str):
+        return load_model(source, dtype=dtype, device=device, allow_pickle=args.allow_pickle,
+                          trust_remote_code=args.trust_remote_code)
+
+    references = {}
+    if kl_specs:  # the reference's distributions first, so only one of the two models is ever resident
+        reference_model, reference_tokenizer = load(args.reference)
+        for spec in kl_specs:
+            references[spec.label] = build_task(spec, reference_tokenizer).reference(reference_model, progress=progress)
+        del reference_model
+    model, tokenizer = load(args.source)
     results = {}
     for spec in specs:
         task = build_task(spec, tokenizer)
         subsample = int(args.subsample) if args.subsample and args.subsample >= 1 else args.subsample
-        results[spec.label] = task.evaluate(model, subsample=subsample, progress=not args.quiet and not args.json)
+        against = {"reference": references[spec.label]} if spec.label in references else {}
+        results[spec.label] = task.evaluate(model, subsample=subsample, progress=progress, **against)
     if args.json:
         print(json.dumps(results))
     else:
@@ -311,6 +329,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--context-length", type=count(1), help="tokens per window / sequence (default: the model's maximum)")
     p.add_argument("--batch-size", type=count(1))
     p.add_argument("--subsample", type=positive_number, help="score N items (or a fraction) drawn with seed 0")
+    p.add_argument("--reference", metavar="MODEL", help="kl tasks: the model whose next-token distributions SOURCE's are "
+                   "compared with (e.g. the one it was compressed from; Hugging Face directory or built-in name)")
     p.add_argument("--json", action="store_true")
     p.add_argument("--allow-pickle", action="store_true")
     p.add_argument("--trust-remote-code", action="store_true", help="let a model directory's own Python code (auto_map) run")

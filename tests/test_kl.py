@@ -146,3 +146,23 @@ def test_kl_needs_a_matching_reference(tokenizer, models):
 def test_bad_options(tokenizer, options, message):
     with pytest.raises(TaskError, match=message):
         kl_task(tokenizer, **options)
+
+
+def test_evofuse_eval_scores_kl_against_a_reference_model(tmp_path, tokenizer, models, capsys):
+    """`evofuse eval MODEL --task kl:DATA --reference REF`: the task's own computation, REF's
+    distributions taken before MODEL is loaded; a model against itself is 0."""
+    from search.cli import main
+
+    ref, cand = models
+    for name, model in (("ref", ref), ("cand", cand)):
+        model.save_pretrained(tmp_path / name)
+        tokenizer.save_pretrained(tmp_path / name)
+    task = build_task(TaskSpec("kl", "pydoc:dev"), tokenizer)  # the command's options: the kind's defaults
+    expected = task.evaluate(cand, reference=task.reference(ref))
+    got = {}
+    for name in ("cand", "ref"):
+        assert main(["eval", str(tmp_path / name), "--task", "kl:pydoc:dev", "--reference", str(tmp_path / "ref"), "--json"]) == 0
+        got[name] = json.loads(capsys.readouterr().out)["kl:pydoc:dev"]
+    assert got["cand"]["kl"] == pytest.approx(expected["kl"], rel=1e-6) and got["cand"]["kl"] > 1e-3
+    assert got["cand"]["tokens"] == expected["tokens"] == 8 * 128
+    assert abs(got["ref"]["kl"]) < 1e-6
