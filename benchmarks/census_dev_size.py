@@ -22,7 +22,10 @@ source would give, to the extent that 64 items show the source), and on it
   size, the best there chosen and counted against the first.
 
 `--scales` lists the sizes; `own` is the census's dev sets themselves (each item once, the floor's
-second dev set a bootstrap of them), which reproduces `census_draws`' random draws and floor.
+second dev set a bootstrap of them), which reproduces `census_draws`' random draws and floor;
+`subset:f` (f <= 0.5) draws without replacement, as real smaller dev sets would be: a seeded f of
+each task's items, and the floor's second dev set another f of them, disjoint from the first. At
+the sizes both can take, the two kinds of draw check the bootstrap that the larger sizes rest on.
 A stage's share of the items is the config's at every size, so its share of a full evaluation's
 cost is too (less the making of the candidate, a fixed 0.3 s: larger dev sets make the ratio
 better).
@@ -47,6 +50,24 @@ from search.config import load_config  # noqa: E402
 from search.fitness.staged import compare, stage_subsets  # noqa: E402
 
 Positions = dict[str, np.ndarray]  # {task: which census items a dev set (or stage) holds, repeats allowed}
+
+
+@dataclass(frozen=True)
+class DevSize:
+    """How a replay's dev sets are drawn: `scale` times the census's size (None: the census's
+    own), with replacement (`subset` False) or without."""
+    scale: float | None = None
+    subset: bool = False
+
+    @property
+    def name(self) -> str:
+        if self.scale is None:
+            return "own (each item once)"
+        return f"{self.scale:g}x, " + ("a subset (each item once)" if self.subset else "drawn")
+
+    @property
+    def arg(self) -> str:
+        return "own" if self.scale is None else ("subset:" if self.subset else "") + f"{self.scale:g}"
 
 
 # ---------------------------------------------------------------------------------------------
@@ -111,6 +132,17 @@ def drawn_dev_set(sizes: dict[str, int], scale: float, seed: int, stream: tuple[
             for k, (t, n) in enumerate(sorted(sizes.items()))}
 
 
+def subset_dev_sets(sizes: dict[str, int], fraction: float, seed: int) -> tuple[Positions, Positions]:
+    """Two disjoint dev sets of round(fraction * n) distinct items per task (fraction <= 0.5): two
+    independent draws without replacement from the census's items, as a source's smaller dev sets are."""
+    first, second = {}, {}
+    for k, (t, n) in enumerate(sorted(sizes.items())):
+        m = max(1, round(fraction * n))
+        order = np.random.default_rng([seed, k, 3]).permutation(n)
+        first[t], second[t] = order[:m], order[m:2 * m]
+    return first, second
+
+
 def stages_of(dev: Positions, fractions: list[float], min_items: int, seed: int, generation: int) -> list[Positions]:
     """The screening stages' items of one seeded draw for one generation, drawn from `dev` as a run
     draws them from its dev set (nested; the salt is `census_draws.drawn_items`', so on the census's
@@ -169,23 +201,27 @@ def on_dev_set(families: list[Family], dev_of, second_of, caps: tuple[int, ...],
     return {"rule": rule, "floor": floor}
 
 
-def at_scale(families: list[Family], scale: float | None, caps: tuple[int, ...], fractions: list[float], min_items: int,
+def dev_sets(sizes: dict[str, int], size: DevSize, seed: int) -> tuple[Positions, Positions]:
+    """One draw's dev set and the floor's second dev set (`DevSize`)."""
+    if size.scale is None:
+        return own_dev_set(sizes), drawn_dev_set(sizes, 1.0, seed)
+    if size.subset:
+        return subset_dev_sets(sizes, size.scale, seed)
+    return drawn_dev_set(sizes, size.scale, seed, (1,)), drawn_dev_set(sizes, size.scale, seed, (2,))
+
+
+def at_scale(families: list[Family], size: DevSize, caps: tuple[int, ...], fractions: list[float], min_items: int,
              draws: int, task_weights: dict[str, float], confidence: float) -> dict:
-    """The rule and the floor over `draws` seeded draws at one dev-set size (None: the census's own
-    dev sets, the floor's second set a bootstrap of them): each rate's mean, least and most."""
+    """The rule and the floor over `draws` seeded draws at one dev-set size: each rate's mean,
+    least and most. A draw's dev sets serve all its families, as a run's dev set serves its
+    generations."""
     runs = []
     for seed in range(draws):
-        if scale is None:
-            dev_of = lambda f: own_dev_set(f.sizes)  # noqa: E731
-            second_of = lambda f, s=seed: drawn_dev_set(f.sizes, 1.0, s)  # noqa: E731
-        else:  # one dev set per draw, shared by the run's generations as a dev set is
-            dev = drawn_dev_set(families[0].sizes, scale, seed, (1,))
-            second = drawn_dev_set(families[0].sizes, scale, seed, (2,))
-            dev_of, second_of = (lambda f: dev), (lambda f: second)
-        runs.append(on_dev_set(families, dev_of, second_of, caps, fractions, min_items, seed, task_weights, confidence))
-    sizes = own_dev_set(families[0].sizes) if scale is None else drawn_dev_set(families[0].sizes, scale, 0)
-    stage_items = [{t: len(p) for t, p in held.items()} for held in stages_of(sizes, fractions, min_items, 0, 0)]
-    out = {"scale": scale, "items": {t: len(p) for t, p in sizes.items()}, "stage_items": stage_items}
+        dev, second = dev_sets(families[0].sizes, size, seed)
+        runs.append(on_dev_set(families, lambda f: dev, lambda f: second, caps, fractions, min_items, seed, task_weights, confidence))
+    dev, _ = dev_sets(families[0].sizes, size, 0)
+    stage_items = [{t: len(p) for t, p in held.items()} for held in stages_of(dev, fractions, min_items, 0, 0)]
+    out = {"size": size.arg, "items": {t: len(p) for t, p in dev.items()}, "stage_items": stage_items}
     for who in ("rule", "floor"):
         rates = [r[who]["false"] / r[who]["stopped"] for r in runs]
         out[who] = {"false_rate": float(np.mean(rates)), "false_low": min(rates), "false_high": max(rates),
@@ -198,10 +234,6 @@ def at_scale(families: list[Family], scale: float | None, caps: tuple[int, ...],
 # The report
 # ---------------------------------------------------------------------------------------------
 
-def scale_name(scale: float | None) -> str:
-    return "own (each item once)" if scale is None else f"{scale:g}x, drawn"
-
-
 def table(rows: list[dict]) -> list[str]:
     lines = ["| dev sets | items per task | first / second stage items | rule: false stops, mean (least - most) | "
              "resolved | gain | floor: false stops, mean (least - most) | resolved | gain | rule over the floor |",
@@ -211,26 +243,31 @@ def table(rows: list[dict]) -> list[str]:
         stages = " / ".join(", ".join(str(n) for n in s.values()) for s in r["stage_items"])
         cells = [f"{x['false_rate']:.1%} ({x['false_low']:.1%} - {x['false_high']:.1%}) | {x['resolved_rate']:.1%} | {x['gain']:.4f}"
                  for x in (r["rule"], r["floor"])]
-        lines.append(f"| {scale_name(r['scale'])} | {items} | {stages} | {cells[0]} | {cells[1]} | "
+        lines.append(f"| {parse_size(r['size']).name} | {items} | {stages} | {cells[0]} | {cells[1]} | "
                      f"{100 * (r['rule']['false_rate'] - r['floor']['false_rate']):+.1f} |")
     return lines
 
 
-def parse_scales(text: str) -> list[float | None]:
-    scales = []
-    for part in text.split(","):
-        part = part.strip()
-        if part == "own":
-            scales.append(None)
-            continue
-        try:
-            value = float(part)
-        except ValueError:
-            raise argparse.ArgumentTypeError(f"--scales: {part!r} is neither 'own' nor a number") from None
-        if not value > 0:
-            raise argparse.ArgumentTypeError(f"--scales: {part!r} is not a positive size")
-        scales.append(value)
-    return scales
+def parse_size(part: str) -> DevSize:
+    """`own`, a scale (drawn with replacement) or `subset:f` (without, f <= 0.5)."""
+    part = part.strip()
+    if part == "own":
+        return DevSize()
+    subset = part.startswith("subset:")
+    number = part.removeprefix("subset:")
+    try:
+        value = float(number)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"--scales: {part!r} is neither 'own', a number nor 'subset:' and a number") from None
+    if not value > 0:
+        raise argparse.ArgumentTypeError(f"--scales: {part!r} is not a positive size")
+    if subset and value > 0.5:
+        raise argparse.ArgumentTypeError(f"--scales: {part!r}: a subset and the floor's disjoint second one take at most half the items each")
+    return DevSize(value, subset)
+
+
+def parse_scales(text: str) -> list[DevSize]:
+    return [parse_size(part) for part in text.split(",")]
 
 
 def parse_caps(text: str) -> tuple[int, ...]:
@@ -250,8 +287,9 @@ def main() -> None:
     parser.add_argument("--config", type=Path, default=ROOT / "configs" / "demo.yaml",
                         help="the stages, min_items, confidence and task weights to replay")
     parser.add_argument("--caps", type=parse_caps, default=(3, 1), help="the rule `top k1 > k2`: k1,k2 (the demo's advance)")
-    parser.add_argument("--scales", type=parse_scales, default=parse_scales("own,0.5,1,2,4,8,16"),
-                        help="dev-set sizes as multiples of the census's, 'own' for its own dev sets")
+    parser.add_argument("--scales", type=parse_scales, default=parse_scales("own,subset:0.25,0.25,subset:0.5,0.5,1,2,4,8,16"),
+                        help="dev-set sizes as multiples of the census's, drawn with replacement; 'own' for its own "
+                             "dev sets; 'subset:f' for f of its items drawn without replacement (f <= 0.5)")
     parser.add_argument("--draws", type=int, default=16)
     parser.add_argument("--name", default="census_dev_size", help="results file stem")
     args = parser.parse_args()
@@ -282,7 +320,7 @@ def main() -> None:
         lines += [f"## {saved['run']}: {len(families)} families of {lam} offspring (`{path.relative_to(ROOT) if path.is_relative_to(ROOT) else path}`)", ""]
         lines += table(rows) + [""]
     lines += [f"`python -m benchmarks.census_dev_size --draws {args.draws} --caps {','.join(map(str, args.caps))} --scales "
-              + ",".join("own" if s is None else f"{s:g}" for s in args.scales) + "`", ""]
+              + ",".join(s.arg for s in args.scales) + "`", ""]
     (RESULTS / f"{args.name}.md").write_text("\n".join(lines))
     (RESULTS / f"{args.name}.json").write_text(json.dumps({"rule": rule, "stages": list(fractions), "draws": args.draws,
                                                            "censuses": results}, indent=1) + "\n")

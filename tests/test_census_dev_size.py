@@ -3,8 +3,8 @@ drawn at other sizes from the census's items."""
 import numpy as np
 import pytest
 
-from benchmarks.census_dev_size import (at_scale, drawn_dev_set, family_matrix, own_dev_set, parse_caps, parse_scales,
-                                        scores, screened, stages_of, verdict)
+from benchmarks.census_dev_size import (DevSize, at_scale, drawn_dev_set, family_matrix, own_dev_set, parse_caps, parse_scales,
+                                        scores, screened, stages_of, subset_dev_sets, verdict)
 from benchmarks.census_draws import Cut, DrawRule, fresh_dev_set, on_fresh_dev_sets, over_draws
 from search.fitness.staged import stage_sizes
 
@@ -65,6 +65,14 @@ def test_drawn_dev_sets_are_seeded_sized_by_scale_and_at_scale_one_the_floors_bo
     assert {t: dict(zip(*map(lambda a: a.tolist(), np.unique(p, return_counts=True)))) for t, p in drawn.items()} == bootstrap
 
 
+def test_subsets_are_two_disjoint_dev_sets_of_distinct_items():
+    first, second = subset_dev_sets({"a": 16, "b": 10}, 0.5, 4)
+    assert {t: len(p) for t, p in first.items()} == {"a": 8, "b": 5} == {t: len(p) for t, p in second.items()}
+    for t in first:
+        assert len(set(first[t])) == len(first[t]) and not set(first[t]) & set(second[t])
+    assert all(np.array_equal(first[t], subset_dev_sets({"a": 16, "b": 10}, 0.5, 4)[0][t]) for t in first)
+
+
 def test_stages_are_nested_drawn_from_the_dev_set_and_sized_like_the_run():
     dev = {"a": np.arange(100, 132), "b": np.arange(200, 232)}
     first, second = stages_of(dev, FRACTIONS, 3, seed=0, generation=1)
@@ -92,7 +100,7 @@ def test_the_rule_keeps_the_stage_leaders_and_the_verdict_counts_a_stopped_bette
 def test_on_the_censuss_own_dev_sets_it_reproduces_census_draws():
     families = census(4, lam=8, seed=1)
     draws = 6
-    own = at_scale([family_matrix(f) for f in families], None, (3, 1), FRACTIONS, 2, draws, WEIGHTS, 0.9)
+    own = at_scale([family_matrix(f) for f in families], DevSize(), (3, 1), FRACTIONS, 2, draws, WEIGHTS, 0.9)
     rule = DrawRule("top 3 > 1", (Cut(cap=3), Cut(cap=1)))
     drawn = over_draws(families, rule, draws, FRACTIONS, 2, WEIGHTS, 0.9, COSTS)
     floor = on_fresh_dev_sets(families, draws, WEIGHTS, 0.9)
@@ -106,16 +114,17 @@ def test_larger_dev_sets_order_near_ties_better():
     """Offspring 0.05 apart in right/wrong rate: on sixteen items the rule's stages are a coin
     toss, on sixteen times as many drawn from them they order the family."""
     families = [family_matrix(f) for f in census(4, lam=8, seed=2)]
-    small, large = (at_scale(families, s, (3, 1), FRACTIONS, 2, 8, WEIGHTS, 0.9) for s in (1.0, 16.0))
+    small, large = (at_scale(families, DevSize(s), (3, 1), FRACTIONS, 2, 8, WEIGHTS, 0.9) for s in (1.0, 16.0))
     assert large["rule"]["false_rate"] < small["rule"]["false_rate"]
     assert large["floor"]["false_rate"] < small["floor"]["false_rate"]
     assert large["items"] == {"a": 256, "b": 256}
 
 
 def test_bad_arguments_are_named():
-    assert parse_scales("own, 0.5,4") == [None, 0.5, 4.0]
+    assert parse_scales("own, 0.5,subset:0.25") == [DevSize(), DevSize(0.5), DevSize(0.25, subset=True)]
+    assert [s.arg for s in parse_scales("own,0.5,subset:0.25")] == ["own", "0.5", "subset:0.25"]
     assert parse_caps("3,1") == (3, 1)
-    for text in ("own,x", "0"):
+    for text in ("own,x", "0", "subset:0.75", "subset:"):
         with pytest.raises(Exception, match="--scales"):
             parse_scales(text)
     for text in ("1,3", "a", "0"):
