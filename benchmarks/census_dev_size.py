@@ -46,6 +46,7 @@ ROOT = Path(__file__).resolve().parent.parent
 RESULTS = ROOT / "benchmarks" / "results"
 sys.path.insert(0, str(ROOT))
 
+from search.cli import positive_number  # noqa: E402
 from search.config import load_config  # noqa: E402
 from search.fitness.staged import compare, stage_subsets  # noqa: E402
 
@@ -256,13 +257,11 @@ def parse_size(part: str) -> DevSize:
     subset = part.startswith("subset:")
     number = part.removeprefix("subset:")
     try:
-        value = float(number)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"--scales: {part!r} is neither 'own', a number nor 'subset:' and a number") from None
-    if not value > 0:
-        raise argparse.ArgumentTypeError(f"--scales: {part!r} is not a positive size")
+        value = positive_number(number)
+    except argparse.ArgumentTypeError as e:
+        raise argparse.ArgumentTypeError(f"{part!r} is not 'own', a size or 'subset:' and a size ({e})") from None
     if subset and value > 0.5:
-        raise argparse.ArgumentTypeError(f"--scales: {part!r}: a subset and the floor's disjoint second one take at most half the items each")
+        raise argparse.ArgumentTypeError(f"{part!r}: a subset and the floor's disjoint second one take at most half the items each")
     return DevSize(value, subset)
 
 
@@ -274,9 +273,9 @@ def parse_caps(text: str) -> tuple[int, ...]:
     try:
         caps = tuple(int(k) for k in text.split(","))
     except ValueError:
-        raise argparse.ArgumentTypeError(f"--caps: {text!r} is not a comma-separated list of counts") from None
+        raise argparse.ArgumentTypeError(f"{text!r} is not a comma-separated list of counts") from None
     if not caps or min(caps) < 1 or list(caps) != sorted(caps, reverse=True):
-        raise argparse.ArgumentTypeError(f"--caps: {text!r} must be positive counts, none above the one before")
+        raise argparse.ArgumentTypeError(f"{text!r} must be positive counts, none above the one before")
     return caps
 
 
