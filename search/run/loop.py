@@ -271,7 +271,7 @@ class Search:
             record["plans_over_budget"] = state["pending"].get("plans_over_budget", 0)
         self.store.append_logbook(record)
         self.log(f"generation {generation + 1}: best {format_score(record['best'])} mean {format_score(record['mean'])}, "
-                 f"{len(accepted)}/{len(candidates)} new members" + (f", Pareto front {len(best)}" if self.mode.front_of_all else ""))
+                 f"{len(accepted)} of {len(candidates)} offspring accepted" + (f", Pareto front {len(best)}" if self.mode.front_of_all else ""))
         state = {
             **state,
             "generation": generation + 1,
