@@ -46,6 +46,7 @@ ROOT = Path(__file__).resolve().parent.parent
 RESULTS = ROOT / "benchmarks" / "results"
 sys.path.insert(0, str(ROOT))
 
+from benchmarks.census_draws import shown  # noqa: E402
 from search.cli import positive_number  # noqa: E402
 from search.config import load_config  # noqa: E402
 from search.fitness.staged import compare, stage_subsets  # noqa: E402
@@ -303,7 +304,7 @@ def main() -> None:
     lines = [f"# Sibling rules on dev sets of other sizes (`{rule}`, {config.fitness.stages})", "",
              "Each census's items taken as the population its tasks' items come from; a dev set of s times the census's "
              "size drawn from them with replacement, the rule's stages drawn from that dev set (fractions and min_items of "
-             f"`{args.config.relative_to(ROOT) if args.config.is_relative_to(ROOT) else args.config}`, a fresh draw per generation), "
+             f"`{shown(args.config)}`, a fresh draw per generation), "
              "its false stops counted against that dev set; the floor: every offspring in full on a second dev set of the "
              f"same size, counted against the first. {args.draws} draws per row. A false stop: a stopped offspring at least as "
              f"good in full as the member and the one chosen; resolved: ahead beyond the dev set's paired margin at "
@@ -316,7 +317,7 @@ def main() -> None:
                          config.fitness.confidence) for s in args.scales]
         results[saved["run"]] = rows
         lam = len(families[0].ids) - 1
-        lines += [f"## {saved['run']}: {len(families)} families of {lam} offspring (`{path.relative_to(ROOT) if path.is_relative_to(ROOT) else path}`)", ""]
+        lines += [f"## {saved['run']}: {len(families)} families of {lam} offspring (`{shown(path)}`)", ""]
         lines += table(rows) + [""]
     lines += [f"`python -m benchmarks.census_dev_size --draws {args.draws} --caps {','.join(map(str, args.caps))} --scales "
               + ",".join(s.arg for s in args.scales) + "`", ""]

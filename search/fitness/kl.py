@@ -240,7 +240,8 @@ class KLTask(FitnessTask):
                 f"this task has top_k={self.top_k}, {self.dtype}"
             )
         if not torch.equal(reference.input_ids, self.windows):
-            raise TaskError(f"{self.label}: the reference was computed on other windows (another tokenizer, or other seq_len / num_sequences): KL compares models that tokenise the data alike")
+            raise TaskError(f"{self.label}: the reference was computed on other windows (another tokenizer, or "
+                            "other seq_len / num_sequences): KL compares models that tokenise the data alike")
 
     def _check_length(self, model) -> None:
         limit = model_max_length(model, self.tokenizer)
