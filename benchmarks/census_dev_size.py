@@ -177,24 +177,23 @@ def verdict(family: Family, dev: Positions, scored: list[int], full: np.ndarray,
     holder = chosen if full[chosen] >= full[0] else 0
     stopped = [r for r in range(1, len(family.ids)) if r not in scored]
     false = [r for r in stopped if full[r] >= full[holder]]
-    holder_examples = examples_at(family, holder, dev)
+    holder_examples = examples_at(family, holder, dev) if false else None
     resolved = [r for r in false
                 if not compare(holder_examples, examples_at(family, r, dev), task_weights, confidence).can_still_win]
     return {"stopped": len(stopped), "false": len(false), "resolved": len(resolved), "gain": float(full[holder] - full[0])}
 
 
-def on_dev_set(families: list[Family], dev_of, second_of, caps: tuple[int, ...], fractions: list[float], min_items: int,
-               seed: int, task_weights: dict[str, float], confidence: float) -> dict:
-    """The rule and the floor on one draw: each family's dev set `dev_of(family)`, the floor's
-    second dev set `second_of(family)`; counts pooled over the families."""
+def on_dev_set(families: list[Family], dev: Positions, second: Positions, caps: tuple[int, ...], fractions: list[float],
+               min_items: int, seed: int, task_weights: dict[str, float], confidence: float) -> dict:
+    """The rule and the floor on one draw: every family judged on `dev`, as a run's dev set serves
+    its generations, the floor choosing on `second`; counts pooled over the families."""
     rule = {"stopped": 0, "false": 0, "resolved": 0, "gain": 0.0}
     floor = dict(rule)
     for family in families:
-        dev = dev_of(family)
         full = scores(family, dev, task_weights)
         stages = stages_of(dev, fractions, min_items, seed, family.generation)
-        second = scores(family, second_of(family), task_weights)
-        floor_choice = max(range(1, len(family.ids)), key=lambda r: (second[r], family.ids[r]))
+        second_full = scores(family, second, task_weights)
+        floor_choice = max(range(1, len(family.ids)), key=lambda r: (second_full[r], family.ids[r]))
         for total, scored in ((rule, screened(family, stages, caps, task_weights)), (floor, [floor_choice])):
             for key, value in verdict(family, dev, scored, full, task_weights, confidence).items():
                 total[key] += value
@@ -215,13 +214,11 @@ def dev_sets(sizes: dict[str, int], size: DevSize, seed: int) -> tuple[Positions
 def at_scale(families: list[Family], size: DevSize, caps: tuple[int, ...], fractions: list[float], min_items: int,
              draws: int, task_weights: dict[str, float], confidence: float) -> dict:
     """The rule and the floor over `draws` seeded draws at one dev-set size: each rate's mean,
-    least and most. A draw's dev sets serve all its families, as a run's dev set serves its
-    generations."""
-    runs = []
-    for seed in range(draws):
-        dev, second = dev_sets(families[0].sizes, size, seed)
-        runs.append(on_dev_set(families, lambda f: dev, lambda f: second, caps, fractions, min_items, seed, task_weights, confidence))
-    dev, _ = dev_sets(families[0].sizes, size, 0)
+    least and most, and the first draw's items per task and stage."""
+    drawn = [dev_sets(families[0].sizes, size, seed) for seed in range(draws)]
+    runs = [on_dev_set(families, dev, second, caps, fractions, min_items, seed, task_weights, confidence)
+            for seed, (dev, second) in enumerate(drawn)]
+    dev = drawn[0][0]
     stage_items = [{t: len(p) for t, p in held.items()} for held in stages_of(dev, fractions, min_items, 0, 0)]
     out = {"size": size.arg, "items": {t: len(p) for t, p in dev.items()}, "stage_items": stage_items}
     for who in ("rule", "floor"):
