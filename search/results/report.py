@@ -102,6 +102,8 @@ def format_status(status: dict) -> str:
     ]
     if status["best"]:
         lines.append(f"best         {status['best']['id']}  dev score {status['best']['score']:.6g}")
+    if status["best_per_task"]:  # not the best's own: each task's leader, often a parent
+        lines.append("per task     the leader on each task's dev split, any candidate scored in full")
     for task, best in status["best_per_task"].items():
         shown = ", ".join(f"{k} {v:.4g}" for k, v in best.items() if k != "id" and isinstance(v, float))
         lines.append(f"  {task:<10} {best['id']}: {shown}")
@@ -253,11 +255,49 @@ def pareto_section(store: RunStore, state: dict, out: Path, last: int | None) ->
     columns = ["id", "params", "latency ms", "dev score", "plan"] if timed else ["id", "params", "dev score", "plan"]
     rows = ["## Pareto front (dev)", "", "| " + " | ".join(columns) + " |", "|" + "---|" * len(columns)]
     for e in front:
-        plan = "; ".join(", ".join(f"{k}={v}" for k, v in step.items()) for step in e.get("plan") or []) or "(dense)"
+        plan = plan_summary(e.get("plan") or [])
         latency = f" {e['latency_ms']:.1f} |" if timed else ""
         rows.append(f"| {e['id']} | {e['num_params']:,} |{latency} {e['score']:.4f} | {plan} |")
     rows += ["", "![Pareto front](pareto_front.png)", ""]
     return rows + (["![dev score against latency](pareto_latency.png)", ""] if timed else [])
+
+
+def plan_summary(plan: list[dict]) -> str:
+    """A plan as one table cell: each step's structure (which blocks go, how much of each layer's
+    width, in layer order) before its method's settings; "(dense)" for no plan."""
+    return "; ".join(step_summary(step) for step in plan) or "(dense)"
+
+
+def step_summary(step: dict) -> str:
+    op, settings = step.get("op", "?"), {k: v for k, v in step.items() if k != "op"}
+    if op == "prune_width":
+        ratio, layers = settings.pop("ratio", None), settings.pop("layers", None)
+        method = ", ".join(f"{k} {settings.pop(k)}" for k in ("target", "criterion", "reconstruct", "ridge") if k in settings)
+        rest = "".join(f", {k} {v}" for k, v in settings.items())
+        described = f" ({method}{rest})" if method or rest else ""
+        return f"prune_width{described}: {width_cuts(ratio, layers)}"
+    if op in ("remove_blocks", "fuse_blocks") and settings.get("blocks") is not None:
+        blocks = ", ".join(str(b) for b in sorted(settings.pop("blocks")))
+        rest = ", ".join(f"{k} {v}" for k, v in settings.items())
+        return f"{op} {blocks}" + (f" ({rest})" if rest else "")
+    return op + "".join(f", {k}={v}" for k, v in settings.items())
+
+
+def width_cuts(ratio, layers: list[int] | None = None) -> str:
+    """The share of each layer's targeted parameters a width step removes, in percent: one
+    number for a uniform ratio (of every layer, or of `layers`), else the layers in order (a
+    journalled plan's keys are strings, which sort 0, 1, 10, 11, ...)."""
+    if not isinstance(ratio, dict):
+        where = "every layer" if layers is None else "layers " + ", ".join(str(i) for i in sorted(layers))
+        return f"cut {100 * float(ratio):.0f}% of {where}"
+    cuts = sorted((int(layer), 100 * float(r)) for layer, r in ratio.items())
+    mean = sum(r for _, r in cuts) / len(cuts)
+    layers = [layer for layer, _ in cuts]
+    if layers == list(range(len(layers))):
+        shown = " ".join(f"{r:.0f}" for _, r in cuts)
+        return f"cut % of layers 0-{layers[-1]}: {shown} (mean {mean:.1f})"
+    shown = " ".join(f"{layer}:{r:.0f}" for layer, r in cuts)
+    return f"cut % by layer: {shown} (mean {mean:.1f} over these)"
 
 
 def latency_plot(dev: list[dict], front: list[dict], state: dict, out: Path) -> None:
