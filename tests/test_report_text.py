@@ -42,3 +42,42 @@ def test_status_says_the_per_task_lines_are_each_tasks_leader_not_the_best_candi
     assert lines[3] == "best         g003-002  dev score -1.1347"
     assert lines[4].startswith("per task     the leader on each task's dev split")
     assert lines[5] == "  pydoc      pydoc: token_perplexity 16.64, score -2.812"
+
+
+
+def summary_of(tmp_path, monkeypatch, config, rows: list[dict]) -> str:
+    import json
+
+    from search.results import report
+    from search.run.store import RunStore
+
+    store = RunStore(tmp_path)
+    store.journal_path.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    monkeypatch.setattr(report, "_load", lambda run_dir: (store, config, {"population": []}))
+    return report.results_table(tmp_path)
+
+
+def dev_row(cid: str, score: float, params: int) -> dict:
+    metrics = {task: {"score": score, "token_perplexity": 2.0} for task in ("arith", "compare")}
+    return {"id": cid, "recipe": {"op": "copy", "inputs": [cid]}, "plan": [], "split": "dev", "status": "ok",
+            "metrics": metrics, "score": score, "num_params": params}
+
+
+def test_a_joint_runs_summary_shows_each_models_size_and_the_best_candidates_share(tmp_path, monkeypatch):
+    from pathlib import Path
+
+    import yaml
+
+    from search.config import parse_config
+
+    root = Path(__file__).resolve().parents[1]
+    config = parse_config(yaml.safe_load((root / "configs" / "tiny-joint.yaml").read_text()))
+    rows = [dev_row("base", -2.0, 1_000_000), dev_row("arith", -1.5, 1_000_000), dev_row("compare", -1.6, 1_000_000),
+            dev_row("g001-003", -1.8, 737_500)]
+    text = summary_of(tmp_path, monkeypatch, config, rows)
+    assert "| model | role | dev score | params | arith dev" in text
+    assert "| g001-003 | best merged candidate | -1.8000 | 737,500 |" in text
+    assert ("No merged candidate beat the best parent: arith (dev score -1.5000) is ahead of the best merged "
+            "candidate (g001-003, -1.8000, 737,500 parameters, 73.8% of arith's) by 0.3000") in text
+    merge = summary_of(tmp_path, monkeypatch, config.model_copy(update={"mode": "merge"}), rows)
+    assert "params" not in merge and "parameters" not in merge  # one size for every candidate: nothing to show

@@ -155,8 +155,9 @@ def shown_value(value) -> str:
 
 
 def results_table(run_dir: Path) -> str:
-    """Markdown: every parent and the best merged candidate on each task's dev and test split,
-    then what the run found, said plainly (see `verdict`)."""
+    """Markdown: every parent and the best merged candidate on each task's dev and test split
+    (and, in compress / joint runs, whose candidates are smaller, each one's parameters), then
+    what the run found, said plainly (see `verdict`)."""
     store, config, state = _load(run_dir)
     if state is None:
         return f"{run_dir}: no results yet"
@@ -169,10 +170,14 @@ def results_table(run_dir: Path) -> str:
     table = [(p.name, "base" if p is config.parents.base else "expert") for p in config.parents.all()]
     if best is not None:
         table.append((best["id"], "best merged candidate"))
-    header = ["model", "role", "dev score"] + [f"{t.name} {split} ({display_metric(t)})" for t in config.tasks for split in ("dev", "test")]
+    sized = config.mode in ("compress", "joint")  # candidates differ in size: show it beside the score
+    header = ["model", "role", "dev score"] + (["params"] if sized else []) + [
+        f"{t.name} {split} ({display_metric(t)})" for t in config.tasks for split in ("dev", "test")]
     lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
     for member_id, role in table:
         cells = [member_id, role, shown_score(journal.get((member_id, "dev")))]
+        if sized:
+            cells.append(shown_params(journal.get((member_id, "dev"))))
         for task in config.tasks:
             cells += [shown_value(_metric(journal, member_id, split, task)) for split in ("dev", "test")]
         lines.append("| " + " | ".join(cells) + " |")
@@ -193,16 +198,30 @@ def verdict(config, journal: dict, full: dict, merged: dict, best: dict | None) 
     gap = best["score"] - top["score"]
     experts = [full[e.name]["score"] for e in config.parents.experts if e.name in full]
     average = f"; the experts' average is {sum(experts) / len(experts):.4f}" if experts else ""
+    size = relative_size(best, top) if config.mode in ("compress", "joint") else ""
     if gap > 0:
-        lines.append(f"The best merged candidate ({best['id']}, dev score {best['score']:.4f}) beats the best parent "
+        lines.append(f"The best merged candidate ({best['id']}, dev score {best['score']:.4f}{size}) beats the best parent "
                      f"({top['id']}, {top['score']:.4f}) by {gap:.4f}{average}.")
     else:
         lines.append(f"No merged candidate beat the best parent: {top['id']} (dev score {top['score']:.4f}) is ahead of "
-                     f"the best merged candidate ({best['id']}, {best['score']:.4f}) by {-gap:.4f}{average}.")
+                     f"the best merged candidate ({best['id']}, {best['score']:.4f}{size}) by {-gap:.4f}{average}.")
     lines.append("Per task (dev; each task's best parent against its best merged candidate):")
     for task in config.tasks:
         lines.append(f"- {_task_verdict(task, parents, merged)}")
     return lines
+
+
+def shown_params(entry: dict | None) -> str:
+    return f"{entry['num_params']:,}" if entry and entry.get("num_params") else "-"
+
+
+def relative_size(candidate: dict, parent: dict) -> str:
+    """', N parameters, P% of PARENT's' for a run whose candidates are smaller than the parents
+    (empty where either count is missing)."""
+    if not candidate.get("num_params") or not parent.get("num_params"):
+        return ""
+    share = 100 * candidate["num_params"] / parent["num_params"]
+    return f", {candidate['num_params']:,} parameters, {share:.1f}% of {parent['id']}'s"
 
 
 def _task_verdict(task, parents: dict, merged: dict) -> str:
