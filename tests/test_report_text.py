@@ -81,3 +81,15 @@ def test_a_joint_runs_summary_shows_each_models_size_and_the_best_candidates_sha
             "candidate (g001-003, -1.8000, 737,500 parameters, 73.8% of arith's) by 0.3000") in text
     merge = summary_of(tmp_path, monkeypatch, config.model_copy(update={"mode": "merge"}), rows)
     assert "params" not in merge and "parameters" not in merge  # one size for every candidate: nothing to show
+
+
+def test_status_lists_a_sized_runs_front_smallest_first():
+    from search.results.report import front_of
+
+    state = {"hall_of_fame": [{"id": "g003-002", "params": 99_141_120, "score": -1.1347},
+                              {"id": "g000-030", "params": 94_275_648, "score": -1.2754}]}
+    status = {"run": "runs/j", "status": "running", "generation": 2, "generations": 4, "evaluations": 40, "failed": 0,
+              "best": {"id": "g003-002", "score": -1.1347}, "eta_s": None, "best_per_task": {}, "front": front_of(state)}
+    lines = format_status(status).splitlines()
+    assert lines[4] == "front        2 members, smallest first: g000-030 94.3M -1.2754, g003-002 99.1M -1.1347"
+    assert not any(line.startswith("front") for line in format_status({**status, "front": None}).splitlines())

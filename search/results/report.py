@@ -54,6 +54,7 @@ def run_status(run_dir: Path) -> dict:
         "evaluations": len({e["id"] for e in journal if e["split"] == "dev"}),
         "failed": sum(1 for e in dev if e.get("status") != "ok"),
         "best": {"id": best["id"], "score": best["score"]} if best else None,
+        "front": front_of(state) if state and config.mode in ("compress", "joint") else None,
         "best_per_task": best_per_task,
         "eta_s": eta,
         "staged": staged_summary(journal, last_stage(config), merge=config.mode == "merge",
@@ -62,6 +63,18 @@ def run_status(run_dir: Path) -> dict:
         "actor_memory": actor_memory(journal),
         "updated": time.strftime("%Y-%m-%d %H:%M:%S", time.localtime(store.journal_path.stat().st_mtime)) if store.journal_path.exists() else None,
     }
+
+
+def front_of(state: dict) -> list[dict]:
+    """A compress / joint run's Pareto front so far (its hall of fame), smallest first."""
+    members = [{"id": m["id"], "params": m.get("params"), "score": m["score"]} for m in state["hall_of_fame"]]
+    return sorted(members, key=lambda m: (m["params"] is None, m["params"] or 0))
+
+
+def format_front(front: list[dict]) -> str:
+    shown = ", ".join(f"{m['id']} {m['params'] / 1e6:.1f}M {m['score']:.4f}" if m["params"] else f"{m['id']} {m['score']:.4f}"
+                      for m in front)
+    return f"front        {len(front)} members, smallest first: {shown}"
 
 
 def actor_memory(journal: list[dict]) -> dict | None:
@@ -102,6 +115,8 @@ def format_status(status: dict) -> str:
     ]
     if status["best"]:
         lines.append(f"best         {status['best']['id']}  dev score {status['best']['score']:.6g}")
+    if status.get("front"):
+        lines.append(format_front(status["front"]))
     if status["best_per_task"]:  # not the best's own: each task's leader, often a parent
         lines.append("per task     the leader on each task's dev split, any candidate scored in full")
     for task, best in status["best_per_task"].items():
