@@ -378,6 +378,7 @@ def write_report(run_dir: Path) -> Path:
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
+    from matplotlib.ticker import MaxNLocator
 
     store, config, state = _load(run_dir)
     out = Path(run_dir) / "report"
@@ -389,9 +390,11 @@ def write_report(run_dir: Path) -> Path:
         ax.plot(gens, [r["best"] for r in logbook], marker="o", label="best")
         ax.plot(gens, [r["mean"] for r in logbook], marker=".", label="mean")
     if state:
-        for name, parent in state["parents"].items():
-            ax.axhline(parent["score"], linestyle=":", linewidth=1)
-            ax.annotate(name, (0.2, parent["score"]), fontsize=7)
+        for k, (name, parent) in enumerate(state["parents"].items()):
+            ax.axhline(parent["score"], linestyle=":", linewidth=1, color="0.45", label="parents" if k == 0 else None)
+            # named at the left edge, whatever the generations span
+            ax.annotate(name, (0.01, parent["score"]), xycoords=("axes fraction", "data"), fontsize=7, va="bottom", color="0.3")
+    ax.xaxis.set_major_locator(MaxNLocator(integer=True))  # generations are whole numbers
     ax.set_xlabel("generation")
     ax.set_ylabel("dev aggregate score")
     ax.set_title(f"{config.name}: score per generation")
