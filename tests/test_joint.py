@@ -197,6 +197,15 @@ def test_compress_mode_budget_and_pareto_export(compress_run, tmp_path):
         )
         task = build_task(TaskSpec("perplexity", "pydoc:dev", options={"context_length": 256}), tokenizer)
         assert task.evaluate(model)["score"] == pytest.approx(recipe["dev"]["pydoc"]["score"], rel=1e-5)
+        # the card says how large it is, its plan step by step, and how it loads
+        card = (model_dir / "README.md").read_text()
+        params = sum(p.numel() for p in model.parameters())
+        share = 100 * params / state["dense_params"]
+        assert f"{params:,} parameters, {share:.1f}% of the dense model's {state['dense_params']:,}" in card
+        assert card.count("\n- ") >= len(recipe["plan"]) and recipe["plan"][0]["op"] in card.split("## Structure")[1]
+        structured = (model_dir / "evofuse_structure.json").is_file()
+        assert ("refuses it: load it with `compression.loader.load_compressed" in card) == structured
+        assert ("It loads with plain `AutoModelForCausalLM.from_pretrained`." in card) == (not structured)
 
 
 def test_latency_as_a_third_objective(compress_run):

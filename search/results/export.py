@@ -142,7 +142,24 @@ def exportable(member_id: str, state: dict, journal: dict[str, dict[str, dict]],
     return {"id": member_id, "score": row.get("score"), "recipe": row.get("recipe"), "plan": row.get("plan") or []}
 
 
-def model_card(member: dict, entries: dict[str, dict], config, ancestry: list[dict]) -> str:
+def structure_section(plan: list[dict], num_params: int | None, dense_params: int | None, structured: bool) -> list[str]:
+    """The card's account of a compressed candidate: its size, its plan step by step, and how
+    it loads (`structured`: it carries `evofuse_structure.json`, its layers differ in shape)."""
+    from compression.loader import STRUCTURE_FILE
+    from search.results.report import step_summary
+
+    size = f"{num_params:,} parameters" if num_params else "Its parameters are not recorded"
+    if num_params and dense_params:
+        size += f", {100 * num_params / dense_params:.1f}% of the dense model's {dense_params:,}"
+    loading = (f"Its layers differ in shape, so plain `AutoModelForCausalLM.from_pretrained` refuses it: load it with "
+               f"`compression.loader.load_compressed(DIR)`, which reads `{STRUCTURE_FILE}`."
+               if structured else "It loads with plain `AutoModelForCausalLM.from_pretrained`.")
+    return ["## Structure", "", f"{size}. Its compression plan, step by step:", "",
+            *(f"- {step_summary(step)}" for step in plan), "", loading, ""]
+
+
+def model_card(member: dict, entries: dict[str, dict], config, ancestry: list[dict],
+               structure: list[str] = ()) -> str:
     rows = []
     for task in config.tasks:
         dev = entries.get("dev", {}).get("metrics", {}).get(task.name, {})
@@ -161,6 +178,7 @@ def model_card(member: dict, entries: dict[str, dict], config, ancestry: list[di
             "|---|---|---|---|",
             *rows,
             "",
+            *structure,
             "## Recipe",
             "```json",
             json.dumps(member.get("recipe"), indent=1),
@@ -230,7 +248,14 @@ def export_member(run_dir: Path, member_id: str, out: Path, dtype: str = "float3
             "dev_score": member["score"],
             "dtype": dtype,
         }
-        (tmp / "README.md").write_text(model_card(member, entries, config, ancestry))
+        structure = []
+        if member.get("plan"):
+            from compression.loader import STRUCTURE_FILE
+
+            dense = state.get("dense_params") if state else None
+            structure = structure_section(member["plan"], sum(p.numel() for p in model.parameters()), dense,
+                                          (tmp / STRUCTURE_FILE).is_file())
+        (tmp / "README.md").write_text(model_card(member, entries, config, ancestry, structure))
         (tmp / RECIPE_FILE).write_text(json.dumps(record, indent=1))
         _fsync_tree(tmp)
         faults.kill_point("export.write")
