@@ -370,6 +370,9 @@ def test_merges_run_ahead_of_the_writer_within_the_budget(models, tmp_path, monk
     assert _merges_and_writes(plain).index(("write", first)) <= MERGE_WORKERS + 1, "without look-ahead, W tensors at most"
     # A tensor counts as written once the writer asks for the next one: "write" is recorded
     # after `produce` returns, and `produce` has already let further merges start by then.
+    # The budget is over file positions: the waiting tensors are taken in file order, not in the
+    # order their merges happened to start (two merge threads may start q + 1 before q).
+    position = {name: i for i, name in enumerate(name for kind, name in order if kind == "write")}
     written: set[str] = set()
     started: list[str] = []
     asked: list[str] = []
@@ -379,7 +382,7 @@ def test_merges_run_ahead_of_the_writer_within_the_budget(models, tmp_path, monk
         elif kind == "ask":
             written.update(asked[-1:])
             asked.append(name)
-        waiting = [n for n in started if n not in written]  # the one being written first
+        waiting = sorted((n for n in started if n not in written), key=position.get)  # the one being written first
         assert sum(sizes[n] for n in waiting[1 + MERGE_WORKERS:]) <= budget, waiting
     for shard in ahead_out.glob("*.safetensors"):
         assert shard.read_bytes() == (plain_out / shard.name).read_bytes()
