@@ -340,6 +340,11 @@ class RunConfig(Strict):
     workers: WorkersConfig = Field(default_factory=WorkersConfig)
     export_top: int = Field(1, ge=0)  # candidates exported when the run finishes
 
+    @property
+    def sized(self) -> bool:
+        """Compress and joint runs: candidates carry plans, so their size is an objective."""
+        return self.mode in ("compress", "joint")
+
     @field_validator("name")
     @classmethod
     def _run_name(cls, value: str) -> str:

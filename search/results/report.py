@@ -54,7 +54,7 @@ def run_status(run_dir: Path) -> dict:
         "evaluations": len({e["id"] for e in journal if e["split"] == "dev"}),
         "failed": sum(1 for e in dev if e.get("status") != "ok"),
         "best": {"id": best["id"], "score": best["score"]} if best else None,
-        "front": front_of(state) if state and config.mode in ("compress", "joint") else None,
+        "front": front_of(state) if state and config.sized else None,
         "best_per_task": best_per_task,
         "eta_s": eta,
         "staged": staged_summary(journal, last_stage(config), merge=config.mode == "merge",
@@ -185,13 +185,12 @@ def results_table(run_dir: Path) -> str:
     table = [(p.name, "base" if p is config.parents.base else "expert") for p in config.parents.all()]
     if best is not None:
         table.append((best["id"], "best merged candidate"))
-    sized = config.mode in ("compress", "joint")  # candidates differ in size: show it beside the score
-    header = ["model", "role", "dev score"] + (["params"] if sized else []) + [
+    header = ["model", "role", "dev score"] + (["params"] if config.sized else []) + [
         f"{t.name} {split} ({display_metric(t)})" for t in config.tasks for split in ("dev", "test")]
     lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
     for member_id, role in table:
         cells = [member_id, role, shown_score(journal.get((member_id, "dev")))]
-        if sized:
+        if config.sized:  # candidates differ in size: shown beside the score
             cells.append(shown_params(journal.get((member_id, "dev"))))
         for task in config.tasks:
             cells += [shown_value(_metric(journal, member_id, split, task)) for split in ("dev", "test")]
@@ -213,7 +212,7 @@ def verdict(config, journal: dict, full: dict, merged: dict, best: dict | None) 
     gap = best["score"] - top["score"]
     experts = [full[e.name]["score"] for e in config.parents.experts if e.name in full]
     average = f"; the experts' average is {sum(experts) / len(experts):.4f}" if experts else ""
-    size = relative_size(best, top) if config.mode in ("compress", "joint") else ""
+    size = relative_size(best, top) if config.sized else ""
     if gap > 0:
         lines.append(f"The best merged candidate ({best['id']}, dev score {best['score']:.4f}{size}) beats the best parent "
                      f"({top['id']}, {top['score']:.4f}) by {gap:.4f}{average}.")
@@ -305,11 +304,11 @@ def plan_summary(plan: list[dict]) -> str:
 def step_summary(step: dict) -> str:
     op, settings = step.get("op", "?"), {k: v for k, v in step.items() if k != "op"}
     if op == "prune_width":
-        ratio, layers = settings.pop("ratio", None), settings.pop("layers", None)
-        method = ", ".join(f"{k} {settings.pop(k)}" for k in ("target", "criterion", "reconstruct", "ridge") if k in settings)
-        rest = "".join(f", {k} {v}" for k, v in settings.items())
-        described = f" ({method}{rest})" if method or rest else ""
-        return f"prune_width{described}: {width_cuts(ratio, layers)}"
+        method_keys = ("target", "criterion", "reconstruct", "ridge")  # named first, the rest after
+        shown = [f"{k} {settings[k]}" for k in method_keys if k in settings] + [
+            f"{k} {v}" for k, v in settings.items() if k not in (*method_keys, "ratio", "layers")]
+        described = f" ({', '.join(shown)})" if shown else ""
+        return f"prune_width{described}: {width_cuts(settings.get('ratio'), settings.get('layers'))}"
     if op in ("remove_blocks", "fuse_blocks") and settings.get("blocks") is not None:
         blocks = ", ".join(str(b) for b in sorted(settings.pop("blocks")))
         rest = ", ".join(f"{k} {v}" for k, v in settings.items())
@@ -326,10 +325,9 @@ def width_cuts(ratio, layers: list[int] | None = None) -> str:
         return f"cut {100 * float(ratio):.0f}% of {where}"
     cuts = sorted((int(layer), 100 * float(r)) for layer, r in ratio.items())
     mean = sum(r for _, r in cuts) / len(cuts)
-    layers = [layer for layer, _ in cuts]
-    if layers == list(range(len(layers))):
+    if [layer for layer, _ in cuts] == list(range(len(cuts))):  # every layer from 0: the list says which
         shown = " ".join(f"{r:.0f}" for _, r in cuts)
-        return f"cut % of layers 0-{layers[-1]}: {shown} (mean {mean:.1f})"
+        return f"cut % of layers 0-{len(cuts) - 1}: {shown} (mean {mean:.1f})"
     shown = " ".join(f"{layer}:{r:.0f}" for layer, r in cuts)
     return f"cut % by layer: {shown} (mean {mean:.1f} over these)"
 
@@ -403,7 +401,7 @@ def write_report(run_dir: Path) -> Path:
     fig.savefig(out / "score_per_generation.png", dpi=120)
     plt.close(fig)
     text = [f"# Report: {config.name}", "", results_table(run_dir), ""]
-    if config.mode in ("compress", "joint"):
+    if config.sized:
         text += pareto_section(store, state, out, last_stage(config))
     status = run_status(run_dir)
     if status["staged"]:

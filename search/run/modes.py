@@ -118,7 +118,7 @@ def make_mode(config: RunConfig, max_params: float | None) -> Mode:
 
     for module in MODE_MODULES:
         importlib.import_module(module)
-    sizes = config.mode in ("compress", "joint")
+    sizes = config.sized
     objectives = Objectives(sizes=sizes, latency=sizes and config.compress.latency is not None,
                             max_params=max_params if sizes else None)
     kind = {"merge": MergeMode, "compress": CompressMode, "joint": JointMode, **_REGISTERED}[config.mode]
